@@ -1,0 +1,198 @@
+//! Types shared by shunt's eBPF programs and its userspace daemon.
+//!
+//! Everything here is `#[repr(C)]` and plain data so that both sides agree on the layout of
+//! map keys and values byte for byte. Addresses are kept as four `u32` words exactly as the
+//! kernel stores them (network byte order in memory, the convention of `bpf_sock_addr.user_ip6`);
+//! IPv4 addresses are stored IPv4-mapped (`::ffff:a.b.c.d`) so one key type serves both families.
+#![no_std]
+
+/// Map names, shared so that userspace opens exactly what the kernel side declares.
+/// Kernel object names are limited to 15 characters.
+pub mod maps {
+    pub const CONFIG: &str = "CONFIG";
+    pub const ENROLLED: &str = "ENROLLED";
+    pub const EXCLUDED_CIDRS: &str = "EXCL_CIDRS";
+    pub const EXCLUDED_PORTS: &str = "EXCL_PORTS";
+    pub const DST_BY_SOCKET: &str = "DST_BY_SOCK";
+    pub const DST_BY_CLIENT: &str = "DST_BY_CLIENT";
+    pub const COUNTERS: &str = "COUNTERS";
+
+    pub const ENROLLED_CAPACITY: u32 = 4096;
+    pub const EXCLUDED_CIDRS_CAPACITY: u32 = 1024;
+    pub const EXCLUDED_PORTS_CAPACITY: u32 = 256;
+    /// Original destinations in flight. LRU, so an entry whose connection never reaches the
+    /// proxy is eventually evicted instead of filling the map.
+    pub const DST_CAPACITY: u32 = 65536;
+}
+
+/// Program names (also their ELF section symbols). Kernel program names are limited to 15
+/// characters; the `sock_ops` program must not be called `sockops` (bpf-linker clash).
+pub mod programs {
+    pub const CONNECT4: &str = "shunt_connect4";
+    pub const CONNECT6: &str = "shunt_connect6";
+    pub const SOCK_OPS: &str = "shunt_sock_ops";
+    pub const GETPEERNAME4: &str = "shunt_getpeer4";
+    pub const GETPEERNAME6: &str = "shunt_getpeer6";
+    pub const ALL: [&str; 5] = [CONNECT4, CONNECT6, SOCK_OPS, GETPEERNAME4, GETPEERNAME6];
+}
+
+pub const FAIL_OPEN: u8 = 0;
+pub const FAIL_CLOSED: u8 = 1;
+
+/// The one entry of the `CONFIG` array. All zero (the state before the daemon writes it)
+/// means "not configured": the programs then let every connection through untouched.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct InterceptConfig {
+    /// Port of the in-pod listeners, host byte order. 0 = not configured.
+    pub listen_port: u16,
+    /// [`FAIL_OPEN`] or [`FAIL_CLOSED`].
+    pub fail_mode: u8,
+    pub _pad: u8,
+    /// `SO_MARK` carried by the proxy's own sockets; those are never redirected.
+    pub mark: u32,
+}
+
+/// An address as the kernel stores it: four words in network byte order, IPv4 mapped.
+pub type RawAddr = [u32; 4];
+
+/// Where a redirected connection was originally going.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OriginalDst {
+    pub addr: RawAddr,
+    /// Host byte order.
+    pub port: u16,
+    pub _pad: [u8; 6],
+}
+
+/// What the proxy can name after `accept()`: the pod's network namespace and the client's
+/// source address and port. The netns cookie is part of the key because the same loopback
+/// tuple can exist in several pods at once.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ClientKey {
+    pub netns_cookie: u64,
+    pub addr: RawAddr,
+    /// Host byte order.
+    pub port: u16,
+    pub _pad: [u8; 6],
+}
+
+/// Key of the excluded-CIDR LPM trie: an IPv4 CIDR `a.b.c.d/n` is stored as
+/// `::ffff:a.b.c.d/(96 + n)`.
+pub type CidrKeyData = RawAddr;
+
+/// Indices of the per-CPU `COUNTERS` array: what the programs did.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// connect() rewritten to the in-pod listener.
+    Redirected = 0,
+    /// Rewritten although no listener was present (fail mode closed): the client is refused.
+    RedirectedNoListener,
+    /// sock_ops handed the original destination to the proxy.
+    DstRecorded,
+    /// getpeername() answered with the original destination.
+    PeerNameRewritten,
+    SkipNotTcp,
+    SkipNotEnrolled,
+    /// The socket carries the proxy's mark: shunt's own upstream connection.
+    SkipMarked,
+    SkipLoopback,
+    SkipExcludedCidr,
+    SkipExcludedPort,
+    /// Fail open: shunt's listener is absent in that netns, so the connection goes direct.
+    SkipNoListener,
+    /// The daemon has not written its configuration yet.
+    SkipUnconfigured,
+    /// A map update failed (map full?): the connection goes direct.
+    SkipMapFull,
+}
+
+impl Counter {
+    pub const COUNT: u32 = 13;
+    pub const ALL: [Counter; Self::COUNT as usize] = [
+        Counter::Redirected,
+        Counter::RedirectedNoListener,
+        Counter::DstRecorded,
+        Counter::PeerNameRewritten,
+        Counter::SkipNotTcp,
+        Counter::SkipNotEnrolled,
+        Counter::SkipMarked,
+        Counter::SkipLoopback,
+        Counter::SkipExcludedCidr,
+        Counter::SkipExcludedPort,
+        Counter::SkipNoListener,
+        Counter::SkipUnconfigured,
+        Counter::SkipMapFull,
+    ];
+
+    /// Stable name, used in the admin API and metrics.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Counter::Redirected => "redirected",
+            Counter::RedirectedNoListener => "redirected_no_listener",
+            Counter::DstRecorded => "dst_recorded",
+            Counter::PeerNameRewritten => "peername_rewritten",
+            Counter::SkipNotTcp => "skip_not_tcp",
+            Counter::SkipNotEnrolled => "skip_not_enrolled",
+            Counter::SkipMarked => "skip_marked",
+            Counter::SkipLoopback => "skip_loopback",
+            Counter::SkipExcludedCidr => "skip_excluded_cidr",
+            Counter::SkipExcludedPort => "skip_excluded_port",
+            Counter::SkipNoListener => "skip_no_listener",
+            Counter::SkipUnconfigured => "skip_unconfigured",
+            Counter::SkipMapFull => "skip_map_full",
+        }
+    }
+}
+
+/// The IPv4-mapped form of an IPv4 address given as a network-order word.
+#[inline(always)]
+pub const fn map_v4(ip4_be: u32) -> RawAddr {
+    // 0x0000ffff in network byte order is the word with bytes [0, 0, 0xff, 0xff].
+    [0, 0, u32::from_ne_bytes([0, 0, 0xff, 0xff]), ip4_be]
+}
+
+/// Whether an address is IPv4-mapped; its IPv4 word is then `addr[3]`.
+#[inline(always)]
+pub const fn is_v4_mapped(addr: &RawAddr) -> bool {
+    addr[0] == 0 && addr[1] == 0 && addr[2] == u32::from_ne_bytes([0, 0, 0xff, 0xff])
+}
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: all are `repr(C)` plain data with explicit padding fields, valid for any bytes.
+    unsafe impl aya::Pod for super::InterceptConfig {}
+    unsafe impl aya::Pod for super::OriginalDst {}
+    unsafe impl aya::Pod for super::ClientKey {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layouts_are_stable() {
+        assert_eq!(core::mem::size_of::<InterceptConfig>(), 8);
+        assert_eq!(core::mem::size_of::<OriginalDst>(), 24);
+        assert_eq!(core::mem::size_of::<ClientKey>(), 32);
+    }
+
+    #[test]
+    fn counter_table_is_complete() {
+        for (i, c) in Counter::ALL.iter().enumerate() {
+            assert_eq!(*c as usize, i, "{} out of place", c.name());
+        }
+    }
+
+    #[test]
+    fn v4_mapping_round_trips() {
+        let ip = u32::from_ne_bytes([10, 1, 2, 3]);
+        let mapped = map_v4(ip);
+        assert!(is_v4_mapped(&mapped));
+        assert_eq!(mapped[3], ip);
+        assert!(!is_v4_mapped(&[0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])]));
+    }
+}

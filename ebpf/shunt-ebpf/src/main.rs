@@ -1,0 +1,329 @@
+//! shunt's kernel programs.
+//!
+//! * `cgroup/connect4`, `cgroup/connect6`: on every TCP `connect()` in the attached cgroup,
+//!   redirect sockets of enrolled network namespaces to shunt's in-pod listener and remember
+//!   the original destination by socket cookie.
+//! * `sock_ops` at `TCP_CONNECT_CB` (inside `connect()`, before the SYN, so it cannot race the
+//!   proxy's `accept()`): copy the original destination to a key the proxy can compute after
+//!   `accept()` — netns cookie + client address and port. At `TCP_CLOSE` it forgets the socket.
+//! * `cgroup/getpeername4`, `cgroup/getpeername6`: answer with the original destination, so the
+//!   application sees the address it asked for.
+#![no_std]
+#![no_main]
+
+use core::{ffi::c_void, mem};
+
+use aya_ebpf::{
+    bindings::{
+        BPF_F_CURRENT_NETNS, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_SOCK_OPS_TCP_CONNECT_CB, SO_MARK, SOL_SOCKET, bpf_sock_tuple,
+    },
+    helpers::{
+        bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_getsockopt, bpf_sk_lookup_tcp,
+        bpf_sk_release,
+    },
+    macros::{cgroup_sock_addr, map, sock_ops},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
+    programs::{SockAddrContext, SockOpsContext},
+};
+use aya_log_ebpf::debug;
+use shunt_common::{
+    ClientKey, Counter, FAIL_CLOSED, InterceptConfig, OriginalDst, RawAddr, is_v4_mapped, map_v4,
+    maps::*,
+};
+
+const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
+const SOCK_STREAM: u32 = 1;
+const IPPROTO_TCP: u32 = 6;
+const TCP_CLOSE: u32 = 7;
+/// cgroup sock_addr programs: 1 lets the syscall proceed (with our rewrite, if any).
+const ALLOW: i32 = 1;
+
+#[map(name = "CONFIG")]
+static CONFIG: Array<InterceptConfig> = Array::pinned(1, 0);
+
+/// Netns cookie → 1 for every enrolled pod.
+#[map(name = "ENROLLED")]
+static ENROLLED: HashMap<u64, u32> = HashMap::pinned(ENROLLED_CAPACITY, 0);
+
+#[map(name = "EXCL_CIDRS")]
+static EXCLUDED_CIDRS: LpmTrie<RawAddr, u8> = LpmTrie::pinned(EXCLUDED_CIDRS_CAPACITY, 0);
+
+/// Destination port (host order) → 1.
+#[map(name = "EXCL_PORTS")]
+static EXCLUDED_PORTS: HashMap<u16, u8> = HashMap::pinned(EXCLUDED_PORTS_CAPACITY, 0);
+
+/// Socket cookie → original destination; read by sock_ops and getpeername.
+#[map(name = "DST_BY_SOCK")]
+static DST_BY_SOCKET: LruHashMap<u64, OriginalDst> = LruHashMap::pinned(DST_CAPACITY, 0);
+
+/// Netns cookie + client address/port → original destination; consumed by the proxy.
+#[map(name = "DST_BY_CLIENT")]
+static DST_BY_CLIENT: LruHashMap<ClientKey, OriginalDst> = LruHashMap::pinned(DST_CAPACITY, 0);
+
+#[map(name = "COUNTERS")]
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(Counter::COUNT, 0);
+
+#[inline(always)]
+fn count(counter: Counter) {
+    if let Some(slot) = COUNTERS.get_ptr_mut(counter as u32) {
+        // SAFETY: per-CPU slot, and programs do not migrate CPUs while running.
+        unsafe { *slot += 1 };
+    }
+}
+
+#[inline(always)]
+fn config() -> Option<InterceptConfig> {
+    let cfg = *CONFIG.get(0)?;
+    (cfg.listen_port != 0).then_some(cfg)
+}
+
+const LOOPBACK4: u32 = u32::from_ne_bytes([127, 0, 0, 1]);
+const LOOPBACK6: RawAddr = [0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])];
+
+/// Why a connect is left alone, or `None` to redirect it. `dst` is IPv4-mapped for IPv4.
+#[inline(always)]
+fn skip_reason(ctx: &SockAddrContext, cfg: &InterceptConfig, dst: &RawAddr, port: u16) -> Option<Counter> {
+    // SAFETY: the context pointer is valid for the duration of the program.
+    let sa = unsafe { &*ctx.sock_addr };
+    if sa.type_ != SOCK_STREAM || sa.protocol != IPPROTO_TCP {
+        return Some(Counter::SkipNotTcp);
+    }
+    // SAFETY: helper valid in cgroup sock_addr programs.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.sock_addr as *mut c_void) };
+    // SAFETY: plain read of a hash map value.
+    if unsafe { ENROLLED.get(netns) }.is_none() {
+        return Some(Counter::SkipNotEnrolled);
+    }
+    let mut mark: u32 = 0;
+    // SAFETY: SO_MARK is a 4-byte option; the buffer is on the stack.
+    let got = unsafe {
+        bpf_getsockopt(
+            ctx.sock_addr as *mut c_void,
+            SOL_SOCKET as i32,
+            SO_MARK as i32,
+            &mut mark as *mut u32 as *mut c_void,
+            mem::size_of::<u32>() as i32,
+        )
+    };
+    if got == 0 && cfg.mark != 0 && mark == cfg.mark {
+        return Some(Counter::SkipMarked);
+    }
+    if is_loopback(dst) {
+        return Some(Counter::SkipLoopback);
+    }
+    if EXCLUDED_CIDRS.get(Key::new(128, *dst)).is_some() {
+        return Some(Counter::SkipExcludedCidr);
+    }
+    // SAFETY: plain read of a hash map value.
+    if unsafe { EXCLUDED_PORTS.get(port) }.is_some() {
+        return Some(Counter::SkipExcludedPort);
+    }
+    None
+}
+
+#[inline(always)]
+fn is_loopback(addr: &RawAddr) -> bool {
+    if is_v4_mapped(addr) {
+        let first = addr[3].to_ne_bytes()[0];
+        first == 127 || addr[3] == 0
+    } else {
+        *addr == LOOPBACK6 || *addr == [0; 4]
+    }
+}
+
+/// Whether shunt's listener exists in the socket's netns (IPv4 or IPv6 loopback).
+#[inline(always)]
+fn listener_present(ctx: &SockAddrContext, v4: bool, port: u16) -> bool {
+    // SAFETY: an all-zero tuple is valid; the union member matching `size` is filled in.
+    let mut tuple: bpf_sock_tuple = unsafe { mem::zeroed() };
+    let size = if v4 {
+        tuple.__bindgen_anon_1.ipv4.daddr = LOOPBACK4;
+        tuple.__bindgen_anon_1.ipv4.dport = port.to_be();
+        mem::size_of::<u32>() * 2 + mem::size_of::<u16>() * 2
+    } else {
+        tuple.__bindgen_anon_1.ipv6.daddr = LOOPBACK6;
+        tuple.__bindgen_anon_1.ipv6.dport = port.to_be();
+        mem::size_of::<u32>() * 8 + mem::size_of::<u16>() * 2
+    };
+    // SAFETY: tuple lives on the stack for the call; a found socket is released below.
+    let sk = unsafe {
+        bpf_sk_lookup_tcp(ctx.sock_addr as *mut c_void, &mut tuple, size as u32, BPF_F_CURRENT_NETNS as u64, 0)
+    };
+    if sk.is_null() {
+        return false;
+    }
+    // SAFETY: `sk` is a referenced socket returned by the lookup.
+    unsafe { bpf_sk_release(sk as *mut c_void) };
+    true
+}
+
+/// Decide, record and count. Returns whether to rewrite the destination to the listener.
+#[inline(always)]
+fn should_redirect(ctx: &SockAddrContext, cfg: &InterceptConfig, dst: &RawAddr, port: u16) -> bool {
+    if let Some(reason) = skip_reason(ctx, cfg, dst, port) {
+        count(reason);
+        return false;
+    }
+    let has_listener = listener_present(ctx, is_v4_mapped(dst), cfg.listen_port);
+    if !has_listener && cfg.fail_mode != FAIL_CLOSED {
+        count(Counter::SkipNoListener);
+        return false;
+    }
+    // SAFETY: helper valid in cgroup sock_addr programs.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr as *mut c_void) };
+    let orig = OriginalDst { addr: *dst, port, _pad: [0; 6] };
+    if DST_BY_SOCKET.insert(cookie, orig, 0).is_err() {
+        count(Counter::SkipMapFull);
+        return false;
+    }
+    count(if has_listener { Counter::Redirected } else { Counter::RedirectedNoListener });
+    true
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn shunt_connect4(ctx: SockAddrContext) -> i32 {
+    let Some(cfg) = config() else {
+        count(Counter::SkipUnconfigured);
+        return ALLOW;
+    };
+    // SAFETY: the context pointer is valid for the duration of the program.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    let ip4 = sa.user_ip4;
+    let port = u16::from_be(sa.user_port as u16);
+    if should_redirect(&ctx, &cfg, &map_v4(ip4), port) {
+        debug!(&ctx, "redirect {:i}:{} to listener", u32::from_be(ip4), port);
+        sa.user_ip4 = LOOPBACK4;
+        sa.user_port = u32::from(cfg.listen_port.to_be());
+    }
+    ALLOW
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn shunt_connect6(ctx: SockAddrContext) -> i32 {
+    let Some(cfg) = config() else {
+        count(Counter::SkipUnconfigured);
+        return ALLOW;
+    };
+    // SAFETY: the context pointer is valid for the duration of the program.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    let ip6: RawAddr = [sa.user_ip6[0], sa.user_ip6[1], sa.user_ip6[2], sa.user_ip6[3]];
+    let port = u16::from_be(sa.user_port as u16);
+    if should_redirect(&ctx, &cfg, &ip6, port) {
+        debug!(&ctx, "redirect [{:i}]:{} to listener", words_to_bytes(&ip6), port);
+        // An IPv4-mapped destination travels over IPv4: send it to the IPv4 listener.
+        let target = if is_v4_mapped(&ip6) { map_v4(LOOPBACK4) } else { LOOPBACK6 };
+        // The context only accepts 4-byte stores to user_ip6.
+        sa.user_ip6[0] = target[0];
+        sa.user_ip6[1] = target[1];
+        sa.user_ip6[2] = target[2];
+        sa.user_ip6[3] = target[3];
+        sa.user_port = u32::from(cfg.listen_port.to_be());
+    }
+    ALLOW
+}
+
+#[inline(always)]
+fn words_to_bytes(addr: &RawAddr) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    let mut i = 0;
+    while i < 4 {
+        let b = addr[i].to_ne_bytes();
+        out[i * 4] = b[0];
+        out[i * 4 + 1] = b[1];
+        out[i * 4 + 2] = b[2];
+        out[i * 4 + 3] = b[3];
+        i += 1;
+    }
+    out
+}
+
+#[sock_ops]
+pub fn shunt_sock_ops(ctx: SockOpsContext) -> u32 {
+    match ctx.op() {
+        BPF_SOCK_OPS_TCP_CONNECT_CB => on_connect(&ctx),
+        BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == TCP_CLOSE => {
+            // SAFETY: helper valid in sock_ops programs.
+            let cookie = unsafe { bpf_get_socket_cookie(ctx.ops as *mut c_void) };
+            let _ = DST_BY_SOCKET.remove(cookie);
+        }
+        _ => {}
+    }
+    1
+}
+
+#[inline(always)]
+fn on_connect(ctx: &SockOpsContext) {
+    // SAFETY: helpers valid in sock_ops programs.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.ops as *mut c_void) };
+    // SAFETY: plain read of a hash map value.
+    let Some(orig) = (unsafe { DST_BY_SOCKET.get(cookie) }).copied() else {
+        return; // not a redirected socket
+    };
+    // SAFETY: helper valid in sock_ops programs.
+    let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.ops as *mut c_void) };
+    let local = match ctx.family() {
+        AF_INET6 => {
+            let ip6 = ctx.local_ip6();
+            // A dual-stack socket talking IPv4 may not show its mapped address here yet.
+            if is_v4_mapped(&ip6) || ip6 == [0; 4] { map_v4(ctx.local_ip4()) } else { ip6 }
+        }
+        AF_INET => map_v4(ctx.local_ip4()),
+        _ => return,
+    };
+    let key = ClientKey { netns_cookie, addr: local, port: ctx.local_port() as u16, _pad: [0; 6] };
+    if DST_BY_CLIENT.insert(key, orig, 0).is_err() {
+        count(Counter::SkipMapFull);
+        return;
+    }
+    count(Counter::DstRecorded);
+    // Ask for state changes so the socket-cookie entry is dropped when the socket closes.
+    let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+    debug!(ctx, "recorded original destination for client port {}", ctx.local_port());
+}
+
+#[inline(always)]
+fn original_for(ctx: &SockAddrContext) -> Option<OriginalDst> {
+    // SAFETY: helper valid in cgroup sock_addr programs.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr as *mut c_void) };
+    // SAFETY: plain read of a hash map value.
+    unsafe { DST_BY_SOCKET.get(cookie) }.copied()
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn shunt_getpeer4(ctx: SockAddrContext) -> i32 {
+    if let Some(orig) = original_for(&ctx) {
+        // SAFETY: the context pointer is valid for the duration of the program.
+        let sa = unsafe { &mut *ctx.sock_addr };
+        sa.user_ip4 = orig.addr[3];
+        sa.user_port = u32::from(orig.port.to_be());
+        count(Counter::PeerNameRewritten);
+    }
+    ALLOW
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn shunt_getpeer6(ctx: SockAddrContext) -> i32 {
+    if let Some(orig) = original_for(&ctx) {
+        // SAFETY: the context pointer is valid for the duration of the program.
+        let sa = unsafe { &mut *ctx.sock_addr };
+        sa.user_ip6[0] = orig.addr[0];
+        sa.user_ip6[1] = orig.addr[1];
+        sa.user_ip6[2] = orig.addr[2];
+        sa.user_ip6[3] = orig.addr[3];
+        sa.user_port = u32::from(orig.port.to_be());
+        count(Counter::PeerNameRewritten);
+    }
+    ALLOW
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

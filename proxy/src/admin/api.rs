@@ -1,0 +1,47 @@
+//! Request and response bodies of the admin API.
+
+use std::{collections::BTreeMap, path::PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{bpf::Attachment, config::FailMode};
+
+pub use crate::{inpod::PodSummary, state::ConnRecord};
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Status {
+    pub version: String,
+    pub pid: u32,
+    pub uptime_secs: u64,
+    pub cgroup: PathBuf,
+    pub pin_dir: PathBuf,
+    pub attachment: Attachment,
+    pub listen_port: u16,
+    pub fail_mode: FailMode,
+    pub pods: usize,
+    pub connections: usize,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Stats {
+    /// What the kernel programs did, summed over CPUs.
+    pub ebpf: BTreeMap<String, u64>,
+    /// What the proxy did.
+    pub proxy: BTreeMap<String, u64>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct EnrollRequest {
+    pub name: String,
+    pub netns: PathBuf,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Uninstalled {
+    pub removed: Vec<PathBuf>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+}

@@ -1,0 +1,189 @@
+//! Serves the admin API on a unix socket readable and writable by root only.
+
+use std::{
+    convert::Infallible,
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::Instant,
+};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::{Method, Request, Response, StatusCode, body::Incoming, service::service_fn};
+use hyper_util::rt::TokioIo;
+use serde::Serialize;
+use tokio::{net::UnixListener, sync::mpsc};
+
+use super::api::{EnrollRequest, ErrorBody, Stats, Status, Uninstalled};
+use crate::{
+    bpf::{self, Datapath},
+    config::Config,
+    inpod::Enrollments,
+    state::{ConnTable, ProxyCounters},
+};
+
+/// Requests are tiny; anything larger is refused rather than buffered.
+const MAX_BODY: usize = 64 * 1024;
+
+/// What the admin API can ask of the daemon beyond answering.
+#[derive(Debug)]
+pub enum Command {
+    /// Remove every pin and stop.
+    Uninstall,
+}
+
+pub struct AdminContext {
+    pub config: Config,
+    pub started: Instant,
+    pub enrollments: Arc<Enrollments>,
+    pub datapath: Arc<Mutex<Datapath>>,
+    pub conns: Arc<ConnTable>,
+    pub counters: Arc<ProxyCounters>,
+    pub commands: mpsc::Sender<Command>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("another shunt daemon is already serving {0}")]
+    InUse(PathBuf),
+    #[error("admin socket {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+}
+
+/// Binds the socket (replacing a stale file left by a dead daemon, never a live one).
+pub async fn bind(path: &Path) -> Result<UnixListener, AdminError> {
+    let io_err = |source| AdminError::Io { path: path.to_owned(), source };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(io_err)?;
+    }
+    if path.exists() {
+        if tokio::net::UnixStream::connect(path).await.is_ok() {
+            return Err(AdminError::InUse(path.to_owned()));
+        }
+        std::fs::remove_file(path).map_err(io_err)?;
+    }
+    let listener = UnixListener::bind(path).map_err(io_err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io_err)?;
+    Ok(listener)
+}
+
+pub async fn serve(listener: UnixListener, ctx: Arc<AdminContext>) {
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                tracing::warn!("admin accept failed: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| {
+                let ctx = ctx.clone();
+                async move { Ok::<_, Infallible>(route(req, &ctx).await) }
+            });
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
+                tracing::debug!("admin connection: {e}");
+            }
+        });
+    }
+}
+
+type Reply = Response<Full<Bytes>>;
+
+async fn route(req: Request<Incoming>, ctx: &AdminContext) -> Reply {
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    match (&method, path.as_str()) {
+        (&Method::GET, "/status") => json(StatusCode::OK, &status(ctx)),
+        (&Method::GET, "/pods") => json(StatusCode::OK, &ctx.enrollments.list()),
+        (&Method::POST, "/pods") => match body::<EnrollRequest>(req).await {
+            Ok(r) => match ctx.enrollments.enroll(&r.name, &r.netns) {
+                Ok(summary) => json(StatusCode::CREATED, &summary),
+                Err(e) => error(StatusCode::CONFLICT, e.to_string()),
+            },
+            Err(reply) => reply,
+        },
+        (&Method::DELETE, p) if p.starts_with("/pods/") => {
+            match ctx.enrollments.unenroll(&p["/pods/".len()..]) {
+                Ok(()) => json(StatusCode::OK, &serde_json::json!({})),
+                Err(e) => error(StatusCode::NOT_FOUND, e.to_string()),
+            }
+        }
+        (&Method::GET, "/conns") => json(StatusCode::OK, &ctx.conns.snapshot()),
+        (&Method::GET, "/stats") => json(StatusCode::OK, &stats(ctx)),
+        (&Method::POST, "/uninstall") => uninstall(ctx).await,
+        _ => error(StatusCode::NOT_FOUND, format!("no such endpoint: {method} {path}")),
+    }
+}
+
+fn status(ctx: &AdminContext) -> Status {
+    let datapath = ctx.datapath.lock().unwrap_or_else(|p| p.into_inner());
+    Status {
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        pid: std::process::id(),
+        uptime_secs: ctx.started.elapsed().as_secs(),
+        cgroup: datapath.cgroup.clone(),
+        pin_dir: datapath.pin_dir.clone(),
+        attachment: datapath.attachment,
+        listen_port: ctx.config.intercept.listen_port,
+        fail_mode: ctx.config.intercept.fail_mode,
+        pods: ctx.enrollments.list().len(),
+        connections: ctx.conns.len(),
+    }
+}
+
+fn stats(ctx: &AdminContext) -> Stats {
+    let ebpf = ctx.datapath.lock().unwrap_or_else(|p| p.into_inner()).counters();
+    Stats {
+        ebpf: ebpf.into_iter().map(|(k, v)| (k.to_owned(), v)).collect(),
+        proxy: ctx.counters.snapshot().into_iter().map(|(k, v)| (k.to_owned(), v)).collect(),
+    }
+}
+
+async fn uninstall(ctx: &AdminContext) -> Reply {
+    ctx.enrollments.close_all();
+    let pin_dir = ctx.datapath.lock().unwrap_or_else(|p| p.into_inner()).pin_dir.clone();
+    match bpf::uninstall(&pin_dir) {
+        Ok(removed) => {
+            let _ = ctx.commands.send(Command::Uninstall).await;
+            json(StatusCode::OK, &Uninstalled { removed })
+        }
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+async fn body<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Result<T, Reply> {
+    let bytes = Limited::new(req.into_body(), MAX_BODY)
+        .collect()
+        .await
+        .map_err(|e| error(StatusCode::BAD_REQUEST, format!("reading request: {e}")))?
+        .to_bytes();
+    serde_json::from_slice(&bytes).map_err(|e| error(StatusCode::BAD_REQUEST, format!("invalid request: {e}")))
+}
+
+fn json<T: Serialize>(status: StatusCode, value: &T) -> Reply {
+    match serde_json::to_vec(value) {
+        Ok(body) => {
+            let mut reply = Response::new(Full::new(Bytes::from(body)));
+            *reply.status_mut() = status;
+            reply
+                .headers_mut()
+                .insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static("application/json"));
+            reply
+        }
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+fn error(status: StatusCode, message: String) -> Reply {
+    let body = serde_json::to_vec(&ErrorBody { error: message }).unwrap_or_default();
+    let mut reply = Response::new(Full::new(Bytes::from(body)));
+    *reply.status_mut() = status;
+    reply
+}

@@ -1,0 +1,419 @@
+//! The kernel side as seen from the daemon: load the embedded programs, attach them to the
+//! cgroup, pin programs, links and maps, and own the handles to the maps the proxy uses.
+//!
+//! Pins live under `<pin_dir>/{maps,links,progs}`. A restarted daemon re-uses the pinned maps
+//! (so enrollments, in-flight original destinations and counters survive) and swaps its freshly
+//! loaded programs into the pinned links with `BPF_LINK_UPDATE`, so the hooks are never missing
+//! and never stacked twice.
+
+mod fs;
+mod sys;
+
+use std::{
+    collections::BTreeMap,
+    fs::File,
+    os::fd::AsFd,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, lpm_trie::Key},
+    programs::{
+        CgroupAttachMode, Program, SockOps, links::FdLink,
+    },
+};
+use ipnet::IpNet;
+use shunt_common::{
+    ClientKey, Counter, FAIL_CLOSED, FAIL_OPEN, InterceptConfig, OriginalDst, RawAddr, maps,
+    programs,
+};
+
+pub use fs::cgroup2_mount;
+
+use crate::{config::FailMode, net::to_raw};
+
+/// The compiled kernel programs, built by `build.rs` from `ebpf/shunt-ebpf`.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/shunt.bpf.o"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum BpfError {
+    #[error("preparing the BPF filesystem at {path}: {source}")]
+    BpfFs { path: PathBuf, source: std::io::Error },
+    #[error("finding the cgroup v2 mount: {0}")]
+    Cgroup2(std::io::Error),
+    #[error("opening cgroup {path}: {source}")]
+    OpenCgroup { path: PathBuf, source: std::io::Error },
+    #[error("loading the eBPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("program {name}: {message}")]
+    Program { name: &'static str, message: String },
+    #[error("map {name}: {message}")]
+    Map { name: &'static str, message: String },
+    #[error("removing pins under {path}: {source}")]
+    Unpin { path: PathBuf, source: std::io::Error },
+}
+
+fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> BpfError {
+    move |e| BpfError::Map { name, message: e.to_string() }
+}
+
+fn prog_err<E: std::error::Error>(name: &'static str) -> impl Fn(E) -> BpfError {
+    move |e| {
+        // The interesting part (errno, verifier log) is usually in the source chain.
+        let mut message = e.to_string();
+        let mut source = e.source();
+        while let Some(cause) = source {
+            message.push_str(": ");
+            message.push_str(&cause.to_string());
+            source = cause.source();
+        }
+        BpfError::Program { name, message }
+    }
+}
+
+/// What the daemon needs to program the datapath.
+#[derive(Debug, Clone)]
+pub struct DatapathConfig {
+    pub cgroup: Option<PathBuf>,
+    pub pin_dir: PathBuf,
+    pub listen_port: u16,
+    pub mark: u32,
+    pub fail_mode: FailMode,
+    pub exclude_cidrs: Vec<IpNet>,
+    pub exclude_ports: Vec<u16>,
+}
+
+/// Whether the links were created now or taken over from a previous daemon.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Attachment {
+    Attached,
+    TookOverPinned,
+}
+
+/// The loaded datapath. Dropping it leaves everything pinned and attached (fail mode applies
+/// while no daemon runs); [`uninstall`] removes it.
+pub struct Datapath {
+    /// Keeps the loaded programs (and the aya-log ring buffer) alive.
+    _ebpf: Ebpf,
+    enrolled: HashMap<MapData, u64, u32>,
+    dst_by_client: MapData,
+    counters: PerCpuArray<MapData, u64>,
+    pub cgroup: PathBuf,
+    pub pin_dir: PathBuf,
+    pub attachment: Attachment,
+}
+
+impl Datapath {
+    /// Loads, attaches (or takes over) and configures the programs.
+    pub fn install(cfg: &DatapathConfig, log_level: log::LevelFilter) -> Result<Datapath, BpfError> {
+        let pin_err = |path: &Path| {
+            let path = path.to_owned();
+            move |source| BpfError::BpfFs { path, source }
+        };
+        fs::ensure_bpffs(&cfg.pin_dir).map_err(pin_err(&cfg.pin_dir))?;
+        for sub in ["maps", "links", "progs"] {
+            let dir = cfg.pin_dir.join(sub);
+            std::fs::create_dir_all(&dir).map_err(pin_err(&dir))?;
+        }
+        let cgroup = match &cfg.cgroup {
+            Some(path) => path.clone(),
+            None => cgroup2_mount().map_err(BpfError::Cgroup2)?,
+        };
+        let cgroup_dir = File::open(&cgroup)
+            .map_err(|source| BpfError::OpenCgroup { path: cgroup.clone(), source })?;
+
+        let level = log_level_for_ebpf(log_level);
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(cfg.pin_dir.join("maps"))
+            .override_global(aya_log::LEVEL, &level, false)
+            .load(OBJECT)?;
+        start_ebpf_logger(&mut ebpf);
+
+        let mut attachment = Attachment::Attached;
+        for name in programs::ALL {
+            if attach_or_take_over(&mut ebpf, name, &cgroup_dir, &cfg.pin_dir)? {
+                attachment = Attachment::TookOverPinned;
+            }
+        }
+
+        let mut datapath = Datapath {
+            enrolled: take_map(&mut ebpf, maps::ENROLLED)?,
+            dst_by_client: take_map_data(&mut ebpf, maps::DST_BY_CLIENT)?,
+            counters: take_map(&mut ebpf, maps::COUNTERS)?,
+            _ebpf: ebpf,
+            cgroup,
+            pin_dir: cfg.pin_dir.clone(),
+            attachment,
+        };
+        datapath.configure(cfg)?;
+        Ok(datapath)
+    }
+
+    /// Writes the exclusions and then the config entry; the programs act only once the config
+    /// entry is set, so they never run with a half-written configuration.
+    fn configure(&mut self, cfg: &DatapathConfig) -> Result<(), BpfError> {
+        let mut cidrs: LpmTrie<&mut MapData, RawAddr, u8> = self
+            ._ebpf
+            .map_mut(maps::EXCLUDED_CIDRS)
+            .ok_or(BpfError::Map { name: maps::EXCLUDED_CIDRS, message: "missing".into() })?
+            .try_into()
+            .map_err(map_err(maps::EXCLUDED_CIDRS))?;
+        let stale: Vec<_> = cidrs.keys().filter_map(Result::ok).collect();
+        for key in stale {
+            cidrs.remove(&key).map_err(map_err(maps::EXCLUDED_CIDRS))?;
+        }
+        for net in &cfg.exclude_cidrs {
+            let (addr, prefix) = match net {
+                IpNet::V4(n) => (to_raw(n.network().into()), 96 + u32::from(n.prefix_len())),
+                IpNet::V6(n) => (to_raw(n.network().into()), u32::from(n.prefix_len())),
+            };
+            cidrs.insert(&Key::new(prefix, addr), 1, 0).map_err(map_err(maps::EXCLUDED_CIDRS))?;
+        }
+
+        let mut ports: HashMap<&mut MapData, u16, u8> = self
+            ._ebpf
+            .map_mut(maps::EXCLUDED_PORTS)
+            .ok_or(BpfError::Map { name: maps::EXCLUDED_PORTS, message: "missing".into() })?
+            .try_into()
+            .map_err(map_err(maps::EXCLUDED_PORTS))?;
+        let stale: Vec<_> = ports.keys().filter_map(Result::ok).collect();
+        for port in stale {
+            ports.remove(&port).map_err(map_err(maps::EXCLUDED_PORTS))?;
+        }
+        for port in &cfg.exclude_ports {
+            ports.insert(port, 1, 0).map_err(map_err(maps::EXCLUDED_PORTS))?;
+        }
+
+        let mut config: Array<&mut MapData, InterceptConfig> = self
+            ._ebpf
+            .map_mut(maps::CONFIG)
+            .ok_or(BpfError::Map { name: maps::CONFIG, message: "missing".into() })?
+            .try_into()
+            .map_err(map_err(maps::CONFIG))?;
+        let value = InterceptConfig {
+            listen_port: cfg.listen_port,
+            fail_mode: match cfg.fail_mode {
+                FailMode::Open => FAIL_OPEN,
+                FailMode::Closed => FAIL_CLOSED,
+            },
+            _pad: 0,
+            mark: cfg.mark,
+        };
+        config.set(0, value, 0).map_err(map_err(maps::CONFIG))
+    }
+
+    pub fn enroll(&mut self, netns_cookie: u64) -> Result<(), BpfError> {
+        self.enrolled.insert(netns_cookie, 1, 0).map_err(map_err(maps::ENROLLED))
+    }
+
+    pub fn unenroll(&mut self, netns_cookie: u64) -> Result<(), BpfError> {
+        match self.enrolled.remove(&netns_cookie) {
+            Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            other => other.map_err(map_err(maps::ENROLLED)),
+        }
+    }
+
+    pub fn enrolled_cookies(&self) -> Vec<u64> {
+        self.enrolled.keys().filter_map(Result::ok).collect()
+    }
+
+    /// A handle the proxy uses to claim original destinations without locking the datapath.
+    pub fn original_dst_table(&self) -> Result<OriginalDstTable, BpfError> {
+        let fd = self
+            .dst_by_client
+            .fd()
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|e| BpfError::Map { name: maps::DST_BY_CLIENT, message: e.to_string() })?;
+        Ok(OriginalDstTable { fd })
+    }
+
+    /// The per-CPU counters, summed.
+    pub fn counters(&self) -> BTreeMap<&'static str, u64> {
+        Counter::ALL
+            .iter()
+            .map(|c| {
+                let total = self
+                    .counters
+                    .get(&(*c as u32), 0)
+                    .map(|per_cpu| per_cpu.iter().sum())
+                    .unwrap_or(0);
+                (c.name(), total)
+            })
+            .collect()
+    }
+}
+
+/// The proxy's view of `DST_BY_CLIENT`.
+pub struct OriginalDstTable {
+    fd: std::os::fd::OwnedFd,
+}
+
+impl OriginalDstTable {
+    /// Claims the original destination of an accepted connection (read and delete in one step,
+    /// so entries never pile up).
+    pub fn take(&self, key: &ClientKey) -> std::io::Result<Option<OriginalDst>> {
+        sys::map_lookup_and_delete(self.fd.as_fd(), key)
+    }
+}
+
+fn take_map_data(ebpf: &mut Ebpf, name: &'static str) -> Result<MapData, BpfError> {
+    match ebpf.take_map(name) {
+        Some(Map::HashMap(data) | Map::LruHashMap(data)) => Ok(data),
+        Some(_) => Err(BpfError::Map { name, message: "unexpected map type".into() }),
+        None => Err(BpfError::Map { name, message: "missing from the object".into() }),
+    }
+}
+
+fn take_map<T: TryFrom<Map, Error = aya::maps::MapError>>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+) -> Result<T, BpfError> {
+    let map = ebpf
+        .take_map(name)
+        .ok_or(BpfError::Map { name, message: "missing from the object".into() })?;
+    T::try_from(map).map_err(map_err(name))
+}
+
+/// cgroup links always coexist with other programs on the cgroup; the kernel rejects the
+/// legacy `BPF_F_ALLOW_MULTI` flag on link creation, so ask for the default mode.
+const LINK_ATTACH: CgroupAttachMode = CgroupAttachMode::Single;
+
+/// Loads one program and either attaches it (first start) or swaps it into the link a previous
+/// daemon pinned. Returns whether it took over a pinned link.
+fn attach_or_take_over(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    cgroup: &File,
+    pin_dir: &Path,
+) -> Result<bool, BpfError> {
+    let program = ebpf
+        .program_mut(name)
+        .ok_or(BpfError::Program { name, message: "missing from the object".into() })?;
+    let link_pin = pin_dir.join("links").join(name);
+    let prog_pin = pin_dir.join("progs").join(name);
+
+    let new_link: Option<FdLink> = match program {
+        Program::CgroupSockAddr(p) => {
+            load(p.load(), name)?;
+            if link_pin.exists() {
+                None
+            } else {
+                let id = p.attach(cgroup, LINK_ATTACH).map_err(prog_err(name))?;
+                Some(p.take_link(id).map_err(prog_err(name))?.try_into().map_err(prog_err(name))?)
+            }
+        }
+        Program::SockOps(p) => {
+            load(p.load(), name)?;
+            if link_pin.exists() {
+                None
+            } else {
+                let id = SockOps::attach(p, cgroup, LINK_ATTACH)
+                    .map_err(prog_err(name))?;
+                Some(p.take_link(id).map_err(prog_err(name))?.try_into().map_err(prog_err(name))?)
+            }
+        }
+        _ => return Err(BpfError::Program { name, message: "unexpected program type".into() }),
+    };
+
+    let took_over = match new_link {
+        Some(link) => {
+            link.pin(&link_pin).map_err(prog_err(name))?;
+            false
+        }
+        None => {
+            let link = sys::obj_get(&link_pin).map_err(prog_err(name))?;
+            let prog_fd = program.fd().map_err(prog_err(name))?;
+            sys::link_update(link.as_fd(), prog_fd.as_fd()).map_err(prog_err(name))?;
+            tracing::info!(program = name, "took over pinned link");
+            true
+        }
+    };
+    // Keep the pinned program the one that is attached.
+    let _ = std::fs::remove_file(&prog_pin);
+    program.pin(&prog_pin).map_err(prog_err(name))?;
+    Ok(took_over)
+}
+
+fn load(result: Result<(), aya::programs::ProgramError>, name: &'static str) -> Result<(), BpfError> {
+    result.map_err(|e| {
+        // The verifier log is the useful part of a load failure.
+        let message = match &e {
+            aya::programs::ProgramError::LoadError { io_error, verifier_log } => {
+                format!("{io_error}\n{verifier_log}")
+            }
+            other => other.to_string(),
+        };
+        BpfError::Program { name, message }
+    })
+}
+
+/// Removes every pin shunt made: links (which detaches the programs once no daemon holds
+/// them), programs and maps, then the directory itself.
+pub fn uninstall(pin_dir: &Path) -> Result<Vec<PathBuf>, BpfError> {
+    let mut removed = Vec::new();
+    for sub in ["links", "progs", "maps"] {
+        let dir = pin_dir.join(sub);
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(source) => return Err(BpfError::Unpin { path: dir, source }),
+        };
+        for entry in entries {
+            let path = entry.map_err(|source| BpfError::Unpin { path: dir.clone(), source })?.path();
+            std::fs::remove_file(&path)
+                .map_err(|source| BpfError::Unpin { path: path.clone(), source })?;
+            removed.push(path);
+        }
+        std::fs::remove_dir(&dir).map_err(|source| BpfError::Unpin { path: dir.clone(), source })?;
+    }
+    match std::fs::remove_dir(pin_dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(BpfError::Unpin { path: pin_dir.to_owned(), source: e });
+        }
+        _ => {}
+    }
+    Ok(removed)
+}
+
+fn log_level_for_ebpf(level: log::LevelFilter) -> u8 {
+    use aya_log::Level;
+    match level {
+        log::LevelFilter::Off => 0,
+        log::LevelFilter::Error => Level::Error as u8,
+        log::LevelFilter::Warn => Level::Warn as u8,
+        log::LevelFilter::Info => Level::Info as u8,
+        log::LevelFilter::Debug => Level::Debug as u8,
+        log::LevelFilter::Trace => Level::Trace as u8,
+    }
+}
+
+/// Forwards aya-log records from the programs to the `log` facade (and so to `tracing`).
+fn start_ebpf_logger(ebpf: &mut Ebpf) {
+    let logger = match aya_log::EbpfLogger::init(ebpf) {
+        Ok(logger) => logger,
+        Err(e) => {
+            tracing::warn!("eBPF logs unavailable: {e}");
+            return;
+        }
+    };
+    // SAFETY: the logger owns its ring buffer fd for as long as the AsyncFd owns the logger.
+    let registered =
+        unsafe { tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) };
+    let mut logger = match registered {
+        Ok(fd) => fd,
+        Err(e) => {
+            tracing::warn!("eBPF logs unavailable: {e}");
+            return;
+        }
+    };
+    tokio::spawn(async move {
+        loop {
+            let Ok(mut guard) = logger.readable_mut().await else { return };
+            guard.get_inner_mut().flush();
+            guard.clear_ready();
+        }
+    });
+}

@@ -1,0 +1,68 @@
+//! Command-line interface: `shunt run` starts the daemon; every other command talks to a
+//! running daemon through the admin socket.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::config::DEFAULT_ADMIN_SOCKET;
+
+#[derive(Debug, Parser)]
+#[command(name = "shunt", version, about = "eBPF transparent proxy: per-stream gRPC balancing without sidecars")]
+pub struct Cli {
+    /// The daemon's admin socket.
+    #[arg(long, global = true, env = "SHUNT_ADMIN_SOCKET", default_value = DEFAULT_ADMIN_SOCKET)]
+    pub admin_socket: PathBuf,
+    /// Output format of inspection commands.
+    #[arg(short = 'o', long, global = true, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon: load and attach the programs, enroll pods, proxy their connections.
+    Run {
+        /// YAML configuration file.
+        #[arg(short, long)]
+        config: PathBuf,
+    },
+    /// Start intercepting a pod's new outbound connections.
+    Enroll {
+        #[arg(long)]
+        name: String,
+        /// Its network namespace, e.g. /var/run/netns/client or /proc/<pid>/ns/net.
+        #[arg(long)]
+        netns: PathBuf,
+    },
+    /// Stop intercepting a pod (its established connections carry on).
+    Unenroll {
+        #[arg(long)]
+        name: String,
+    },
+    /// Version, uptime, where the programs are attached, counts.
+    Status,
+    /// Enrolled pods.
+    Pods,
+    /// Live proxied connections.
+    Conns,
+    /// Counters of the kernel programs and the proxy.
+    Stats,
+    /// Detach and remove every program, link and map shunt pinned, and stop a running daemon.
+    Uninstall {
+        /// Pin directory to clean when no daemon is running (default: from --config, else
+        /// /sys/fs/bpf/shunt).
+        #[arg(long)]
+        pin_dir: Option<PathBuf>,
+        /// Read the pin directory from this configuration.
+        #[arg(short, long)]
+        config: Option<PathBuf>,
+    },
+}

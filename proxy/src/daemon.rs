@@ -1,0 +1,105 @@
+//! `shunt run`: wires the parts together and owns their lifetimes.
+
+use std::{
+    path::Path,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use anyhow::Context;
+use tokio::{signal::unix::SignalKind, sync::mpsc};
+
+use crate::{
+    admin::server::{self as admin, AdminContext, Command},
+    bpf::{Datapath, DatapathConfig},
+    config::Config,
+    inpod::Enrollments,
+    proxy::Proxy,
+    state::{ConnTable, ProxyCounters},
+};
+
+const UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub async fn run(config_path: &Path) -> anyhow::Result<()> {
+    let config = Config::load(config_path)?;
+    let started = Instant::now();
+    let intercept = &config.intercept;
+
+    let datapath = Datapath::install(
+        &DatapathConfig {
+            cgroup: intercept.cgroup.clone(),
+            pin_dir: intercept.pin_dir.clone(),
+            listen_port: intercept.listen_port,
+            mark: intercept.mark,
+            fail_mode: intercept.fail_mode,
+            exclude_cidrs: intercept.exclude_cidrs.clone(),
+            exclude_ports: intercept.exclude_ports.clone(),
+        },
+        current_log_level(),
+    )
+    .context("setting up the eBPF programs")?;
+    tracing::info!(
+        cgroup = %datapath.cgroup.display(),
+        pin_dir = %datapath.pin_dir.display(),
+        attachment = ?datapath.attachment,
+        "programs attached"
+    );
+
+    let conns = Arc::new(ConnTable::default());
+    let counters = Arc::new(ProxyCounters::default());
+    let proxy = Arc::new(Proxy {
+        dst_table: datapath.original_dst_table()?,
+        conns: conns.clone(),
+        counters: counters.clone(),
+        mark: intercept.mark,
+        connect_timeout: UPSTREAM_CONNECT_TIMEOUT,
+    });
+    let datapath = Arc::new(Mutex::new(datapath));
+    let enrollments = Arc::new(Enrollments::new(datapath.clone(), proxy, intercept.listen_port));
+
+    // One pod failing to enroll must not keep the others from being served.
+    for pod in &config.pods {
+        if let Err(e) = enrollments.enroll(&pod.name, &pod.netns) {
+            tracing::error!("{e}; skipping this pod");
+        }
+    }
+    enrollments.prune_stale();
+
+    let (commands, mut command_rx) = mpsc::channel(4);
+    let socket_path = config.admin.socket.clone();
+    let admin_listener = admin::bind(&socket_path).await?;
+    let admin_ctx = Arc::new(AdminContext {
+        config: config.clone(),
+        started,
+        enrollments: enrollments.clone(),
+        datapath,
+        conns,
+        counters,
+        commands,
+    });
+    tokio::spawn(admin::serve(admin_listener, admin_ctx));
+    tracing::info!(socket = %socket_path.display(), pods = enrollments.list().len(), "shunt is running");
+
+    let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())?;
+    let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = sigterm.recv() => tracing::info!("SIGTERM: stopping (programs stay pinned; fail mode applies)"),
+        _ = sigint.recv() => tracing::info!("SIGINT: stopping (programs stay pinned; fail mode applies)"),
+        Some(Command::Uninstall) = command_rx.recv() => tracing::info!("uninstalled: stopping"),
+    }
+    enrollments.close_all();
+    let _ = std::fs::remove_file(&socket_path);
+    Ok(())
+}
+
+fn current_log_level() -> log::LevelFilter {
+    use tracing_subscriber::filter::LevelFilter;
+    match LevelFilter::current() {
+        LevelFilter::OFF => log::LevelFilter::Off,
+        LevelFilter::ERROR => log::LevelFilter::Error,
+        LevelFilter::WARN => log::LevelFilter::Warn,
+        LevelFilter::INFO => log::LevelFilter::Info,
+        LevelFilter::DEBUG => log::LevelFilter::Debug,
+        _ => log::LevelFilter::Trace,
+    }
+}

@@ -1,0 +1,167 @@
+//! Enrollment: which pods are intercepted. For each enrolled pod we hold its network
+//! namespace, its listeners inside that namespace, and its cookie in the `ENROLLED` map.
+//! Order matters: listeners first, then the cookie, so the programs never redirect a pod to
+//! a listener that is not there yet (and on unenroll, the reverse).
+
+mod netns;
+mod sockets;
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+};
+
+use serde::{Deserialize, Serialize};
+use tokio::task::AbortHandle;
+
+pub use netns::{Netns, init_host_netns};
+pub use sockets::connect_from;
+
+use crate::{
+    bpf::{BpfError, Datapath},
+    config::listener_addrs,
+    proxy::{PodContext, Proxy, serve},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum EnrollError {
+    #[error("pod {0:?} is already enrolled")]
+    AlreadyEnrolled(String),
+    #[error("pod {name:?}: its network namespace is already enrolled as {other:?}")]
+    SameNetns { name: String, other: String },
+    #[error("pod {0:?} is not enrolled")]
+    NotEnrolled(String),
+    #[error("pod {name:?}: network namespace {path}: {source}")]
+    Netns { name: String, path: PathBuf, source: std::io::Error },
+    #[error("pod {name:?}: listening on {addr} in its network namespace: {source}")]
+    Listen { name: String, addr: SocketAddr, source: std::io::Error },
+    #[error("pod {name:?}: {source}")]
+    Datapath { name: String, source: BpfError },
+}
+
+/// An enrolled pod as the admin API shows it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PodSummary {
+    pub name: String,
+    pub netns: PathBuf,
+    pub netns_cookie: u64,
+    pub listeners: Vec<SocketAddr>,
+}
+
+struct Enrolled {
+    ctx: Arc<PodContext>,
+    listeners: Vec<SocketAddr>,
+    accept_tasks: Vec<AbortHandle>,
+}
+
+impl Drop for Enrolled {
+    fn drop(&mut self) {
+        // Closing the listeners makes the programs fail open for this pod immediately.
+        for task in &self.accept_tasks {
+            task.abort();
+        }
+    }
+}
+
+pub struct Enrollments {
+    pods: Mutex<BTreeMap<String, Enrolled>>,
+    datapath: Arc<Mutex<Datapath>>,
+    proxy: Arc<Proxy>,
+    listen_port: u16,
+}
+
+impl Enrollments {
+    pub fn new(datapath: Arc<Mutex<Datapath>>, proxy: Arc<Proxy>, listen_port: u16) -> Self {
+        Self { pods: Mutex::default(), datapath, proxy, listen_port }
+    }
+
+    /// Opens the pod's listeners and starts intercepting its new connections. Must be called
+    /// from within the runtime.
+    pub fn enroll(&self, name: &str, netns_path: &Path) -> Result<PodSummary, EnrollError> {
+        let mut pods = lock(&self.pods);
+        if pods.contains_key(name) {
+            return Err(EnrollError::AlreadyEnrolled(name.to_owned()));
+        }
+        let netns_err = |source| EnrollError::Netns { name: name.to_owned(), path: netns_path.to_owned(), source };
+        let netns = Netns::open(netns_path).map_err(netns_err)?;
+        let netns_cookie = netns.cookie().map_err(netns_err)?;
+        if let Some(other) = pods.values().find(|p| p.ctx.netns_cookie == netns_cookie) {
+            return Err(EnrollError::SameNetns { name: name.to_owned(), other: other.ctx.name.clone() });
+        }
+        let ctx = Arc::new(PodContext { name: name.to_owned(), netns: Arc::new(netns), netns_cookie });
+
+        let mut enrolled = Enrolled { ctx: ctx.clone(), listeners: Vec::new(), accept_tasks: Vec::new() };
+        for addr in listener_addrs(self.listen_port) {
+            match sockets::listen_in(&ctx.netns, addr) {
+                Ok(listener) => {
+                    let task = tokio::spawn(serve(listener, ctx.clone(), self.proxy.clone()));
+                    enrolled.accept_tasks.push(task.abort_handle());
+                    enrolled.listeners.push(addr);
+                }
+                // A pod without IPv6 has no [::1]; its IPv6 connects then simply go direct.
+                Err(e) if addr.is_ipv6() => {
+                    tracing::warn!(pod = name, "no IPv6 listener ({e}); IPv6 connections go direct");
+                }
+                Err(source) => return Err(EnrollError::Listen { name: name.to_owned(), addr, source }),
+            }
+        }
+        lock(&self.datapath)
+            .enroll(netns_cookie)
+            .map_err(|source| EnrollError::Datapath { name: name.to_owned(), source })?;
+        let summary = summarize(&enrolled);
+        pods.insert(name.to_owned(), enrolled);
+        tracing::info!(pod = name, netns = %netns_path.display(), netns_cookie, "enrolled");
+        Ok(summary)
+    }
+
+    /// Stops intercepting the pod's new connections; its established ones carry on.
+    pub fn unenroll(&self, name: &str) -> Result<(), EnrollError> {
+        let mut pods = lock(&self.pods);
+        let enrolled = pods.get(name).ok_or_else(|| EnrollError::NotEnrolled(name.to_owned()))?;
+        lock(&self.datapath)
+            .unenroll(enrolled.ctx.netns_cookie)
+            .map_err(|source| EnrollError::Datapath { name: name.to_owned(), source })?;
+        pods.remove(name);
+        tracing::info!(pod = name, "unenrolled");
+        Ok(())
+    }
+
+    /// Forgets kernel-side enrollments no pod here accounts for (left by an earlier daemon).
+    pub fn prune_stale(&self) {
+        let known: Vec<u64> = lock(&self.pods).values().map(|p| p.ctx.netns_cookie).collect();
+        let mut datapath = lock(&self.datapath);
+        for cookie in datapath.enrolled_cookies() {
+            if !known.contains(&cookie) {
+                tracing::info!(netns_cookie = cookie, "removing stale enrollment");
+                if let Err(e) = datapath.unenroll(cookie) {
+                    tracing::warn!("removing stale enrollment {cookie}: {e}");
+                }
+            }
+        }
+    }
+
+    pub fn list(&self) -> Vec<PodSummary> {
+        lock(&self.pods).values().map(summarize).collect()
+    }
+
+    /// Closes every listener (the daemon is stopping); kernel enrollments stay, so the fail
+    /// mode decides what enrolled pods' connections do while no daemon runs.
+    pub fn close_all(&self) {
+        lock(&self.pods).clear();
+    }
+}
+
+fn summarize(p: &Enrolled) -> PodSummary {
+    PodSummary {
+        name: p.ctx.name.clone(),
+        netns: p.ctx.netns.path().to_owned(),
+        netns_cookie: p.ctx.netns_cookie,
+        listeners: p.listeners.clone(),
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}

@@ -1,0 +1,81 @@
+//! Network namespaces of pods. The daemon stays in the node's namespace; to open a socket
+//! inside a pod it switches the calling thread into the pod's namespace just for the
+//! `socket()` call (a socket belongs to the namespace it was created in), as ztunnel does.
+
+use std::{
+    fs::File,
+    io,
+    os::fd::{AsFd, AsRawFd},
+    path::{Path, PathBuf},
+    sync::OnceLock,
+};
+
+use nix::sched::{CloneFlags, setns};
+
+/// The daemon's own namespace, captured once at start-up before any thread moves.
+static HOST: OnceLock<File> = OnceLock::new();
+
+/// Records the namespace of the calling thread as the one to return to. Call first thing in
+/// `main`, before the runtime starts threads.
+pub fn init_host_netns() -> io::Result<()> {
+    let file = File::open("/proc/thread-self/ns/net")?;
+    let _ = HOST.set(file);
+    Ok(())
+}
+
+#[derive(Debug)]
+pub struct Netns {
+    file: File,
+    path: PathBuf,
+}
+
+impl Netns {
+    pub fn open(path: &Path) -> io::Result<Netns> {
+        let file = File::open(path)?;
+        Ok(Netns { file, path: path.to_owned() })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Runs `f` on the calling thread while it is inside this namespace. `f` must not yield
+    /// or block for long: it runs on whatever thread called us (usually a runtime worker).
+    pub fn run<T>(&self, f: impl FnOnce() -> T) -> io::Result<T> {
+        let host = HOST.get().ok_or_else(|| io::Error::other("host netns not recorded"))?;
+        setns(self.file.as_fd(), CloneFlags::CLONE_NEWNET).map_err(io::Error::from)?;
+        let result = f();
+        if let Err(e) = setns(host.as_fd(), CloneFlags::CLONE_NEWNET) {
+            // A worker thread stuck in a pod's namespace would open later sockets in the
+            // wrong place; nothing sane can continue from there.
+            eprintln!("fatal: cannot return to the host network namespace: {e}");
+            std::process::abort();
+        }
+        Ok(result)
+    }
+
+    /// The namespace's cookie (`SO_NETNS_COOKIE`), the identity the programs see.
+    pub fn cookie(&self) -> io::Result<u64> {
+        let socket = self.run(|| socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None))??;
+        netns_cookie_of(&socket)
+    }
+}
+
+pub fn netns_cookie_of(socket: &impl AsRawFd) -> io::Result<u64> {
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: valid fd, and a u64 buffer of the advertised length.
+    let ret = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            &mut cookie as *mut u64 as *mut libc::c_void,
+            &mut len,
+        )
+    };
+    if ret != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cookie)
+}

@@ -1,0 +1,57 @@
+//! shunt: an eBPF-accelerated transparent interception proxy for Kubernetes.
+//!
+//! See ARCHITECTURE.md for the data path and how the modules fit together.
+
+mod admin;
+mod bpf;
+mod cli;
+mod config;
+mod ctl;
+mod daemon;
+mod inpod;
+mod net;
+mod proxy;
+mod state;
+
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+
+use crate::cli::{Cli, Command};
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+    // Before the runtime starts any thread: the namespace every thread returns to after
+    // opening a socket inside a pod.
+    if let Err(e) = inpod::init_host_netns() {
+        eprintln!("error: reading this process's network namespace: {e}");
+        return std::process::ExitCode::FAILURE;
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: starting the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Run { config } => daemon::run(&config).await,
+            command => ctl::run(command, &cli.admin_socket, cli.output).await,
+        }
+    });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// `SHUNT_LOG` takes an `EnvFilter` directive (e.g. `debug`, `shunt=debug,shunt_ebpf=trace`).
+/// Logs go to stderr, so `-o json` output on stdout stays machine-readable.
+fn init_tracing() {
+    let filter = EnvFilter::try_from_env("SHUNT_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
