@@ -21,9 +21,15 @@ fn main() {
     let common_dir = manifest_dir.join("../ebpf/shunt-common");
     for dir in [&ebpf_dir, &common_dir] {
         println!("cargo:rerun-if-changed={}", dir.join("src").display());
-        println!("cargo:rerun-if-changed={}", dir.join("Cargo.toml").display());
+        println!(
+            "cargo:rerun-if-changed={}",
+            dir.join("Cargo.toml").display()
+        );
     }
-    println!("cargo:rerun-if-changed={}", ebpf_dir.join("Cargo.lock").display());
+    println!(
+        "cargo:rerun-if-changed={}",
+        ebpf_dir.join("Cargo.lock").display()
+    );
     for var in ["SHUNT_BPF_CARGO", "SHUNT_BPF_RUSTC"] {
         println!("cargo:rerun-if-env-changed={var}");
     }
@@ -40,22 +46,38 @@ fn main() {
 
     let mut cmd = Command::new(&cargo);
     cmd.current_dir(&ebpf_dir)
-        .args(["build", "--release", "--locked", "--target", TARGET, "--target-dir"])
+        .args([
+            "build",
+            "--release",
+            "--locked",
+            "--target",
+            TARGET,
+            "--target-dir",
+        ])
         .arg(&target_dir);
     // Our own build's settings must not leak into a build for another target and compiler.
     for (key, _) in env::vars_os() {
         let key = key.to_string_lossy();
-        if key.starts_with("CARGO_") && key != "CARGO_HOME" || key.starts_with("RUSTC") || key == "RUSTFLAGS" || key == "RUSTDOCFLAGS" {
+        if key.starts_with("CARGO_") && key != "CARGO_HOME"
+            || key.starts_with("RUSTC")
+            || key == "RUSTFLAGS"
+            || key == "RUSTDOCFLAGS"
+        {
             cmd.env_remove(key.as_ref());
         }
     }
     cmd.env("RUSTC", &rustc)
         // aya-ebpf needs `asm_experimental_arch`; scoped to this child build only.
         .env("RUSTC_BOOTSTRAP", "1")
-        .env("CARGO_ENCODED_RUSTFLAGS", ["-Cdebuginfo=2", "-Clink-arg=--btf"].join("\x1f"))
+        .env(
+            "CARGO_ENCODED_RUSTFLAGS",
+            ["-Cdebuginfo=2", "-Clink-arg=--btf"].join("\x1f"),
+        )
         .env("PATH", path_with_cargo_bin());
 
-    let status = cmd.status().unwrap_or_else(|e| fail(&format!("running {cargo}: {e}")));
+    let status = cmd
+        .status()
+        .unwrap_or_else(|e| fail(&format!("running {cargo}: {e}")));
     if !status.success() {
         fail(&format!("building the eBPF programs failed ({status})"));
     }
@@ -79,5 +101,7 @@ fn path_with_cargo_bin() -> std::ffi::OsString {
 }
 
 fn fail(msg: &str) -> ! {
-    panic!("{msg}\nThe eBPF toolchain is missing or broken: run `cargo xtask setup` (as root) first.");
+    panic!(
+        "{msg}\nThe eBPF toolchain is missing or broken: run `cargo xtask setup` (as root) first."
+    );
 }

@@ -8,7 +8,11 @@ use clap::{Parser, Subcommand, ValueEnum};
 use crate::config::DEFAULT_ADMIN_SOCKET;
 
 #[derive(Debug, Parser)]
-#[command(name = "shunt", version, about = "eBPF transparent proxy: per-stream gRPC balancing without sidecars")]
+#[command(
+    name = "shunt",
+    version,
+    about = "eBPF transparent proxy: per-stream gRPC balancing without sidecars"
+)]
 pub struct Cli {
     /// The daemon's admin socket.
     #[arg(long, global = true, env = "SHUNT_ADMIN_SOCKET", default_value = DEFAULT_ADMIN_SOCKET)]

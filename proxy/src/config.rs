@@ -20,9 +20,16 @@ pub const DEFAULT_ADMIN_SOCKET: &str = "/run/shunt/admin.sock";
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("reading {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path}: {field}: {message}")]
-    Invalid { path: PathBuf, field: String, message: String },
+    Invalid {
+        path: PathBuf,
+        field: String,
+        message: String,
+    },
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
@@ -75,6 +82,15 @@ pub enum FailMode {
     Closed,
 }
 
+impl std::fmt::Display for FailMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            FailMode::Open => "open",
+            FailMode::Closed => "closed",
+        })
+    }
+}
+
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct PodConfig {
@@ -91,14 +107,18 @@ pub struct Admin {
 
 impl Default for Admin {
     fn default() -> Self {
-        Self { socket: PathBuf::from(DEFAULT_ADMIN_SOCKET) }
+        Self {
+            socket: PathBuf::from(DEFAULT_ADMIN_SOCKET),
+        }
     }
 }
 
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
         Self::parse(&text).map_err(|(field, message)| ConfigError::Invalid {
             path: path.to_owned(),
             field,
@@ -111,7 +131,11 @@ impl Config {
         let de = serde_yaml_ng::Deserializer::from_str(text);
         let config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
             let field = e.path().to_string();
-            let field = if field == "." { "(top level)".to_string() } else { field };
+            let field = if field == "." {
+                "(top level)".to_string()
+            } else {
+                field
+            };
             (field, e.into_inner().to_string())
         })?;
         config.validate()?;
@@ -124,11 +148,17 @@ impl Config {
             return bad("intercept.listen_port", "must be between 1 and 65535");
         }
         if self.intercept.mark == 0 {
-            return bad("intercept.mark", "must be non-zero (0 is every unmarked socket)");
+            return bad(
+                "intercept.mark",
+                "must be non-zero (0 is every unmarked socket)",
+            );
         }
         for (i, port) in self.intercept.exclude_ports.iter().enumerate() {
             if *port == 0 {
-                return bad(&format!("intercept.exclude_ports[{i}]"), "port 0 is not a port");
+                return bad(
+                    &format!("intercept.exclude_ports[{i}]"),
+                    "port 0 is not a port",
+                );
             }
         }
         let mut names = std::collections::HashSet::new();
@@ -137,7 +167,10 @@ impl Config {
                 return bad(&format!("pods[{i}].name"), "must not be empty");
             }
             if !names.insert(&pod.name) {
-                return bad(&format!("pods[{i}].name"), &format!("duplicate pod name {:?}", pod.name));
+                return bad(
+                    &format!("pods[{i}].name"),
+                    &format!("duplicate pod name {:?}", pod.name),
+                );
             }
             if !pod.netns.exists() {
                 return bad(
@@ -224,7 +257,9 @@ mod tests {
 
     #[test]
     fn duplicate_pod_is_named() {
-        let (field, _) = err("pods:\n  - {name: a, netns: /proc/self/ns/net}\n  - {name: a, netns: /proc/self/ns/net}\n");
+        let (field, _) = err(
+            "pods:\n  - {name: a, netns: /proc/self/ns/net}\n  - {name: a, netns: /proc/self/ns/net}\n",
+        );
         assert_eq!(field, "pods[1].name");
     }
 }

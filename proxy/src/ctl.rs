@@ -21,20 +21,32 @@ pub async fn run(command: Command, socket: &Path, output: Output) -> anyhow::Res
         Command::Run { .. } => unreachable!("handled by main"),
         Command::Enroll { name, netns } => {
             let netns = std::fs::canonicalize(&netns).unwrap_or(netns);
-            let pod: PodSummary = client.call(Method::POST, "/pods", Some(EnrollRequest { name, netns })).await?;
+            let pod: PodSummary = client
+                .call(Method::POST, "/pods", Some(EnrollRequest { name, netns }))
+                .await?;
             print(output, &pod, || pods_table(std::slice::from_ref(&pod)));
         }
         Command::Unenroll { name } => {
-            let _: serde_json::Value = client.call(Method::DELETE, &format!("/pods/{name}"), Option::<()>::None).await?;
+            let _: serde_json::Value = client
+                .call(Method::DELETE, &format!("/pods/{name}"), Option::<()>::None)
+                .await?;
             println!("unenrolled {name}");
         }
         Command::Status => {
             let s: Status = client.get("/status").await?;
             print(output, &s, || {
                 format!(
-                    "shunt {} (pid {}), up {}s\nprograms: attached to {} ({:?}), pinned under {}\nlisteners: port {} in each pod, fail mode {:?}\npods: {}  connections: {}\n",
-                    s.version, s.pid, s.uptime_secs, s.cgroup.display(), s.attachment,
-                    s.pin_dir.display(), s.listen_port, s.fail_mode, s.pods, s.connections
+                    "shunt {} (pid {}), up {}s\nprograms: attached to {} ({}), pinned under {}\nlisteners: port {} in each pod, fail mode {}\npods: {}  connections: {}\n",
+                    s.version,
+                    s.pid,
+                    s.uptime_secs,
+                    s.cgroup.display(),
+                    s.attachment,
+                    s.pin_dir.display(),
+                    s.listen_port,
+                    s.fail_mode,
+                    s.pods,
+                    s.connections
                 )
             });
         }
@@ -51,12 +63,17 @@ pub async fn run(command: Command, socket: &Path, output: Output) -> anyhow::Res
             print(output, &stats, || {
                 let mut rows = vec![vec!["source".into(), "counter".into(), "value".into()]];
                 for (source, map) in [("ebpf", &stats.ebpf), ("proxy", &stats.proxy)] {
-                    rows.extend(map.iter().map(|(k, v)| vec![source.into(), k.clone(), v.to_string()]));
+                    rows.extend(
+                        map.iter()
+                            .map(|(k, v)| vec![source.into(), k.clone(), v.to_string()]),
+                    );
                 }
                 table(&rows)
             });
         }
-        Command::Uninstall { pin_dir, config } => uninstall(&client, pin_dir, config, output).await?,
+        Command::Uninstall { pin_dir, config } => {
+            uninstall(&client, pin_dir, config, output).await?
+        }
     }
     Ok(())
 }
@@ -68,7 +85,10 @@ async fn uninstall(
     config: Option<PathBuf>,
     output: Output,
 ) -> anyhow::Result<()> {
-    let result = match client.call::<(), Uninstalled>(Method::POST, "/uninstall", None).await {
+    let result = match client
+        .call::<(), Uninstalled>(Method::POST, "/uninstall", None)
+        .await
+    {
         Ok(done) => done,
         Err(ClientError::NotRunning(_)) => {
             let pin_dir = match (pin_dir, config) {
@@ -76,7 +96,9 @@ async fn uninstall(
                 (None, Some(config)) => Config::load(&config)?.intercept.pin_dir,
                 (None, None) => PathBuf::from(DEFAULT_PIN_DIR),
             };
-            Uninstalled { removed: bpf::uninstall(&pin_dir)? }
+            Uninstalled {
+                removed: bpf::uninstall(&pin_dir)?,
+            }
         }
         Err(e) => return Err(e.into()),
     };
@@ -92,32 +114,62 @@ async fn uninstall(
 
 fn print<T: Serialize>(output: Output, value: &T, table: impl FnOnce() -> String) {
     match output {
-        Output::Json => println!("{}", serde_json::to_string_pretty(value).unwrap_or_default()),
+        Output::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(value).unwrap_or_default()
+        ),
         Output::Table => print!("{}", table()),
     }
 }
 
 fn pods_table(pods: &[PodSummary]) -> String {
-    let mut rows = vec![vec!["NAME".into(), "NETNS".into(), "COOKIE".into(), "LISTENERS".into()]];
+    let mut rows = vec![vec![
+        "NAME".into(),
+        "NETNS".into(),
+        "COOKIE".into(),
+        "LISTENERS".into(),
+    ]];
     rows.extend(pods.iter().map(|p| {
         let listeners: Vec<String> = p.listeners.iter().map(|l| l.to_string()).collect();
-        vec![p.name.clone(), p.netns.display().to_string(), p.netns_cookie.to_string(), listeners.join(",")]
+        vec![
+            p.name.clone(),
+            p.netns.display().to_string(),
+            p.netns_cookie.to_string(),
+            listeners.join(","),
+        ]
     }));
     table(&rows)
 }
 
 fn conns_table(conns: &[ConnRecord]) -> String {
-    let mut rows = vec![["ID", "POD", "CLIENT", "ORIGINAL DST", "UPSTREAM", "PROTOCOL", "IN", "OUT", "AGE"]
+    let mut rows = vec![
+        [
+            "ID",
+            "POD",
+            "CLIENT",
+            "ORIGINAL DST",
+            "UPSTREAM",
+            "PROTOCOL",
+            "IN",
+            "OUT",
+            "AGE",
+        ]
         .map(String::from)
-        .to_vec()];
+        .to_vec(),
+    ];
     rows.extend(conns.iter().map(|c| {
         vec![
             c.id.to_string(),
             c.pod.clone(),
             c.client.to_string(),
             c.original_dst.to_string(),
-            c.upstream.map(|u| u.to_string()).unwrap_or_else(|| "-".into()),
-            serde_json::to_value(c.protocol).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default(),
+            c.upstream
+                .map(|u| u.to_string())
+                .unwrap_or_else(|| "-".into()),
+            serde_json::to_value(c.protocol)
+                .ok()
+                .and_then(|v| v.as_str().map(String::from))
+                .unwrap_or_default(),
             c.bytes_from_client.to_string(),
             c.bytes_to_client.to_string(),
             format!("{:.1}s", c.age_ms as f64 / 1000.0),
@@ -129,11 +181,22 @@ fn conns_table(conns: &[ConnRecord]) -> String {
 /// Left-aligned columns, two spaces apart.
 fn table(rows: &[Vec<String>]) -> String {
     let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
-    let widths: Vec<usize> =
-        (0..columns).map(|i| rows.iter().filter_map(|r| r.get(i)).map(|c| c.len()).max().unwrap_or(0)).collect();
+    let widths: Vec<usize> = (0..columns)
+        .map(|i| {
+            rows.iter()
+                .filter_map(|r| r.get(i))
+                .map(|c| c.len())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
     let mut out = String::new();
     for row in rows {
-        let cells: Vec<String> = row.iter().zip(&widths).map(|(c, w)| format!("{c:w$}")).collect();
+        let cells: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:w$}"))
+            .collect();
         out.push_str(cells.join("  ").trim_end());
         out.push('\n');
     }

@@ -41,7 +41,7 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     tracing::info!(
         cgroup = %datapath.cgroup.display(),
         pin_dir = %datapath.pin_dir.display(),
-        attachment = ?datapath.attachment,
+        attachment = %datapath.attachment,
         "programs attached"
     );
 
@@ -55,7 +55,11 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
         connect_timeout: UPSTREAM_CONNECT_TIMEOUT,
     });
     let datapath = Arc::new(Mutex::new(datapath));
-    let enrollments = Arc::new(Enrollments::new(datapath.clone(), proxy, intercept.listen_port));
+    let enrollments = Arc::new(Enrollments::new(
+        datapath.clone(),
+        proxy,
+        intercept.listen_port,
+    ));
 
     // One pod failing to enroll must not keep the others from being served.
     for pod in &config.pods {

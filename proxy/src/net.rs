@@ -11,7 +11,9 @@ pub fn to_raw(ip: IpAddr) -> RawAddr {
         IpAddr::V6(v6) => v6,
     };
     let o = v6.octets();
-    std::array::from_fn(|i| u32::from_ne_bytes([o[i * 4], o[i * 4 + 1], o[i * 4 + 2], o[i * 4 + 3]]))
+    std::array::from_fn(|i| {
+        u32::from_ne_bytes([o[i * 4], o[i * 4 + 1], o[i * 4 + 2], o[i * 4 + 3]])
+    })
 }
 
 /// IPv4-mapped addresses come back as IPv4: an original destination `::ffff:10.0.0.1` is

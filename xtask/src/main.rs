@@ -1,1 +1,139 @@
-fn main() {}
+//! `cargo xtask <task>`: the project's development tasks.
+//!
+//! Every task that builds first runs `setup`, which installs what a fresh Debian machine lacks
+//! and costs well under a second when everything is already there.
+
+mod run;
+mod setup;
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+use crate::run::{Step, cargo};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "shunt development tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install the eBPF toolchain and test peers that are missing (Debian packages, bpf-linker).
+    Setup,
+    /// Build `target/release/shunt` (eBPF object embedded) and the test helpers.
+    Build,
+    /// Run the whole suite: formatting, lints, unit and sandbox integration tests (as root).
+    Test {
+        /// Extra arguments for `cargo test`, e.g. a test name filter.
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// Run the local sandbox demo: pods as network namespaces, traffic through shunt.
+    Demo,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.task {
+        Task::Setup => setup::run(),
+        Task::Build => setup::run().and_then(|()| build()),
+        Task::Test { args } => setup::run().and_then(|()| test(&args)),
+        Task::Demo => setup::run().and_then(|()| demo()),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn release_bin(name: &str) -> PathBuf {
+    workspace_root().join("target/release").join(name)
+}
+
+fn build() -> anyhow::Result<()> {
+    let step = Step::start("building shunt (with its eBPF object) and the test helpers");
+    cargo(&[
+        "build",
+        "--release",
+        "--locked",
+        "-p",
+        "shunt",
+        "-p",
+        "shunt-tests",
+        "--bins",
+    ])?;
+    step.done();
+    Ok(())
+}
+
+fn test(extra: &[String]) -> anyhow::Result<()> {
+    run::require_root("the integration tests create network namespaces, cgroups and BPF programs")?;
+    let step = Step::start("checking formatting");
+    cargo(&["fmt", "--all", "--check"])?;
+    cargo(&["fmt", "--check", "--manifest-path", "ebpf/shunt-ebpf/Cargo.toml"])
+        .context("the eBPF crate is not formatted: run `cargo fmt --manifest-path ebpf/shunt-ebpf/Cargo.toml`")?;
+    step.done();
+
+    build()?;
+
+    let step = Step::start("linting (clippy, warnings are errors)");
+    cargo(&[
+        "clippy",
+        "--release",
+        "--locked",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ])?;
+    step.done();
+
+    let step = Step::start("running unit and sandbox integration tests");
+    let shunt = release_bin("shunt");
+    let probe = release_bin("shunt-probe");
+    let mut args = vec![
+        "test",
+        "--release",
+        "--locked",
+        "--workspace",
+        "--no-fail-fast",
+    ];
+    if !extra.is_empty() {
+        args.push("--");
+        args.extend(extra.iter().map(String::as_str));
+    }
+    run::cargo_with_env(
+        &args,
+        &[
+            ("SHUNT_BIN", shunt.as_os_str()),
+            ("SHUNT_PROBE_BIN", probe.as_os_str()),
+        ],
+    )?;
+    step.done();
+    println!("all checks passed");
+    Ok(())
+}
+
+fn demo() -> anyhow::Result<()> {
+    run::require_root("the demo creates network namespaces, a cgroup and BPF programs")?;
+    build()?;
+    let status = std::process::Command::new(release_bin("shunt-demo"))
+        .env("SHUNT_BIN", release_bin("shunt"))
+        .env("SHUNT_PROBE_BIN", release_bin("shunt-probe"))
+        .status()
+        .context("starting the demo")?;
+    anyhow::ensure!(
+        status.success(),
+        "the demo failed ({status}); its output above says where"
+    );
+    Ok(())
+}

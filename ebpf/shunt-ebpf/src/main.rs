@@ -84,7 +84,12 @@ const LOOPBACK6: RawAddr = [0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])];
 
 /// Why a connect is left alone, or `None` to redirect it. `dst` is IPv4-mapped for IPv4.
 #[inline(always)]
-fn skip_reason(ctx: &SockAddrContext, cfg: &InterceptConfig, dst: &RawAddr, port: u16) -> Option<Counter> {
+fn skip_reason(
+    ctx: &SockAddrContext,
+    cfg: &InterceptConfig,
+    dst: &RawAddr,
+    port: u16,
+) -> Option<Counter> {
     // SAFETY: the context pointer is valid for the duration of the program.
     let sa = unsafe { &*ctx.sock_addr };
     if sa.type_ != SOCK_STREAM || sa.protocol != IPPROTO_TCP {
@@ -149,7 +154,13 @@ fn listener_present(ctx: &SockAddrContext, v4: bool, port: u16) -> bool {
     };
     // SAFETY: tuple lives on the stack for the call; a found socket is released below.
     let sk = unsafe {
-        bpf_sk_lookup_tcp(ctx.sock_addr as *mut c_void, &mut tuple, size as u32, BPF_F_CURRENT_NETNS as u64, 0)
+        bpf_sk_lookup_tcp(
+            ctx.sock_addr as *mut c_void,
+            &mut tuple,
+            size as u32,
+            BPF_F_CURRENT_NETNS as u64,
+            0,
+        )
     };
     if sk.is_null() {
         return false;
@@ -173,12 +184,20 @@ fn should_redirect(ctx: &SockAddrContext, cfg: &InterceptConfig, dst: &RawAddr, 
     }
     // SAFETY: helper valid in cgroup sock_addr programs.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr as *mut c_void) };
-    let orig = OriginalDst { addr: *dst, port, _pad: [0; 6] };
+    let orig = OriginalDst {
+        addr: *dst,
+        port,
+        _pad: [0; 6],
+    };
     if DST_BY_SOCKET.insert(cookie, orig, 0).is_err() {
         count(Counter::SkipMapFull);
         return false;
     }
-    count(if has_listener { Counter::Redirected } else { Counter::RedirectedNoListener });
+    count(if has_listener {
+        Counter::Redirected
+    } else {
+        Counter::RedirectedNoListener
+    });
     true
 }
 
@@ -193,7 +212,12 @@ pub fn shunt_connect4(ctx: SockAddrContext) -> i32 {
     let ip4 = sa.user_ip4;
     let port = u16::from_be(sa.user_port as u16);
     if should_redirect(&ctx, &cfg, &map_v4(ip4), port) {
-        debug!(&ctx, "redirect {:i}:{} to listener", u32::from_be(ip4), port);
+        debug!(
+            &ctx,
+            "redirect {:i}:{} to listener",
+            u32::from_be(ip4),
+            port
+        );
         sa.user_ip4 = LOOPBACK4;
         sa.user_port = u32::from(cfg.listen_port.to_be());
     }
@@ -208,12 +232,26 @@ pub fn shunt_connect6(ctx: SockAddrContext) -> i32 {
     };
     // SAFETY: the context pointer is valid for the duration of the program.
     let sa = unsafe { &mut *ctx.sock_addr };
-    let ip6: RawAddr = [sa.user_ip6[0], sa.user_ip6[1], sa.user_ip6[2], sa.user_ip6[3]];
+    let ip6: RawAddr = [
+        sa.user_ip6[0],
+        sa.user_ip6[1],
+        sa.user_ip6[2],
+        sa.user_ip6[3],
+    ];
     let port = u16::from_be(sa.user_port as u16);
     if should_redirect(&ctx, &cfg, &ip6, port) {
-        debug!(&ctx, "redirect [{:i}]:{} to listener", words_to_bytes(&ip6), port);
+        debug!(
+            &ctx,
+            "redirect [{:i}]:{} to listener",
+            words_to_bytes(&ip6),
+            port
+        );
         // An IPv4-mapped destination travels over IPv4: send it to the IPv4 listener.
-        let target = if is_v4_mapped(&ip6) { map_v4(LOOPBACK4) } else { LOOPBACK6 };
+        let target = if is_v4_mapped(&ip6) {
+            map_v4(LOOPBACK4)
+        } else {
+            LOOPBACK6
+        };
         // The context only accepts 4-byte stores to user_ip6.
         sa.user_ip6[0] = target[0];
         sa.user_ip6[1] = target[1];
@@ -267,12 +305,21 @@ fn on_connect(ctx: &SockOpsContext) {
         AF_INET6 => {
             let ip6 = ctx.local_ip6();
             // A dual-stack socket talking IPv4 may not show its mapped address here yet.
-            if is_v4_mapped(&ip6) || ip6 == [0; 4] { map_v4(ctx.local_ip4()) } else { ip6 }
+            if is_v4_mapped(&ip6) || ip6 == [0; 4] {
+                map_v4(ctx.local_ip4())
+            } else {
+                ip6
+            }
         }
         AF_INET => map_v4(ctx.local_ip4()),
         _ => return,
     };
-    let key = ClientKey { netns_cookie, addr: local, port: ctx.local_port() as u16, _pad: [0; 6] };
+    let key = ClientKey {
+        netns_cookie,
+        addr: local,
+        port: ctx.local_port() as u16,
+        _pad: [0; 6],
+    };
     if DST_BY_CLIENT.insert(key, orig, 0).is_err() {
         count(Counter::SkipMapFull);
         return;
@@ -280,7 +327,11 @@ fn on_connect(ctx: &SockOpsContext) {
     count(Counter::DstRecorded);
     // Ask for state changes so the socket-cookie entry is dropped when the socket closes.
     let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
-    debug!(ctx, "recorded original destination for client port {}", ctx.local_port());
+    debug!(
+        ctx,
+        "recorded original destination for client port {}",
+        ctx.local_port()
+    );
 }
 
 #[inline(always)]

@@ -12,12 +12,17 @@ use super::api::ErrorBody;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("the shunt daemon is not running (nothing listens on {0}); start it with `shunt run --config FILE`")]
+    #[error(
+        "the shunt daemon is not running (nothing listens on {0}); start it with `shunt run --config FILE`"
+    )]
     NotRunning(PathBuf),
     #[error("cannot open the admin socket {0}: permission denied (it is root-only: run as root)")]
     PermissionDenied(PathBuf),
     #[error("admin socket {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("admin request failed: {0}")]
     Http(#[from] hyper::Error),
     #[error("the daemon answered {status}: {message}")]
@@ -32,7 +37,9 @@ pub struct AdminClient {
 
 impl AdminClient {
     pub fn new(socket: &Path) -> Self {
-        Self { socket: socket.to_owned() }
+        Self {
+            socket: socket.to_owned(),
+        }
     }
 
     pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
@@ -45,16 +52,22 @@ impl AdminClient {
         path: &str,
         body: Option<B>,
     ) -> Result<T, ClientError> {
-        let stream = tokio::net::UnixStream::connect(&self.socket).await.map_err(|source| {
-            match source.kind() {
+        let stream = tokio::net::UnixStream::connect(&self.socket)
+            .await
+            .map_err(|source| match source.kind() {
                 std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
                     ClientError::NotRunning(self.socket.clone())
                 }
-                std::io::ErrorKind::PermissionDenied => ClientError::PermissionDenied(self.socket.clone()),
-                _ => ClientError::Io { path: self.socket.clone(), source },
-            }
-        })?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+                std::io::ErrorKind::PermissionDenied => {
+                    ClientError::PermissionDenied(self.socket.clone())
+                }
+                _ => ClientError::Io {
+                    path: self.socket.clone(),
+                    source,
+                },
+            })?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
         tokio::spawn(conn);
         let payload = match body {
             Some(b) => Bytes::from(serde_json::to_vec(&b)?),
@@ -66,7 +79,10 @@ impl AdminClient {
             .header(hyper::header::HOST, "shunt")
             .header(hyper::header::CONTENT_TYPE, "application/json")
             .body(Full::new(payload))
-            .map_err(|e| ClientError::Daemon { status: 0, message: e.to_string() })?;
+            .map_err(|e| ClientError::Daemon {
+                status: 0,
+                message: e.to_string(),
+            })?;
         let resp = sender.send_request(req).await?;
         let status = resp.status();
         let bytes = resp.into_body().collect().await?.to_bytes();
@@ -74,7 +90,10 @@ impl AdminClient {
             let message = serde_json::from_slice::<ErrorBody>(&bytes)
                 .map(|e| e.error)
                 .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
-            return Err(ClientError::Daemon { status: status.as_u16(), message });
+            return Err(ClientError::Daemon {
+                status: status.as_u16(),
+                message,
+            });
         }
         Ok(serde_json::from_slice(&bytes)?)
     }

@@ -48,12 +48,18 @@ pub enum AdminError {
     #[error("another shunt daemon is already serving {0}")]
     InUse(PathBuf),
     #[error("admin socket {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// Binds the socket (replacing a stale file left by a dead daemon, never a live one).
 pub async fn bind(path: &Path) -> Result<UnixListener, AdminError> {
-    let io_err = |source| AdminError::Io { path: path.to_owned(), source };
+    let io_err = |source| AdminError::Io {
+        path: path.to_owned(),
+        source,
+    };
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(io_err)?;
     }
@@ -118,7 +124,10 @@ async fn route(req: Request<Incoming>, ctx: &AdminContext) -> Reply {
         (&Method::GET, "/conns") => json(StatusCode::OK, &ctx.conns.snapshot()),
         (&Method::GET, "/stats") => json(StatusCode::OK, &stats(ctx)),
         (&Method::POST, "/uninstall") => uninstall(ctx).await,
-        _ => error(StatusCode::NOT_FOUND, format!("no such endpoint: {method} {path}")),
+        _ => error(
+            StatusCode::NOT_FOUND,
+            format!("no such endpoint: {method} {path}"),
+        ),
     }
 }
 
@@ -139,16 +148,30 @@ fn status(ctx: &AdminContext) -> Status {
 }
 
 fn stats(ctx: &AdminContext) -> Stats {
-    let ebpf = ctx.datapath.lock().unwrap_or_else(|p| p.into_inner()).counters();
+    let ebpf = ctx
+        .datapath
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .counters();
     Stats {
         ebpf: ebpf.into_iter().map(|(k, v)| (k.to_owned(), v)).collect(),
-        proxy: ctx.counters.snapshot().into_iter().map(|(k, v)| (k.to_owned(), v)).collect(),
+        proxy: ctx
+            .counters
+            .snapshot()
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v))
+            .collect(),
     }
 }
 
 async fn uninstall(ctx: &AdminContext) -> Reply {
     ctx.enrollments.close_all();
-    let pin_dir = ctx.datapath.lock().unwrap_or_else(|p| p.into_inner()).pin_dir.clone();
+    let pin_dir = ctx
+        .datapath
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .pin_dir
+        .clone();
     match bpf::uninstall(&pin_dir) {
         Ok(removed) => {
             let _ = ctx.commands.send(Command::Uninstall).await;
@@ -164,7 +187,8 @@ async fn body<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Result<
         .await
         .map_err(|e| error(StatusCode::BAD_REQUEST, format!("reading request: {e}")))?
         .to_bytes();
-    serde_json::from_slice(&bytes).map_err(|e| error(StatusCode::BAD_REQUEST, format!("invalid request: {e}")))
+    serde_json::from_slice(&bytes)
+        .map_err(|e| error(StatusCode::BAD_REQUEST, format!("invalid request: {e}")))
 }
 
 fn json<T: Serialize>(status: StatusCode, value: &T) -> Reply {
@@ -172,9 +196,10 @@ fn json<T: Serialize>(status: StatusCode, value: &T) -> Reply {
         Ok(body) => {
             let mut reply = Response::new(Full::new(Bytes::from(body)));
             *reply.status_mut() = status;
-            reply
-                .headers_mut()
-                .insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static("application/json"));
+            reply.headers_mut().insert(
+                hyper::header::CONTENT_TYPE,
+                hyper::header::HeaderValue::from_static("application/json"),
+            );
             reply
         }
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),

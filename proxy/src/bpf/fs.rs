@@ -21,14 +21,22 @@ pub fn cgroup2_mount() -> std::io::Result<PathBuf> {
 
 fn is_bpffs(path: &Path) -> bool {
     nix::sys::statfs::statfs(path)
-        .map(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+        // `f_type` is i64 on x86_64 glibc but narrower elsewhere.
+        .map(|s| {
+            #[allow(clippy::unnecessary_cast)]
+            let fs_type = s.filesystem_type().0 as i64;
+            fs_type == BPF_FS_MAGIC
+        })
         .unwrap_or(false)
 }
 
 /// Makes sure `pin_dir` lives on a BPF filesystem, mounting one at `/sys/fs/bpf` if that is
 /// where it should be and nothing is mounted there yet (some minimal hosts don't mount it).
 pub fn ensure_bpffs(pin_dir: &Path) -> std::io::Result<()> {
-    let existing = pin_dir.ancestors().find(|p| p.exists()).unwrap_or(Path::new("/"));
+    let existing = pin_dir
+        .ancestors()
+        .find(|p| p.exists())
+        .unwrap_or(Path::new("/"));
     if is_bpffs(existing) {
         return Ok(());
     }

@@ -19,9 +19,7 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, lpm_trie::Key},
-    programs::{
-        CgroupAttachMode, Program, SockOps, links::FdLink,
-    },
+    programs::{CgroupAttachMode, Program, SockOps, links::FdLink},
 };
 use ipnet::IpNet;
 use shunt_common::{
@@ -39,11 +37,17 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sh
 #[derive(Debug, thiserror::Error)]
 pub enum BpfError {
     #[error("preparing the BPF filesystem at {path}: {source}")]
-    BpfFs { path: PathBuf, source: std::io::Error },
+    BpfFs {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("finding the cgroup v2 mount: {0}")]
     Cgroup2(std::io::Error),
     #[error("opening cgroup {path}: {source}")]
-    OpenCgroup { path: PathBuf, source: std::io::Error },
+    OpenCgroup {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("loading the eBPF object: {0}")]
     Load(#[from] aya::EbpfError),
     #[error("program {name}: {message}")]
@@ -51,11 +55,17 @@ pub enum BpfError {
     #[error("map {name}: {message}")]
     Map { name: &'static str, message: String },
     #[error("removing pins under {path}: {source}")]
-    Unpin { path: PathBuf, source: std::io::Error },
+    Unpin {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> BpfError {
-    move |e| BpfError::Map { name, message: e.to_string() }
+    move |e| BpfError::Map {
+        name,
+        message: e.to_string(),
+    }
 }
 
 fn prog_err<E: std::error::Error>(name: &'static str) -> impl Fn(E) -> BpfError {
@@ -92,6 +102,15 @@ pub enum Attachment {
     TookOverPinned,
 }
 
+impl std::fmt::Display for Attachment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Attachment::Attached => "attached now",
+            Attachment::TookOverPinned => "taken over from pinned links",
+        })
+    }
+}
+
 /// The loaded datapath. Dropping it leaves everything pinned and attached (fail mode applies
 /// while no daemon runs); [`uninstall`] removes it.
 pub struct Datapath {
@@ -107,7 +126,10 @@ pub struct Datapath {
 
 impl Datapath {
     /// Loads, attaches (or takes over) and configures the programs.
-    pub fn install(cfg: &DatapathConfig, log_level: log::LevelFilter) -> Result<Datapath, BpfError> {
+    pub fn install(
+        cfg: &DatapathConfig,
+        log_level: log::LevelFilter,
+    ) -> Result<Datapath, BpfError> {
         let pin_err = |path: &Path| {
             let path = path.to_owned();
             move |source| BpfError::BpfFs { path, source }
@@ -121,8 +143,10 @@ impl Datapath {
             Some(path) => path.clone(),
             None => cgroup2_mount().map_err(BpfError::Cgroup2)?,
         };
-        let cgroup_dir = File::open(&cgroup)
-            .map_err(|source| BpfError::OpenCgroup { path: cgroup.clone(), source })?;
+        let cgroup_dir = File::open(&cgroup).map_err(|source| BpfError::OpenCgroup {
+            path: cgroup.clone(),
+            source,
+        })?;
 
         let level = log_level_for_ebpf(log_level);
         let mut ebpf = EbpfLoader::new()
@@ -157,7 +181,10 @@ impl Datapath {
         let mut cidrs: LpmTrie<&mut MapData, RawAddr, u8> = self
             ._ebpf
             .map_mut(maps::EXCLUDED_CIDRS)
-            .ok_or(BpfError::Map { name: maps::EXCLUDED_CIDRS, message: "missing".into() })?
+            .ok_or(BpfError::Map {
+                name: maps::EXCLUDED_CIDRS,
+                message: "missing".into(),
+            })?
             .try_into()
             .map_err(map_err(maps::EXCLUDED_CIDRS))?;
         let stale: Vec<_> = cidrs.keys().filter_map(Result::ok).collect();
@@ -169,13 +196,18 @@ impl Datapath {
                 IpNet::V4(n) => (to_raw(n.network().into()), 96 + u32::from(n.prefix_len())),
                 IpNet::V6(n) => (to_raw(n.network().into()), u32::from(n.prefix_len())),
             };
-            cidrs.insert(&Key::new(prefix, addr), 1, 0).map_err(map_err(maps::EXCLUDED_CIDRS))?;
+            cidrs
+                .insert(&Key::new(prefix, addr), 1, 0)
+                .map_err(map_err(maps::EXCLUDED_CIDRS))?;
         }
 
         let mut ports: HashMap<&mut MapData, u16, u8> = self
             ._ebpf
             .map_mut(maps::EXCLUDED_PORTS)
-            .ok_or(BpfError::Map { name: maps::EXCLUDED_PORTS, message: "missing".into() })?
+            .ok_or(BpfError::Map {
+                name: maps::EXCLUDED_PORTS,
+                message: "missing".into(),
+            })?
             .try_into()
             .map_err(map_err(maps::EXCLUDED_PORTS))?;
         let stale: Vec<_> = ports.keys().filter_map(Result::ok).collect();
@@ -183,13 +215,18 @@ impl Datapath {
             ports.remove(&port).map_err(map_err(maps::EXCLUDED_PORTS))?;
         }
         for port in &cfg.exclude_ports {
-            ports.insert(port, 1, 0).map_err(map_err(maps::EXCLUDED_PORTS))?;
+            ports
+                .insert(port, 1, 0)
+                .map_err(map_err(maps::EXCLUDED_PORTS))?;
         }
 
         let mut config: Array<&mut MapData, InterceptConfig> = self
             ._ebpf
             .map_mut(maps::CONFIG)
-            .ok_or(BpfError::Map { name: maps::CONFIG, message: "missing".into() })?
+            .ok_or(BpfError::Map {
+                name: maps::CONFIG,
+                message: "missing".into(),
+            })?
             .try_into()
             .map_err(map_err(maps::CONFIG))?;
         let value = InterceptConfig {
@@ -205,7 +242,9 @@ impl Datapath {
     }
 
     pub fn enroll(&mut self, netns_cookie: u64) -> Result<(), BpfError> {
-        self.enrolled.insert(netns_cookie, 1, 0).map_err(map_err(maps::ENROLLED))
+        self.enrolled
+            .insert(netns_cookie, 1, 0)
+            .map_err(map_err(maps::ENROLLED))
     }
 
     pub fn unenroll(&mut self, netns_cookie: u64) -> Result<(), BpfError> {
@@ -226,7 +265,10 @@ impl Datapath {
             .fd()
             .as_fd()
             .try_clone_to_owned()
-            .map_err(|e| BpfError::Map { name: maps::DST_BY_CLIENT, message: e.to_string() })?;
+            .map_err(|e| BpfError::Map {
+                name: maps::DST_BY_CLIENT,
+                message: e.to_string(),
+            })?;
         Ok(OriginalDstTable { fd })
     }
 
@@ -262,8 +304,14 @@ impl OriginalDstTable {
 fn take_map_data(ebpf: &mut Ebpf, name: &'static str) -> Result<MapData, BpfError> {
     match ebpf.take_map(name) {
         Some(Map::HashMap(data) | Map::LruHashMap(data)) => Ok(data),
-        Some(_) => Err(BpfError::Map { name, message: "unexpected map type".into() }),
-        None => Err(BpfError::Map { name, message: "missing from the object".into() }),
+        Some(_) => Err(BpfError::Map {
+            name,
+            message: "unexpected map type".into(),
+        }),
+        None => Err(BpfError::Map {
+            name,
+            message: "missing from the object".into(),
+        }),
     }
 }
 
@@ -271,9 +319,10 @@ fn take_map<T: TryFrom<Map, Error = aya::maps::MapError>>(
     ebpf: &mut Ebpf,
     name: &'static str,
 ) -> Result<T, BpfError> {
-    let map = ebpf
-        .take_map(name)
-        .ok_or(BpfError::Map { name, message: "missing from the object".into() })?;
+    let map = ebpf.take_map(name).ok_or(BpfError::Map {
+        name,
+        message: "missing from the object".into(),
+    })?;
     T::try_from(map).map_err(map_err(name))
 }
 
@@ -289,9 +338,10 @@ fn attach_or_take_over(
     cgroup: &File,
     pin_dir: &Path,
 ) -> Result<bool, BpfError> {
-    let program = ebpf
-        .program_mut(name)
-        .ok_or(BpfError::Program { name, message: "missing from the object".into() })?;
+    let program = ebpf.program_mut(name).ok_or(BpfError::Program {
+        name,
+        message: "missing from the object".into(),
+    })?;
     let link_pin = pin_dir.join("links").join(name);
     let prog_pin = pin_dir.join("progs").join(name);
 
@@ -302,7 +352,12 @@ fn attach_or_take_over(
                 None
             } else {
                 let id = p.attach(cgroup, LINK_ATTACH).map_err(prog_err(name))?;
-                Some(p.take_link(id).map_err(prog_err(name))?.try_into().map_err(prog_err(name))?)
+                Some(
+                    p.take_link(id)
+                        .map_err(prog_err(name))?
+                        .try_into()
+                        .map_err(prog_err(name))?,
+                )
             }
         }
         Program::SockOps(p) => {
@@ -310,12 +365,21 @@ fn attach_or_take_over(
             if link_pin.exists() {
                 None
             } else {
-                let id = SockOps::attach(p, cgroup, LINK_ATTACH)
-                    .map_err(prog_err(name))?;
-                Some(p.take_link(id).map_err(prog_err(name))?.try_into().map_err(prog_err(name))?)
+                let id = SockOps::attach(p, cgroup, LINK_ATTACH).map_err(prog_err(name))?;
+                Some(
+                    p.take_link(id)
+                        .map_err(prog_err(name))?
+                        .try_into()
+                        .map_err(prog_err(name))?,
+                )
             }
         }
-        _ => return Err(BpfError::Program { name, message: "unexpected program type".into() }),
+        _ => {
+            return Err(BpfError::Program {
+                name,
+                message: "unexpected program type".into(),
+            });
+        }
     };
 
     let took_over = match new_link {
@@ -337,11 +401,17 @@ fn attach_or_take_over(
     Ok(took_over)
 }
 
-fn load(result: Result<(), aya::programs::ProgramError>, name: &'static str) -> Result<(), BpfError> {
+fn load(
+    result: Result<(), aya::programs::ProgramError>,
+    name: &'static str,
+) -> Result<(), BpfError> {
     result.map_err(|e| {
         // The verifier log is the useful part of a load failure.
         let message = match &e {
-            aya::programs::ProgramError::LoadError { io_error, verifier_log } => {
+            aya::programs::ProgramError::LoadError {
+                io_error,
+                verifier_log,
+            } => {
                 format!("{io_error}\n{verifier_log}")
             }
             other => other.to_string(),
@@ -362,16 +432,29 @@ pub fn uninstall(pin_dir: &Path) -> Result<Vec<PathBuf>, BpfError> {
             Err(source) => return Err(BpfError::Unpin { path: dir, source }),
         };
         for entry in entries {
-            let path = entry.map_err(|source| BpfError::Unpin { path: dir.clone(), source })?.path();
-            std::fs::remove_file(&path)
-                .map_err(|source| BpfError::Unpin { path: path.clone(), source })?;
+            let path = entry
+                .map_err(|source| BpfError::Unpin {
+                    path: dir.clone(),
+                    source,
+                })?
+                .path();
+            std::fs::remove_file(&path).map_err(|source| BpfError::Unpin {
+                path: path.clone(),
+                source,
+            })?;
             removed.push(path);
         }
-        std::fs::remove_dir(&dir).map_err(|source| BpfError::Unpin { path: dir.clone(), source })?;
+        std::fs::remove_dir(&dir).map_err(|source| BpfError::Unpin {
+            path: dir.clone(),
+            source,
+        })?;
     }
     match std::fs::remove_dir(pin_dir) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            return Err(BpfError::Unpin { path: pin_dir.to_owned(), source: e });
+            return Err(BpfError::Unpin {
+                path: pin_dir.to_owned(),
+                source: e,
+            });
         }
         _ => {}
     }
@@ -400,8 +483,9 @@ fn start_ebpf_logger(ebpf: &mut Ebpf) {
         }
     };
     // SAFETY: the logger owns its ring buffer fd for as long as the AsyncFd owns the logger.
-    let registered =
-        unsafe { tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) };
+    let registered = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+    };
     let mut logger = match registered {
         Ok(fd) => fd,
         Err(e) => {
@@ -411,7 +495,9 @@ fn start_ebpf_logger(ebpf: &mut Ebpf) {
     };
     tokio::spawn(async move {
         loop {
-            let Ok(mut guard) = logger.readable_mut().await else { return };
+            let Ok(mut guard) = logger.readable_mut().await else {
+                return;
+            };
             guard.get_inner_mut().flush();
             guard.clear_ready();
         }

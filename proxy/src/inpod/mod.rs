@@ -34,11 +34,19 @@ pub enum EnrollError {
     #[error("pod {0:?} is not enrolled")]
     NotEnrolled(String),
     #[error("pod {name:?}: network namespace {path}: {source}")]
-    Netns { name: String, path: PathBuf, source: std::io::Error },
+    Netns {
+        name: String,
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("pod {name:?}: listening on {addr} in its network namespace: {source}")]
-    Listen { name: String, addr: SocketAddr, source: std::io::Error },
+    Listen {
+        name: String,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("pod {name:?}: {source}")]
-    Datapath { name: String, source: BpfError },
+    Datapath { name: String, source: Box<BpfError> },
 }
 
 /// An enrolled pod as the admin API shows it.
@@ -74,7 +82,12 @@ pub struct Enrollments {
 
 impl Enrollments {
     pub fn new(datapath: Arc<Mutex<Datapath>>, proxy: Arc<Proxy>, listen_port: u16) -> Self {
-        Self { pods: Mutex::default(), datapath, proxy, listen_port }
+        Self {
+            pods: Mutex::default(),
+            datapath,
+            proxy,
+            listen_port,
+        }
     }
 
     /// Opens the pod's listeners and starts intercepting its new connections. Must be called
@@ -84,15 +97,30 @@ impl Enrollments {
         if pods.contains_key(name) {
             return Err(EnrollError::AlreadyEnrolled(name.to_owned()));
         }
-        let netns_err = |source| EnrollError::Netns { name: name.to_owned(), path: netns_path.to_owned(), source };
+        let netns_err = |source| EnrollError::Netns {
+            name: name.to_owned(),
+            path: netns_path.to_owned(),
+            source,
+        };
         let netns = Netns::open(netns_path).map_err(netns_err)?;
         let netns_cookie = netns.cookie().map_err(netns_err)?;
         if let Some(other) = pods.values().find(|p| p.ctx.netns_cookie == netns_cookie) {
-            return Err(EnrollError::SameNetns { name: name.to_owned(), other: other.ctx.name.clone() });
+            return Err(EnrollError::SameNetns {
+                name: name.to_owned(),
+                other: other.ctx.name.clone(),
+            });
         }
-        let ctx = Arc::new(PodContext { name: name.to_owned(), netns: Arc::new(netns), netns_cookie });
+        let ctx = Arc::new(PodContext {
+            name: name.to_owned(),
+            netns: Arc::new(netns),
+            netns_cookie,
+        });
 
-        let mut enrolled = Enrolled { ctx: ctx.clone(), listeners: Vec::new(), accept_tasks: Vec::new() };
+        let mut enrolled = Enrolled {
+            ctx: ctx.clone(),
+            listeners: Vec::new(),
+            accept_tasks: Vec::new(),
+        };
         for addr in listener_addrs(self.listen_port) {
             match sockets::listen_in(&ctx.netns, addr) {
                 Ok(listener) => {
@@ -102,14 +130,26 @@ impl Enrollments {
                 }
                 // A pod without IPv6 has no [::1]; its IPv6 connects then simply go direct.
                 Err(e) if addr.is_ipv6() => {
-                    tracing::warn!(pod = name, "no IPv6 listener ({e}); IPv6 connections go direct");
+                    tracing::warn!(
+                        pod = name,
+                        "no IPv6 listener ({e}); IPv6 connections go direct"
+                    );
                 }
-                Err(source) => return Err(EnrollError::Listen { name: name.to_owned(), addr, source }),
+                Err(source) => {
+                    return Err(EnrollError::Listen {
+                        name: name.to_owned(),
+                        addr,
+                        source,
+                    });
+                }
             }
         }
         lock(&self.datapath)
             .enroll(netns_cookie)
-            .map_err(|source| EnrollError::Datapath { name: name.to_owned(), source })?;
+            .map_err(|source| EnrollError::Datapath {
+                name: name.to_owned(),
+                source: Box::new(source),
+            })?;
         let summary = summarize(&enrolled);
         pods.insert(name.to_owned(), enrolled);
         tracing::info!(pod = name, netns = %netns_path.display(), netns_cookie, "enrolled");
@@ -119,10 +159,15 @@ impl Enrollments {
     /// Stops intercepting the pod's new connections; its established ones carry on.
     pub fn unenroll(&self, name: &str) -> Result<(), EnrollError> {
         let mut pods = lock(&self.pods);
-        let enrolled = pods.get(name).ok_or_else(|| EnrollError::NotEnrolled(name.to_owned()))?;
+        let enrolled = pods
+            .get(name)
+            .ok_or_else(|| EnrollError::NotEnrolled(name.to_owned()))?;
         lock(&self.datapath)
             .unenroll(enrolled.ctx.netns_cookie)
-            .map_err(|source| EnrollError::Datapath { name: name.to_owned(), source })?;
+            .map_err(|source| EnrollError::Datapath {
+                name: name.to_owned(),
+                source: Box::new(source),
+            })?;
         pods.remove(name);
         tracing::info!(pod = name, "unenrolled");
         Ok(())
@@ -130,7 +175,10 @@ impl Enrollments {
 
     /// Forgets kernel-side enrollments no pod here accounts for (left by an earlier daemon).
     pub fn prune_stale(&self) {
-        let known: Vec<u64> = lock(&self.pods).values().map(|p| p.ctx.netns_cookie).collect();
+        let known: Vec<u64> = lock(&self.pods)
+            .values()
+            .map(|p| p.ctx.netns_cookie)
+            .collect();
         let mut datapath = lock(&self.datapath);
         for cookie in datapath.enrolled_cookies() {
             if !known.contains(&cookie) {

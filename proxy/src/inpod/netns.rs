@@ -32,7 +32,10 @@ pub struct Netns {
 impl Netns {
     pub fn open(path: &Path) -> io::Result<Netns> {
         let file = File::open(path)?;
-        Ok(Netns { file, path: path.to_owned() })
+        Ok(Netns {
+            file,
+            path: path.to_owned(),
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -42,7 +45,9 @@ impl Netns {
     /// Runs `f` on the calling thread while it is inside this namespace. `f` must not yield
     /// or block for long: it runs on whatever thread called us (usually a runtime worker).
     pub fn run<T>(&self, f: impl FnOnce() -> T) -> io::Result<T> {
-        let host = HOST.get().ok_or_else(|| io::Error::other("host netns not recorded"))?;
+        let host = HOST
+            .get()
+            .ok_or_else(|| io::Error::other("host netns not recorded"))?;
         setns(self.file.as_fd(), CloneFlags::CLONE_NEWNET).map_err(io::Error::from)?;
         let result = f();
         if let Err(e) = setns(host.as_fd(), CloneFlags::CLONE_NEWNET) {
@@ -56,7 +61,8 @@ impl Netns {
 
     /// The namespace's cookie (`SO_NETNS_COOKIE`), the identity the programs see.
     pub fn cookie(&self) -> io::Result<u64> {
-        let socket = self.run(|| socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None))??;
+        let socket =
+            self.run(|| socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None))??;
         netns_cookie_of(&socket)
     }
 }

@@ -13,7 +13,8 @@ const LISTEN_BACKLOG: i32 = 1024;
 
 /// Binds a listener inside `netns`. Must be called from within the runtime.
 pub fn listen_in(netns: &Netns, addr: SocketAddr) -> io::Result<TcpListener> {
-    let socket = netns.run(|| Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)))??;
+    let socket = netns
+        .run(|| Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)))??;
     if addr.is_ipv6() {
         socket.set_only_v6(true)?;
     }
@@ -27,7 +28,8 @@ pub fn listen_in(netns: &Netns, addr: SocketAddr) -> io::Result<TcpListener> {
 /// Connects to `addr` from inside `netns`, with `mark` set before `connect()` so the
 /// programs let the connection through instead of redirecting it back to us.
 pub async fn connect_from(netns: &Netns, mark: u32, addr: SocketAddr) -> io::Result<TcpStream> {
-    let socket = netns.run(|| Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)))??;
+    let socket = netns
+        .run(|| Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)))??;
     socket.set_mark(mark)?;
     socket.set_nonblocking(true)?;
     socket.set_tcp_nodelay(true)?;

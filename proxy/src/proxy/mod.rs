@@ -3,11 +3,7 @@
 
 mod passthrough;
 
-use std::{
-    net::SocketAddr,
-    sync::Arc,
-    time::Duration,
-};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use shunt_common::ClientKey;
 use tokio::net::{TcpListener, TcpStream};
@@ -61,7 +57,9 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, proxy
         return;
     };
     tracing::debug!(pod = %pod.name, client = %peer, %original_dst, "intercepted");
-    let guard = proxy.conns.open(&pod.name, peer, original_dst, Protocol::Opaque);
+    let guard = proxy
+        .conns
+        .open(&pod.name, peer, original_dst, Protocol::Opaque);
     passthrough::forward(client, original_dst, &pod, &proxy, &guard).await;
 }
 

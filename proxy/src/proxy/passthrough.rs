@@ -30,12 +30,16 @@ pub async fn forward(
     proxy: &Proxy,
     guard: &ConnGuard,
 ) {
-    let upstream =
-        match tokio::time::timeout(proxy.connect_timeout, connect_from(&pod.netns, proxy.mark, dst)).await {
-            Ok(Ok(stream)) => stream,
-            Ok(Err(e)) => return refuse(client, proxy, pod, dst, &e.to_string()),
-            Err(_) => return refuse(client, proxy, pod, dst, "connect timed out"),
-        };
+    let upstream = match tokio::time::timeout(
+        proxy.connect_timeout,
+        connect_from(&pod.netns, proxy.mark, dst),
+    )
+    .await
+    {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => return refuse(client, proxy, pod, dst, &e.to_string()),
+        Err(_) => return refuse(client, proxy, pod, dst, "connect timed out"),
+    };
     if let Ok(addr) = upstream.peer_addr() {
         guard.set_upstream(addr);
     }
@@ -45,8 +49,14 @@ pub async fn forward(
     let mut upstream = Counted::new(upstream, guard.bytes_to_client.clone());
     let result = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
     let counters = &proxy.counters;
-    counters.bytes_from_clients.fetch_add(guard.bytes_from_client.load(Ordering::Relaxed), Ordering::Relaxed);
-    counters.bytes_to_clients.fetch_add(guard.bytes_to_client.load(Ordering::Relaxed), Ordering::Relaxed);
+    counters.bytes_from_clients.fetch_add(
+        guard.bytes_from_client.load(Ordering::Relaxed),
+        Ordering::Relaxed,
+    );
+    counters.bytes_to_clients.fetch_add(
+        guard.bytes_to_client.load(Ordering::Relaxed),
+        Ordering::Relaxed,
+    );
     if let Err(e) = result {
         ProxyCounters::inc(&counters.forward_errors);
         tracing::debug!(pod = %pod.name, %dst, "connection ended with an error: {e}");
@@ -73,7 +83,11 @@ impl<S> Counted<S> {
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         let poll = Pin::new(&mut self.inner).poll_read(cx, buf);
         let n = buf.filled().len() - before;
@@ -85,7 +99,11 @@ impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
 }
 
 impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

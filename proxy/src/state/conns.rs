@@ -77,7 +77,12 @@ impl ConnTable {
             bytes_to_client: bytes_to_client.clone(),
         };
         self.lock().insert(id, entry);
-        ConnGuard { table: self.clone(), id, bytes_from_client, bytes_to_client }
+        ConnGuard {
+            table: self.clone(),
+            id,
+            bytes_from_client,
+            bytes_to_client,
+        }
     }
 
     pub fn snapshot(&self) -> Vec<ConnRecord> {
@@ -101,7 +106,9 @@ impl ConnTable {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Entry>> {
         // A panic elsewhere while holding the lock leaves the map itself consistent.
-        self.live.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.live
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 

@@ -1,0 +1,81 @@
+//! Running commands with visible progress.
+
+use std::{ffi::OsStr, process::Command, time::Instant};
+
+use anyhow::{Context, bail};
+
+/// A named stage of a task: prints when it starts and how long it took.
+pub struct Step {
+    what: &'static str,
+    started: Instant,
+}
+
+impl Step {
+    pub fn start(what: &'static str) -> Step {
+        println!("==> {what}");
+        Step {
+            what,
+            started: Instant::now(),
+        }
+    }
+
+    pub fn done(self) {
+        println!(
+            "    {} ({:.1}s)",
+            self.what,
+            self.started.elapsed().as_secs_f64()
+        );
+    }
+}
+
+/// The cargo that runs us (rustup's), from the workspace root.
+pub fn cargo(args: &[&str]) -> anyhow::Result<()> {
+    cargo_with_env(args, &[])
+}
+
+pub fn cargo_with_env(args: &[&str], env: &[(&str, &OsStr)]) -> anyhow::Result<()> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.args(args).current_dir(crate::workspace_root());
+    for (key, value) in env {
+        cmd.env(key, value);
+    }
+    status(&mut cmd)
+}
+
+/// Runs a command to completion, inheriting stdout/stderr so the user sees its progress.
+pub fn status(cmd: &mut Command) -> anyhow::Result<()> {
+    let shown = show(cmd);
+    let status = cmd
+        .status()
+        .with_context(|| format!("could not start `{shown}`"))?;
+    if !status.success() {
+        bail!("`{shown}` failed ({status})");
+    }
+    Ok(())
+}
+
+/// Runs a command and returns its stdout; `None` if it cannot start or fails.
+pub fn output(program: &str, args: &[&str]) -> Option<String> {
+    let out = Command::new(program).args(args).output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+pub fn is_root() -> bool {
+    output("id", &["-u"]).is_some_and(|uid| uid.trim() == "0")
+}
+
+pub fn require_root(why: &str) -> anyhow::Result<()> {
+    if !is_root() {
+        bail!("run this as root: {why} (e.g. `sudo -E cargo xtask …`)");
+    }
+    Ok(())
+}
+
+fn show(cmd: &Command) -> String {
+    let mut parts = vec![cmd.get_program().to_string_lossy().into_owned()];
+    parts.extend(cmd.get_args().map(|a| a.to_string_lossy().into_owned()));
+    parts.join(" ")
+}

@@ -1,0 +1,156 @@
+//! `cargo xtask setup`: installs what building and testing shunt needs on Debian.
+//!
+//! The kernel programs are compiled with Debian's `rustc-web`, whose `libstd-rust-web-dev-bpf`
+//! ships a prebuilt `core` for `bpfel-unknown-none`, and linked by `bpf-linker` built against
+//! the same LLVM major as that rustc. The major is read from `/usr/bin/rustc -vV`, so a newer
+//! Debian rustc brings its matching LLVM without a change here. Everything already present is
+//! detected first, so a second run does nothing and takes milliseconds.
+
+use std::{path::PathBuf, process::Command};
+
+use anyhow::{Context, bail};
+
+use crate::run::{self, Step};
+
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+/// Debian's Rust compiler with a `core` for the BPF target.
+const COMPILER_PACKAGES: &[&str] = &["rustc-web", "cargo-web", "libstd-rust-web-dev-bpf"];
+
+/// What `bpf-linker` links against, besides `llvm-N-dev` itself.
+const LINKER_BUILD_PACKAGES: &[&str] = &["zlib1g-dev", "libzstd-dev"];
+
+/// The sandbox and the real peers the tests and the demo talk to.
+const SANDBOX_PACKAGES: &[&str] = &["iproute2", "bpftool"];
+
+pub fn run() -> anyhow::Result<()> {
+    let mut apt = Apt::default();
+    apt.ensure(COMPILER_PACKAGES)?;
+
+    let llvm = llvm_major().context("reading the LLVM version of /usr/bin/rustc")?;
+    let llvm_dev = [format!("llvm-{llvm}-dev"), format!("libpolly-{llvm}-dev")];
+    let mut packages: Vec<&str> = llvm_dev.iter().map(String::as_str).collect();
+    packages.extend(LINKER_BUILD_PACKAGES);
+    packages.extend(SANDBOX_PACKAGES);
+    apt.ensure(&packages)?;
+
+    ensure_bpf_linker(llvm)
+}
+
+/// Installs missing Debian packages; refreshes the package lists at most once per run.
+#[derive(Default)]
+struct Apt {
+    updated: bool,
+}
+
+impl Apt {
+    fn ensure(&mut self, packages: &[&str]) -> anyhow::Result<()> {
+        let missing: Vec<&str> = packages
+            .iter()
+            .copied()
+            .filter(|p| !is_installed(p))
+            .collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        run::require_root(&format!("installing Debian packages {}", missing.join(" ")))?;
+        let step = Step::start("installing Debian packages");
+        println!("    {}", missing.join(" "));
+        if !self.updated {
+            apt_get(&["update", "-q"])?;
+            self.updated = true;
+        }
+        let mut args = vec!["install", "-y", "-q", "--no-install-recommends"];
+        args.extend(&missing);
+        apt_get(&args)?;
+        step.done();
+        Ok(())
+    }
+}
+
+fn apt_get(args: &[&str]) -> anyhow::Result<()> {
+    run::status(
+        Command::new("apt-get")
+            .args(["-o", "DPkg::Lock::Timeout=300"])
+            .args(args)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+    .context("apt-get failed; check the network and `/etc/apt/sources.list`, then rerun `cargo xtask setup`")
+}
+
+fn is_installed(package: &str) -> bool {
+    run::output("dpkg-query", &["-W", "-f=${Status}", package])
+        .is_some_and(|status| status.trim() == "install ok installed")
+}
+
+/// The LLVM major version Debian's rustc was built with, e.g. 22.
+fn llvm_major() -> anyhow::Result<u32> {
+    let version = run::output("/usr/bin/rustc", &["-vV"]).context("/usr/bin/rustc -vV failed")?;
+    parse_llvm_major(&version).context("no `LLVM version:` line in `/usr/bin/rustc -vV`")
+}
+
+fn parse_llvm_major(rustc_vv: &str) -> Option<u32> {
+    let line = rustc_vv
+        .lines()
+        .find_map(|l| l.strip_prefix("LLVM version:"))?;
+    line.trim().split('.').next()?.parse().ok()
+}
+
+fn ensure_bpf_linker(llvm: u32) -> anyhow::Result<()> {
+    let installed = bpf_linker_paths()
+        .iter()
+        .filter_map(|p| run::output(&p.to_string_lossy(), &["--version"]))
+        .any(|v| v.split_whitespace().nth(1) == Some(BPF_LINKER_VERSION));
+    if installed {
+        return Ok(());
+    }
+    let step = Step::start("building bpf-linker (a few minutes, once)");
+    let feature = format!("llvm-{llvm}");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    run::status(
+        Command::new(cargo)
+            .args([
+                "install",
+                "bpf-linker",
+                "--version",
+                BPF_LINKER_VERSION,
+                "--locked",
+            ])
+            .args(["--no-default-features", "--features", &feature])
+            .env("LLVM_PREFIX", format!("/usr/lib/llvm-{llvm}")),
+    )
+    .with_context(|| format!("installing bpf-linker failed; is llvm-{llvm}-dev installed?"))?;
+    step.done();
+    if bpf_linker_paths().iter().all(|p| !p.exists()) {
+        bail!("bpf-linker was installed but is not in PATH or $CARGO_HOME/bin");
+    }
+    Ok(())
+}
+
+/// Where `cargo install` puts it, then whatever `PATH` has.
+fn bpf_linker_paths() -> Vec<PathBuf> {
+    let cargo_home = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")));
+    let mut paths: Vec<PathBuf> = cargo_home
+        .map(|h| h.join("bin/bpf-linker"))
+        .into_iter()
+        .collect();
+    if let Some(path) = std::env::var_os("PATH") {
+        paths.extend(std::env::split_paths(&path).map(|d| d.join("bpf-linker")));
+    }
+    paths
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_llvm_major;
+
+    #[test]
+    fn reads_llvm_major_from_rustc() {
+        let vv =
+            "rustc 1.96.0\nbinary: rustc\nhost: x86_64-unknown-linux-gnu\nLLVM version: 22.1.8\n";
+        assert_eq!(parse_llvm_major(vv), Some(22));
+        assert_eq!(parse_llvm_major("rustc 1.96.0\n"), None);
+    }
+}
