@@ -1,1 +1,46 @@
+//! Test and demo support for shunt.
+//!
+//! [`sandbox`] builds "pods" out of network namespaces on one machine, as root, and removes
+//! everything it made when dropped; [`daemon`] runs `shunt run` inside a sandbox; [`probe`]
+//! drives the `shunt-probe` test peer; [`demo`] is what `cargo xtask demo` shows.
 
+pub mod daemon;
+pub mod demo;
+pub mod probe;
+pub mod sandbox;
+
+use std::path::PathBuf;
+
+/// The `shunt` binary under test: `$SHUNT_BIN`, else the workspace's release build.
+pub fn shunt_bin() -> PathBuf {
+    bin_from_env("SHUNT_BIN", "shunt")
+}
+
+/// The `shunt-probe` test peer: `$SHUNT_PROBE_BIN`, else the workspace's release build.
+pub fn probe_bin() -> PathBuf {
+    bin_from_env("SHUNT_PROBE_BIN", "shunt-probe")
+}
+
+fn bin_from_env(var: &str, name: &str) -> PathBuf {
+    std::env::var_os(var).map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/release").join(name)
+    })
+}
+
+/// Fails with a clear message unless running as root: the sandbox needs namespaces, cgroups
+/// and BPF.
+pub fn require_root() -> anyhow::Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        anyhow::bail!("the sandbox needs root (network namespaces, cgroups, BPF): run as root");
+    }
+    Ok(())
+}
+
+/// IPv4-mapped IPv6 addresses as plain IPv4, so addresses compare the way people read them.
+pub fn canonical_ip(ip: std::net::IpAddr) -> std::net::IpAddr {
+    match ip {
+        std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, std::net::IpAddr::V4),
+        v4 => v4,
+    }
+}

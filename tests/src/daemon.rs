@@ -1,0 +1,191 @@
+//! `shunt run` inside a sandbox, with its own pins, admin socket and cgroup attachment, so
+//! any number of daemons can run side by side on one machine.
+
+use std::{
+    fmt::Write as _,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+
+use crate::sandbox::{Pod, Sandbox};
+
+/// What differs between test daemons; everything else is per-sandbox.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// `open` (default) or `closed`.
+    pub fail_mode: Option<&'static str>,
+    pub exclude_cidrs: Vec<String>,
+    pub exclude_ports: Vec<u16>,
+    /// YAML appended at the top level (further sections such as `services:`).
+    pub extra_yaml: String,
+}
+
+pub struct Daemon<'a> {
+    sandbox: &'a Sandbox,
+    pub config: PathBuf,
+    pub socket: PathBuf,
+    pub pin_dir: PathBuf,
+    pub log: PathBuf,
+    pid: Option<u32>,
+}
+
+impl<'a> Daemon<'a> {
+    /// Writes a config enrolling `pods`, starts the daemon and waits until it answers.
+    pub fn start(sandbox: &'a Sandbox, pods: &[&Pod], options: &Options) -> anyhow::Result<Daemon<'a>> {
+        let dir = sandbox.scratch_dir("daemon")?;
+        let pin_dir = PathBuf::from(format!("/sys/fs/bpf/shunt-sandbox-{}", sandbox.id()));
+        sandbox.track_pin_dir(pin_dir.clone());
+        let daemon = Daemon {
+            sandbox,
+            config: dir.join("config.yaml"),
+            socket: dir.join("admin.sock"),
+            pin_dir,
+            log: dir.join("shunt.log"),
+            pid: None,
+        };
+        std::fs::write(&daemon.config, daemon.render_config(pods, options))
+            .context("writing the daemon's config")?;
+        let mut daemon = daemon;
+        daemon.launch()?;
+        Ok(daemon)
+    }
+
+    fn render_config(&self, pods: &[&Pod], options: &Options) -> String {
+        let mut yaml = String::new();
+        let _ = writeln!(yaml, "intercept:");
+        let _ = writeln!(yaml, "  cgroup: {}", self.sandbox.cgroup().display());
+        let _ = writeln!(yaml, "  pin_dir: {}", self.pin_dir.display());
+        let _ = writeln!(yaml, "  fail_mode: {}", options.fail_mode.unwrap_or("open"));
+        let _ = writeln!(yaml, "  exclude_cidrs: [{}]", options.exclude_cidrs.join(", "));
+        let ports: Vec<String> = options.exclude_ports.iter().map(u16::to_string).collect();
+        let _ = writeln!(yaml, "  exclude_ports: [{}]", ports.join(", "));
+        let _ = writeln!(yaml, "pods:{}", if pods.is_empty() { " []" } else { "" });
+        for pod in pods {
+            let _ = writeln!(yaml, "  - name: {}\n    netns: {}", pod.name, pod.netns_path().display());
+        }
+        let _ = writeln!(yaml, "admin:\n  socket: {}", self.socket.display());
+        yaml.push_str(&options.extra_yaml);
+        yaml
+    }
+
+    /// Starts (or restarts) the process with the same config and pins.
+    pub fn launch(&mut self) -> anyhow::Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .context("opening the daemon's log")?;
+        let mut cmd = Command::new(crate::shunt_bin());
+        cmd.arg("run")
+            .arg("--config")
+            .arg(&self.config)
+            .env("SHUNT_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        // In the sandbox cgroup, so its own upstream sockets meet the programs it attached.
+        let pid = self.sandbox.spawn_in_host(cmd)?;
+        self.pid = Some(pid);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if self.ctl(&["status"]).is_ok() {
+                return Ok(());
+            }
+            if !self.sandbox.is_running(pid) {
+                bail!("shunt exited during start-up; its log:\n{}", self.log_text());
+            }
+            if Instant::now() >= deadline {
+                bail!("shunt did not answer on its admin socket within 15s; its log:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// `kill -9`: no chance to clean up, as after a crash.
+    pub fn kill9(&mut self) {
+        if let Some(pid) = self.pid.take() {
+            self.sandbox.kill(pid);
+        }
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.pid.is_some_and(|pid| self.sandbox.is_running(pid))
+    }
+
+    /// Waits (at most `timeout`) for the process to exit on its own, e.g. after `uninstall`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        while self.is_running() {
+            if Instant::now() >= deadline {
+                bail!("shunt still running after {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if let Some(pid) = self.pid.take() {
+            self.sandbox.kill(pid); // reaps it
+        }
+        Ok(())
+    }
+
+    /// Runs the admin CLI against this daemon; returns stdout, or an error with stderr.
+    pub fn ctl(&self, args: &[&str]) -> anyhow::Result<String> {
+        ctl(&self.socket, args)
+    }
+
+    /// Runs the admin CLI with `-o json` and parses the output.
+    pub fn ctl_json(&self, args: &[&str]) -> anyhow::Result<serde_json::Value> {
+        let mut all = args.to_vec();
+        all.extend(["-o", "json"]);
+        let out = self.ctl(&all)?;
+        serde_json::from_str(&out).with_context(|| format!("`shunt {}` printed {out:?}", args.join(" ")))
+    }
+
+    /// A counter from `shunt stats -o json`, e.g. `("ebpf", "redirected")`.
+    pub fn counter(&self, source: &str, name: &str) -> anyhow::Result<u64> {
+        let stats = self.ctl_json(&["stats"])?;
+        stats[source][name]
+            .as_u64()
+            .with_context(|| format!("no counter {source}.{name} in {stats}"))
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Daemon<'_> {
+    fn drop(&mut self) {
+        if let Some(pid) = self.pid.take() {
+            // SIGTERM first: a clean stop is part of what is tested.
+            // SAFETY: kill has no memory-safety preconditions.
+            unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while self.sandbox.is_running(pid) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            self.sandbox.kill(pid);
+        }
+        if self.pin_dir.exists() {
+            let _ = Command::new(crate::shunt_bin())
+                .args(["uninstall", "--pin-dir"])
+                .arg(&self.pin_dir)
+                .output();
+        }
+    }
+}
+
+/// Runs `shunt --admin-socket SOCKET ARGS…`.
+pub fn ctl(socket: &Path, args: &[&str]) -> anyhow::Result<String> {
+    let mut cmd = Command::new(crate::shunt_bin());
+    cmd.arg("--admin-socket").arg(socket).args(args);
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let child = cmd.spawn().context("starting shunt")?;
+    let out = crate::sandbox::wait_with_timeout(child, Duration::from_secs(10))?;
+    if !out.status.success() {
+        bail!("shunt {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}

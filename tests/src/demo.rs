@@ -1,0 +1,152 @@
+//! The local sandbox demo (`cargo xtask demo`): a client pod's connection to a backend pod
+//! is transparently redirected through shunt, which forwards it from inside the client pod.
+
+use std::{
+    net::SocketAddr,
+    process::{Command, Stdio},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+
+use crate::{
+    daemon::{self, Daemon},
+    probe,
+    sandbox::Sandbox,
+};
+
+const STEPS: usize = 6;
+const BACKEND_PORT: u16 = 8080;
+
+fn step(n: usize, what: &str) {
+    println!("[{n}/{STEPS}] {what}");
+}
+
+/// Runs the demo; everything it creates is removed when it returns, fails or is interrupted.
+pub fn run() -> anyhow::Result<()> {
+    crate::require_root()?;
+    let interrupts = Interrupts::block()?;
+    let sandbox = Arc::new(Sandbox::new()?);
+    interrupts.clean_up_on_signal(sandbox.clone());
+    let result = show(&sandbox);
+    sandbox.cleanup();
+    println!("cleaned up: namespaces, bridge, cgroup and BPF pins of sandbox {} removed", sandbox.id());
+    result
+}
+
+fn show(sandbox: &Sandbox) -> anyhow::Result<()> {
+    let client = sandbox.add_pod("client")?;
+    let backend = sandbox.add_pod("backend")?;
+    step(1, &format!(
+        "sandbox {}: pod `client` ({}, {}) and pod `backend` ({}, {}) on bridge shb{}",
+        sandbox.id(), client.ipv4, client.ipv6, backend.ipv4, backend.ipv6, sandbox.id()
+    ));
+
+    let listen = SocketAddr::new(backend.ipv4.into(), BACKEND_PORT);
+    probe::serve(sandbox, &backend, listen)?;
+    step(2, &format!("backend listening on {listen}: it replies with the source address it sees"));
+
+    let daemon = Daemon::start(sandbox, &[&client], &daemon::Options::default())?;
+    step(3, &format!(
+        "shunt running: programs attached to {}, pod `client` enrolled, pins under {}",
+        sandbox.cgroup().display(),
+        daemon.pin_dir.display()
+    ));
+
+    step(4, &format!("client connects to {listen} (the application knows nothing of shunt)"));
+    let out_file = sandbox.scratch_dir("demo")?.join("client.json");
+    let mut cmd = Command::new(crate::probe_bin());
+    cmd.args(["connect", "--to", &listen.to_string(), "--hold-ms", "1500"])
+        .stdout(std::fs::File::create(&out_file)?)
+        .stderr(Stdio::inherit());
+    let client_pid = sandbox.spawn_in_pod(&client, cmd)?;
+    let conn = wait_for_connection(&daemon)?;
+    println!(
+        "      shunt accepted it on its in-pod listener: pod={} client={} original destination={} upstream={}",
+        conn["pod"].as_str().unwrap_or("?"),
+        conn["client"].as_str().unwrap_or("?"),
+        conn["original_dst"].as_str().unwrap_or("?"),
+        conn["upstream"].as_str().unwrap_or("?"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while sandbox.is_running(client_pid) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let text = std::fs::read_to_string(&out_file)?;
+    let seen: probe::Seen = serde_json::from_str(text.trim()).with_context(|| format!("client printed {text:?}"))?;
+    if let Some(error) = &seen.error {
+        bail!("the client's connection failed: {error}");
+    }
+
+    step(5, "what each side saw");
+    println!("      client getpeername(): {}  (the address it asked for, not shunt's listener)", seen.peername.as_deref().unwrap_or("?"));
+    println!("      backend saw source:   {}  (the client pod's own address)", seen.server_saw.as_deref().unwrap_or("?"));
+    println!("      echo through shunt:   {:?}", seen.echo.as_deref().unwrap_or(""));
+
+    step(6, "counters (shunt stats)");
+    for (source, name) in [
+        ("ebpf", "redirected"),
+        ("ebpf", "dst_recorded"),
+        ("ebpf", "peername_rewritten"),
+        ("ebpf", "skip_marked"),
+        ("proxy", "accepted"),
+        ("proxy", "forwarded"),
+        ("proxy", "bytes_from_clients"),
+        ("proxy", "bytes_to_clients"),
+    ] {
+        println!("      {source:5} {name:20} {}", daemon.counter(source, name)?);
+    }
+    Ok(())
+}
+
+/// Polls `shunt conns` until the client's connection shows up (at most 5 s).
+fn wait_for_connection(daemon: &Daemon) -> anyhow::Result<serde_json::Value> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let conns = daemon.ctl_json(&["conns"])?;
+        // Listed once accepted; shown once the upstream connection is up too.
+        let first = conns.as_array().and_then(|c| c.first());
+        if let Some(conn) = first.filter(|c| !c["upstream"].is_null()) {
+            return Ok(conn.clone());
+        }
+        if Instant::now() >= deadline {
+            bail!("shunt never listed the client's connection; its log:\n{}", daemon.log_text());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// SIGINT/SIGTERM handled on a thread of their own, so Ctrl-C still cleans up.
+struct Interrupts {
+    set: libc::sigset_t,
+}
+
+impl Interrupts {
+    /// Blocks the signals in this thread (and threads it starts); call before starting any.
+    fn block() -> anyhow::Result<Interrupts> {
+        // SAFETY: sigset_t is plain data initialised by sigemptyset before use.
+        unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, libc::SIGINT);
+            libc::sigaddset(&mut set, libc::SIGTERM);
+            if libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
+                bail!("blocking SIGINT/SIGTERM failed");
+            }
+            Ok(Interrupts { set })
+        }
+    }
+
+    fn clean_up_on_signal(self, sandbox: Arc<Sandbox>) {
+        std::thread::spawn(move || {
+            let mut signal = 0;
+            // SAFETY: `set` was initialised in `block`; sigwait writes `signal`.
+            if unsafe { libc::sigwait(&self.set, &mut signal) } == 0 {
+                eprintln!("interrupted: cleaning up the sandbox");
+                sandbox.cleanup();
+                std::process::exit(130);
+            }
+        });
+    }
+}

@@ -1,0 +1,99 @@
+//! Driving the `shunt-probe` peer inside sandbox pods.
+
+use std::{
+    net::SocketAddr,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use serde::Deserialize;
+
+use crate::sandbox::{Pod, Sandbox};
+
+/// What one probe connection saw.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Seen {
+    pub to: String,
+    /// `getpeername()` in the application.
+    #[serde(default)]
+    pub peername: Option<String>,
+    #[serde(default)]
+    pub local: Option<String>,
+    /// The client address the server's `accept()` returned.
+    #[serde(default)]
+    pub server_saw: Option<String>,
+    #[serde(default)]
+    pub echo: Option<String>,
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+impl Seen {
+    /// The IP address (without port) the server saw the connection come from.
+    pub fn server_saw_ip(&self) -> Option<std::net::IpAddr> {
+        let addr: SocketAddr = self.server_saw.as_deref()?.parse().ok()?;
+        Some(crate::canonical_ip(addr.ip()))
+    }
+}
+
+/// Starts a probe server in `pod` and waits until it accepts connections.
+pub fn serve(sandbox: &Sandbox, pod: &Pod, listen: SocketAddr) -> anyhow::Result<u32> {
+    let mut cmd = Command::new(crate::probe_bin());
+    cmd.arg("serve").arg("--listen").arg(listen.to_string());
+    let pid = sandbox.spawn_in_pod(pod, cmd)?;
+    wait_listening(sandbox, pod, listen.port(), pid)?;
+    Ok(pid)
+}
+
+/// Makes `count` connections from `pod` to `to` (one after the other) and returns what each
+/// saw; failed connections have `error` set.
+pub fn connect(sandbox: &Sandbox, pod: &Pod, to: SocketAddr, count: u32) -> anyhow::Result<Vec<Seen>> {
+    connect_with(sandbox, pod, to, count, &[])
+}
+
+pub fn connect_with(
+    sandbox: &Sandbox,
+    pod: &Pod,
+    to: SocketAddr,
+    count: u32,
+    extra: &[&str],
+) -> anyhow::Result<Vec<Seen>> {
+    let mut cmd = Command::new(crate::probe_bin());
+    cmd.args(["connect", "--to", &to.to_string(), "--count", &count.to_string()]).args(extra);
+    let timeout = Duration::from_secs(30) + Duration::from_millis(100) * count;
+    let out = sandbox.run_in_pod(pod, cmd, timeout)?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let seen: Vec<Seen> = stdout
+        .lines()
+        .map(|line| serde_json::from_str(line).with_context(|| format!("probe printed {line:?}")))
+        .collect::<anyhow::Result<_>>()?;
+    if seen.len() != count as usize {
+        bail!(
+            "probe made {} of {count} connections; stderr: {}",
+            seen.len(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(seen)
+}
+
+/// Polls `ss` in the pod until something listens on `port` (at most 5 s).
+fn wait_listening(sandbox: &Sandbox, pod: &Pod, port: u16, pid: u32) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let mut ss = Command::new("ss");
+        ss.args(["-Htln", &format!("sport = :{port}")]);
+        let out = sandbox.run_in_pod(pod, ss, Duration::from_secs(5))?;
+        if !out.stdout.is_empty() {
+            return Ok(());
+        }
+        if !sandbox.is_running(pid) {
+            bail!("the probe server in pod {} exited before listening on port {port}", pod.name);
+        }
+        if Instant::now() >= deadline {
+            bail!("the probe server in pod {} is not listening on port {port} after 5s", pod.name);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
