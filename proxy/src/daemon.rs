@@ -62,9 +62,9 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     ));
 
     // One pod failing to enroll must not keep the others from being served.
-    for pod in &config.pods {
+    for (i, pod) in config.pods.iter().enumerate() {
         if let Err(e) = enrollments.enroll(&pod.name, &pod.netns) {
-            tracing::error!("{e}; skipping this pod");
+            tracing::error!("pods[{i}]: {e}; skipping this pod");
         }
     }
     enrollments.prune_stale();

@@ -34,7 +34,11 @@ pub struct Daemon<'a> {
 
 impl<'a> Daemon<'a> {
     /// Writes a config enrolling `pods`, starts the daemon and waits until it answers.
-    pub fn start(sandbox: &'a Sandbox, pods: &[&Pod], options: &Options) -> anyhow::Result<Daemon<'a>> {
+    pub fn start(
+        sandbox: &'a Sandbox,
+        pods: &[&Pod],
+        options: &Options,
+    ) -> anyhow::Result<Daemon<'a>> {
         let dir = sandbox.scratch_dir("daemon")?;
         let pin_dir = PathBuf::from(format!("/sys/fs/bpf/shunt-sandbox-{}", sandbox.id()));
         sandbox.track_pin_dir(pin_dir.clone());
@@ -59,12 +63,21 @@ impl<'a> Daemon<'a> {
         let _ = writeln!(yaml, "  cgroup: {}", self.sandbox.cgroup().display());
         let _ = writeln!(yaml, "  pin_dir: {}", self.pin_dir.display());
         let _ = writeln!(yaml, "  fail_mode: {}", options.fail_mode.unwrap_or("open"));
-        let _ = writeln!(yaml, "  exclude_cidrs: [{}]", options.exclude_cidrs.join(", "));
+        let _ = writeln!(
+            yaml,
+            "  exclude_cidrs: [{}]",
+            options.exclude_cidrs.join(", ")
+        );
         let ports: Vec<String> = options.exclude_ports.iter().map(u16::to_string).collect();
         let _ = writeln!(yaml, "  exclude_ports: [{}]", ports.join(", "));
         let _ = writeln!(yaml, "pods:{}", if pods.is_empty() { " []" } else { "" });
         for pod in pods {
-            let _ = writeln!(yaml, "  - name: {}\n    netns: {}", pod.name, pod.netns_path().display());
+            let _ = writeln!(
+                yaml,
+                "  - name: {}\n    netns: {}",
+                pod.name,
+                pod.netns_path().display()
+            );
         }
         let _ = writeln!(yaml, "admin:\n  socket: {}", self.socket.display());
         yaml.push_str(&options.extra_yaml);
@@ -95,10 +108,16 @@ impl<'a> Daemon<'a> {
                 return Ok(());
             }
             if !self.sandbox.is_running(pid) {
-                bail!("shunt exited during start-up; its log:\n{}", self.log_text());
+                bail!(
+                    "shunt exited during start-up; its log:\n{}",
+                    self.log_text()
+                );
             }
             if Instant::now() >= deadline {
-                bail!("shunt did not answer on its admin socket within 15s; its log:\n{}", self.log_text());
+                bail!(
+                    "shunt did not answer on its admin socket within 15s; its log:\n{}",
+                    self.log_text()
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -140,7 +159,8 @@ impl<'a> Daemon<'a> {
         let mut all = args.to_vec();
         all.extend(["-o", "json"]);
         let out = self.ctl(&all)?;
-        serde_json::from_str(&out).with_context(|| format!("`shunt {}` printed {out:?}", args.join(" ")))
+        serde_json::from_str(&out)
+            .with_context(|| format!("`shunt {}` printed {out:?}", args.join(" ")))
     }
 
     /// A counter from `shunt stats -o json`, e.g. `("ebpf", "redirected")`.
@@ -181,11 +201,17 @@ impl Drop for Daemon<'_> {
 pub fn ctl(socket: &Path, args: &[&str]) -> anyhow::Result<String> {
     let mut cmd = Command::new(crate::shunt_bin());
     cmd.arg("--admin-socket").arg(socket).args(args);
-    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     let child = cmd.spawn().context("starting shunt")?;
     let out = crate::sandbox::wait_with_timeout(child, Duration::from_secs(10))?;
     if !out.status.success() {
-        bail!("shunt {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "shunt {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }

@@ -3,12 +3,11 @@
 
 use std::{
     net::SocketAddr,
-    process::{Command, Stdio},
     sync::Arc,
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 
 use crate::{
     daemon::{self, Daemon},
@@ -31,36 +30,51 @@ pub fn run() -> anyhow::Result<()> {
     interrupts.clean_up_on_signal(sandbox.clone());
     let result = show(&sandbox);
     sandbox.cleanup();
-    println!("cleaned up: namespaces, bridge, cgroup and BPF pins of sandbox {} removed", sandbox.id());
+    println!(
+        "cleaned up: namespaces, bridge, cgroup and BPF pins of sandbox {} removed",
+        sandbox.id()
+    );
     result
 }
 
 fn show(sandbox: &Sandbox) -> anyhow::Result<()> {
     let client = sandbox.add_pod("client")?;
     let backend = sandbox.add_pod("backend")?;
-    step(1, &format!(
-        "sandbox {}: pod `client` ({}, {}) and pod `backend` ({}, {}) on bridge shb{}",
-        sandbox.id(), client.ipv4, client.ipv6, backend.ipv4, backend.ipv6, sandbox.id()
-    ));
+    step(
+        1,
+        &format!(
+            "sandbox {}: pod `client` ({}, {}) and pod `backend` ({}, {}) on bridge shb{}",
+            sandbox.id(),
+            client.ipv4,
+            client.ipv6,
+            backend.ipv4,
+            backend.ipv6,
+            sandbox.id()
+        ),
+    );
 
     let listen = SocketAddr::new(backend.ipv4.into(), BACKEND_PORT);
     probe::serve(sandbox, &backend, listen)?;
-    step(2, &format!("backend listening on {listen}: it replies with the source address it sees"));
+    step(
+        2,
+        &format!("backend listening on {listen}: it replies with the source address it sees"),
+    );
 
     let daemon = Daemon::start(sandbox, &[&client], &daemon::Options::default())?;
-    step(3, &format!(
-        "shunt running: programs attached to {}, pod `client` enrolled, pins under {}",
-        sandbox.cgroup().display(),
-        daemon.pin_dir.display()
-    ));
+    step(
+        3,
+        &format!(
+            "shunt running: programs attached to {}, pod `client` enrolled, pins under {}",
+            sandbox.cgroup().display(),
+            daemon.pin_dir.display()
+        ),
+    );
 
-    step(4, &format!("client connects to {listen} (the application knows nothing of shunt)"));
-    let out_file = sandbox.scratch_dir("demo")?.join("client.json");
-    let mut cmd = Command::new(crate::probe_bin());
-    cmd.args(["connect", "--to", &listen.to_string(), "--hold-ms", "1500"])
-        .stdout(std::fs::File::create(&out_file)?)
-        .stderr(Stdio::inherit());
-    let client_pid = sandbox.spawn_in_pod(&client, cmd)?;
+    step(
+        4,
+        &format!("client connects to {listen} (the application knows nothing of shunt)"),
+    );
+    let held = probe::connect_held(sandbox, &client, listen, Duration::from_millis(1500))?;
     let conn = wait_for_connection(&daemon)?;
     println!(
         "      shunt accepted it on its in-pod listener: pod={} client={} original destination={} upstream={}",
@@ -69,20 +83,24 @@ fn show(sandbox: &Sandbox) -> anyhow::Result<()> {
         conn["original_dst"].as_str().unwrap_or("?"),
         conn["upstream"].as_str().unwrap_or("?"),
     );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while sandbox.is_running(client_pid) && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let text = std::fs::read_to_string(&out_file)?;
-    let seen: probe::Seen = serde_json::from_str(text.trim()).with_context(|| format!("client printed {text:?}"))?;
+    let seen = held.finish(sandbox)?;
     if let Some(error) = &seen.error {
         bail!("the client's connection failed: {error}");
     }
 
     step(5, "what each side saw");
-    println!("      client getpeername(): {}  (the address it asked for, not shunt's listener)", seen.peername.as_deref().unwrap_or("?"));
-    println!("      backend saw source:   {}  (the client pod's own address)", seen.server_saw.as_deref().unwrap_or("?"));
-    println!("      echo through shunt:   {:?}", seen.echo.as_deref().unwrap_or(""));
+    println!(
+        "      client getpeername(): {}  (the address it asked for, not shunt's listener)",
+        seen.peername.as_deref().unwrap_or("?")
+    );
+    println!(
+        "      backend saw source:   {}  (the client pod's own address)",
+        seen.server_saw.as_deref().unwrap_or("?")
+    );
+    println!(
+        "      echo through shunt:   {:?}",
+        seen.echo.as_deref().unwrap_or("")
+    );
 
     step(6, "counters (shunt stats)");
     for (source, name) in [
@@ -95,7 +113,10 @@ fn show(sandbox: &Sandbox) -> anyhow::Result<()> {
         ("proxy", "bytes_from_clients"),
         ("proxy", "bytes_to_clients"),
     ] {
-        println!("      {source:5} {name:20} {}", daemon.counter(source, name)?);
+        println!(
+            "      {source:5} {name:20} {}",
+            daemon.counter(source, name)?
+        );
     }
     Ok(())
 }
@@ -111,7 +132,10 @@ fn wait_for_connection(daemon: &Daemon) -> anyhow::Result<serde_json::Value> {
             return Ok(conn.clone());
         }
         if Instant::now() >= deadline {
-            bail!("shunt never listed the client's connection; its log:\n{}", daemon.log_text());
+            bail!(
+                "shunt never listed the client's connection; its log:\n{}",
+                daemon.log_text()
+            );
         }
         std::thread::sleep(Duration::from_millis(20));
     }

@@ -23,7 +23,9 @@ pub fn probe_bin() -> PathBuf {
 
 fn bin_from_env(var: &str, name: &str) -> PathBuf {
     std::env::var_os(var).map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/release").join(name)
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../target/release")
+            .join(name)
     })
 }
 

@@ -23,6 +23,9 @@ pub struct Seen {
     /// The client address the server's `accept()` returned.
     #[serde(default)]
     pub server_saw: Option<String>,
+    /// The name of the server that answered.
+    #[serde(default)]
+    pub server: Option<String>,
     #[serde(default)]
     pub echo: Option<String>,
     #[serde(default)]
@@ -30,6 +33,25 @@ pub struct Seen {
 }
 
 impl Seen {
+    /// The application's own address: a loopback one means the connection was redirected to
+    /// shunt's in-pod listener, the pod's address means it went direct.
+    pub fn local_ip(&self) -> Option<std::net::IpAddr> {
+        let addr: SocketAddr = self.local.as_deref()?.parse().ok()?;
+        Some(crate::canonical_ip(addr.ip()))
+    }
+
+    pub fn was_redirected(&self) -> bool {
+        self.local_ip().is_some_and(|ip| ip.is_loopback())
+    }
+
+    /// Fails with the connection's error, if it had one.
+    pub fn ok(&self) -> anyhow::Result<&Seen> {
+        match &self.error {
+            Some(e) => bail!("connection to {} failed: {e}", self.to),
+            None => Ok(self),
+        }
+    }
+
     /// The IP address (without port) the server saw the connection come from.
     pub fn server_saw_ip(&self) -> Option<std::net::IpAddr> {
         let addr: SocketAddr = self.server_saw.as_deref()?.parse().ok()?;
@@ -37,10 +59,17 @@ impl Seen {
     }
 }
 
-/// Starts a probe server in `pod` and waits until it accepts connections.
+/// Starts a probe server in `pod`, named after the pod, and waits until it accepts
+/// connections.
 pub fn serve(sandbox: &Sandbox, pod: &Pod, listen: SocketAddr) -> anyhow::Result<u32> {
     let mut cmd = Command::new(crate::probe_bin());
-    cmd.arg("serve").arg("--listen").arg(listen.to_string());
+    cmd.args([
+        "serve",
+        "--name",
+        &pod.name,
+        "--listen",
+        &listen.to_string(),
+    ]);
     let pid = sandbox.spawn_in_pod(pod, cmd)?;
     wait_listening(sandbox, pod, listen.port(), pid)?;
     Ok(pid)
@@ -48,7 +77,12 @@ pub fn serve(sandbox: &Sandbox, pod: &Pod, listen: SocketAddr) -> anyhow::Result
 
 /// Makes `count` connections from `pod` to `to` (one after the other) and returns what each
 /// saw; failed connections have `error` set.
-pub fn connect(sandbox: &Sandbox, pod: &Pod, to: SocketAddr, count: u32) -> anyhow::Result<Vec<Seen>> {
+pub fn connect(
+    sandbox: &Sandbox,
+    pod: &Pod,
+    to: SocketAddr,
+    count: u32,
+) -> anyhow::Result<Vec<Seen>> {
     connect_with(sandbox, pod, to, count, &[])
 }
 
@@ -60,7 +94,14 @@ pub fn connect_with(
     extra: &[&str],
 ) -> anyhow::Result<Vec<Seen>> {
     let mut cmd = Command::new(crate::probe_bin());
-    cmd.args(["connect", "--to", &to.to_string(), "--count", &count.to_string()]).args(extra);
+    cmd.args([
+        "connect",
+        "--to",
+        &to.to_string(),
+        "--count",
+        &count.to_string(),
+    ])
+    .args(extra);
     let timeout = Duration::from_secs(30) + Duration::from_millis(100) * count;
     let out = sandbox.run_in_pod(pod, cmd, timeout)?;
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -89,11 +130,63 @@ fn wait_listening(sandbox: &Sandbox, pod: &Pod, port: u16, pid: u32) -> anyhow::
             return Ok(());
         }
         if !sandbox.is_running(pid) {
-            bail!("the probe server in pod {} exited before listening on port {port}", pod.name);
+            bail!(
+                "the probe server in pod {} exited before listening on port {port}",
+                pod.name
+            );
         }
         if Instant::now() >= deadline {
-            bail!("the probe server in pod {} is not listening on port {port} after 5s", pod.name);
+            bail!(
+                "the probe server in pod {} is not listening on port {port} after 5s",
+                pod.name
+            );
         }
         std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A probe connection running in the background, held open for a while.
+pub struct Held {
+    pid: u32,
+    out: std::path::PathBuf,
+}
+
+/// Connects from `pod` to `to` in the background and keeps the connection open for `hold`,
+/// so it can be observed while live.
+pub fn connect_held(
+    sandbox: &Sandbox,
+    pod: &Pod,
+    to: SocketAddr,
+    hold: Duration,
+) -> anyhow::Result<Held> {
+    let out = sandbox
+        .scratch_dir("held")?
+        .join(format!("{}-{}.json", pod.name, to.port()));
+    let mut cmd = Command::new(crate::probe_bin());
+    cmd.args([
+        "connect",
+        "--to",
+        &to.to_string(),
+        "--hold-ms",
+        &hold.as_millis().to_string(),
+    ])
+    .stdout(std::fs::File::create(&out)?);
+    let pid = sandbox.spawn_in_pod(pod, cmd)?;
+    Ok(Held { pid, out })
+}
+
+impl Held {
+    /// Waits for the connection to finish (bounded) and returns what it saw.
+    pub fn finish(self, sandbox: &Sandbox) -> anyhow::Result<Seen> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while sandbox.is_running(self.pid) {
+            if Instant::now() >= deadline {
+                sandbox.kill(self.pid);
+                bail!("the held probe connection did not finish within 30s");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let text = std::fs::read_to_string(&self.out)?;
+        serde_json::from_str(text.trim()).with_context(|| format!("probe printed {text:?}"))
     }
 }

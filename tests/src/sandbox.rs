@@ -66,7 +66,13 @@ impl Sandbox {
         let cgroup = cgroup2_mount()?.join(format!("shunt-sandbox-{id}"));
         let seed = u32::from_str_radix(&id, 16).unwrap_or(0);
         let subnet = (100 + (seed % 100) as u8, (seed / 100 % 250) as u8);
-        let sandbox = Sandbox { id, bridge, cgroup, subnet, state: Mutex::default() };
+        let sandbox = Sandbox {
+            id,
+            bridge,
+            cgroup,
+            subnet,
+            state: Mutex::default(),
+        };
         // From here on, Drop removes whatever was made even if a later step fails.
         std::fs::create_dir(&sandbox.cgroup)
             .with_context(|| format!("creating cgroup {}", sandbox.cgroup.display()))?;
@@ -105,19 +111,32 @@ impl Sandbox {
             name: name.to_owned(),
             netns: format!("sh{}-{name}", self.id),
             ipv4: Ipv4Addr::new(10, self.subnet.0, self.subnet.1, host),
-            ipv6: Ipv6Addr::new(0xfd00, 0x5348, self.subnet.0.into(), self.subnet.1.into(), 0, 0, 0, host.into()),
+            ipv6: Ipv6Addr::new(
+                0xfd00,
+                0x5348,
+                self.subnet.0.into(),
+                self.subnet.1.into(),
+                0,
+                0,
+                0,
+                host.into(),
+            ),
         };
         let veth = format!("shv{}{index}", self.id);
         ip(&["netns", "add", &pod.netns])?;
         // Tracked before the next steps, so a failure below still deletes the namespace.
         self.lock().pods.push(pod.clone());
-        ip(&["link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &pod.netns])?;
+        ip(&[
+            "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &pod.netns,
+        ])?;
         ip(&["link", "set", &veth, "master", &self.bridge, "up"])?;
         let v4 = format!("{}/24", pod.ipv4);
         let v6 = format!("{}/64", pod.ipv6);
         ip(&["-n", &pod.netns, "link", "set", "lo", "up"])?;
         ip(&["-n", &pod.netns, "addr", "add", &v4, "dev", "eth0"])?;
-        ip(&["-n", &pod.netns, "-6", "addr", "add", &v6, "dev", "eth0", "nodad"])?;
+        ip(&[
+            "-n", &pod.netns, "-6", "addr", "add", &v6, "dev", "eth0", "nodad",
+        ])?;
         ip(&["-n", &pod.netns, "link", "set", "eth0", "up"])?;
         Ok(pod)
     }
@@ -135,12 +154,21 @@ impl Sandbox {
     }
 
     /// Runs `cmd` in `pod` to completion (killed after `timeout`) and returns its output.
-    pub fn run_in_pod(&self, pod: &Pod, mut cmd: Command, timeout: Duration) -> anyhow::Result<Output> {
+    pub fn run_in_pod(
+        &self,
+        pod: &Pod,
+        mut cmd: Command,
+        timeout: Duration,
+    ) -> anyhow::Result<Output> {
         let netns = File::open(pod.netns_path())
             .with_context(|| format!("opening {}", pod.netns_path().display()))?;
-        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
         self.enter_on_exec(&mut cmd, Some(netns))?;
-        let child = cmd.spawn().with_context(|| format!("starting {:?}", cmd.get_program()))?;
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("starting {:?}", cmd.get_program()))?;
         wait_with_timeout(child, timeout)
     }
 
@@ -166,7 +194,9 @@ impl Sandbox {
 
     fn spawn(&self, mut cmd: Command, netns: Option<File>) -> anyhow::Result<u32> {
         self.enter_on_exec(&mut cmd, netns)?;
-        let child = cmd.spawn().with_context(|| format!("starting {:?}", cmd.get_program()))?;
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("starting {:?}", cmd.get_program()))?;
         let pid = child.id();
         self.lock().children.push(child);
         Ok(pid)
@@ -175,8 +205,13 @@ impl Sandbox {
     /// Makes the child join the sandbox cgroup (and `netns`, if given) before it executes,
     /// so not even its first socket is created outside them.
     fn enter_on_exec(&self, cmd: &mut Command, netns: Option<File>) -> anyhow::Result<()> {
-        let procs = CString::new(self.cgroup.join("cgroup.procs").into_os_string().into_encoded_bytes())
-            .context("cgroup path contains NUL")?;
+        let procs = CString::new(
+            self.cgroup
+                .join("cgroup.procs")
+                .into_os_string()
+                .into_encoded_bytes(),
+        )
+        .context("cgroup path contains NUL")?;
         // SAFETY: the closure only makes async-signal-safe calls (setns, open, write, close)
         // on data prepared before fork.
         unsafe {
@@ -223,7 +258,10 @@ impl Sandbox {
                     .arg(pin_dir)
                     .output();
                 if !matches!(&result, Ok(out) if out.status.success()) {
-                    eprintln!("sandbox: could not uninstall {}: {result:?}", pin_dir.display());
+                    eprintln!(
+                        "sandbox: could not uninstall {}: {result:?}",
+                        pin_dir.display()
+                    );
                 }
             }
         }
@@ -238,7 +276,9 @@ impl Sandbox {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
@@ -351,9 +391,16 @@ fn remove_cgroup(cgroup: &Path) {
 }
 
 fn ip(args: &[&str]) -> anyhow::Result<()> {
-    let out = Command::new("ip").args(args).output().context("running `ip` (install iproute2)")?;
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .context("running `ip` (install iproute2)")?;
     if !out.status.success() {
-        bail!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(())
 }

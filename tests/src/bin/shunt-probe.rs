@@ -22,10 +22,14 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Accept connections: reply `peer=<client address> echo=<first line>`, then echo.
+    /// Accept connections: reply `peer=<client address> server=<name> echo=<first line>`,
+    /// then echo.
     Serve {
         #[arg(long)]
         listen: SocketAddr,
+        /// How this server names itself in replies.
+        #[arg(long, default_value = "probe")]
+        name: String,
         /// Written to each client on accept, before anything is read (a server-first protocol).
         #[arg(long)]
         banner: Option<String>,
@@ -49,8 +53,18 @@ enum Cmd {
 
 fn main() {
     let result = match Cli::parse().command {
-        Cmd::Serve { listen, banner } => serve(listen, banner),
-        Cmd::Connect { to, message, count, hold_ms, timeout_ms } => {
+        Cmd::Serve {
+            listen,
+            name,
+            banner,
+        } => serve(listen, name, banner),
+        Cmd::Connect {
+            to,
+            message,
+            count,
+            hold_ms,
+            timeout_ms,
+        } => {
             let timeout = Duration::from_millis(timeout_ms);
             let mut failed = false;
             for _ in 0..count {
@@ -63,7 +77,11 @@ fn main() {
                 };
                 println!("{line}");
             }
-            if failed { Err("some connections failed".to_string()) } else { Ok(()) }
+            if failed {
+                Err("some connections failed".to_string())
+            } else {
+                Ok(())
+            }
         }
     };
     if let Err(e) = result {
@@ -72,13 +90,14 @@ fn main() {
     }
 }
 
-fn serve(listen: SocketAddr, banner: Option<String>) -> Result<(), String> {
+fn serve(listen: SocketAddr, name: String, banner: Option<String>) -> Result<(), String> {
     let listener = TcpListener::bind(listen).map_err(|e| format!("bind {listen}: {e}"))?;
     for stream in listener.incoming() {
         let Ok(stream) = stream else { continue };
         let banner = banner.clone();
+        let name = name.clone();
         std::thread::spawn(move || {
-            if let Err(e) = answer(stream, banner.as_deref()) {
+            if let Err(e) = answer(stream, &name, banner.as_deref()) {
                 eprintln!("connection: {e}");
             }
         });
@@ -86,7 +105,7 @@ fn serve(listen: SocketAddr, banner: Option<String>) -> Result<(), String> {
     Ok(())
 }
 
-fn answer(mut stream: TcpStream, banner: Option<&str>) -> std::io::Result<()> {
+fn answer(mut stream: TcpStream, name: &str, banner: Option<&str>) -> std::io::Result<()> {
     let peer = stream.peer_addr()?;
     if let Some(banner) = banner {
         stream.write_all(format!("{banner}\n").as_bytes())?;
@@ -94,7 +113,8 @@ fn answer(mut stream: TcpStream, banner: Option<&str>) -> std::io::Result<()> {
     let mut reader = BufReader::new(stream.try_clone()?);
     let mut first = String::new();
     reader.read_line(&mut first)?;
-    stream.write_all(format!("peer={peer} echo={}\n", first.trim_end()).as_bytes())?;
+    let echo = first.trim_end();
+    stream.write_all(format!("peer={peer} server={name} echo={echo}\n").as_bytes())?;
     // Echo the rest; bytes already buffered by the reader come first.
     std::io::copy(&mut reader, &mut stream)?;
     stream.shutdown(Shutdown::Write)
@@ -115,16 +135,20 @@ fn exchange(
     let mut reply = String::new();
     reader.read_line(&mut reply)?;
     let reply = reply.trim_end();
-    let (server_saw, echo) = reply
-        .strip_prefix("peer=")
-        .and_then(|rest| rest.split_once(" echo="))
-        .ok_or_else(|| std::io::Error::other(format!("unexpected reply {reply:?}")))?;
+    let parsed = reply.strip_prefix("peer=").and_then(|rest| {
+        let (server_saw, rest) = rest.split_once(" server=")?;
+        let (server, echo) = rest.split_once(" echo=")?;
+        Some((server_saw, server, echo))
+    });
+    let (server_saw, server, echo) =
+        parsed.ok_or_else(|| std::io::Error::other(format!("unexpected reply {reply:?}")))?;
     std::thread::sleep(hold);
     Ok(json!({
         "to": to.to_string(),
         "peername": peername.to_string(),
         "local": local.to_string(),
         "server_saw": server_saw,
+        "server": server,
         "echo": echo,
         "error": null,
     }))
