@@ -218,7 +218,7 @@ mod tests {
     #[test]
     fn unknown_field_is_named() {
         let (field, msg) = err("intercept:\n  listen_prot: 1\n");
-        assert_eq!(field, "intercept");
+        assert_eq!(field, "intercept.listen_prot");
         assert!(msg.contains("listen_prot"), "{msg}");
     }
 
