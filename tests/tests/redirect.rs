@@ -142,6 +142,18 @@ fn enrolled_pod_is_redirected_and_keeps_its_view_of_the_connection() -> anyhow::
         daemon.counter("proxy", "bytes_from_clients")?,
         "hello\n".len() as u64
     );
+
+    // The kernel programs' aya-log messages reach the daemon's log.
+    let expected = format!("redirect {} to listener", v4(&backend, PORT));
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while !daemon.log_text().contains(&expected) {
+        ensure!(
+            Instant::now() < deadline,
+            "no {expected:?} in the log:\n{}",
+            daemon.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     Ok(())
 }
 
