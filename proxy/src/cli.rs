@@ -55,8 +55,17 @@ pub enum Command {
     Status,
     /// Enrolled pods.
     Pods,
-    /// Live proxied connections.
-    Conns,
+    /// Proxied connections: live ones, or with --closed the most recent closed ones.
+    Conns {
+        /// Show recently closed connections (verdict, bytes, how they ended) instead.
+        #[arg(long)]
+        closed: bool,
+    },
+    /// Services (virtual address → endpoints) and how many connections each endpoint got.
+    Services,
+    /// Re-read the configuration file: Services and detection settings change for new
+    /// connections; a configuration with errors is refused and the running one stays.
+    Reload,
     /// Counters of the kernel programs and the proxy.
     Stats,
     /// Detach and remove every program, link and map shunt pinned, and stop a running daemon.

@@ -7,6 +7,7 @@
 use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
+    time::Duration,
 };
 
 use ipnet::IpNet;
@@ -16,6 +17,9 @@ pub const DEFAULT_LISTEN_PORT: u16 = 15001;
 pub const DEFAULT_MARK: u32 = 0x5348_554e; // "SHUN"
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/shunt";
 pub const DEFAULT_ADMIN_SOCKET: &str = "/run/shunt/admin.sock";
+/// SMTP, submission, MySQL, SPDY-era 4444, PostgreSQL, Redis, Elasticsearch transport,
+/// memcached: server-first or binary protocols nothing is gained by sniffing.
+pub const DEFAULT_OPAQUE_PORTS: [u16; 8] = [25, 587, 3306, 4444, 5432, 6379, 9300, 11211];
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -41,6 +45,18 @@ pub struct Config {
     pub pods: Vec<PodConfig>,
     #[serde(default)]
     pub admin: Admin,
+    /// Virtual addresses (a Service's ClusterIP:port) and the endpoints behind them.
+    #[serde(default)]
+    pub services: Vec<ServiceConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceConfig {
+    pub name: String,
+    /// The address clients dial, e.g. `10.96.0.10:50051` or `[fd00::10]:50051`.
+    pub vip: SocketAddr,
+    pub endpoints: Vec<SocketAddr>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -56,6 +72,17 @@ pub struct Intercept {
     pub mark: u32,
     /// Where programs, links and maps are pinned on the BPF filesystem.
     pub pin_dir: PathBuf,
+    /// Longest a silent client is held before its connection is forwarded as opaque TCP.
+    #[serde(with = "humantime_serde")]
+    pub detect_timeout: Duration,
+    /// Destination ports never sniffed (server-first and binary protocols).
+    pub opaque_ports: Vec<u16>,
+    /// Upstream connect timeout, per endpoint tried.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Opaque connections with no traffic either way for this long are closed; `0s`: never.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
 }
 
 impl Default for Intercept {
@@ -68,6 +95,10 @@ impl Default for Intercept {
             exclude_ports: Vec::new(),
             mark: DEFAULT_MARK,
             pin_dir: PathBuf::from(DEFAULT_PIN_DIR),
+            detect_timeout: Duration::from_secs(1),
+            opaque_ports: DEFAULT_OPAQUE_PORTS.to_vec(),
+            connect_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::ZERO,
         }
     }
 }
@@ -175,6 +206,59 @@ impl Config {
             // Whether the namespace exists is checked when the pod is enrolled: a pod that
             // has gone is skipped, not a reason to refuse the whole configuration.
         }
+        if self.intercept.detect_timeout.is_zero() {
+            return bad("intercept.detect_timeout", "must be longer than 0s");
+        }
+        if self.intercept.connect_timeout.is_zero() {
+            return bad("intercept.connect_timeout", "must be longer than 0s");
+        }
+        for (i, port) in self.intercept.opaque_ports.iter().enumerate() {
+            if *port == 0 {
+                return bad(
+                    &format!("intercept.opaque_ports[{i}]"),
+                    "port 0 is not a port",
+                );
+            }
+        }
+        let mut names = std::collections::HashSet::new();
+        let mut vips = std::collections::HashMap::new();
+        for (i, service) in self.services.iter().enumerate() {
+            if service.name.is_empty() {
+                return bad(&format!("services[{i}].name"), "must not be empty");
+            }
+            if !names.insert(&service.name) {
+                return bad(
+                    &format!("services[{i}].name"),
+                    &format!("duplicate service name {:?}", service.name),
+                );
+            }
+            if let Some(other) = vips.insert(service.vip, &service.name) {
+                return bad(
+                    &format!("services[{i}].vip"),
+                    &format!(
+                        "{} is already the address of service {other:?}",
+                        service.vip
+                    ),
+                );
+            }
+            if service.vip.port() == 0 || service.vip.ip().is_unspecified() {
+                return bad(&format!("services[{i}].vip"), "needs an address and a port");
+            }
+            if service.endpoints.is_empty() {
+                return bad(
+                    &format!("services[{i}].endpoints"),
+                    "must list at least one endpoint",
+                );
+            }
+            for (j, endpoint) in service.endpoints.iter().enumerate() {
+                if endpoint.port() == 0 || endpoint.ip().is_unspecified() {
+                    return bad(
+                        &format!("services[{i}].endpoints[{j}]"),
+                        "needs an address and a port",
+                    );
+                }
+            }
+        }
         Ok(())
     }
 }
@@ -261,5 +345,39 @@ mod tests {
             "pods:\n  - {name: a, netns: /proc/self/ns/net}\n  - {name: a, netns: /proc/self/ns/net}\n",
         );
         assert_eq!(field, "pods[1].name");
+    }
+
+    #[test]
+    fn services_and_detection_settings_parse() {
+        let c = Config::parse(
+            "services:\n  - name: greeter\n    vip: 10.96.0.10:50051\n    endpoints: [10.200.0.11:50051, '[fd00::12]:50051']\nintercept:\n  detect_timeout: 250ms\n  opaque_ports: [6379]\n",
+        )
+        .unwrap();
+        assert_eq!(c.services[0].endpoints.len(), 2);
+        assert_eq!(c.intercept.detect_timeout, Duration::from_millis(250));
+        assert_eq!(c.intercept.opaque_ports, vec![6379]);
+        let d = Config::parse("{}").unwrap();
+        assert_eq!(d.intercept.detect_timeout, Duration::from_secs(1));
+        assert_eq!(d.intercept.opaque_ports, DEFAULT_OPAQUE_PORTS.to_vec());
+    }
+
+    #[test]
+    fn bad_services_are_named() {
+        let (field, _) =
+            err("services:\n  - name: a\n    vip: 10.96.0.10\n    endpoints: [10.0.0.1:1]\n");
+        assert_eq!(field, "services[0].vip");
+        let (field, _) = err("services:\n  - name: a\n    vip: 10.96.0.10:80\n    endpoints: []\n");
+        assert_eq!(field, "services[0].endpoints");
+        let (field, _) = err(
+            "services:\n  - {name: a, vip: '10.96.0.10:80', endpoints: ['10.0.0.1:80', 'nope']}\n",
+        );
+        assert_eq!(field, "services[0].endpoints[1]");
+        let (field, _) = err(
+            "services:\n  - {name: a, vip: '10.96.0.10:80', endpoints: ['10.0.0.1:80']}\n  - {name: b, vip: '10.96.0.10:80', endpoints: ['10.0.0.1:80']}\n",
+        );
+        assert_eq!(field, "services[1].vip");
+        let (field, msg) = err("intercept:\n  detect_timeout: soon\n");
+        assert_eq!(field, "intercept.detect_timeout");
+        assert!(!msg.is_empty());
     }
 }

@@ -7,7 +7,10 @@ use serde::Serialize;
 
 use crate::{
     admin::{
-        api::{ConnRecord, EnrollRequest, PodSummary, Stats, Status, Uninstalled},
+        api::{
+            ConnRecord, EnrollRequest, PodSummary, Reloaded, ServiceSummary, Stats, Status,
+            Uninstalled,
+        },
         client::{AdminClient, ClientError},
     },
     bpf,
@@ -36,7 +39,7 @@ pub async fn run(command: Command, socket: &Path, output: Output) -> anyhow::Res
             let s: Status = client.get("/status").await?;
             print(output, &s, || {
                 format!(
-                    "shunt {} (pid {}), up {}s\nprograms: attached to {} ({}), pinned under {}\nlisteners: port {} in each pod, fail mode {}\npods: {}  connections: {}\n",
+                    "shunt {} (pid {}), up {}s\nprograms: attached to {} ({}), pinned under {}\nlisteners: port {} in each pod, fail mode {}\npods: {}  connections: {}  services: {}\n",
                     s.version,
                     s.pid,
                     s.uptime_secs,
@@ -46,7 +49,8 @@ pub async fn run(command: Command, socket: &Path, output: Output) -> anyhow::Res
                     s.listen_port,
                     s.fail_mode,
                     s.pods,
-                    s.connections
+                    s.connections,
+                    s.services
                 )
             });
         }
@@ -54,9 +58,22 @@ pub async fn run(command: Command, socket: &Path, output: Output) -> anyhow::Res
             let pods: Vec<PodSummary> = client.get("/pods").await?;
             print(output, &pods, || pods_table(&pods));
         }
-        Command::Conns => {
-            let conns: Vec<ConnRecord> = client.get("/conns").await?;
+        Command::Conns { closed } => {
+            let path = if closed { "/conns/closed" } else { "/conns" };
+            let conns: Vec<ConnRecord> = client.get(path).await?;
             print(output, &conns, || conns_table(&conns));
+        }
+        Command::Services => {
+            let services: Vec<ServiceSummary> = client.get("/services").await?;
+            print(output, &services, || services_table(&services));
+        }
+        Command::Reload => {
+            let reloaded: Reloaded = client
+                .call(Method::POST, "/reload", Option::<()>::None)
+                .await?;
+            print(output, &reloaded, || {
+                format!("reloaded: {} services\n", reloaded.services)
+            });
         }
         Command::Stats => {
             let stats: Stats = client.get("/stats").await?;
@@ -142,39 +159,60 @@ fn pods_table(pods: &[PodSummary]) -> String {
 }
 
 fn conns_table(conns: &[ConnRecord]) -> String {
-    let mut rows = vec![
-        [
-            "ID",
-            "POD",
-            "CLIENT",
-            "ORIGINAL DST",
-            "UPSTREAM",
-            "PROTOCOL",
-            "IN",
-            "OUT",
-            "AGE",
-        ]
-        .map(String::from)
-        .to_vec(),
+    let header = [
+        "ID",
+        "POD",
+        "CLIENT",
+        "ORIGINAL DST",
+        "SERVICE",
+        "UPSTREAM",
+        "VERDICT",
+        "SNI",
+        "IN",
+        "OUT",
+        "AGE",
+        "CLOSE",
     ];
+    let mut rows = vec![header.map(String::from).to_vec()];
+    let or_dash = |v: Option<String>| v.unwrap_or_else(|| "-".into());
     rows.extend(conns.iter().map(|c| {
         vec![
             c.id.to_string(),
             c.pod.clone(),
             c.client.to_string(),
             c.original_dst.to_string(),
-            c.upstream
-                .map(|u| u.to_string())
-                .unwrap_or_else(|| "-".into()),
-            serde_json::to_value(c.protocol)
-                .ok()
-                .and_then(|v| v.as_str().map(String::from))
-                .unwrap_or_default(),
+            or_dash(c.service.clone()),
+            or_dash(c.upstream.map(|u| u.to_string())),
+            c.verdict.map_or("detecting", |v| v.as_str()).to_string(),
+            or_dash(c.sni.clone()),
             c.bytes_from_client.to_string(),
             c.bytes_to_client.to_string(),
-            format!("{:.1}s", c.age_ms as f64 / 1000.0),
+            format!("{:.1}s", c.duration_ms as f64 / 1000.0),
+            or_dash(c.close_reason.clone()),
         ]
     }));
+    table(&rows)
+}
+
+fn services_table(services: &[ServiceSummary]) -> String {
+    let header = ["SERVICE", "VIP", "ENDPOINT", "CONNECTIONS", "FAILED"];
+    let mut rows = vec![header.map(String::from).to_vec()];
+    for service in services {
+        for (i, endpoint) in service.endpoints.iter().enumerate() {
+            let (name, vip) = if i == 0 {
+                (service.name.clone(), service.vip.to_string())
+            } else {
+                (String::new(), String::new())
+            };
+            rows.push(vec![
+                name,
+                vip,
+                endpoint.addr.to_string(),
+                endpoint.picked.to_string(),
+                endpoint.failed.to_string(),
+            ]);
+        }
+    }
     table(&rows)
 }
 

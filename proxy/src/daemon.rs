@@ -3,22 +3,21 @@
 use std::{
     path::Path,
     sync::{Arc, Mutex},
-    time::{Duration, Instant},
+    time::Instant,
 };
 
 use anyhow::Context;
+use arc_swap::ArcSwap;
 use tokio::{signal::unix::SignalKind, sync::mpsc};
 
 use crate::{
     admin::server::{self as admin, AdminContext, Command},
     bpf::{Datapath, DatapathConfig},
-    config::Config,
+    config::{Config, ConfigError},
     inpod::Enrollments,
-    proxy::Proxy,
+    proxy::{Proxy, Settings},
     state::{ConnTable, ProxyCounters},
 };
-
-const UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     let config = Config::load(config_path)?;
@@ -52,12 +51,12 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
         conns: conns.clone(),
         counters: counters.clone(),
         mark: intercept.mark,
-        connect_timeout: UPSTREAM_CONNECT_TIMEOUT,
+        settings: ArcSwap::from_pointee(Settings::new(&config)),
     });
     let datapath = Arc::new(Mutex::new(datapath));
     let enrollments = Arc::new(Enrollments::new(
         datapath.clone(),
-        proxy,
+        proxy.clone(),
         intercept.listen_port,
     ));
 
@@ -74,6 +73,8 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     let admin_listener = admin::bind(&socket_path).await?;
     let admin_ctx = Arc::new(AdminContext {
         config: config.clone(),
+        config_path: config_path.to_owned(),
+        proxy: proxy.clone(),
         started,
         enrollments: enrollments.clone(),
         datapath,
@@ -86,14 +87,46 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
 
     let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())?;
     let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = sigterm.recv() => tracing::info!("SIGTERM: stopping (programs stay pinned; fail mode applies)"),
-        _ = sigint.recv() => tracing::info!("SIGINT: stopping (programs stay pinned; fail mode applies)"),
-        Some(Command::Uninstall) = command_rx.recv() => tracing::info!("uninstalled: stopping"),
+    let mut sighup = tokio::signal::unix::signal(SignalKind::hangup())?;
+    loop {
+        tokio::select! {
+            _ = sigterm.recv() => {
+                tracing::info!("SIGTERM: stopping (programs stay pinned; fail mode applies)");
+                break;
+            }
+            _ = sigint.recv() => {
+                tracing::info!("SIGINT: stopping (programs stay pinned; fail mode applies)");
+                break;
+            }
+            _ = sighup.recv() => {
+                // Errors are logged by `reload`; the running configuration stays.
+                let _ = reload(config_path, &proxy);
+            }
+            Some(Command::Uninstall) = command_rx.recv() => {
+                tracing::info!("uninstalled: stopping");
+                break;
+            }
+        }
     }
     enrollments.close_all();
     let _ = std::fs::remove_file(&socket_path);
     Ok(())
+}
+
+/// Re-reads the configuration and swaps in what can change at runtime (Services, detection
+/// and timeout settings) for new connections. A configuration with any error changes nothing.
+pub fn reload(config_path: &Path, proxy: &Proxy) -> Result<Config, ConfigError> {
+    match Config::load(config_path) {
+        Ok(config) => {
+            proxy.settings.store(Arc::new(Settings::new(&config)));
+            tracing::info!(services = config.services.len(), "configuration reloaded");
+            Ok(config)
+        }
+        Err(e) => {
+            tracing::error!("configuration not reloaded, the running one stays: {e}");
+            Err(e)
+        }
+    }
 }
 
 fn current_log_level() -> log::LevelFilter {

@@ -11,6 +11,7 @@ mod daemon;
 mod inpod;
 mod net;
 mod proxy;
+mod route;
 mod state;
 
 use clap::Parser;

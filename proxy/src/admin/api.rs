@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{bpf::Attachment, config::FailMode};
 
-pub use crate::{inpod::PodSummary, state::ConnRecord};
+pub use crate::{inpod::PodSummary, route::ServiceSummary, state::ConnRecord};
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Status {
@@ -20,6 +20,7 @@ pub struct Status {
     pub fail_mode: FailMode,
     pub pods: usize,
     pub connections: usize,
+    pub services: usize,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -39,6 +40,12 @@ pub struct EnrollRequest {
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Uninstalled {
     pub removed: Vec<PathBuf>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Reloaded {
+    /// Services in force after the reload.
+    pub services: usize,
 }
 
 #[derive(Debug, Serialize, Deserialize)]

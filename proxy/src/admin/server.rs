@@ -15,11 +15,12 @@ use hyper_util::rt::TokioIo;
 use serde::Serialize;
 use tokio::{net::UnixListener, sync::mpsc};
 
-use super::api::{EnrollRequest, ErrorBody, Stats, Status, Uninstalled};
+use super::api::{EnrollRequest, ErrorBody, Reloaded, Stats, Status, Uninstalled};
 use crate::{
     bpf::{self, Datapath},
     config::Config,
     inpod::Enrollments,
+    proxy::Proxy,
     state::{ConnTable, ProxyCounters},
 };
 
@@ -35,6 +36,8 @@ pub enum Command {
 
 pub struct AdminContext {
     pub config: Config,
+    pub config_path: PathBuf,
+    pub proxy: Arc<Proxy>,
     pub started: Instant,
     pub enrollments: Arc<Enrollments>,
     pub datapath: Arc<Mutex<Datapath>>,
@@ -121,7 +124,21 @@ async fn route(req: Request<Incoming>, ctx: &AdminContext) -> Reply {
                 Err(e) => error(StatusCode::NOT_FOUND, e.to_string()),
             }
         }
-        (&Method::GET, "/conns") => json(StatusCode::OK, &ctx.conns.snapshot()),
+        (&Method::GET, "/conns") => json(StatusCode::OK, &ctx.conns.live()),
+        (&Method::GET, "/conns/closed") => json(StatusCode::OK, &ctx.conns.closed()),
+        (&Method::GET, "/services") => json(
+            StatusCode::OK,
+            &ctx.proxy.settings.load().routes.summaries(),
+        ),
+        (&Method::POST, "/reload") => match crate::daemon::reload(&ctx.config_path, &ctx.proxy) {
+            Ok(config) => json(
+                StatusCode::OK,
+                &Reloaded {
+                    services: config.services.len(),
+                },
+            ),
+            Err(e) => error(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()),
+        },
         (&Method::GET, "/stats") => json(StatusCode::OK, &stats(ctx)),
         (&Method::POST, "/uninstall") => uninstall(ctx).await,
         _ => error(
@@ -144,6 +161,7 @@ fn status(ctx: &AdminContext) -> Status {
         fail_mode: ctx.config.intercept.fail_mode,
         pods: ctx.enrollments.list().len(),
         connections: ctx.conns.len(),
+        services: ctx.proxy.settings.load().routes.len(),
     }
 }
 

@@ -1,19 +1,55 @@
 //! The data path in userspace: accept on an in-pod listener → identify the original
-//! destination → forward. Each stage hands the connection to the next; none calls back.
+//! destination → route → detect → forward. Each stage hands the connection to the next;
+//! none calls back.
 
-mod passthrough;
+mod detect;
+mod dial;
+mod forward;
+pub mod sniff;
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{collections::HashSet, net::SocketAddr, sync::Arc, time::Duration};
 
+use arc_swap::ArcSwap;
 use shunt_common::ClientKey;
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::{
     bpf::OriginalDstTable,
+    config::Config,
     inpod::Netns,
     net::{canonical, from_raw, to_raw},
-    state::{ConnTable, Protocol, ProxyCounters},
+    route::Routes,
+    state::{ConnTable, ProxyCounters},
 };
+
+use self::{
+    dial::dial,
+    forward::{Meters, forward, reset},
+    sniff::Verdict,
+};
+
+/// What a config reload may change; each connection works with the snapshot it started
+/// with, so a reload never touches established connections.
+pub struct Settings {
+    pub routes: Routes,
+    pub detect_timeout: Duration,
+    pub opaque_ports: HashSet<u16>,
+    pub connect_timeout: Duration,
+    pub idle_timeout: Duration,
+}
+
+impl Settings {
+    pub fn new(config: &Config) -> Settings {
+        let intercept = &config.intercept;
+        Settings {
+            routes: Routes::new(&config.services),
+            detect_timeout: intercept.detect_timeout,
+            opaque_ports: intercept.opaque_ports.iter().copied().collect(),
+            connect_timeout: intercept.connect_timeout,
+            idle_timeout: intercept.idle_timeout,
+        }
+    }
+}
 
 /// Everything a connection's task needs, shared by all pods.
 pub struct Proxy {
@@ -21,7 +57,7 @@ pub struct Proxy {
     pub conns: Arc<ConnTable>,
     pub counters: Arc<ProxyCounters>,
     pub mark: u32,
-    pub connect_timeout: Duration,
+    pub settings: ArcSwap<Settings>,
 }
 
 /// The pod a listener belongs to.
@@ -50,17 +86,93 @@ pub async fn serve(listener: TcpListener, pod: Arc<PodContext>, proxy: Arc<Proxy
     }
 }
 
-async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, proxy: Arc<Proxy>) {
+async fn handle(mut client: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, proxy: Arc<Proxy>) {
     let Some(original_dst) = identify(&proxy, &pod, peer) else {
         ProxyCounters::inc(&proxy.counters.no_original_dst);
         tracing::debug!(pod = %pod.name, %peer, "no original destination recorded; closing");
         return;
     };
-    tracing::debug!(pod = %pod.name, client = %peer, %original_dst, "intercepted");
-    let guard = proxy
+    let settings = proxy.settings.load_full();
+    let route = settings.routes.route(original_dst);
+    tracing::debug!(pod = %pod.name, client = %peer, %original_dst, service = route.service_name(), "intercepted");
+    let mut guard = proxy
         .conns
-        .open(&pod.name, peer, original_dst, Protocol::Opaque);
-    passthrough::forward(client, original_dst, &pod, &proxy, &guard).await;
+        .open(&pod.name, peer, original_dst, route.service_name());
+    let counters = &proxy.counters;
+
+    let dialing = dial(
+        &route,
+        &pod.netns,
+        proxy.mark,
+        settings.connect_timeout,
+        counters,
+    );
+    tokio::pin!(dialing);
+    let detected = if settings.opaque_ports.contains(&original_dst.port()) {
+        detect::Detected {
+            verdict: Verdict::Skipped,
+            hello: None,
+            prefix: Vec::new(),
+            dialed: None,
+        }
+    } else {
+        match detect::detect(&mut client, dialing.as_mut(), settings.detect_timeout).await {
+            Ok(detected) => detected,
+            Err(e) => {
+                tracing::debug!(pod = %pod.name, %peer, "client failed during detection: {e}");
+                guard.set_close_reason("client-reset");
+                return;
+            }
+        }
+    };
+    ProxyCounters::inc(counters.verdict(detected.verdict));
+    guard.set_verdict(detected.verdict, detected.hello.as_ref());
+    tracing::debug!(pod = %pod.name, client = %peer, verdict = detected.verdict.as_str(), sni = detected.hello.as_ref().and_then(|h| h.sni.as_deref()), "detected");
+
+    let dialed = match detected.dialed {
+        Some(result) => result,
+        None => dialing.await,
+    };
+    let upstream = match dialed {
+        Ok(dialed) => dialed,
+        Err(e) => {
+            // As if the destination had refused the client itself.
+            ProxyCounters::inc(&counters.upstream_connect_failed);
+            tracing::info!(pod = %pod.name, %original_dst, "upstream unreachable: {e}");
+            reset(&client);
+            guard.set_close_reason(format!("upstream-unreachable: {e}"));
+            return;
+        }
+    };
+    guard.set_upstream(upstream.upstream);
+    ProxyCounters::inc(&counters.forwarded);
+
+    let meters = Meters {
+        from_client: &guard.bytes_from_client,
+        to_client: &guard.bytes_to_client,
+    };
+    let closed = forward(
+        client,
+        upstream.stream,
+        &detected.prefix,
+        meters,
+        settings.idle_timeout,
+    )
+    .await;
+    match closed {
+        forward::Closed::ClientReset => ProxyCounters::inc(&counters.client_resets),
+        forward::Closed::UpstreamReset => ProxyCounters::inc(&counters.upstream_resets),
+        forward::Closed::IdleTimeout => ProxyCounters::inc(&counters.idle_timeouts),
+        forward::Closed::Eof => {}
+    }
+    let ordering = std::sync::atomic::Ordering::Relaxed;
+    counters
+        .bytes_from_clients
+        .fetch_add(guard.bytes_from_client.load(ordering), ordering);
+    counters
+        .bytes_to_clients
+        .fetch_add(guard.bytes_to_client.load(ordering), ordering);
+    guard.set_close_reason(closed.as_str());
 }
 
 /// The destination the client asked for, recorded by the programs at `connect()`.

@@ -1,7 +1,9 @@
-//! The table of live proxied connections, for `shunt conns`.
+//! The table of proxied connections, for `shunt conns`: the live ones, and the most recent
+//! closed ones (bounded), so what a connection was detected as and how it ended can be seen
+//! after it is gone.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, VecDeque},
     net::SocketAddr,
     sync::{
         Arc, Mutex,
@@ -12,26 +14,31 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-/// What a connection was detected as and how it is forwarded.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "kebab-case")]
-pub enum Protocol {
-    Opaque,
-}
+use crate::proxy::sniff::{ClientHello, Verdict};
 
-/// One live connection as the admin API shows it.
+/// Closed connections kept for inspection.
+const CLOSED_KEPT: usize = 1024;
+
+/// One connection as the admin API shows it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ConnRecord {
     pub id: u64,
     pub pod: String,
     pub client: SocketAddr,
     pub original_dst: SocketAddr,
+    /// The Service whose virtual address was dialled, if any.
+    pub service: Option<String>,
     pub upstream: Option<SocketAddr>,
-    pub protocol: Protocol,
+    /// `None` while still detecting.
+    pub verdict: Option<Verdict>,
+    pub sni: Option<String>,
+    pub alpn: Vec<String>,
     pub started: SystemTime,
-    pub age_ms: u64,
+    pub duration_ms: u64,
     pub bytes_from_client: u64,
     pub bytes_to_client: u64,
+    /// `None` while open.
+    pub close_reason: Option<String>,
 }
 
 struct Entry {
@@ -41,20 +48,37 @@ struct Entry {
     bytes_to_client: Arc<AtomicU64>,
 }
 
+impl Entry {
+    fn current(&self) -> ConnRecord {
+        ConnRecord {
+            duration_ms: self.since.elapsed().as_millis() as u64,
+            bytes_from_client: self.bytes_from_client.load(Ordering::Relaxed),
+            bytes_to_client: self.bytes_to_client.load(Ordering::Relaxed),
+            ..self.record.clone()
+        }
+    }
+}
+
 #[derive(Default)]
 pub struct ConnTable {
     next_id: AtomicU64,
-    live: Mutex<HashMap<u64, Entry>>,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    live: HashMap<u64, Entry>,
+    closed: VecDeque<ConnRecord>,
 }
 
 impl ConnTable {
-    /// Registers a connection; it stays listed until the guard is dropped.
+    /// Registers a connection; it is live until the guard is dropped.
     pub fn open(
         self: &Arc<Self>,
         pod: &str,
         client: SocketAddr,
         original_dst: SocketAddr,
-        protocol: Protocol,
+        service: Option<&str>,
     ) -> ConnGuard {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
         let bytes_from_client = Arc::new(AtomicU64::new(0));
@@ -65,71 +89,101 @@ impl ConnTable {
                 pod: pod.to_owned(),
                 client,
                 original_dst,
+                service: service.map(str::to_owned),
                 upstream: None,
-                protocol,
+                verdict: None,
+                sni: None,
+                alpn: Vec::new(),
                 started: SystemTime::now(),
-                age_ms: 0,
+                duration_ms: 0,
                 bytes_from_client: 0,
                 bytes_to_client: 0,
+                close_reason: None,
             },
             since: Instant::now(),
             bytes_from_client: bytes_from_client.clone(),
             bytes_to_client: bytes_to_client.clone(),
         };
-        self.lock().insert(id, entry);
+        self.lock().live.insert(id, entry);
         ConnGuard {
             table: self.clone(),
             id,
+            close_reason: None,
             bytes_from_client,
             bytes_to_client,
         }
     }
 
-    pub fn snapshot(&self) -> Vec<ConnRecord> {
-        let live = self.lock();
-        let mut records: Vec<ConnRecord> = live
-            .values()
-            .map(|e| ConnRecord {
-                age_ms: e.since.elapsed().as_millis() as u64,
-                bytes_from_client: e.bytes_from_client.load(Ordering::Relaxed),
-                bytes_to_client: e.bytes_to_client.load(Ordering::Relaxed),
-                ..e.record.clone()
-            })
-            .collect();
+    pub fn live(&self) -> Vec<ConnRecord> {
+        let inner = self.lock();
+        let mut records: Vec<ConnRecord> = inner.live.values().map(Entry::current).collect();
         records.sort_by_key(|r| r.id);
         records
     }
 
-    pub fn len(&self) -> usize {
-        self.lock().len()
+    /// The most recently closed connections, oldest first.
+    pub fn closed(&self) -> Vec<ConnRecord> {
+        self.lock().closed.iter().cloned().collect()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Entry>> {
-        // A panic elsewhere while holding the lock leaves the map itself consistent.
-        self.live
+    pub fn len(&self) -> usize {
+        self.lock().live.len()
+    }
+
+    fn update(&self, id: u64, f: impl FnOnce(&mut ConnRecord)) {
+        if let Some(entry) = self.lock().live.get_mut(&id) {
+            f(&mut entry.record);
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // A panic elsewhere while holding the lock leaves the maps themselves consistent.
+        self.inner
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
-/// Removes the connection from the table when the connection's task ends, however it ends.
+/// The connection's handle on its record; moves the record to the closed list when the
+/// connection's task ends, however it ends.
 pub struct ConnGuard {
     table: Arc<ConnTable>,
     id: u64,
+    close_reason: Option<String>,
     pub bytes_from_client: Arc<AtomicU64>,
     pub bytes_to_client: Arc<AtomicU64>,
 }
 
 impl ConnGuard {
     pub fn set_upstream(&self, upstream: SocketAddr) {
-        if let Some(entry) = self.table.lock().get_mut(&self.id) {
-            entry.record.upstream = Some(upstream);
-        }
+        self.table.update(self.id, |r| r.upstream = Some(upstream));
+    }
+
+    pub fn set_verdict(&self, verdict: Verdict, hello: Option<&ClientHello>) {
+        self.table.update(self.id, |r| {
+            r.verdict = Some(verdict);
+            if let Some(hello) = hello {
+                r.sni = hello.sni.clone();
+                r.alpn = hello.alpn.clone();
+            }
+        });
+    }
+
+    pub fn set_close_reason(&mut self, reason: impl Into<String>) {
+        self.close_reason = Some(reason.into());
     }
 }
 
 impl Drop for ConnGuard {
     fn drop(&mut self) {
-        self.table.lock().remove(&self.id);
+        let mut inner = self.table.lock();
+        if let Some(entry) = inner.live.remove(&self.id) {
+            let mut record = entry.current();
+            record.close_reason = Some(self.close_reason.take().unwrap_or_else(|| "closed".into()));
+            if inner.closed.len() == CLOSED_KEPT {
+                inner.closed.pop_front();
+            }
+            inner.closed.push_back(record);
+        }
     }
 }

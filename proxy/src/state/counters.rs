@@ -5,6 +5,8 @@ use std::{
     sync::atomic::{AtomicU64, Ordering},
 };
 
+use crate::proxy::sniff::Verdict;
+
 macro_rules! counters {
     ($($(#[$doc:meta])* $name:ident),* $(,)?) => {
         #[derive(Default)]
@@ -38,10 +40,35 @@ counters! {
     bytes_to_clients,
     /// accept() errors (e.g. out of file descriptors).
     accept_errors,
+    /// Detection verdicts.
+    verdict_h2,
+    verdict_tls,
+    verdict_opaque,
+    verdict_server_first,
+    verdict_timeout,
+    verdict_skipped,
+    /// A Service endpoint refused or timed out and the next one was tried.
+    endpoint_failovers,
+    /// Resets passed on: from the client to the upstream, and the other way.
+    client_resets,
+    upstream_resets,
+    /// Connections closed after `idle_timeout` without traffic.
+    idle_timeouts,
 }
 
 impl ProxyCounters {
     pub fn inc(counter: &AtomicU64) {
         counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn verdict(&self, verdict: Verdict) -> &AtomicU64 {
+        match verdict {
+            Verdict::H2 => &self.verdict_h2,
+            Verdict::Tls => &self.verdict_tls,
+            Verdict::Opaque => &self.verdict_opaque,
+            Verdict::ServerFirst => &self.verdict_server_first,
+            Verdict::Timeout => &self.verdict_timeout,
+            Verdict::Skipped => &self.verdict_skipped,
+        }
     }
 }

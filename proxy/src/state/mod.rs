@@ -4,5 +4,5 @@
 mod conns;
 mod counters;
 
-pub use conns::{ConnGuard, ConnRecord, ConnTable, Protocol};
+pub use conns::{ConnRecord, ConnTable};
 pub use counters::ProxyCounters;

@@ -1,0 +1,190 @@
+//! Where a connection goes: the original destination, or — when it is a Service's virtual
+//! address — one of the Service's endpoints in round-robin order.
+//!
+//! A [`Routes`] table is immutable once built; a config reload builds a new one and swaps it
+//! in whole, so connections never see half of an update and the hot path takes no lock.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+    },
+};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{config::ServiceConfig, net::canonical};
+
+/// A virtual address and the endpoints behind it.
+pub struct Service {
+    pub name: String,
+    pub vip: SocketAddr,
+    pub endpoints: Vec<Endpoint>,
+    cursor: AtomicUsize,
+}
+
+pub struct Endpoint {
+    pub addr: SocketAddr,
+    /// Connections (or streams) sent to it.
+    pub picked: AtomicU64,
+    /// Connects to it that failed.
+    pub failed: AtomicU64,
+}
+
+impl Service {
+    fn new(config: &ServiceConfig) -> Service {
+        Service {
+            name: config.name.clone(),
+            vip: canonical(config.vip),
+            endpoints: config
+                .endpoints
+                .iter()
+                .map(|&addr| Endpoint {
+                    addr: canonical(addr),
+                    picked: AtomicU64::new(0),
+                    failed: AtomicU64::new(0),
+                })
+                .collect(),
+            cursor: AtomicUsize::new(0),
+        }
+    }
+
+    /// Every endpoint once, starting at the next one in rotation: callers try them in this
+    /// order until one accepts, so a dead endpoint costs one retry, not a failed request.
+    pub fn endpoint_order(&self) -> impl Iterator<Item = &Endpoint> {
+        let n = self.endpoints.len();
+        let start = if n == 0 {
+            0
+        } else {
+            self.cursor.fetch_add(1, Ordering::Relaxed) % n
+        };
+        (0..n).map(move |i| &self.endpoints[(start + i) % n])
+    }
+
+    pub fn summary(&self) -> ServiceSummary {
+        ServiceSummary {
+            name: self.name.clone(),
+            vip: self.vip,
+            endpoints: self
+                .endpoints
+                .iter()
+                .map(|e| EndpointSummary {
+                    addr: e.addr,
+                    picked: e.picked.load(Ordering::Relaxed),
+                    failed: e.failed.load(Ordering::Relaxed),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// Where one connection goes.
+#[derive(Clone)]
+pub enum Route {
+    /// Not a known virtual address: dial it as it is.
+    Direct(SocketAddr),
+    Service(Arc<Service>),
+}
+
+impl Route {
+    pub fn service_name(&self) -> Option<&str> {
+        match self {
+            Route::Direct(_) => None,
+            Route::Service(service) => Some(&service.name),
+        }
+    }
+}
+
+#[derive(Default)]
+pub struct Routes {
+    by_vip: HashMap<SocketAddr, Arc<Service>>,
+    in_order: Vec<Arc<Service>>,
+}
+
+impl Routes {
+    pub fn new(services: &[ServiceConfig]) -> Routes {
+        let in_order: Vec<Arc<Service>> =
+            services.iter().map(|s| Arc::new(Service::new(s))).collect();
+        let by_vip = in_order.iter().map(|s| (s.vip, s.clone())).collect();
+        Routes { by_vip, in_order }
+    }
+
+    pub fn route(&self, original_dst: SocketAddr) -> Route {
+        match self.by_vip.get(&canonical(original_dst)) {
+            Some(service) => Route::Service(service.clone()),
+            None => Route::Direct(original_dst),
+        }
+    }
+
+    pub fn summaries(&self) -> Vec<ServiceSummary> {
+        self.in_order.iter().map(|s| s.summary()).collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.in_order.len()
+    }
+}
+
+/// A Service as the admin API shows it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ServiceSummary {
+    pub name: String,
+    pub vip: SocketAddr,
+    pub endpoints: Vec<EndpointSummary>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EndpointSummary {
+    pub addr: SocketAddr,
+    pub picked: u64,
+    pub failed: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn service(endpoints: &[&str]) -> Routes {
+        Routes::new(&[ServiceConfig {
+            name: "greeter".into(),
+            vip: "10.96.0.10:50051".parse().unwrap(),
+            endpoints: endpoints.iter().map(|e| e.parse().unwrap()).collect(),
+        }])
+    }
+
+    #[test]
+    fn round_robin_starts_one_further_each_time() {
+        let routes = service(&["10.0.0.1:1", "10.0.0.2:1", "10.0.0.3:1"]);
+        let Route::Service(svc) = routes.route("10.96.0.10:50051".parse().unwrap()) else {
+            panic!("VIP not routed to its service");
+        };
+        let firsts: Vec<SocketAddr> = (0..6)
+            .map(|_| svc.endpoint_order().next().unwrap().addr)
+            .collect();
+        let expected: Vec<SocketAddr> = ["10.0.0.1:1", "10.0.0.2:1", "10.0.0.3:1"]
+            .iter()
+            .cycle()
+            .take(6)
+            .map(|a| a.parse().unwrap())
+            .collect();
+        assert_eq!(firsts, expected);
+        // Each order lists every endpoint exactly once, for failover.
+        let order: Vec<SocketAddr> = svc.endpoint_order().map(|e| e.addr).collect();
+        assert_eq!(order.len(), 3);
+        assert_eq!(order[0], "10.0.0.1:1".parse().unwrap());
+        assert_eq!(order[2], "10.0.0.3:1".parse().unwrap());
+    }
+
+    #[test]
+    fn other_destinations_go_direct_and_mapped_vips_match() {
+        let routes = service(&["10.0.0.1:1"]);
+        assert!(matches!(
+            routes.route("10.96.0.11:50051".parse().unwrap()),
+            Route::Direct(_)
+        ));
+        let mapped: SocketAddr = "[::ffff:10.96.0.10]:50051".parse().unwrap();
+        assert!(matches!(routes.route(mapped), Route::Service(_)));
+    }
+}
