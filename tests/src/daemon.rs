@@ -19,6 +19,8 @@ pub struct Options {
     pub fail_mode: Option<&'static str>,
     pub exclude_cidrs: Vec<String>,
     pub exclude_ports: Vec<u16>,
+    /// Lines added to the `intercept:` section, e.g. `"  detect_timeout: 5s\n"`.
+    pub intercept_yaml: String,
     /// YAML appended at the top level (further sections such as `services:`).
     pub extra_yaml: String,
 }
@@ -70,6 +72,7 @@ impl<'a> Daemon<'a> {
         );
         let ports: Vec<String> = options.exclude_ports.iter().map(u16::to_string).collect();
         let _ = writeln!(yaml, "  exclude_ports: [{}]", ports.join(", "));
+        yaml.push_str(&options.intercept_yaml);
         let _ = writeln!(yaml, "pods:{}", if pods.is_empty() { " []" } else { "" });
         for pod in pods {
             let _ = writeln!(
@@ -82,6 +85,18 @@ impl<'a> Daemon<'a> {
         let _ = writeln!(yaml, "admin:\n  socket: {}", self.socket.display());
         yaml.push_str(&options.extra_yaml);
         yaml
+    }
+
+    /// Replaces the config file (same pins, socket and cgroup), e.g. before `shunt reload`.
+    pub fn rewrite_config(&self, pods: &[&Pod], options: &Options) -> anyhow::Result<()> {
+        std::fs::write(&self.config, self.render_config(pods, options))
+            .context("rewriting the config")
+    }
+
+    /// Recently closed connections (`shunt conns --closed -o json`).
+    pub fn closed_conns(&self) -> anyhow::Result<Vec<serde_json::Value>> {
+        let conns = self.ctl_json(&["conns", "--closed"])?;
+        Ok(conns.as_array().cloned().unwrap_or_default())
     }
 
     /// Starts (or restarts) the process with the same config and pins.

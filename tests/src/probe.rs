@@ -28,8 +28,25 @@ pub struct Seen {
     pub server: Option<String>,
     #[serde(default)]
     pub echo: Option<String>,
+    /// With `--expect-banner`: the greeting and how long after connecting it arrived.
+    #[serde(default)]
+    pub banner: Option<Banner>,
+    /// With `--payload-bytes`: whether the echo matched, byte for byte.
+    #[serde(default)]
+    pub payload_echoed: Option<bool>,
+    /// With `--await-end`: `eof` or `reset`.
+    #[serde(default)]
+    pub end: Option<String>,
+    #[serde(default)]
+    pub ms: Option<u64>,
     #[serde(default)]
     pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Banner {
+    pub text: String,
+    pub ms: u64,
 }
 
 impl Seen {
@@ -119,8 +136,9 @@ pub fn connect_with(
     Ok(seen)
 }
 
-/// Polls `ss` in the pod until something listens on `port` (at most 5 s).
-fn wait_listening(sandbox: &Sandbox, pod: &Pod, port: u16, pid: u32) -> anyhow::Result<()> {
+/// Polls `ss` in the pod until something listens on `port` (at most 5 s), failing early if
+/// the server process `pid` exits.
+pub fn wait_listening(sandbox: &Sandbox, pod: &Pod, port: u16, pid: u32) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let mut ss = Command::new("ss");

@@ -21,7 +21,7 @@ const COMPILER_PACKAGES: &[&str] = &["rustc-web", "cargo-web", "libstd-rust-web-
 const LINKER_BUILD_PACKAGES: &[&str] = &["zlib1g-dev", "libzstd-dev"];
 
 /// The sandbox and the real peers the tests and the demo talk to.
-const SANDBOX_PACKAGES: &[&str] = &["iproute2", "bpftool"];
+const SANDBOX_PACKAGES: &[&str] = &["iproute2", "bpftool", "openssl", "iperf3"];
 
 pub fn run() -> anyhow::Result<()> {
     let mut apt = Apt::default();

@@ -2,15 +2,18 @@
 //!
 //! `serve` answers each connection's first line with the address it saw the client connect
 //! from, then echoes until EOF. `connect` prints one JSON line per connection with what the
-//! application saw (`getpeername()`, local address) and what the server saw.
+//! application saw (`getpeername()`, local address) and what the server saw. `send` writes
+//! raw bytes (garbage, truncated handshakes, a trickle) and reports how the connection ended.
 
 use std::{
-    io::{BufRead, BufReader, Write},
+    fs::OpenOptions,
+    io::{BufRead, BufReader, ErrorKind, Read, Write},
     net::{Shutdown, SocketAddr, TcpListener, TcpStream},
-    time::Duration,
+    path::PathBuf,
+    time::{Duration, Instant},
 };
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use serde_json::json;
 
 #[derive(Parser)]
@@ -24,65 +27,88 @@ struct Cli {
 enum Cmd {
     /// Accept connections: reply `peer=<client address> server=<name> echo=<first line>`,
     /// then echo.
-    Serve {
-        #[arg(long)]
-        listen: SocketAddr,
-        /// How this server names itself in replies.
-        #[arg(long, default_value = "probe")]
-        name: String,
-        /// Written to each client on accept, before anything is read (a server-first protocol).
-        #[arg(long)]
-        banner: Option<String>,
-    },
+    Serve(ServeArgs),
     /// Connect, send a line, print what both ends saw as JSON.
-    Connect {
-        #[arg(long)]
-        to: SocketAddr,
-        #[arg(long, default_value = "hello")]
-        message: String,
-        /// Connections to make, one after the other.
-        #[arg(long, default_value_t = 1)]
-        count: u32,
-        /// Keep each connection open this long after the exchange.
-        #[arg(long, default_value_t = 0)]
-        hold_ms: u64,
-        #[arg(long, default_value_t = 3000)]
-        timeout_ms: u64,
-    },
+    Connect(ConnectArgs),
+    /// Send raw bytes, then a newline and EOF; print what came back and how it ended.
+    Send(SendArgs),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    #[arg(long)]
+    listen: SocketAddr,
+    /// How this server names itself in replies.
+    #[arg(long, default_value = "probe")]
+    name: String,
+    /// Written to each client on accept, before anything is read (a server-first protocol).
+    #[arg(long)]
+    banner: Option<String>,
+    /// Reset each connection (RST) right after the reply instead of echoing.
+    #[arg(long)]
+    reset_after_reply: bool,
+    /// Append `eof <peer>` or `reset <peer>` here when a client's side ends.
+    #[arg(long)]
+    events: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct ConnectArgs {
+    #[arg(long)]
+    to: SocketAddr,
+    #[arg(long, default_value = "hello")]
+    message: String,
+    /// Connections to make, one after the other.
+    #[arg(long, default_value_t = 1)]
+    count: u32,
+    /// Keep each connection open this long after the exchange.
+    #[arg(long, default_value_t = 0)]
+    hold_ms: u64,
+    #[arg(long, default_value_t = 3000)]
+    timeout_ms: u64,
+    /// Read a greeting line before sending anything (a server-first protocol).
+    #[arg(long)]
+    expect_banner: bool,
+    /// Stay silent this long after connecting before sending.
+    #[arg(long, default_value_t = 0)]
+    delay_send_ms: u64,
+    /// After the line, send this many more bytes, shut down the write side and read the
+    /// echo to EOF (half-close).
+    #[arg(long, default_value_t = 0)]
+    payload_bytes: usize,
+    /// End the connection with a reset instead of a FIN.
+    #[arg(long)]
+    reset: bool,
+    /// After the reply, wait for the server to end the connection and report how.
+    #[arg(long)]
+    await_end: bool,
+}
+
+#[derive(Args)]
+struct SendArgs {
+    #[arg(long)]
+    to: SocketAddr,
+    /// Bytes to send, in hex.
+    #[arg(long, conflicts_with = "random")]
+    hex: Option<String>,
+    /// Send this many pseudo-random bytes instead.
+    #[arg(long)]
+    random: Option<usize>,
+    /// Send one byte per this many milliseconds.
+    #[arg(long, default_value_t = 0)]
+    trickle_ms: u64,
+    /// Keep the connection open this long after sending, before the newline and EOF.
+    #[arg(long, default_value_t = 0)]
+    hold_ms: u64,
+    #[arg(long, default_value_t = 10_000)]
+    timeout_ms: u64,
 }
 
 fn main() {
     let result = match Cli::parse().command {
-        Cmd::Serve {
-            listen,
-            name,
-            banner,
-        } => serve(listen, name, banner),
-        Cmd::Connect {
-            to,
-            message,
-            count,
-            hold_ms,
-            timeout_ms,
-        } => {
-            let timeout = Duration::from_millis(timeout_ms);
-            let mut failed = false;
-            for _ in 0..count {
-                let line = match exchange(to, &message, timeout, Duration::from_millis(hold_ms)) {
-                    Ok(seen) => seen,
-                    Err(e) => {
-                        failed = true;
-                        json!({ "to": to.to_string(), "error": e.to_string() })
-                    }
-                };
-                println!("{line}");
-            }
-            if failed {
-                Err("some connections failed".to_string())
-            } else {
-                Ok(())
-            }
-        }
+        Cmd::Serve(args) => serve(args),
+        Cmd::Connect(args) => connect_all(&args),
+        Cmd::Send(args) => send(&args),
     };
     if let Err(e) = result {
         eprintln!("shunt-probe: {e}");
@@ -90,48 +116,90 @@ fn main() {
     }
 }
 
-fn serve(listen: SocketAddr, name: String, banner: Option<String>) -> Result<(), String> {
-    let listener = TcpListener::bind(listen).map_err(|e| format!("bind {listen}: {e}"))?;
+fn serve(args: ServeArgs) -> Result<(), String> {
+    let listener =
+        TcpListener::bind(args.listen).map_err(|e| format!("bind {}: {e}", args.listen))?;
+    let args = std::sync::Arc::new(args);
     for stream in listener.incoming() {
         let Ok(stream) = stream else { continue };
-        let banner = banner.clone();
-        let name = name.clone();
+        let args = args.clone();
         std::thread::spawn(move || {
-            if let Err(e) = answer(stream, &name, banner.as_deref()) {
-                eprintln!("connection: {e}");
+            let peer = stream
+                .peer_addr()
+                .map(|p| p.to_string())
+                .unwrap_or_default();
+            let end = match answer(stream, &args) {
+                Ok(()) => "eof",
+                Err(e) if e.kind() == ErrorKind::ConnectionReset => "reset",
+                Err(e) => {
+                    eprintln!("connection from {peer}: {e}");
+                    "error"
+                }
+            };
+            if let Some(events) = &args.events
+                && let Ok(mut file) = OpenOptions::new().create(true).append(true).open(events)
+            {
+                let _ = writeln!(file, "{end} {peer}");
             }
         });
     }
     Ok(())
 }
 
-fn answer(mut stream: TcpStream, name: &str, banner: Option<&str>) -> std::io::Result<()> {
+fn answer(mut stream: TcpStream, args: &ServeArgs) -> std::io::Result<()> {
     let peer = stream.peer_addr()?;
-    if let Some(banner) = banner {
+    if let Some(banner) = &args.banner {
         stream.write_all(format!("{banner}\n").as_bytes())?;
     }
     let mut reader = BufReader::new(stream.try_clone()?);
-    let mut first = String::new();
-    reader.read_line(&mut first)?;
-    let echo = first.trim_end();
-    stream.write_all(format!("peer={peer} server={name} echo={echo}\n").as_bytes())?;
+    let mut first = Vec::new();
+    reader.read_until(b'\n', &mut first)?;
+    let echo = String::from_utf8_lossy(&first);
+    let name = &args.name;
+    stream.write_all(format!("peer={peer} server={name} echo={}\n", echo.trim_end()).as_bytes())?;
+    if args.reset_after_reply {
+        socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO))?;
+        return Ok(());
+    }
     // Echo the rest; bytes already buffered by the reader come first.
     std::io::copy(&mut reader, &mut stream)?;
     stream.shutdown(Shutdown::Write)
 }
 
-fn exchange(
-    to: SocketAddr,
-    message: &str,
-    timeout: Duration,
-    hold: Duration,
-) -> std::io::Result<serde_json::Value> {
-    let mut stream = TcpStream::connect_timeout(&to, timeout)?;
+fn connect_all(args: &ConnectArgs) -> Result<(), String> {
+    let mut failed = false;
+    for _ in 0..args.count {
+        let line = exchange(args).unwrap_or_else(|e| {
+            failed = true;
+            json!({ "to": args.to.to_string(), "error": e.to_string() })
+        });
+        println!("{line}");
+    }
+    if failed {
+        Err("some connections failed".to_string())
+    } else {
+        Ok(())
+    }
+}
+
+fn exchange(args: &ConnectArgs) -> std::io::Result<serde_json::Value> {
+    let timeout = Duration::from_millis(args.timeout_ms);
+    let started = Instant::now();
+    let mut stream = TcpStream::connect_timeout(&args.to, timeout)?;
     stream.set_read_timeout(Some(timeout))?;
     let peername = stream.peer_addr()?;
     let local = stream.local_addr()?;
-    stream.write_all(format!("{message}\n").as_bytes())?;
     let mut reader = BufReader::new(stream.try_clone()?);
+
+    let mut banner = None;
+    if args.expect_banner {
+        let mut line = String::new();
+        reader.read_line(&mut line)?;
+        banner =
+            Some(json!({ "text": line.trim_end(), "ms": started.elapsed().as_millis() as u64 }));
+    }
+    std::thread::sleep(Duration::from_millis(args.delay_send_ms));
+    stream.write_all(format!("{}\n", args.message).as_bytes())?;
     let mut reply = String::new();
     reader.read_line(&mut reply)?;
     let reply = reply.trim_end();
@@ -142,14 +210,117 @@ fn exchange(
     });
     let (server_saw, server, echo) =
         parsed.ok_or_else(|| std::io::Error::other(format!("unexpected reply {reply:?}")))?;
-    std::thread::sleep(hold);
+
+    let mut payload_echoed = None;
+    if args.payload_bytes > 0 {
+        let payload: Vec<u8> = (0..args.payload_bytes).map(|i| (i % 251) as u8).collect();
+        stream.write_all(&payload)?;
+        stream.shutdown(Shutdown::Write)?;
+        let mut back = Vec::new();
+        reader.read_to_end(&mut back)?;
+        payload_echoed = Some(back == payload);
+    }
+    let mut end = None;
+    if args.await_end {
+        let mut rest = Vec::new();
+        end = Some(match reader.read_to_end(&mut rest) {
+            Ok(_) => "eof".to_string(),
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => "reset".to_string(),
+            Err(e) => e.to_string(),
+        });
+    }
+    std::thread::sleep(Duration::from_millis(args.hold_ms));
+    if args.reset {
+        socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO))?;
+    }
     Ok(json!({
-        "to": to.to_string(),
+        "to": args.to.to_string(),
         "peername": peername.to_string(),
         "local": local.to_string(),
         "server_saw": server_saw,
         "server": server,
         "echo": echo,
+        "banner": banner,
+        "payload_echoed": payload_echoed,
+        "end": end,
+        "ms": started.elapsed().as_millis() as u64,
         "error": null,
     }))
+}
+
+fn send(args: &SendArgs) -> Result<(), String> {
+    let bytes = match (&args.hex, args.random) {
+        (Some(hex), _) => decode_hex(hex)?,
+        (None, Some(n)) => pseudo_random(n),
+        (None, None) => return Err("give --hex or --random".into()),
+    };
+    let timeout = Duration::from_millis(args.timeout_ms);
+    let started = Instant::now();
+    let outcome = (|| -> std::io::Result<(Vec<u8>, &'static str, SocketAddr)> {
+        let mut stream = TcpStream::connect_timeout(&args.to, timeout)?;
+        let local = stream.local_addr()?;
+        stream.set_read_timeout(Some(timeout))?;
+        if args.trickle_ms > 0 {
+            for byte in &bytes {
+                stream.write_all(std::slice::from_ref(byte))?;
+                std::thread::sleep(Duration::from_millis(args.trickle_ms));
+            }
+        } else {
+            stream.write_all(&bytes)?;
+        }
+        std::thread::sleep(Duration::from_millis(args.hold_ms));
+        stream.write_all(b"\n")?;
+        stream.shutdown(Shutdown::Write)?;
+        let mut received = Vec::new();
+        let end = match stream.read_to_end(&mut received) {
+            Ok(_) => "eof",
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => "reset",
+            Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::TimedOut => {
+                "timeout"
+            }
+            Err(e) => return Err(e),
+        };
+        Ok((received, end, local))
+    })();
+    let line = match outcome {
+        Ok((received, end, local)) => json!({
+            "local": local.to_string(),
+            "sent": bytes.len() + 1,
+            "received": received.len(),
+            "reply": String::from_utf8_lossy(&received).lines().next().unwrap_or_default(),
+            "end": end,
+            "ms": started.elapsed().as_millis() as u64,
+            "error": null,
+        }),
+        Err(e) => json!({ "error": e.to_string() }),
+    };
+    println!("{line}");
+    Ok(())
+}
+
+fn decode_hex(hex: &str) -> Result<Vec<u8>, String> {
+    let hex: String = hex.chars().filter(|c| !c.is_whitespace()).collect();
+    if !hex.len().is_multiple_of(2) {
+        return Err("odd number of hex digits".into());
+    }
+    (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).map_err(|e| format!("bad hex at {i}: {e}")))
+        .collect()
+}
+
+/// A fixed xorshift sequence without newlines, so the server reads it as one line.
+fn pseudo_random(n: usize) -> Vec<u8> {
+    let mut state: u32 = 0x9e37_79b9;
+    (0..n)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 17;
+            state ^= state << 5;
+            match (state >> 24) as u8 {
+                b'\n' => 0,
+                b => b,
+            }
+        })
+        .collect()
 }

@@ -1,0 +1,573 @@
+//! Detection and opaque forwarding through shunt with real peers (openssl, iperf3, the
+//! probe): TLS passes through untouched, server-first protocols are not delayed, silent
+//! clients are bounded, Services balance per connection, bad input harms nobody. Run as root.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail, ensure};
+use shunt_tests::{
+    daemon::{Daemon, Options},
+    probe::{self, Seen},
+    sandbox::{Pod, Sandbox},
+};
+
+const VIP: &str = "10.96.0.10";
+
+fn vip(port: u16) -> SocketAddr {
+    SocketAddr::new(VIP.parse().expect("valid VIP"), port)
+}
+
+fn services_yaml(port: u16, endpoints: &[SocketAddr]) -> String {
+    let list: Vec<String> = endpoints.iter().map(|e| format!("'{e}'")).collect();
+    format!(
+        "services:\n  - name: backend\n    vip: '{}'\n    endpoints: [{}]\n",
+        vip(port),
+        list.join(", ")
+    )
+}
+
+fn with_service(port: u16, endpoints: &[SocketAddr], intercept_yaml: &str) -> Options {
+    Options {
+        extra_yaml: services_yaml(port, endpoints),
+        intercept_yaml: intercept_yaml.to_owned(),
+        ..Options::default()
+    }
+}
+
+/// Waits until shunt lists at least `n` closed connections and returns them.
+fn closed_conns(daemon: &Daemon, n: usize) -> anyhow::Result<Vec<serde_json::Value>> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let closed = daemon.closed_conns()?;
+        if closed.len() >= n {
+            return Ok(closed);
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "{} of {n} connections closed after 10s: {closed:?}",
+                closed.len()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn probe_connect(
+    sandbox: &Sandbox,
+    pod: &Pod,
+    to: SocketAddr,
+    extra: &[&str],
+) -> anyhow::Result<Seen> {
+    let seen = probe::connect_with(sandbox, pod, to, 1, extra)?.remove(0);
+    seen.ok()?;
+    Ok(seen)
+}
+
+/// `shunt-probe send` from `pod`; returns its JSON line.
+fn probe_send(
+    sandbox: &Sandbox,
+    pod: &Pod,
+    to: SocketAddr,
+    args: &[&str],
+) -> anyhow::Result<serde_json::Value> {
+    let mut cmd = Command::new(shunt_tests::probe_bin());
+    cmd.args(["send", "--to", &to.to_string()]).args(args);
+    let out = sandbox.run_in_pod(pod, cmd, Duration::from_secs(30))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(text.trim()).with_context(|| format!("probe send printed {text:?}"))
+}
+
+struct Setup {
+    sandbox: Sandbox,
+    client: Pod,
+    backends: Vec<Pod>,
+    pids: Vec<u32>,
+}
+
+/// A client pod and `n` backend pods each running a probe server on `port`.
+fn setup(n: usize, port: u16) -> anyhow::Result<Setup> {
+    let sandbox = Sandbox::new()?;
+    let client = sandbox.add_pod("client")?;
+    let mut backends = Vec::new();
+    let mut pids = Vec::new();
+    for i in 0..n {
+        let pod = sandbox.add_pod(&format!("backend{i}"))?;
+        pids.push(probe::serve(
+            &sandbox,
+            &pod,
+            SocketAddr::new(pod.ipv4.into(), port),
+        )?);
+        backends.push(pod);
+    }
+    Ok(Setup {
+        sandbox,
+        client,
+        backends,
+        pids,
+    })
+}
+
+fn endpoints(setup: &Setup, port: u16) -> Vec<SocketAddr> {
+    setup
+        .backends
+        .iter()
+        .map(|b| SocketAddr::new(b.ipv4.into(), port))
+        .collect()
+}
+
+#[test]
+fn tls_passes_through_untouched_and_is_recorded_with_its_sni() -> anyhow::Result<()> {
+    let sandbox = Sandbox::new()?;
+    let client = sandbox.add_pod("client")?;
+    let backend = sandbox.add_pod("backend")?;
+    let dir = sandbox.scratch_dir("tls")?;
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let made = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ])
+        .args([
+            "-days",
+            "1",
+            "-subj",
+            "/CN=greeter.test",
+            "-addext",
+            "subjectAltName=DNS:greeter.test",
+        ])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .context("running openssl (cargo xtask setup installs it)")?;
+    ensure!(
+        made.status.success(),
+        "openssl req: {}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+
+    let mut server = Command::new("openssl");
+    server
+        .args(["s_server", "-quiet", "-accept", "8443", "-www"])
+        .arg("-cert")
+        .arg(&cert)
+        .arg("-key")
+        .arg(&key);
+    let server_pid = sandbox.spawn_in_pod(&backend, server)?;
+    probe::wait_listening(&sandbox, &backend, 8443, server_pid)?;
+    let endpoint = SocketAddr::new(backend.ipv4.into(), 8443);
+    let daemon = Daemon::start(&sandbox, &[&client], &with_service(443, &[endpoint], ""))?;
+
+    let mut s_client = Command::new("openssl");
+    s_client
+        .args([
+            "s_client",
+            "-brief",
+            "-connect",
+            &vip(443).to_string(),
+            "-servername",
+            "greeter.test",
+        ])
+        .args([
+            "-verify_return_error",
+            "-verify_hostname",
+            "greeter.test",
+            "-alpn",
+            "h2,http/1.1",
+        ])
+        .arg("-CAfile")
+        .arg(&cert);
+    let out = sandbox.run_in_pod(&client, s_client, Duration::from_secs(20))?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(out.status.success(), "s_client failed: {stderr}");
+    // The certificate verified against the name: the handshake reached the real server intact.
+    assert!(stderr.contains("Verification: OK"), "{stderr}");
+
+    let closed = closed_conns(&daemon, 1)?;
+    let conn = &closed[0];
+    assert_eq!(conn["verdict"], "tls", "{conn}");
+    assert_eq!(conn["sni"], "greeter.test", "{conn}");
+    assert_eq!(
+        conn["alpn"],
+        serde_json::json!(["h2", "http/1.1"]),
+        "{conn}"
+    );
+    assert_eq!(conn["service"], "backend");
+    assert_eq!(conn["upstream"], endpoint.to_string());
+    assert_eq!(daemon.counter("proxy", "verdict_tls")?, 1);
+    Ok(())
+}
+
+#[test]
+fn a_server_that_speaks_first_is_not_delayed() -> anyhow::Result<()> {
+    let sandbox = Sandbox::new()?;
+    let client = sandbox.add_pod("client")?;
+    let backend = sandbox.add_pod("backend")?;
+    let mut serve = Command::new(shunt_tests::probe_bin());
+    serve.args([
+        "serve",
+        "--name",
+        "smtp",
+        "--banner",
+        "220 smtp ready",
+        "--listen",
+        &format!("{}:2525", backend.ipv4),
+    ]);
+    let pid = sandbox.spawn_in_pod(&backend, serve)?;
+    probe::wait_listening(&sandbox, &backend, 2525, pid)?;
+    let endpoint = SocketAddr::new(backend.ipv4.into(), 2525);
+    let daemon = Daemon::start(
+        &sandbox,
+        &[&client],
+        &with_service(2525, &[endpoint], "  detect_timeout: 5s\n"),
+    )?;
+
+    let seen = probe_connect(&sandbox, &client, vip(2525), &["--expect-banner"])?;
+    let banner = seen.banner.context("no banner")?;
+    assert_eq!(banner.text, "220 smtp ready");
+    // A correctness bound, not a speed figure: far below the 5 s detection timeout.
+    assert!(banner.ms < 1000, "the banner took {} ms", banner.ms);
+    assert_eq!(closed_conns(&daemon, 1)?[0]["verdict"], "server-first");
+    Ok(())
+}
+
+#[test]
+fn a_silent_client_is_held_at_most_the_detection_timeout() -> anyhow::Result<()> {
+    let setup = setup(1, 8080)?;
+    let eps = endpoints(&setup, 8080);
+    let daemon = Daemon::start(
+        &setup.sandbox,
+        &[&setup.client],
+        &with_service(80, &eps, "  detect_timeout: 300ms\n"),
+    )?;
+    let seen = probe_connect(
+        &setup.sandbox,
+        &setup.client,
+        vip(80),
+        &["--delay-send-ms", "1200"],
+    )?;
+    assert_eq!(seen.echo.as_deref(), Some("hello"));
+    let conn = &closed_conns(&daemon, 1)?[0];
+    assert_eq!(conn["verdict"], "timeout", "{conn}");
+    Ok(())
+}
+
+#[test]
+fn iperf3_through_a_service_moves_every_byte() -> anyhow::Result<()> {
+    let sandbox = Sandbox::new()?;
+    let client = sandbox.add_pod("client")?;
+    let backend = sandbox.add_pod("backend")?;
+    let mut server = Command::new("iperf3");
+    server.args(["-s", "-1", "-p", "5201"]);
+    let pid = sandbox.spawn_in_pod(&backend, server)?;
+    probe::wait_listening(&sandbox, &backend, 5201, pid)?;
+    let endpoint = SocketAddr::new(backend.ipv4.into(), 5201);
+    let daemon = Daemon::start(&sandbox, &[&client], &with_service(5201, &[endpoint], ""))?;
+
+    let mut iperf = Command::new("iperf3");
+    iperf.args(["-c", VIP, "-p", "5201", "-n", "256M", "-J"]);
+    let out = sandbox.run_in_pod(&client, iperf, Duration::from_secs(60))?;
+    ensure!(
+        out.status.success(),
+        "iperf3: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let sent = report["end"]["sum_sent"]["bytes"]
+        .as_u64()
+        .context("no sum_sent")?;
+    let received = report["end"]["sum_received"]["bytes"]
+        .as_u64()
+        .context("no sum_received")?;
+    assert!(sent >= 256 << 20, "sent {sent}");
+    // iperf3 ends a test by closing the data connection as soon as the end-of-test message
+    // arrives on the control connection, discarding what is still in flight; so the data
+    // connection carried at least what the server counted and at most what the client sent
+    // (plus its 37-byte cookie). Byte-exactness is proven by the echo tests.
+    let closed = closed_conns(&daemon, 2)?;
+    let data = closed
+        .iter()
+        .filter_map(|c| c["bytes_from_client"].as_u64())
+        .max()
+        .context("no data connection")?;
+    assert!(
+        (received..=sent + 37).contains(&data),
+        "data connection carried {data}; iperf3 sent {sent}, received {received}"
+    );
+    assert!(received >= sent / 2, "iperf3 received {received} of {sent}");
+    Ok(())
+}
+
+#[test]
+fn half_close_keeps_the_response_flowing() -> anyhow::Result<()> {
+    let setup = setup(1, 8080)?;
+    let eps = endpoints(&setup, 8080);
+    let _daemon = Daemon::start(
+        &setup.sandbox,
+        &[&setup.client],
+        &with_service(80, &eps, ""),
+    )?;
+    // The client sends 4 MiB, shuts down its write side, and reads the echo to the end.
+    let seen = probe_connect(
+        &setup.sandbox,
+        &setup.client,
+        vip(80),
+        &["--payload-bytes", "4194304"],
+    )?;
+    assert_eq!(seen.payload_echoed, Some(true), "{seen:?}");
+    Ok(())
+}
+
+#[test]
+fn resets_are_passed_on_in_both_directions() -> anyhow::Result<()> {
+    let sandbox = Sandbox::new()?;
+    let client = sandbox.add_pod("client")?;
+    let backend = sandbox.add_pod("backend")?;
+    let events = sandbox.scratch_dir("events")?.join("events.log");
+    let mut serve = Command::new(shunt_tests::probe_bin());
+    serve
+        .args([
+            "serve",
+            "--name",
+            "echo",
+            "--listen",
+            &format!("{}:8080", backend.ipv4),
+        ])
+        .arg("--events")
+        .arg(&events);
+    let pid = sandbox.spawn_in_pod(&backend, serve)?;
+    probe::wait_listening(&sandbox, &backend, 8080, pid)?;
+    let mut resetting = Command::new(shunt_tests::probe_bin());
+    resetting.args([
+        "serve",
+        "--name",
+        "rst",
+        "--reset-after-reply",
+        "--listen",
+        &format!("{}:8081", backend.ipv4),
+    ]);
+    let pid = sandbox.spawn_in_pod(&backend, resetting)?;
+    probe::wait_listening(&sandbox, &backend, 8081, pid)?;
+    let daemon = Daemon::start(&sandbox, &[&client], &Options::default())?;
+
+    // Client resets → the server sees a reset, not a FIN.
+    probe_connect(
+        &sandbox,
+        &client,
+        SocketAddr::new(backend.ipv4.into(), 8080),
+        &["--reset"],
+    )?;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let log = std::fs::read_to_string(&events).unwrap_or_default();
+        if log.starts_with("reset ") {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "the server did not see a reset: {log:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    // Server resets → the client sees a reset.
+    let seen = probe_connect(
+        &sandbox,
+        &client,
+        SocketAddr::new(backend.ipv4.into(), 8081),
+        &["--await-end"],
+    )?;
+    assert_eq!(seen.end.as_deref(), Some("reset"), "{seen:?}");
+    let closed = closed_conns(&daemon, 2)?;
+    let reasons: Vec<&str> = closed
+        .iter()
+        .filter_map(|c| c["close_reason"].as_str())
+        .collect();
+    assert!(
+        reasons.contains(&"client-reset") && reasons.contains(&"upstream-reset"),
+        "{reasons:?}"
+    );
+    Ok(())
+}
+
+#[test]
+fn opaque_ports_are_never_sniffed() -> anyhow::Result<()> {
+    let setup = setup(1, 6379)?;
+    let eps = endpoints(&setup, 6379);
+    let daemon = Daemon::start(
+        &setup.sandbox,
+        &[&setup.client],
+        &with_service(6379, &eps, ""),
+    )?;
+    probe_connect(&setup.sandbox, &setup.client, vip(6379), &[])?;
+    assert_eq!(closed_conns(&daemon, 1)?[0]["verdict"], "skipped");
+    assert_eq!(daemon.counter("proxy", "verdict_skipped")?, 1);
+    Ok(())
+}
+
+#[test]
+fn connections_are_spread_round_robin_and_fail_over() -> anyhow::Result<()> {
+    let setup = setup(3, 8080)?;
+    let eps = endpoints(&setup, 8080);
+    let daemon = Daemon::start(
+        &setup.sandbox,
+        &[&setup.client],
+        &with_service(80, &eps, ""),
+    )?;
+
+    let per_backend = |seen: &[Seen]| -> HashMap<String, usize> {
+        let mut counts = HashMap::new();
+        for s in seen {
+            *counts
+                .entry(s.server.clone().unwrap_or_default())
+                .or_default() += 1;
+        }
+        counts
+    };
+    let seen = probe::connect(&setup.sandbox, &setup.client, vip(80), 300)?;
+    for s in &seen {
+        s.ok()?;
+    }
+    let counts = per_backend(&seen);
+    assert_eq!(counts.len(), 3, "{counts:?}");
+    for (backend, n) in &counts {
+        assert!(
+            (95..=105).contains(n),
+            "{backend} got {n} of 300: {counts:?}"
+        );
+    }
+
+    // One endpoint down: every connection still succeeds, on the other two.
+    setup.sandbox.kill(setup.pids[1]);
+    let seen = probe::connect(&setup.sandbox, &setup.client, vip(80), 300)?;
+    for s in &seen {
+        s.ok()?;
+    }
+    let counts = per_backend(&seen);
+    assert_eq!(counts.get("backend1"), None, "{counts:?}");
+    assert_eq!(counts.values().sum::<usize>(), 300);
+    assert!(daemon.counter("proxy", "endpoint_failovers")? >= 90);
+    Ok(())
+}
+
+#[test]
+fn bad_input_is_handled_without_harming_others() -> anyhow::Result<()> {
+    let setup = setup(1, 8080)?;
+    let eps = endpoints(&setup, 8080);
+    let daemon = Daemon::start(
+        &setup.sandbox,
+        &[&setup.client],
+        &with_service(80, &eps, "  detect_timeout: 500ms\n"),
+    )?;
+    let (sandbox, client) = (&setup.sandbox, &setup.client);
+
+    // A healthy connection held open across all of it.
+    let healthy = probe::connect_held(sandbox, client, vip(80), Duration::from_secs(4))?;
+
+    let preface_cut = hex(b"PRI * HTTP/2.0\r\n");
+    let hello_cut = "160301020001000200fc0303"; // record says 512 bytes; 7 arrive
+    let cases: [(&str, Vec<&str>, &str); 4] = [
+        ("random bytes", vec!["--random", "4096"], "opaque"),
+        (
+            "truncated HTTP/2 preface",
+            vec!["--hex", &preface_cut, "--hold-ms", "1000"],
+            "timeout",
+        ),
+        (
+            "ClientHello cut in the middle",
+            vec!["--hex", hello_cut, "--hold-ms", "1000"],
+            "timeout",
+        ),
+        (
+            "one byte per second",
+            vec!["--hex", "160301", "--trickle-ms", "1000"],
+            "timeout",
+        ),
+    ];
+    for (what, args, verdict) in &cases {
+        let result = probe_send(sandbox, client, vip(80), args)?;
+        // Forwarded once the verdict was in: the backend answered with the bytes it got.
+        assert_eq!(result["end"], "eof", "{what}: {result}");
+        let reply = result["reply"].as_str().unwrap_or_default();
+        assert!(reply.starts_with("peer="), "{what}: {result}");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let conn = loop {
+            let closed = daemon.closed_conns()?;
+            if let Some(conn) = closed.into_iter().find(|c| c["client"] == result["local"]) {
+                break conn;
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "{what}: connection never closed in shunt"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert_eq!(conn["verdict"], *verdict, "{what}: {conn}");
+    }
+    let seen = healthy.finish(sandbox)?;
+    seen.ok()?;
+    assert_eq!(seen.echo.as_deref(), Some("hello"));
+    assert!(
+        daemon.is_running(),
+        "shunt died; log:\n{}",
+        daemon.log_text()
+    );
+    Ok(())
+}
+
+#[test]
+fn reload_swaps_services_and_refuses_a_bad_config() -> anyhow::Result<()> {
+    let setup = setup(2, 8080)?;
+    let eps = endpoints(&setup, 8080);
+    let pods = [&setup.client];
+    let daemon = Daemon::start(&setup.sandbox, &pods, &with_service(80, &eps[..1], ""))?;
+    let server_of = |_: &Daemon| -> anyhow::Result<String> {
+        let seen = probe_connect(&setup.sandbox, &setup.client, vip(80), &[])?;
+        Ok(seen.server.unwrap_or_default())
+    };
+    assert_eq!(server_of(&daemon)?, "backend0");
+
+    // A bad config is refused whole, with the field named; traffic keeps the old one.
+    let mut bad = with_service(80, &eps[1..], "");
+    bad.extra_yaml = bad.extra_yaml.replace(&eps[1].to_string(), "10.0.0.1");
+    daemon.rewrite_config(&pods, &bad)?;
+    let error = daemon
+        .ctl(&["reload"])
+        .expect_err("a bad config was accepted")
+        .to_string();
+    assert!(error.contains("services[0].endpoints[0]"), "{error}");
+    assert_eq!(server_of(&daemon)?, "backend0");
+
+    // A good one changes where new connections go.
+    daemon.rewrite_config(&pods, &with_service(80, &eps[1..], ""))?;
+    daemon.ctl(&["reload"])?;
+    assert_eq!(server_of(&daemon)?, "backend1");
+
+    // SIGHUP does the same.
+    daemon.rewrite_config(&pods, &with_service(80, &eps[..1], ""))?;
+    let status = daemon.ctl_json(&["status"])?;
+    let pid = status["pid"].as_i64().context("no pid")? as i32;
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe { libc::kill(pid, libc::SIGHUP) };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while server_of(&daemon)? != "backend0" {
+        ensure!(Instant::now() < deadline, "SIGHUP did not reload");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
