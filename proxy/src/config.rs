@@ -11,6 +11,8 @@ use std::{
 };
 
 use ipnet::IpNet;
+
+pub use crate::proxy::Forwarding;
 use serde::{Deserialize, Serialize};
 
 pub const DEFAULT_LISTEN_PORT: u16 = 15001;
@@ -83,6 +85,8 @@ pub struct Intercept {
     /// Opaque connections with no traffic either way for this long are closed; `0s`: never.
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
+    /// How opaque bytes are moved: `splice` (zero-copy, the default) or `copy`.
+    pub forwarding: Forwarding,
 }
 
 impl Default for Intercept {
@@ -99,6 +103,7 @@ impl Default for Intercept {
             opaque_ports: DEFAULT_OPAQUE_PORTS.to_vec(),
             connect_timeout: Duration::from_secs(5),
             idle_timeout: Duration::ZERO,
+            forwarding: Forwarding::default(),
         }
     }
 }

@@ -10,11 +10,9 @@ use std::{
     time::Duration,
 };
 
-use tokio::{
-    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
-    net::TcpStream,
-    time::Instant,
-};
+use tokio::{net::TcpStream, time::Instant};
+
+use super::splice::{Pipe, SpliceEnd, shutdown_write, splice_until_eof};
 
 const BUFFER: usize = 32 * 1024;
 
@@ -39,6 +37,17 @@ impl Closed {
     }
 }
 
+/// How payload bytes are moved.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Forwarding {
+    /// `splice(2)` through a pipe: the payload stays in the kernel.
+    #[default]
+    Splice,
+    /// `read(2)`/`write(2)` through a userspace buffer.
+    Copy,
+}
+
 /// Byte counters of both directions, shared with the connection table.
 pub struct Meters<'a> {
     pub from_client: &'a AtomicU64,
@@ -48,62 +57,49 @@ pub struct Meters<'a> {
 /// Forwards until both directions are done. `prefix` (bytes already read from the client) is
 /// sent upstream first. A zero `idle_timeout` disables it.
 pub async fn forward(
-    mut client: TcpStream,
-    mut upstream: TcpStream,
+    client: TcpStream,
+    upstream: TcpStream,
     prefix: &[u8],
     meters: Meters<'_>,
     idle_timeout: Duration,
+    mode: Forwarding,
 ) -> Closed {
-    let closed = {
-        let (mut client_rx, mut client_tx) = client.split();
-        let (mut upstream_rx, mut upstream_tx) = upstream.split();
-        let last_activity = AtomicU64::new(0);
-        let started = Instant::now();
-        let to_upstream = async {
-            if !prefix.is_empty() {
-                upstream_tx.write_all(prefix).await.map_err(End::Write)?;
-                meters
-                    .from_client
-                    .fetch_add(prefix.len() as u64, Ordering::Relaxed);
-            }
-            pump(
-                &mut client_rx,
-                &mut upstream_tx,
-                meters.from_client,
-                &last_activity,
-                started,
-            )
-            .await
-        };
-        let to_client = pump(
-            &mut upstream_rx,
-            &mut client_tx,
-            meters.to_client,
-            &last_activity,
-            started,
-        );
-        tokio::pin!(to_upstream, to_client);
-        let (mut up_done, mut down_done) = (false, false);
-        let idle = idle_watch(idle_timeout, &last_activity, started);
-        tokio::pin!(idle);
-        loop {
-            if up_done && down_done {
-                break Closed::Eof;
-            }
-            tokio::select! {
-                result = &mut to_upstream, if !up_done => match result {
-                    Ok(()) => up_done = true,
-                    // Reading the client failed: it reset. Writing upstream failed: it did.
-                    Err(End::Read(_)) => break Closed::ClientReset,
-                    Err(End::Write(_)) => break Closed::UpstreamReset,
-                },
-                result = &mut to_client, if !down_done => match result {
-                    Ok(()) => down_done = true,
-                    Err(End::Read(_)) => break Closed::UpstreamReset,
-                    Err(End::Write(_)) => break Closed::ClientReset,
-                },
-                () = &mut idle => break Closed::IdleTimeout,
-            }
+    let started = Instant::now();
+    let last_activity = AtomicU64::new(0);
+    let activity = Activity {
+        last: &last_activity,
+        started,
+    };
+    let to_upstream = direction(
+        &client,
+        &upstream,
+        prefix,
+        meters.from_client,
+        &activity,
+        mode,
+    );
+    let to_client = direction(&upstream, &client, &[], meters.to_client, &activity, mode);
+    tokio::pin!(to_upstream, to_client);
+    let idle = idle_watch(idle_timeout, &activity);
+    tokio::pin!(idle);
+    let (mut up_done, mut down_done) = (false, false);
+    let closed = loop {
+        if up_done && down_done {
+            break Closed::Eof;
+        }
+        tokio::select! {
+            result = &mut to_upstream, if !up_done => match result {
+                Ok(()) => up_done = true,
+                // Reading the client failed: it reset. Writing upstream failed: it did.
+                Err(End::Read) => break Closed::ClientReset,
+                Err(End::Write) => break Closed::UpstreamReset,
+            },
+            result = &mut to_client, if !down_done => match result {
+                Ok(()) => down_done = true,
+                Err(End::Read) => break Closed::UpstreamReset,
+                Err(End::Write) => break Closed::ClientReset,
+            },
+            () = &mut idle => break Closed::IdleTimeout,
         }
     };
     match closed {
@@ -119,44 +115,96 @@ pub fn reset(stream: &TcpStream) {
     let _ = socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO));
 }
 
+/// Which side failed; the error itself only matters as a close reason.
 enum End {
-    Read(#[allow(dead_code)] io::Error),
-    Write(#[allow(dead_code)] io::Error),
+    Read,
+    Write,
 }
 
-/// Copies one direction until EOF, then passes the EOF on with `shutdown(SHUT_WR)`.
-async fn pump<R, W>(
-    from: &mut R,
-    to: &mut W,
-    meter: &AtomicU64,
-    last_activity: &AtomicU64,
+/// When either direction last moved a byte, in milliseconds since `started`.
+struct Activity<'a> {
+    last: &'a AtomicU64,
     started: Instant,
-) -> Result<(), End>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    let mut buf = vec![0u8; BUFFER];
-    loop {
-        let n = from.read(&mut buf).await.map_err(End::Read)?;
-        if n == 0 {
-            // Already closed by the peer is fine: the EOF has nowhere further to go.
-            let _ = to.shutdown().await;
-            return Ok(());
-        }
-        to.write_all(&buf[..n]).await.map_err(End::Write)?;
-        meter.fetch_add(n as u64, Ordering::Relaxed);
-        last_activity.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
+}
+
+impl Activity<'_> {
+    fn touch(&self) {
+        self.last
+            .store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
 }
 
+/// One direction: `prefix`, then everything until EOF, then the EOF itself
+/// (`shutdown(SHUT_WR)`), so the other direction carries on (half-close).
+async fn direction(
+    from: &TcpStream,
+    to: &TcpStream,
+    prefix: &[u8],
+    meter: &AtomicU64,
+    activity: &Activity<'_>,
+    mode: Forwarding,
+) -> Result<(), End> {
+    write_all(to, prefix).await.map_err(|_| End::Write)?;
+    meter.fetch_add(prefix.len() as u64, Ordering::Relaxed);
+    let count = |n: usize| {
+        meter.fetch_add(n as u64, Ordering::Relaxed);
+        activity.touch();
+    };
+    match (mode, Pipe::new()) {
+        (Forwarding::Splice, Ok(pipe)) => {
+            splice_until_eof(from, to, &pipe, count)
+                .await
+                .map_err(|e| match e {
+                    SpliceEnd::Read => End::Read,
+                    SpliceEnd::Write => End::Write,
+                })?;
+        }
+        // Out of pipes (fd limit) falls back to copying rather than failing the connection.
+        _ => copy_until_eof(from, to, count).await?,
+    }
+    shutdown_write(to);
+    Ok(())
+}
+
+async fn copy_until_eof(
+    from: &TcpStream,
+    to: &TcpStream,
+    mut count: impl FnMut(usize),
+) -> Result<(), End> {
+    let mut buf = vec![0u8; BUFFER];
+    loop {
+        from.readable().await.map_err(|_| End::Read)?;
+        let n = match from.try_read(&mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(_) => return Err(End::Read),
+        };
+        write_all(to, &buf[..n]).await.map_err(|_| End::Write)?;
+        count(n);
+    }
+}
+
+async fn write_all(to: &TcpStream, mut bytes: &[u8]) -> io::Result<()> {
+    while !bytes.is_empty() {
+        to.writable().await?;
+        match to.try_write(bytes) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => bytes = &bytes[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 /// Resolves once neither direction has moved a byte for `timeout`; never if it is zero.
-async fn idle_watch(timeout: Duration, last_activity: &AtomicU64, started: Instant) {
+async fn idle_watch(timeout: Duration, activity: &Activity<'_>) {
     if timeout.is_zero() {
         return std::future::pending().await;
     }
     loop {
-        let last = started + Duration::from_millis(last_activity.load(Ordering::Relaxed));
+        let last = activity.started + Duration::from_millis(activity.last.load(Ordering::Relaxed));
         let due = last + timeout;
         if Instant::now() >= due {
             return;
@@ -167,7 +215,10 @@ async fn idle_watch(timeout: Duration, last_activity: &AtomicU64, started: Insta
 
 #[cfg(test)]
 mod tests {
-    use tokio::net::TcpListener;
+    use tokio::{
+        io::{AsyncReadExt, AsyncWriteExt},
+        net::TcpListener,
+    };
 
     use super::*;
 
@@ -188,6 +239,7 @@ mod tests {
         upstream: TcpStream,
         prefix: Vec<u8>,
         idle: Duration,
+        mode: Forwarding,
     ) -> tokio::task::JoinHandle<(Closed, u64, u64)> {
         tokio::spawn(async move {
             let (from_client, to_client) = (AtomicU64::new(0), AtomicU64::new(0));
@@ -195,19 +247,19 @@ mod tests {
                 from_client: &from_client,
                 to_client: &to_client,
             };
-            let closed = forward(client, upstream, &prefix, meters, idle).await;
+            let closed = forward(client, upstream, &prefix, meters, idle, mode).await;
             (closed, from_client.into_inner(), to_client.into_inner())
         })
     }
 
-    #[tokio::test]
-    async fn bytes_are_exact_and_half_close_keeps_the_response_flowing() {
+    async fn bytes_are_exact_and_half_close_keeps_the_response_flowing(mode: Forwarding) {
         let ((mut app, proxy_client), (proxy_upstream, mut server)) = pairs().await;
         let task = spawn_forward(
             proxy_client,
             proxy_upstream,
             b"pre".to_vec(),
             Duration::ZERO,
+            mode,
         );
         let request: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
         app.write_all(&request).await.unwrap();
@@ -229,10 +281,15 @@ mod tests {
         assert_eq!(down, 300_000);
     }
 
-    #[tokio::test]
-    async fn a_client_reset_resets_the_upstream() {
+    async fn a_client_reset_resets_the_upstream(mode: Forwarding) {
         let ((app, proxy_client), (proxy_upstream, mut server)) = pairs().await;
-        let task = spawn_forward(proxy_client, proxy_upstream, Vec::new(), Duration::ZERO);
+        let task = spawn_forward(
+            proxy_client,
+            proxy_upstream,
+            Vec::new(),
+            Duration::ZERO,
+            mode,
+        );
         reset(&app);
         drop(app);
         let mut buf = [0u8; 16];
@@ -244,10 +301,15 @@ mod tests {
         assert_eq!(task.await.unwrap().0, Closed::ClientReset);
     }
 
-    #[tokio::test]
-    async fn an_upstream_reset_resets_the_client() {
+    async fn an_upstream_reset_resets_the_client(mode: Forwarding) {
         let ((mut app, proxy_client), (proxy_upstream, server)) = pairs().await;
-        let task = spawn_forward(proxy_client, proxy_upstream, Vec::new(), Duration::ZERO);
+        let task = spawn_forward(
+            proxy_client,
+            proxy_upstream,
+            Vec::new(),
+            Duration::ZERO,
+            mode,
+        );
         reset(&server);
         drop(server);
         let mut buf = [0u8; 16];
@@ -259,18 +321,58 @@ mod tests {
         assert_eq!(task.await.unwrap().0, Closed::UpstreamReset);
     }
 
-    #[tokio::test]
-    async fn idle_connections_are_closed() {
+    async fn idle_connections_are_closed(mode: Forwarding) {
         let ((mut app, proxy_client), (proxy_upstream, _server)) = pairs().await;
         let task = spawn_forward(
             proxy_client,
             proxy_upstream,
             Vec::new(),
             Duration::from_millis(200),
+            mode,
         );
         let (closed, _, _) = task.await.unwrap();
         assert_eq!(closed, Closed::IdleTimeout);
         let mut buf = [0u8; 1];
         assert_eq!(app.read(&mut buf).await.unwrap_or(0), 0);
+    }
+
+    #[tokio::test]
+    async fn bytes_are_exact_and_half_close_keeps_the_response_flowing_with_splice() {
+        bytes_are_exact_and_half_close_keeps_the_response_flowing(Forwarding::Splice).await;
+    }
+
+    #[tokio::test]
+    async fn bytes_are_exact_and_half_close_keeps_the_response_flowing_with_copy() {
+        bytes_are_exact_and_half_close_keeps_the_response_flowing(Forwarding::Copy).await;
+    }
+
+    #[tokio::test]
+    async fn a_client_reset_resets_the_upstream_with_splice() {
+        a_client_reset_resets_the_upstream(Forwarding::Splice).await;
+    }
+
+    #[tokio::test]
+    async fn a_client_reset_resets_the_upstream_with_copy() {
+        a_client_reset_resets_the_upstream(Forwarding::Copy).await;
+    }
+
+    #[tokio::test]
+    async fn an_upstream_reset_resets_the_client_with_splice() {
+        an_upstream_reset_resets_the_client(Forwarding::Splice).await;
+    }
+
+    #[tokio::test]
+    async fn an_upstream_reset_resets_the_client_with_copy() {
+        an_upstream_reset_resets_the_client(Forwarding::Copy).await;
+    }
+
+    #[tokio::test]
+    async fn idle_connections_are_closed_with_splice() {
+        idle_connections_are_closed(Forwarding::Splice).await;
+    }
+
+    #[tokio::test]
+    async fn idle_connections_are_closed_with_copy() {
+        idle_connections_are_closed(Forwarding::Copy).await;
     }
 }

@@ -6,6 +6,9 @@ mod detect;
 mod dial;
 mod forward;
 pub mod sniff;
+mod splice;
+
+pub use forward::Forwarding;
 
 use std::{collections::HashSet, net::SocketAddr, sync::Arc, time::Duration};
 
@@ -36,6 +39,7 @@ pub struct Settings {
     pub opaque_ports: HashSet<u16>,
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
+    pub forwarding: Forwarding,
 }
 
 impl Settings {
@@ -47,6 +51,7 @@ impl Settings {
             opaque_ports: intercept.opaque_ports.iter().copied().collect(),
             connect_timeout: intercept.connect_timeout,
             idle_timeout: intercept.idle_timeout,
+            forwarding: intercept.forwarding,
         }
     }
 }
@@ -157,6 +162,7 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, p
         &detected.prefix,
         meters,
         settings.idle_timeout,
+        settings.forwarding,
     )
     .await;
     match closed {
