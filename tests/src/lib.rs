@@ -4,6 +4,7 @@
 //! everything it made when dropped; [`daemon`] runs `shunt run` inside a sandbox; [`probe`]
 //! drives the `shunt-probe` test peer; [`demo`] is what `cargo xtask demo` shows.
 
+pub mod bench;
 pub mod daemon;
 pub mod demo;
 pub mod probe;

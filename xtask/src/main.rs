@@ -34,6 +34,12 @@ enum Task {
     },
     /// Run the local sandbox demo: pods as network namespaces, traffic through shunt.
     Demo,
+    /// Measure shunt against the direct path in the sandbox (as root).
+    Bench {
+        /// Fewer and shorter rounds.
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 fn main() {
@@ -43,6 +49,7 @@ fn main() {
         Task::Build => setup::run().and_then(|()| build()),
         Task::Test { args } => setup::run().and_then(|()| test(&args)),
         Task::Demo => setup::run().and_then(|()| demo()),
+        Task::Bench { quick } => setup::run().and_then(|()| bench(quick)),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
@@ -136,4 +143,16 @@ fn demo() -> anyhow::Result<()> {
         "the demo failed ({status}); its output above says where"
     );
     Ok(())
+}
+
+fn bench(quick: bool) -> anyhow::Result<()> {
+    run::require_root("the benchmarks create network namespaces, a cgroup and BPF programs")?;
+    build()?;
+    let mut cmd = std::process::Command::new(release_bin("shunt-bench"));
+    cmd.env("SHUNT_BIN", release_bin("shunt"))
+        .env("SHUNT_PROBE_BIN", release_bin("shunt-probe"));
+    if quick {
+        cmd.arg("--quick");
+    }
+    run::status(&mut cmd)
 }
