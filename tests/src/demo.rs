@@ -13,9 +13,12 @@ use crate::{
     daemon::{self, Daemon},
     probe,
     sandbox::Sandbox,
+    tls,
 };
 
-const STEPS: usize = 6;
+const STEPS: usize = 7;
+const TLS_VIP: &str = "10.96.0.10:443";
+const TLS_NAME: &str = "greeter.test";
 const BACKEND_PORT: u16 = 8080;
 
 fn step(n: usize, what: &str) {
@@ -60,7 +63,16 @@ fn show(sandbox: &Sandbox) -> anyhow::Result<()> {
         &format!("backend listening on {listen}: it replies with the source address it sees"),
     );
 
-    let daemon = Daemon::start(sandbox, &[&client], &daemon::Options::default())?;
+    let (cert, key) = tls::self_signed(&sandbox.scratch_dir("tls")?, TLS_NAME)?;
+    tls::serve(sandbox, &backend, 8443, &cert, &key)?;
+    let options = daemon::Options {
+        extra_yaml: format!(
+            "services:\n  - name: greeter-tls\n    vip: '{TLS_VIP}'\n    endpoints: ['{}:8443']\n",
+            backend.ipv4
+        ),
+        ..daemon::Options::default()
+    };
+    let daemon = Daemon::start(sandbox, &[&client], &options)?;
     step(
         3,
         &format!(
@@ -102,7 +114,34 @@ fn show(sandbox: &Sandbox) -> anyhow::Result<()> {
         seen.echo.as_deref().unwrap_or("")
     );
 
-    step(6, "counters (shunt stats)");
+    step(
+        6,
+        &format!(
+            "TLS passthrough: openssl s_client in `client` → Service greeter-tls at {TLS_VIP} (nothing listens there), SNI {TLS_NAME}"
+        ),
+    );
+    let vip: SocketAddr = TLS_VIP.parse()?;
+    let out = tls::connect(sandbox, &client, vip, TLS_NAME, &cert)?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() || !stderr.contains("Verification: OK") {
+        bail!("the TLS connection through shunt failed:\n{stderr}");
+    }
+    println!(
+        "      openssl: certificate for {TLS_NAME} verified — the handshake reached the real server untouched"
+    );
+    let record = wait_for_closed(&daemon, |c| c["verdict"] == "tls")?;
+    println!(
+        "      shunt: verdict={} sni={} alpn={} service={} upstream={} bytes in/out={}/{}",
+        record["verdict"].as_str().unwrap_or("?"),
+        record["sni"].as_str().unwrap_or("-"),
+        record["alpn"],
+        record["service"].as_str().unwrap_or("-"),
+        record["upstream"].as_str().unwrap_or("-"),
+        record["bytes_from_client"],
+        record["bytes_to_client"],
+    );
+
+    step(7, "counters (shunt stats)");
     for (source, name) in [
         ("ebpf", "redirected"),
         ("ebpf", "dst_recorded"),
@@ -110,6 +149,8 @@ fn show(sandbox: &Sandbox) -> anyhow::Result<()> {
         ("ebpf", "skip_marked"),
         ("proxy", "accepted"),
         ("proxy", "forwarded"),
+        ("proxy", "verdict_opaque"),
+        ("proxy", "verdict_tls"),
         ("proxy", "bytes_from_clients"),
         ("proxy", "bytes_to_clients"),
     ] {
@@ -134,6 +175,26 @@ fn wait_for_connection(daemon: &Daemon) -> anyhow::Result<serde_json::Value> {
         if Instant::now() >= deadline {
             bail!(
                 "shunt never listed the client's connection; its log:\n{}",
+                daemon.log_text()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Polls `shunt conns --closed` for a record matching `wanted` (at most 5 s).
+fn wait_for_closed(
+    daemon: &Daemon,
+    wanted: impl Fn(&serde_json::Value) -> bool,
+) -> anyhow::Result<serde_json::Value> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if let Some(record) = daemon.closed_conns()?.into_iter().find(&wanted) {
+            return Ok(record);
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "shunt never recorded the connection; its log:\n{}",
                 daemon.log_text()
             );
         }

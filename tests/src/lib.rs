@@ -9,6 +9,7 @@ pub mod daemon;
 pub mod demo;
 pub mod probe;
 pub mod sandbox;
+pub mod tls;
 
 use std::path::PathBuf;
 

@@ -14,6 +14,7 @@ use shunt_tests::{
     daemon::{Daemon, Options},
     probe::{self, Seen},
     sandbox::{Pod, Sandbox},
+    tls,
 };
 
 const VIP: &str = "10.96.0.10";
@@ -125,70 +126,12 @@ fn tls_passes_through_untouched_and_is_recorded_with_its_sni() -> anyhow::Result
     let sandbox = Sandbox::new()?;
     let client = sandbox.add_pod("client")?;
     let backend = sandbox.add_pod("backend")?;
-    let dir = sandbox.scratch_dir("tls")?;
-    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
-    let made = Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-        ])
-        .args([
-            "-days",
-            "1",
-            "-subj",
-            "/CN=greeter.test",
-            "-addext",
-            "subjectAltName=DNS:greeter.test",
-        ])
-        .arg("-keyout")
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .output()
-        .context("running openssl (cargo xtask setup installs it)")?;
-    ensure!(
-        made.status.success(),
-        "openssl req: {}",
-        String::from_utf8_lossy(&made.stderr)
-    );
-
-    let mut server = Command::new("openssl");
-    server
-        .args(["s_server", "-quiet", "-accept", "8443", "-www"])
-        .arg("-cert")
-        .arg(&cert)
-        .arg("-key")
-        .arg(&key);
-    let server_pid = sandbox.spawn_in_pod(&backend, server)?;
-    probe::wait_listening(&sandbox, &backend, 8443, server_pid)?;
+    let (cert, key) = tls::self_signed(&sandbox.scratch_dir("tls")?, "greeter.test")?;
+    tls::serve(&sandbox, &backend, 8443, &cert, &key)?;
     let endpoint = SocketAddr::new(backend.ipv4.into(), 8443);
     let daemon = Daemon::start(&sandbox, &[&client], &with_service(443, &[endpoint], ""))?;
 
-    let mut s_client = Command::new("openssl");
-    s_client
-        .args([
-            "s_client",
-            "-brief",
-            "-connect",
-            &vip(443).to_string(),
-            "-servername",
-            "greeter.test",
-        ])
-        .args([
-            "-verify_return_error",
-            "-verify_hostname",
-            "greeter.test",
-            "-alpn",
-            "h2,http/1.1",
-        ])
-        .arg("-CAfile")
-        .arg(&cert);
-    let out = sandbox.run_in_pod(&client, s_client, Duration::from_secs(20))?;
+    let out = tls::connect(&sandbox, &client, vip(443), "greeter.test", &cert)?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     ensure!(out.status.success(), "s_client failed: {stderr}");
     // The certificate verified against the name: the handshake reached the real server intact.
