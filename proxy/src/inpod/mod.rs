@@ -110,11 +110,7 @@ impl Enrollments {
                 other: other.ctx.name.clone(),
             });
         }
-        let ctx = Arc::new(PodContext {
-            name: name.to_owned(),
-            netns: Arc::new(netns),
-            netns_cookie,
-        });
+        let ctx = Arc::new(PodContext::new(name, netns, netns_cookie, &self.proxy));
 
         let mut enrolled = Enrolled {
             ctx: ctx.clone(),

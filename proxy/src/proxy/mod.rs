@@ -19,7 +19,8 @@ use tokio::net::{TcpListener, TcpStream};
 use crate::{
     bpf::OriginalDstTable,
     config::Config,
-    inpod::Netns,
+    http2,
+    inpod::{Netns, connect_from},
     net::{canonical, from_raw, to_raw},
     route::Routes,
     state::{ConnTable, ProxyCounters},
@@ -70,6 +71,27 @@ pub struct PodContext {
     pub name: String,
     pub netns: Arc<Netns>,
     pub netns_cookie: u64,
+    /// This pod's upstream HTTP/2 connections, opened from inside its netns.
+    pub upstreams: Arc<http2::Pool>,
+}
+
+impl PodContext {
+    pub fn new(name: &str, netns: Netns, netns_cookie: u64, proxy: &Proxy) -> PodContext {
+        let netns = Arc::new(netns);
+        let mark = proxy.mark;
+        let dial_netns = netns.clone();
+        let connector: http2::Connector = Arc::new(move |addr| {
+            let netns = dial_netns.clone();
+            Box::pin(async move { connect_from(&netns, mark, addr).await })
+        });
+        let connect_timeout = proxy.settings.load().connect_timeout;
+        PodContext {
+            name: name.to_owned(),
+            netns,
+            netns_cookie,
+            upstreams: Arc::new(http2::Pool::new(connector, connect_timeout)),
+        }
+    }
 }
 
 /// Accepts until the task is aborted (on unenroll or shutdown); established connections
@@ -133,6 +155,31 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, p
     ProxyCounters::inc(counters.verdict(detected.verdict));
     guard.set_verdict(detected.verdict, detected.hello.as_ref());
     tracing::debug!(pod = %pod.name, client = %peer, verdict = detected.verdict.as_str(), sni = detected.hello.as_ref().and_then(|h| h.sni.as_deref()), "detected");
+
+    if detected.verdict == Verdict::H2 {
+        // Streams are routed one by one; a connection dialled meanwhile joins the pool.
+        if let Some(Ok(dialed)) = detected.dialed {
+            let pool = pod.upstreams.clone();
+            tokio::spawn(async move {
+                let _ = pool.adopt(dialed.upstream, dialed.stream).await;
+            });
+        }
+        let downstream = http2::Downstream {
+            route: route.clone(),
+            pool: pod.upstreams.clone(),
+            counters: proxy.counters.clone(),
+            bytes: http2::StreamBytes {
+                request: guard.bytes_from_client.clone(),
+                response: guard.bytes_to_client.clone(),
+            },
+        };
+        let reason = match http2::serve(client, detected.prefix, downstream).await {
+            Ok(()) => "eof".to_string(),
+            Err(e) => format!("h2: {e}"),
+        };
+        guard.set_close_reason(reason);
+        return;
+    }
 
     let dialed = match detected.dialed {
         Some(result) => result,

@@ -54,6 +54,12 @@ counters! {
     upstream_resets,
     /// Connections closed after `idle_timeout` without traffic.
     idle_timeouts,
+    /// HTTP/2 streams accepted from clients.
+    h2_streams,
+    /// HTTP/2 streams answered UNAVAILABLE (503) because no upstream could take them.
+    h2_unavailable,
+    /// HTTP/2 streams ended by a reset from either side.
+    h2_stream_resets,
 }
 
 impl ProxyCounters {

@@ -1,0 +1,185 @@
+//! HTTP/2 termination with per-stream balancing.
+//!
+//! A connection detected as `h2` is served with the `h2` crate; each stream is routed on its
+//! own — the next endpoint of the destination's Service in round-robin order, or the
+//! original destination — over the client pod's pooled upstream connections. gRPC is plain
+//! HTTP/2 to this layer: headers, trailers and resets pass through as they are.
+
+mod pool;
+mod prefixed;
+mod stream;
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+};
+
+use bytes::Bytes;
+use h2::{RecvStream, server::SendResponse};
+use http::{HeaderValue, Request, Response, StatusCode, header::CONTENT_TYPE};
+use tokio::net::TcpStream;
+
+pub use self::pool::{Connector, Pool};
+use self::{prefixed::Prefixed, stream::Ended};
+use crate::{route::Route, state::ProxyCounters};
+
+/// Flow-control windows and frame size, both sides: large enough for full-speed streaming
+/// on fast links, small enough to bound what one stream can make shunt hold.
+pub const STREAM_WINDOW: u32 = 1 << 20;
+pub const CONNECTION_WINDOW: u32 = 4 << 20;
+pub const MAX_FRAME: u32 = 64 << 10;
+const MAX_CONCURRENT_STREAMS: u32 = 1024;
+const MAX_HEADER_LIST: u32 = 64 << 10;
+
+/// Bytes of one client connection's streams, both directions.
+#[derive(Clone)]
+pub struct StreamBytes {
+    pub request: Arc<AtomicU64>,
+    pub response: Arc<AtomicU64>,
+}
+
+/// What the streams of one client connection share.
+pub struct Downstream {
+    pub route: Route,
+    pub pool: Arc<Pool>,
+    pub counters: Arc<ProxyCounters>,
+    pub bytes: StreamBytes,
+}
+
+/// Serves one client connection; `prefix` is what detection already read from it.
+pub async fn serve(
+    client: TcpStream,
+    prefix: Vec<u8>,
+    downstream: Downstream,
+) -> Result<(), h2::Error> {
+    let io = Prefixed::new(prefix, client);
+    let mut connection = h2::server::Builder::new()
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME)
+        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+        .max_header_list_size(MAX_HEADER_LIST)
+        .handshake::<_, Bytes>(io)
+        .await?;
+    let downstream = Arc::new(downstream);
+    while let Some(accepted) = connection.accept().await {
+        let (request, respond) = accepted?;
+        ProxyCounters::inc(&downstream.counters.h2_streams);
+        tokio::spawn(proxy_stream(request, respond, downstream.clone()));
+    }
+    Ok(())
+}
+
+async fn proxy_stream(
+    request: Request<RecvStream>,
+    mut respond: SendResponse<Bytes>,
+    downstream: Arc<Downstream>,
+) {
+    let grpc = is_grpc(&request);
+    let (upstream, mut lease) = match lease(&downstream).await {
+        Ok(leased) => leased,
+        Err(message) => {
+            ProxyCounters::inc(&downstream.counters.h2_unavailable);
+            tracing::debug!("stream {}: {message}", request.uri().path());
+            unavailable(&mut respond, grpc, &message);
+            return;
+        }
+    };
+    let (parts, body) = request.into_parts();
+    let end_of_stream = body.is_end_stream();
+    let (response, send) = match lease
+        .sender
+        .send_request(Request::from_parts(parts, ()), end_of_stream)
+    {
+        Ok(sent) => sent,
+        Err(e) => {
+            ProxyCounters::inc(&downstream.counters.h2_unavailable);
+            unavailable(&mut respond, grpc, &format!("upstream {upstream}: {e}"));
+            return;
+        }
+    };
+    let ended = stream::relay(body, send, response, respond, &downstream.bytes).await;
+    if ended != Ended::Complete {
+        ProxyCounters::inc(&downstream.counters.h2_stream_resets);
+        tracing::debug!(%upstream, "stream reset: {ended:?}");
+    }
+}
+
+/// A stream slot on the next endpoint that can be reached; each endpoint is tried once.
+async fn lease(downstream: &Downstream) -> Result<(SocketAddr, pool::Lease), String> {
+    match &downstream.route {
+        Route::Direct(addr) => downstream
+            .pool
+            .lease(*addr)
+            .await
+            .map(|lease| (*addr, lease))
+            .map_err(|e| format!("upstream {addr}: {e}")),
+        Route::Service(service) => {
+            let mut last = None;
+            for endpoint in service.endpoint_order() {
+                match downstream.pool.lease(endpoint.addr).await {
+                    Ok(lease) => {
+                        endpoint.picked.fetch_add(1, Ordering::Relaxed);
+                        return Ok((endpoint.addr, lease));
+                    }
+                    Err(e) => {
+                        endpoint.failed.fetch_add(1, Ordering::Relaxed);
+                        last = Some(format!("upstream {}: {e}", endpoint.addr));
+                    }
+                }
+            }
+            Err(last.unwrap_or_else(|| format!("service {}: no endpoints", service.name)))
+        }
+    }
+}
+
+fn is_grpc<B>(request: &Request<B>) -> bool {
+    request
+        .headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"))
+}
+
+/// No upstream for this stream: gRPC gets a trailers-only UNAVAILABLE naming the failure,
+/// anything else a 503 with the message as body.
+fn unavailable(respond: &mut SendResponse<Bytes>, grpc: bool, message: &str) {
+    if grpc {
+        let mut response = Response::new(());
+        let headers = response.headers_mut();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+        headers.insert("grpc-status", HeaderValue::from_static("14"));
+        if let Ok(value) = HeaderValue::from_str(&grpc_percent_encode(message)) {
+            headers.insert("grpc-message", value);
+        }
+        let _ = respond.send_response(response, true);
+    } else {
+        let mut response = Response::new(());
+        *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+        response
+            .headers_mut()
+            .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        if let Ok(mut body) = respond.send_response(response, false) {
+            let _ = body.send_data(Bytes::from(format!("{message}\n")), true);
+        }
+    }
+}
+
+/// `grpc-message` is percent-encoded UTF-8 (gRPC over HTTP/2 spec).
+fn grpc_percent_encode(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    for byte in message.bytes() {
+        if (0x20..=0x7e).contains(&byte) && byte != b'%' {
+            out.push(byte as char);
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,192 @@
+//! One HTTP/2 stream, relayed between the client and an upstream stream.
+//!
+//! Both directions run at once (bidirectional streaming), each sending only as much as the
+//! receiving peer's flow-control window allows and releasing the sender's window only after
+//! the bytes were handed on, so a large message never piles up in shunt. Trailers and
+//! trailers-only responses pass through as they are; RST_STREAM passes through with its
+//! reason in both directions.
+
+use std::future::poll_fn;
+
+use bytes::Bytes;
+use h2::{Reason, RecvStream, SendStream, client::ResponseFuture, server::SendResponse};
+use http::Response;
+
+/// How a relayed stream ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    Complete,
+    ClientReset(Reason),
+    UpstreamReset(Reason),
+}
+
+enum Stop {
+    Client(Reason),
+    Upstream(Reason),
+}
+
+/// Relays until both directions are done or one side resets.
+pub async fn relay(
+    request_body: RecvStream,
+    mut upstream_send: SendStream<Bytes>,
+    response: ResponseFuture,
+    mut respond: SendResponse<Bytes>,
+    counted: &super::StreamBytes,
+) -> Ended {
+    let mut downstream_send: Option<SendStream<Bytes>> = None;
+    // A request without a body (END_STREAM on its HEADERS) has nothing to pump.
+    let request_ended = request_body.is_end_stream();
+    let stop = {
+        let requests = pump(
+            request_body,
+            &mut upstream_send,
+            Side::Request,
+            &counted.request,
+        );
+        let responses = respond_with(
+            response,
+            &mut respond,
+            &mut downstream_send,
+            &counted.response,
+        );
+        tokio::pin!(requests, responses);
+        let (mut requests_done, mut responses_done) = (request_ended, false);
+        loop {
+            if requests_done && responses_done {
+                break None;
+            }
+            tokio::select! {
+                stop = &mut requests, if !requests_done => match stop {
+                    Ok(()) => requests_done = true,
+                    Err(stop) => break Some(stop),
+                },
+                stop = &mut responses, if !responses_done => match stop {
+                    Ok(()) => responses_done = true,
+                    Err(stop) => break Some(stop),
+                },
+            }
+        }
+    };
+    match stop {
+        None => Ended::Complete,
+        Some(Stop::Client(reason)) => {
+            upstream_send.send_reset(reason);
+            Ended::ClientReset(reason)
+        }
+        Some(Stop::Upstream(reason)) => {
+            match downstream_send.as_mut() {
+                Some(stream) => stream.send_reset(reason),
+                None => respond.send_reset(reason),
+            }
+            Ended::UpstreamReset(reason)
+        }
+    }
+}
+
+/// Waits for the upstream's response headers, sends them on, then pumps the body.
+async fn respond_with(
+    response: ResponseFuture,
+    respond: &mut SendResponse<Bytes>,
+    downstream_send: &mut Option<SendStream<Bytes>>,
+    counter: &std::sync::atomic::AtomicU64,
+) -> Result<(), Stop> {
+    let response = tokio::select! {
+        response = response => response.map_err(|e| Stop::Upstream(reason_of(&e)))?,
+        reason = poll_fn(|cx| respond.poll_reset(cx)) => {
+            return Err(Stop::Client(reason.unwrap_or(Reason::CANCEL)));
+        }
+    };
+    let (parts, body) = response.into_parts();
+    let end_of_stream = body.is_end_stream();
+    let send = respond
+        .send_response(Response::from_parts(parts, ()), end_of_stream)
+        .map_err(|e| Stop::Client(reason_of(&e)))?;
+    if end_of_stream {
+        return Ok(()); // trailers-only, or no body
+    }
+    let send = downstream_send.insert(send);
+    pump(body, send, Side::Response, counter).await
+}
+
+#[derive(Clone, Copy)]
+enum Side {
+    /// Client → upstream.
+    Request,
+    /// Upstream → client.
+    Response,
+}
+
+impl Side {
+    /// The receiving side failed.
+    fn from_failed(self, reason: Reason) -> Stop {
+        match self {
+            Side::Request => Stop::Client(reason),
+            Side::Response => Stop::Upstream(reason),
+        }
+    }
+
+    /// The sending side failed.
+    fn to_failed(self, reason: Reason) -> Stop {
+        match self {
+            Side::Request => Stop::Upstream(reason),
+            Side::Response => Stop::Client(reason),
+        }
+    }
+}
+
+/// DATA frames and then trailers (or the end of the stream) from `from` to `to`.
+async fn pump(
+    mut from: RecvStream,
+    to: &mut SendStream<Bytes>,
+    side: Side,
+    counter: &std::sync::atomic::AtomicU64,
+) -> Result<(), Stop> {
+    loop {
+        let chunk = tokio::select! {
+            chunk = from.data() => chunk,
+            reason = poll_fn(|cx| to.poll_reset(cx)) => {
+                return Err(side.to_failed(reason.map_or(Reason::CANCEL, |r| r)));
+            }
+        };
+        match chunk {
+            Some(Ok(data)) => {
+                let len = data.len();
+                send_within_window(to, data)
+                    .await
+                    .map_err(|e| side.to_failed(reason_of(&e)))?;
+                counter.fetch_add(len as u64, std::sync::atomic::Ordering::Relaxed);
+                // Only now may the sender send more: memory stays bounded by the windows.
+                let _ = from.flow_control().release_capacity(len);
+            }
+            Some(Err(e)) => return Err(side.from_failed(reason_of(&e))),
+            None => break,
+        }
+    }
+    match from.trailers().await {
+        Ok(Some(trailers)) => to.send_trailers(trailers),
+        Ok(None) => to.send_data(Bytes::new(), true),
+        Err(e) => return Err(side.from_failed(reason_of(&e))),
+    }
+    .map_err(|e| side.to_failed(reason_of(&e)))
+}
+
+/// Sends `data` as the receiver's window allows, waiting for WINDOW_UPDATEs as needed.
+async fn send_within_window(to: &mut SendStream<Bytes>, mut data: Bytes) -> Result<(), h2::Error> {
+    while !data.is_empty() {
+        to.reserve_capacity(data.len());
+        let available = match poll_fn(|cx| to.poll_capacity(cx)).await {
+            Some(available) => available?,
+            None => return Err(h2::Error::from(Reason::STREAM_CLOSED)),
+        };
+        if available == 0 {
+            continue;
+        }
+        let piece = data.split_to(available.min(data.len()));
+        to.send_data(piece, false)?;
+    }
+    Ok(())
+}
+
+fn reason_of(e: &h2::Error) -> Reason {
+    e.reason().unwrap_or(Reason::CANCEL)
+}

@@ -1,0 +1,348 @@
+//! The HTTP/2 proxy against real h2 peers over loopback: per-stream balancing from one
+//! client connection, trailers, resets both ways, stream limits, failover and bad input.
+
+use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use h2::{Reason, client::SendRequest};
+use http::{Request, Response};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+    sync::mpsc,
+};
+
+use super::*;
+use crate::{config::ServiceConfig, proxy::sniff::H2_PREFACE, route::Routes};
+
+const VIP: &str = "10.96.0.10:50051";
+
+/// What a backend saw that a test wants to check.
+#[derive(Debug)]
+enum Seen {
+    Reset(Reason),
+}
+
+/// An h2 server named `name`: answers `/echo` with its name and the request body, trailers
+/// `grpc-status: 0`; `/trailers-only` with END_STREAM on the headers; `/reset` with a
+/// RST_STREAM(ENHANCE_YOUR_CALM); `/slow` after 300 ms; `/hang` never, reporting a reset.
+async fn backend(
+    name: &'static str,
+    max_streams: Option<u32>,
+    seen: mpsc::UnboundedSender<Seen>,
+) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let mut builder = h2::server::Builder::new();
+                if let Some(max) = max_streams {
+                    builder.max_concurrent_streams(max);
+                }
+                let Ok(mut conn) = builder.handshake::<_, Bytes>(stream).await else {
+                    return;
+                };
+                while let Some(Ok((request, respond))) = conn.accept().await {
+                    tokio::spawn(answer(name, request, respond, seen.clone()));
+                }
+            });
+        }
+    });
+    addr
+}
+
+async fn answer(
+    name: &'static str,
+    request: Request<h2::RecvStream>,
+    mut respond: h2::server::SendResponse<Bytes>,
+    seen: mpsc::UnboundedSender<Seen>,
+) {
+    let path = request.uri().path().to_owned();
+    let mut body = request.into_body();
+    let ok = || {
+        Response::builder()
+            .header("content-type", "application/grpc")
+            .header("x-backend", name)
+            .body(())
+            .unwrap()
+    };
+    match path.as_str() {
+        "/trailers-only" => {
+            let response = Response::builder()
+                .header("content-type", "application/grpc")
+                .header("grpc-status", "5")
+                .body(())
+                .unwrap();
+            let _ = respond.send_response(response, true);
+        }
+        "/reset" => respond.send_reset(Reason::ENHANCE_YOUR_CALM),
+        "/hang" => loop {
+            match body.data().await {
+                Some(Ok(chunk)) => {
+                    let _ = body.flow_control().release_capacity(chunk.len());
+                }
+                Some(Err(e)) => {
+                    let _ = seen.send(Seen::Reset(e.reason().unwrap_or(Reason::NO_ERROR)));
+                    return;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        },
+        _ => {
+            let mut received = 0usize;
+            while let Some(Ok(chunk)) = body.data().await {
+                received += chunk.len();
+                let _ = body.flow_control().release_capacity(chunk.len());
+            }
+            if path == "/slow" {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+            let Ok(mut send) = respond.send_response(ok(), false) else {
+                return;
+            };
+            let _ = send.send_data(Bytes::from(format!("{name} {received}")), false);
+            let mut trailers = http::HeaderMap::new();
+            trailers.insert("grpc-status", "0".parse().unwrap());
+            let _ = send.send_trailers(trailers);
+        }
+    }
+}
+
+/// shunt's HTTP/2 proxy on a loopback listener, routing everything to `endpoints` as the
+/// Service at [`VIP`]. Returns its address and the pool, to inspect upstream connections.
+async fn proxy(endpoints: Vec<SocketAddr>) -> (SocketAddr, Arc<Pool>) {
+    let routes = Routes::new(&[ServiceConfig {
+        name: "greeter".into(),
+        vip: VIP.parse().unwrap(),
+        endpoints,
+    }]);
+    let route = routes.route(VIP.parse().unwrap());
+    let connector: Connector = Arc::new(|addr| Box::pin(TcpStream::connect(addr)));
+    let pool = Arc::new(Pool::new(connector, Duration::from_secs(2)));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let shared = pool.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut client, _)) = listener.accept().await else {
+                return;
+            };
+            let downstream = Downstream {
+                route: route.clone(),
+                pool: shared.clone(),
+                counters: Arc::new(ProxyCounters::default()),
+                bytes: StreamBytes {
+                    request: Arc::default(),
+                    response: Arc::default(),
+                },
+            };
+            tokio::spawn(async move {
+                // As detection does: the preface has been read before the proxy takes over.
+                let mut prefix = vec![0u8; H2_PREFACE.len()];
+                if client.read_exact(&mut prefix).await.is_ok() {
+                    let _ = serve(client, prefix, downstream).await;
+                }
+            });
+        }
+    });
+    (addr, pool)
+}
+
+async fn client(addr: SocketAddr) -> SendRequest<Bytes> {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (sender, connection) = h2::client::handshake(stream).await.unwrap();
+    tokio::spawn(connection);
+    sender
+}
+
+fn grpc_request(path: &str) -> Request<()> {
+    Request::builder()
+        .method("POST")
+        .uri(format!("http://{VIP}{path}"))
+        .header("content-type", "application/grpc")
+        .body(())
+        .unwrap()
+}
+
+/// One call: returns (response headers, body, trailers).
+async fn call(
+    sender: &mut SendRequest<Bytes>,
+    path: &str,
+    body: Bytes,
+) -> Result<(http::response::Parts, Vec<u8>, Option<http::HeaderMap>), h2::Error> {
+    let mut ready = sender.clone().ready().await?;
+    let (response, mut send) = ready.send_request(grpc_request(path), false)?;
+    send.reserve_capacity(body.len());
+    send.send_data(body, true)?;
+    let (parts, mut recv) = response.await?.into_parts();
+    let mut data = Vec::new();
+    while let Some(chunk) = recv.data().await {
+        let chunk = chunk?;
+        let _ = recv.flow_control().release_capacity(chunk.len());
+        data.extend_from_slice(&chunk);
+    }
+    let trailers = recv.trailers().await?;
+    Ok((parts, data, trailers))
+}
+
+fn noop() -> mpsc::UnboundedSender<Seen> {
+    mpsc::unbounded_channel().0
+}
+
+#[tokio::test]
+async fn streams_of_one_connection_are_spread_round_robin() {
+    let names = ["a", "b", "c"];
+    let mut endpoints = Vec::new();
+    for name in names {
+        endpoints.push(backend(name, None, noop()).await);
+    }
+    let (addr, _) = proxy(endpoints).await;
+    let mut sender = client(addr).await; // ONE client connection
+    let mut per_backend: HashMap<String, usize> = HashMap::new();
+    for _ in 0..300 {
+        let (parts, body, trailers) = call(&mut sender, "/echo", Bytes::from_static(b"hi"))
+            .await
+            .unwrap();
+        let name = parts.headers["x-backend"].to_str().unwrap().to_owned();
+        assert_eq!(String::from_utf8_lossy(&body), format!("{name} 2"));
+        assert_eq!(trailers.unwrap()["grpc-status"], "0");
+        *per_backend.entry(name).or_default() += 1;
+    }
+    for name in names {
+        assert_eq!(per_backend.get(name), Some(&100), "{per_backend:?}");
+    }
+}
+
+#[tokio::test]
+async fn trailers_only_responses_pass_through() {
+    let (addr, _) = proxy(vec![backend("a", None, noop()).await]).await;
+    let mut sender = client(addr).await;
+    let (parts, body, trailers) = call(&mut sender, "/trailers-only", Bytes::new())
+        .await
+        .unwrap();
+    assert_eq!(parts.headers["grpc-status"], "5");
+    assert!(body.is_empty());
+    assert!(trailers.is_none());
+}
+
+#[tokio::test]
+async fn an_upstream_reset_reaches_the_client_with_its_reason() {
+    let (addr, _) = proxy(vec![backend("a", None, noop()).await]).await;
+    let mut sender = client(addr).await;
+    let err = call(&mut sender, "/reset", Bytes::new())
+        .await
+        .expect_err("the stream was reset");
+    assert_eq!(err.reason(), Some(Reason::ENHANCE_YOUR_CALM));
+}
+
+#[tokio::test]
+async fn a_client_reset_reaches_the_server_with_its_reason() {
+    let (seen_tx, mut seen_rx) = mpsc::unbounded_channel();
+    let (addr, _) = proxy(vec![backend("a", None, seen_tx).await]).await;
+    let sender = client(addr).await;
+    let mut ready = sender.ready().await.unwrap();
+    let (_response, mut send) = ready.send_request(grpc_request("/hang"), false).unwrap();
+    send.send_data(Bytes::from_static(b"started"), false)
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    send.send_reset(Reason::CANCEL);
+    let seen = tokio::time::timeout(Duration::from_secs(5), seen_rx.recv())
+        .await
+        .unwrap();
+    assert!(
+        matches!(seen, Some(Seen::Reset(Reason::CANCEL))),
+        "{seen:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_stream_limit_of_one_opens_more_upstream_connections_instead_of_queueing() {
+    let endpoint = backend("a", Some(1), noop()).await;
+    let (addr, pool) = proxy(vec![endpoint]).await;
+    let sender = client(addr).await;
+    let calls: Vec<_> = (0..5)
+        .map(|_| {
+            let mut sender = sender.clone();
+            tokio::spawn(async move { call(&mut sender, "/slow", Bytes::new()).await })
+        })
+        .collect();
+    let started = tokio::time::Instant::now();
+    for c in calls {
+        c.await.unwrap().unwrap();
+    }
+    // Five 300 ms calls in parallel, not one after another.
+    assert!(
+        started.elapsed() < Duration::from_millis(1200),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(
+        pool.connections(endpoint) >= 5,
+        "{}",
+        pool.connections(endpoint)
+    );
+}
+
+#[tokio::test]
+async fn a_refused_endpoint_is_skipped_and_none_left_is_unavailable() {
+    let closed = {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        listener.local_addr().unwrap()
+    }; // nothing listens there any more
+    let live = backend("live", None, noop()).await;
+    let (addr, _) = proxy(vec![closed, live]).await;
+    let mut sender = client(addr).await;
+    for _ in 0..4 {
+        let (parts, _, _) = call(&mut sender, "/echo", Bytes::new()).await.unwrap();
+        assert_eq!(parts.headers["x-backend"], "live");
+    }
+
+    let (addr, _) = proxy(vec![closed]).await;
+    let mut sender = client(addr).await;
+    let (parts, body, _) = call(&mut sender, "/echo", Bytes::new()).await.unwrap();
+    assert_eq!(parts.status, 200);
+    assert_eq!(parts.headers["grpc-status"], "14");
+    let message = parts.headers["grpc-message"].to_str().unwrap();
+    assert!(message.contains(&closed.to_string()), "{message}");
+    assert!(body.is_empty());
+}
+
+#[tokio::test]
+async fn a_64_mib_message_flows_through_flow_control() {
+    let (addr, _) = proxy(vec![backend("a", None, noop()).await]).await;
+    let mut sender = client(addr).await;
+    let body = Bytes::from(vec![7u8; 64 << 20]);
+    let (_, reply, trailers) = call(&mut sender, "/echo", body).await.unwrap();
+    assert_eq!(String::from_utf8_lossy(&reply), format!("a {}", 64 << 20));
+    assert_eq!(trailers.unwrap()["grpc-status"], "0");
+}
+
+#[tokio::test]
+async fn garbage_after_the_preface_closes_only_that_connection() {
+    let (addr, _) = proxy(vec![backend("a", None, noop()).await]).await;
+    let mut healthy = client(addr).await;
+    let mut bad = TcpStream::connect(addr).await.unwrap();
+    bad.write_all(H2_PREFACE).await.unwrap();
+    bad.write_all(b"\x00\x00\x04\x99garbage-garbage-garbage")
+        .await
+        .unwrap();
+    let mut sink = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), bad.read_to_end(&mut sink)).await;
+    assert!(closed.is_ok(), "the bad connection was not closed");
+    let (parts, _, _) = call(&mut healthy, "/echo", Bytes::new()).await.unwrap();
+    assert_eq!(parts.headers["x-backend"], "a");
+}
+
+#[test]
+fn grpc_messages_are_percent_encoded() {
+    assert_eq!(
+        grpc_percent_encode("upstream 10.0.0.1:80: refused"),
+        "upstream 10.0.0.1:80: refused"
+    );
+    assert_eq!(grpc_percent_encode("100% ü"), "100%25 %C3%BC");
+}
