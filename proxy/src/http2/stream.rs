@@ -118,7 +118,7 @@ enum Side {
 
 impl Side {
     /// The receiving side failed.
-    fn from_failed(self, reason: Reason) -> Stop {
+    fn receiver_failed(self, reason: Reason) -> Stop {
         match self {
             Side::Request => Stop::Client(reason),
             Side::Response => Stop::Upstream(reason),
@@ -126,7 +126,7 @@ impl Side {
     }
 
     /// The sending side failed.
-    fn to_failed(self, reason: Reason) -> Stop {
+    fn sender_failed(self, reason: Reason) -> Stop {
         match self {
             Side::Request => Stop::Upstream(reason),
             Side::Response => Stop::Client(reason),
@@ -145,7 +145,7 @@ async fn pump(
         let chunk = tokio::select! {
             chunk = from.data() => chunk,
             reason = poll_fn(|cx| to.poll_reset(cx)) => {
-                return Err(side.to_failed(reason.map_or(Reason::CANCEL, |r| r)));
+                return Err(side.sender_failed(reason.map_or(Reason::CANCEL, |r| r)));
             }
         };
         match chunk {
@@ -153,21 +153,21 @@ async fn pump(
                 let len = data.len();
                 send_within_window(to, data)
                     .await
-                    .map_err(|e| side.to_failed(reason_of(&e)))?;
+                    .map_err(|e| side.sender_failed(reason_of(&e)))?;
                 counter.fetch_add(len as u64, std::sync::atomic::Ordering::Relaxed);
                 // Only now may the sender send more: memory stays bounded by the windows.
                 let _ = from.flow_control().release_capacity(len);
             }
-            Some(Err(e)) => return Err(side.from_failed(reason_of(&e))),
+            Some(Err(e)) => return Err(side.receiver_failed(reason_of(&e))),
             None => break,
         }
     }
     match from.trailers().await {
         Ok(Some(trailers)) => to.send_trailers(trailers),
         Ok(None) => to.send_data(Bytes::new(), true),
-        Err(e) => return Err(side.from_failed(reason_of(&e))),
+        Err(e) => return Err(side.receiver_failed(reason_of(&e))),
     }
-    .map_err(|e| side.to_failed(reason_of(&e)))
+    .map_err(|e| side.sender_failed(reason_of(&e)))
 }
 
 /// Sends `data` as the receiver's window allows, waiting for WINDOW_UPDATEs as needed.
