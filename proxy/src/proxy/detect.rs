@@ -36,9 +36,12 @@ where
     let mut prefix = Vec::new();
     let mut chunk = [0u8; 2048];
     let mut dialed: Option<Result<Dialed, DialError>> = None;
+    // An HTTP/2 server sends SETTINGS on connect, before the client's preface arrives:
+    // that is not a server-first protocol, so keep waiting for the client.
+    let mut upstream_is_h2 = false;
     let (verdict, hello) = loop {
         let upstream = match &dialed {
-            Some(Ok(d)) => Some(&d.stream),
+            Some(Ok(d)) if !upstream_is_h2 => Some(&d.stream),
             _ => None,
         };
         tokio::select! {
@@ -56,16 +59,17 @@ where
                     Sniffed::Tls(hello) => break (Verdict::Tls, Some(hello)),
                 }
             }
-            result = &mut dial, if dialed.is_none() => {
-                let failed = result.is_err();
-                dialed = Some(result);
-                if failed {
-                    // Nothing to forward to: no point waiting for the client.
-                    break (Verdict::Opaque, None);
-                }
-            }
+            // A failed dial is kept, not acted on: if the client turns out to speak HTTP/2,
+            // its streams are routed one by one and each gets a proper UNAVAILABLE.
+            result = &mut dial, if dialed.is_none() => dialed = Some(result),
             ready = readable(upstream), if upstream.is_some() => {
                 ready?;
+                if let Some(Ok(d)) = &dialed
+                    && starts_with_h2_settings(&d.stream).await
+                {
+                    upstream_is_h2 = true;
+                    continue;
+                }
                 break (Verdict::ServerFirst, None);
             }
             () = &mut deadline => break (Verdict::Timeout, None),
@@ -77,6 +81,19 @@ where
         prefix,
         dialed,
     })
+}
+
+/// Whether the server's first bytes are an HTTP/2 SETTINGS frame header (type 4 on stream
+/// 0), looked at without consuming them.
+async fn starts_with_h2_settings(stream: &TcpStream) -> bool {
+    let mut head = [0u8; 9];
+    match stream.peek(&mut head).await {
+        Ok(n) if n >= 4 => {
+            let settings = head[3] == 0x04;
+            settings && (n < 9 || head[5..9] == [0, 0, 0, 0])
+        }
+        _ => false,
+    }
 }
 
 async fn readable(stream: Option<&TcpStream>) -> io::Result<()> {
