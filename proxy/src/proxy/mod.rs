@@ -101,6 +101,9 @@ pub async fn serve(listener: TcpListener, pod: Arc<PodContext>, proxy: Arc<Proxy
         match listener.accept().await {
             Ok((stream, peer)) => {
                 ProxyCounters::inc(&proxy.counters.accepted);
+                // A proxy must not add Nagle's delay to small writes (HTTP/2 frames, RPCs);
+                // the upstream side is set the same way when dialled.
+                let _ = stream.set_nodelay(true);
                 tokio::spawn(handle(stream, canonical(peer), pod.clone(), proxy.clone()));
             }
             Err(e) => {
