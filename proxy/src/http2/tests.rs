@@ -140,6 +140,8 @@ async fn proxy(endpoints: Vec<SocketAddr>) -> (SocketAddr, Arc<Pool>) {
                     request: Arc::default(),
                     response: Arc::default(),
                 },
+                // Never stopping: the sender is dropped, which `serve` takes as "no shutdown".
+                shutdown: tokio::sync::watch::channel(false).1,
             };
             tokio::spawn(async move {
                 // As detection does: the preface has been read before the proxy takes over.
