@@ -50,6 +50,8 @@ pub struct Config {
     /// Virtual addresses (a Service's ClusterIP:port) and the endpoints behind them.
     #[serde(default)]
     pub services: Vec<ServiceConfig>,
+    #[serde(default)]
+    pub discovery: Discovery,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -58,7 +60,39 @@ pub struct ServiceConfig {
     pub name: String,
     /// The address clients dial, e.g. `10.96.0.10:50051` or `[fd00::10]:50051`.
     pub vip: SocketAddr,
+    /// Fixed endpoints; or
+    #[serde(default)]
     pub endpoints: Vec<SocketAddr>,
+    /// `host:port` whose A/AAAA records are the endpoints (a headless Service's name).
+    #[serde(default)]
+    pub dns: Option<String>,
+    /// How often `dns` is resolved again.
+    #[serde(default = "default_refresh", with = "humantime_serde")]
+    pub refresh: Duration,
+}
+
+fn default_refresh() -> Duration {
+    Duration::from_secs(5)
+}
+
+impl Default for ServiceConfig {
+    fn default() -> Self {
+        ServiceConfig {
+            name: String::new(),
+            vip: SocketAddr::from(([0, 0, 0, 0], 0)),
+            endpoints: Vec::new(),
+            dns: None,
+            refresh: default_refresh(),
+        }
+    }
+}
+
+/// Service discovery settings.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Discovery {
+    /// DNS server for `services[].dns`; default: the system's (`/etc/resolv.conf`).
+    pub dns_server: Option<SocketAddr>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -253,11 +287,26 @@ impl Config {
             if service.vip.port() == 0 || service.vip.ip().is_unspecified() {
                 return bad(&format!("services[{i}].vip"), "needs an address and a port");
             }
-            if service.endpoints.is_empty() {
-                return bad(
-                    &format!("services[{i}].endpoints"),
-                    "must list at least one endpoint",
-                );
+            match &service.dns {
+                None if service.endpoints.is_empty() => {
+                    return bad(
+                        &format!("services[{i}].endpoints"),
+                        "must list at least one endpoint (or give `dns`)",
+                    );
+                }
+                Some(_) if !service.endpoints.is_empty() => {
+                    return bad(
+                        &format!("services[{i}].dns"),
+                        "give `endpoints` or `dns`, not both",
+                    );
+                }
+                Some(dns) if split_host_port(dns).is_none() => {
+                    return bad(&format!("services[{i}].dns"), "must be host:port");
+                }
+                Some(_) if service.refresh.is_zero() => {
+                    return bad(&format!("services[{i}].refresh"), "must be longer than 0s");
+                }
+                _ => {}
             }
             for (j, endpoint) in service.endpoints.iter().enumerate() {
                 if endpoint.port() == 0 || endpoint.ip().is_unspecified() {
@@ -270,6 +319,13 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// `greeter.test:50051` → (`greeter.test`, 50051).
+pub fn split_host_port(hostport: &str) -> Option<(&str, u16)> {
+    let (host, port) = hostport.rsplit_once(':')?;
+    let port: u16 = port.parse().ok()?;
+    (!host.is_empty() && port != 0).then_some((host, port))
 }
 
 /// Address helpers shared by the datapath and the admin API.

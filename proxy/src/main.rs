@@ -8,6 +8,7 @@ mod cli;
 mod config;
 mod ctl;
 mod daemon;
+mod discovery;
 mod http2;
 mod inpod;
 mod net;

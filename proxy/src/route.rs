@@ -13,6 +13,7 @@ use std::{
     },
 };
 
+use arc_swap::ArcSwap;
 use serde::{Deserialize, Serialize};
 
 use crate::{config::ServiceConfig, net::canonical};
@@ -21,7 +22,8 @@ use crate::{config::ServiceConfig, net::canonical};
 pub struct Service {
     pub name: String,
     pub vip: SocketAddr,
-    pub endpoints: Vec<Endpoint>,
+    /// Replaced whole when discovery finds a new set; readers never block.
+    endpoints: ArcSwap<Vec<Arc<Endpoint>>>,
     cursor: AtomicUsize,
 }
 
@@ -33,34 +35,64 @@ pub struct Endpoint {
     pub failed: AtomicU64,
 }
 
+impl Endpoint {
+    fn new(addr: SocketAddr) -> Arc<Endpoint> {
+        Arc::new(Endpoint {
+            addr: canonical(addr),
+            picked: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+        })
+    }
+}
+
 impl Service {
     fn new(config: &ServiceConfig) -> Service {
         Service {
             name: config.name.clone(),
             vip: canonical(config.vip),
-            endpoints: config
-                .endpoints
-                .iter()
-                .map(|&addr| Endpoint {
-                    addr: canonical(addr),
-                    picked: AtomicU64::new(0),
-                    failed: AtomicU64::new(0),
-                })
-                .collect(),
+            endpoints: ArcSwap::from_pointee(
+                config.endpoints.iter().map(|&a| Endpoint::new(a)).collect(),
+            ),
             cursor: AtomicUsize::new(0),
         }
     }
 
     /// Every endpoint once, starting at the next one in rotation: callers try them in this
     /// order until one accepts, so a dead endpoint costs one retry, not a failed request.
-    pub fn endpoint_order(&self) -> impl Iterator<Item = &Endpoint> {
-        let n = self.endpoints.len();
+    pub fn endpoint_order(&self) -> impl Iterator<Item = Arc<Endpoint>> + use<> {
+        let endpoints = self.endpoints.load_full();
+        let n = endpoints.len();
         let start = if n == 0 {
             0
         } else {
             self.cursor.fetch_add(1, Ordering::Relaxed) % n
         };
-        (0..n).map(move |i| &self.endpoints[(start + i) % n])
+        (0..n).map(move |i| endpoints[(start + i) % n].clone())
+    }
+
+    /// Replaces the endpoint set (from discovery). Endpoints that stay keep their counters;
+    /// streams already on a removed endpoint finish there, new ones never go to it.
+    /// Returns whether anything changed.
+    pub fn set_endpoints(&self, addrs: &[SocketAddr]) -> bool {
+        let current = self.endpoints.load();
+        let mut wanted: Vec<SocketAddr> = addrs.iter().map(|&a| canonical(a)).collect();
+        wanted.sort();
+        wanted.dedup();
+        if current.iter().map(|e| e.addr).eq(wanted.iter().copied()) {
+            return false;
+        }
+        let next = wanted
+            .into_iter()
+            .map(|addr| {
+                current
+                    .iter()
+                    .find(|e| e.addr == addr)
+                    .cloned()
+                    .unwrap_or_else(|| Endpoint::new(addr))
+            })
+            .collect();
+        self.endpoints.store(Arc::new(next));
+        true
     }
 
     pub fn summary(&self) -> ServiceSummary {
@@ -69,6 +101,7 @@ impl Service {
             vip: self.vip,
             endpoints: self
                 .endpoints
+                .load()
                 .iter()
                 .map(|e| EndpointSummary {
                     addr: e.addr,
@@ -125,6 +158,11 @@ impl Routes {
     pub fn len(&self) -> usize {
         self.in_order.len()
     }
+
+    /// The Service named `name`.
+    pub fn by_name(&self, name: &str) -> Option<Arc<Service>> {
+        self.in_order.iter().find(|s| s.name == name).cloned()
+    }
 }
 
 /// A Service as the admin API shows it.
@@ -151,6 +189,7 @@ mod tests {
             name: "greeter".into(),
             vip: "10.96.0.10:50051".parse().unwrap(),
             endpoints: endpoints.iter().map(|e| e.parse().unwrap()).collect(),
+            ..ServiceConfig::default()
         }])
     }
 
@@ -186,5 +225,23 @@ mod tests {
         ));
         let mapped: SocketAddr = "[::ffff:10.96.0.10]:50051".parse().unwrap();
         assert!(matches!(routes.route(mapped), Route::Service(_)));
+    }
+
+    #[test]
+    fn endpoint_changes_keep_counters_of_endpoints_that_stay() {
+        let routes = service(&["10.0.0.1:1", "10.0.0.2:1"]);
+        let svc = routes.by_name("greeter").unwrap();
+        let first = svc.endpoint_order().next().unwrap();
+        first.picked.fetch_add(7, Ordering::Relaxed);
+        assert!(svc.set_endpoints(&["10.0.0.3:1".parse().unwrap(), first.addr]));
+        assert!(!svc.set_endpoints(&[first.addr, "10.0.0.3:1".parse().unwrap()]));
+        let summary = svc.summary();
+        assert_eq!(summary.endpoints.len(), 2);
+        let kept = summary
+            .endpoints
+            .iter()
+            .find(|e| e.addr == first.addr)
+            .unwrap();
+        assert_eq!(kept.picked, 7);
     }
 }

@@ -193,3 +193,73 @@ fn sigterm_lets_calls_in_flight_finish() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn dns_discovery_follows_the_records_of_a_real_dns_server() -> anyhow::Result<()> {
+    let (sandbox, client, endpoints) = greeters(2)?;
+    // dnsmasq on the node's loopback, serving names from a hosts file we rewrite.
+    let dir = sandbox.scratch_dir("dns")?;
+    let hosts = dir.join("hosts");
+    let record = |e: &SocketAddr| format!("{} greeter.test\n", e.ip());
+    std::fs::write(&hosts, record(&endpoints[0]))?;
+    let port = 20_000 + (std::process::id() % 20_000) as u16;
+    let mut dnsmasq = Command::new("dnsmasq");
+    dnsmasq
+        .args([
+            "--keep-in-foreground",
+            "--no-resolv",
+            "--no-hosts",
+            "--bind-interfaces",
+        ])
+        .args(["--listen-address=127.0.0.1", "--local-ttl=0", "--user=root"])
+        .arg(format!("--port={port}"))
+        .arg(format!("--addn-hosts={}", hosts.display()))
+        .arg(format!("--pid-file={}", dir.join("dnsmasq.pid").display()))
+        .stderr(Stdio::null());
+    let dnsmasq_pid = sandbox.spawn_in_host(dnsmasq)?;
+    std::thread::sleep(Duration::from_millis(300));
+    ensure!(sandbox.is_running(dnsmasq_pid), "dnsmasq did not start");
+
+    let options = Options {
+        extra_yaml: format!(
+            "discovery:\n  dns_server: '127.0.0.1:{port}'\nservices:\n  - name: greeter\n    vip: '{}'\n    dns: 'greeter.test:{PORT}'\n    refresh: 200ms\n",
+            vip()
+        ),
+        ..Options::default()
+    };
+    let daemon = Daemon::start(&sandbox, &[&client], &options)?;
+    let wait_for = |backends: usize| -> anyhow::Result<grpc::Calls> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let calls = grpc::call(&sandbox, &client, vip(), 60)?;
+            if calls.ok == 60 && calls.by_backend.len() == backends {
+                return Ok(calls);
+            }
+            ensure!(
+                std::time::Instant::now() < deadline,
+                "never saw {backends} backends: {calls:?}\n{}",
+                daemon.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    let one = wait_for(1)?;
+    assert_eq!(one.by_backend.get("greeter0"), Some(&60), "{one:?}");
+
+    // A second record: the rotation grows to both greeters.
+    std::fs::write(
+        &hosts,
+        format!("{}{}", record(&endpoints[0]), record(&endpoints[1])),
+    )?;
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe { libc::kill(dnsmasq_pid as i32, libc::SIGHUP) };
+    let two = wait_for(2)?;
+    assert_eq!(two.by_backend.values().sum::<usize>(), 60);
+    let services = daemon.ctl_json(&["services"])?;
+    assert_eq!(
+        services[0]["endpoints"].as_array().map(Vec::len),
+        Some(2),
+        "{services}"
+    );
+    Ok(())
+}

@@ -29,6 +29,7 @@ const SANDBOX_PACKAGES: &[&str] = &[
     "curl",
     "nghttp2-client",
     "nghttp2-server",
+    "dnsmasq-base",
     "python3",
     "python3-pip",
 ];

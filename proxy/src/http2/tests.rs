@@ -135,6 +135,7 @@ async fn proxy(endpoints: Vec<SocketAddr>) -> (SocketAddr, Arc<Pool>) {
         name: "greeter".into(),
         vip: VIP.parse().unwrap(),
         endpoints,
+        ..ServiceConfig::default()
     }]);
     let route = routes.route(VIP.parse().unwrap());
     let connector: Connector = Arc::new(|addr| Box::pin(TcpStream::connect(addr)));

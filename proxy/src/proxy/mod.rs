@@ -19,7 +19,7 @@ use tokio::net::{TcpListener, TcpStream};
 use crate::{
     bpf::OriginalDstTable,
     config::Config,
-    http2,
+    discovery, http2,
     inpod::{Netns, connect_from},
     net::{canonical, from_raw, to_raw},
     route::Routes,
@@ -41,13 +41,17 @@ pub struct Settings {
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
     pub forwarding: Forwarding,
+    /// Keeps the DNS Services' endpoints current while these settings are in force.
+    _discovery: discovery::Watchers,
 }
 
 impl Settings {
     pub fn new(config: &Config) -> Settings {
         let intercept = &config.intercept;
+        let routes = Routes::new(&config.services);
         Settings {
-            routes: Routes::new(&config.services),
+            _discovery: discovery::watch(config, &routes),
+            routes,
             detect_timeout: intercept.detect_timeout,
             opaque_ports: intercept.opaque_ports.iter().copied().collect(),
             connect_timeout: intercept.connect_timeout,
