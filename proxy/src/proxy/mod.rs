@@ -147,6 +147,7 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, p
             Ok(detected) => detected,
             Err(e) => {
                 tracing::debug!(pod = %pod.name, %peer, "client failed during detection: {e}");
+                ProxyCounters::inc(&counters.client_resets);
                 guard.set_close_reason("client-reset");
                 return;
             }

@@ -133,14 +133,14 @@ fn client_hello_details(extensions: Option<&[u8]>) -> ClientHello {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use proptest::prelude::*;
 
     use super::*;
 
     /// A ClientHello as `openssl s_client -servername greeter.test -alpn h2,http/1.1` sends it
     /// (trimmed to the extensions that matter here).
-    fn client_hello(sni: &str, alpn: &[&str]) -> Vec<u8> {
+    pub(crate) fn client_hello(sni: &str, alpn: &[&str]) -> Vec<u8> {
         let mut ext = Vec::new();
         // server_name
         let name = sni.as_bytes();
