@@ -213,10 +213,11 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, p
         settings.forwarding,
     )
     .await;
-    match closed {
+    match &closed {
         forward::Closed::ClientReset => ProxyCounters::inc(&counters.client_resets),
         forward::Closed::UpstreamReset => ProxyCounters::inc(&counters.upstream_resets),
         forward::Closed::IdleTimeout => ProxyCounters::inc(&counters.idle_timeouts),
+        forward::Closed::Error { .. } => ProxyCounters::inc(&counters.forward_errors),
         forward::Closed::Eof => {}
     }
     let ordering = std::sync::atomic::Ordering::Relaxed;
@@ -226,7 +227,7 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, p
     counters
         .bytes_to_clients
         .fetch_add(guard.bytes_to_client.load(ordering), ordering);
-    guard.set_close_reason(closed.as_str());
+    guard.set_close_reason(closed.to_string());
 }
 
 /// The destination the client asked for, recorded by the programs at `connect()`.
