@@ -499,6 +499,116 @@ mod tests {
         a_reset_reaches_a_stalled_upstream(Forwarding::Copy).await;
     }
 
+    /// A measurement, not a test: `cargo test --release -p shunt forwarding_throughput --
+    /// --ignored --nocapture`. Moves `FORWARDING_BENCH_MIB` (default 1024) MiB each way at
+    /// once through `forward` over loopback, rounds of splice and copy interleaved, and prints
+    /// the wall time and the CPU time of the forwarding thread alone (the endpoints run on
+    /// other threads).
+    #[test]
+    #[ignore = "a measurement; run by hand"]
+    fn forwarding_throughput() {
+        let mib: u64 = std::env::var("FORWARDING_BENCH_MIB")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1024);
+        let bytes = mib << 20;
+        println!("{mib} MiB each way through forward() over loopback");
+        println!("mode    round  wall s  Gbit/s (both ways)  forwarding CPU s  CPU s per GB");
+        for round in 1..=3 {
+            for mode in [Forwarding::Splice, Forwarding::Copy] {
+                let (wall, cpu) = measure(mode, bytes);
+                let gb = 2.0 * bytes as f64 / 1e9;
+                println!(
+                    "{:<7} {round:>5}  {wall:>6.2}  {:>18.1}  {cpu:>16.2}  {:>12.3}",
+                    format!("{mode:?}").to_lowercase(),
+                    gb * 8.0 / wall,
+                    cpu / gb
+                );
+            }
+        }
+    }
+
+    fn measure(mode: Forwarding, bytes: u64) -> (f64, f64) {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let ((app, proxy_client), (proxy_upstream, server)) = pairs().await;
+            let (proxy_client, proxy_upstream) = (
+                proxy_client.into_std().unwrap(),
+                proxy_upstream.into_std().unwrap(),
+            );
+            // Forwarding on a thread of its own, so its CPU time can be read alone.
+            let forwarding = std::thread::spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                runtime.block_on(async move {
+                    let client = TcpStream::from_std(proxy_client).unwrap();
+                    let upstream = TcpStream::from_std(proxy_upstream).unwrap();
+                    let started = thread_cpu_seconds();
+                    let (up, down) = (AtomicU64::new(0), AtomicU64::new(0));
+                    let meters = Meters {
+                        from_client: &up,
+                        to_client: &down,
+                    };
+                    let closed = forward(client, upstream, &[], meters, Duration::ZERO, mode).await;
+                    assert_eq!(closed, Closed::Eof);
+                    assert_eq!((up.into_inner(), down.into_inner()), (bytes, bytes));
+                    thread_cpu_seconds() - started
+                })
+            });
+            let started = std::time::Instant::now();
+            let (app_read, app_write) = app.into_split();
+            let (server_read, server_write) = server.into_split();
+            let (a, b, c, d) = tokio::join!(
+                tokio::spawn(send(app_write, bytes)),
+                tokio::spawn(drain(app_read)),
+                tokio::spawn(send(server_write, bytes)),
+                tokio::spawn(drain(server_read)),
+            );
+            a.unwrap();
+            c.unwrap();
+            assert_eq!((b.unwrap(), d.unwrap()), (bytes, bytes));
+            let wall = started.elapsed().as_secs_f64();
+            (wall, forwarding.join().unwrap())
+        })
+    }
+
+    async fn send(mut to: tokio::net::tcp::OwnedWriteHalf, mut bytes: u64) {
+        let chunk = vec![0x5au8; 256 * 1024];
+        while bytes > 0 {
+            let n = bytes.min(chunk.len() as u64) as usize;
+            to.write_all(&chunk[..n]).await.unwrap();
+            bytes -= n as u64;
+        }
+        to.shutdown().await.unwrap();
+    }
+
+    async fn drain(mut from: tokio::net::tcp::OwnedReadHalf) -> u64 {
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut total = 0;
+        loop {
+            match from.read(&mut buf).await.unwrap() {
+                0 => return total,
+                n => total += n as u64,
+            }
+        }
+    }
+
+    fn thread_cpu_seconds() -> f64 {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: a valid clock id and a timespec to write into.
+        unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+        ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9
+    }
+
     #[tokio::test]
     async fn bytes_are_exact_and_half_close_keeps_the_response_flowing_with_splice() {
         bytes_are_exact_and_half_close_keeps_the_response_flowing(Forwarding::Splice).await;
