@@ -124,7 +124,9 @@ pub fn reload(
 ) -> Result<(Config, Vec<&'static str>), ConfigError> {
     match Config::load(config_path) {
         Ok(config) => {
-            proxy.settings.store(Arc::new(Settings::new(&config)));
+            let settings = Settings::new(&config);
+            settings.routes.inherit(&proxy.settings.load().routes);
+            proxy.settings.store(Arc::new(settings));
             let restart_needed = config.needs_restart(running);
             tracing::info!(services = config.services.len(), "configuration reloaded");
             if !restart_needed.is_empty() {
