@@ -175,3 +175,117 @@ pub fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
     let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     Ok(ticks / per_second)
 }
+
+/// HTTP/2 request rate through shunt's per-stream balancing vs straight to one backend:
+/// `h2load` (one connection, 32 concurrent streams) against nghttpd backends. Returns a
+/// markdown table.
+pub fn http2_requests(plan: &Plan) -> anyhow::Result<String> {
+    crate::require_root()?;
+    let sandbox = Sandbox::new()?;
+    let direct_client = sandbox.add_pod("direct")?;
+    let client = sandbox.add_pod("client")?;
+    let docroot = sandbox.scratch_dir("docroot")?;
+    std::fs::write(docroot.join("hello"), "hello\n")?;
+    let mut endpoints = Vec::new();
+    for i in 0..3 {
+        let pod = sandbox.add_pod(&format!("web{i}"))?;
+        let mut nghttpd = Command::new("nghttpd");
+        nghttpd
+            .arg("--no-tls")
+            .arg("-d")
+            .arg(&docroot)
+            .arg("8080")
+            .stdout(std::process::Stdio::null());
+        let pid = sandbox.spawn_in_pod(&pod, nghttpd)?;
+        probe::wait_listening(&sandbox, &pod, 8080, pid)?;
+        endpoints.push(format!("'{}:8080'", pod.ipv4));
+    }
+    let first_backend = endpoints[0].trim_matches('\'').to_owned();
+    let options = Options {
+        extra_yaml: format!(
+            "services:\n  - name: web\n    vip: '{VIP}:80'\n    endpoints: [{}]\n",
+            endpoints.join(", ")
+        ),
+        ..Options::default()
+    };
+    let daemon = Daemon::start(&sandbox, &[&client], &options)?;
+    let shunt_pid = daemon.ctl_json(&["status"])?["pid"]
+        .as_u64()
+        .context("no pid")? as u32;
+    let requests = plan.seconds * 20_000;
+
+    let mut rows: Vec<(&str, f64, f64)> = Vec::new();
+    for round in 1..=plan.rounds {
+        println!("  round {round}/{}", plan.rounds);
+        for (target, pod, url) in [
+            (
+                "direct (one backend)",
+                &direct_client,
+                format!("http://{first_backend}/hello"),
+            ),
+            (
+                "shunt (per-stream round-robin)",
+                &client,
+                format!("http://{VIP}/hello"),
+            ),
+        ] {
+            let through_shunt = std::ptr::eq(pod, &client);
+            let cpu_before = if through_shunt {
+                cpu_seconds(shunt_pid)?
+            } else {
+                0.0
+            };
+            let mut h2load = Command::new("h2load");
+            h2load.args(["-n", &requests.to_string(), "-c", "1", "-m", "32", &url]);
+            let out = sandbox.run_in_pod(pod, h2load, Duration::from_secs(120))?;
+            let report = String::from_utf8_lossy(&out.stdout);
+            ensure!(
+                out.status.success() && report.contains(&format!("{requests} succeeded")),
+                "h2load to {url}: {report}"
+            );
+            let rate = report
+                .lines()
+                .find_map(|l| l.strip_prefix("finished in "))
+                .and_then(|l| l.split(", ").nth(1))
+                .and_then(|r| r.trim_end_matches(" req/s").parse::<f64>().ok())
+                .context("no req/s in h2load's report")?;
+            let cpu = if through_shunt {
+                cpu_seconds(shunt_pid)? - cpu_before
+            } else {
+                0.0
+            };
+            let cpu_per_10k = cpu / f64::from(requests) * 10_000.0;
+            println!(
+                "    {target:32} {rate:9.0} req/s{}",
+                if through_shunt {
+                    format!(", shunt CPU {cpu_per_10k:.3}s per 10k")
+                } else {
+                    String::new()
+                }
+            );
+            rows.push((target, rate, cpu_per_10k));
+        }
+    }
+    let mean = |target: &str, f: fn(&(&str, f64, f64)) -> f64| {
+        let values: Vec<f64> = rows.iter().filter(|r| r.0 == target).map(f).collect();
+        values.iter().sum::<f64>() / values.len().max(1) as f64
+    };
+    let direct = mean("direct (one backend)", |r| r.1);
+    let mut table = String::from(
+        "| target | requests/s | vs direct | proxy CPU (s per 10k requests) |\n|---|---|---|---|\n",
+    );
+    for target in ["direct (one backend)", "shunt (per-stream round-robin)"] {
+        let rate = mean(target, |r| r.1);
+        let cpu = if target.starts_with("shunt") {
+            format!("{:.3}", mean(target, |r| r.2))
+        } else {
+            "-".into()
+        };
+        let _ = writeln!(
+            table,
+            "| {target} | {rate:.0} | {:.2} | {cpu} |",
+            rate / direct
+        );
+    }
+    Ok(table)
+}

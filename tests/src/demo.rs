@@ -11,12 +11,14 @@ use anyhow::bail;
 
 use crate::{
     daemon::{self, Daemon},
-    probe,
+    grpc, probe,
     sandbox::Sandbox,
     tls,
 };
 
-const STEPS: usize = 7;
+const STEPS: usize = 8;
+const GRPC_VIP: &str = "10.96.0.11:50051";
+const GRPC_CALLS: usize = 300;
 const TLS_VIP: &str = "10.96.0.10:443";
 const TLS_NAME: &str = "greeter.test";
 const BACKEND_PORT: u16 = 8080;
@@ -65,10 +67,17 @@ fn show(sandbox: &Sandbox) -> anyhow::Result<()> {
 
     let (cert, key) = tls::self_signed(&sandbox.scratch_dir("tls")?, TLS_NAME)?;
     tls::serve(sandbox, &backend, 8443, &cert, &key)?;
+    let mut greeters = Vec::new();
+    for i in 0..3 {
+        let pod = sandbox.add_pod(&format!("greeter{i}"))?;
+        grpc::serve(sandbox, &pod, &pod.name, 50051)?;
+        greeters.push(format!("'{}:50051'", pod.ipv4));
+    }
     let options = daemon::Options {
         extra_yaml: format!(
-            "services:\n  - name: greeter-tls\n    vip: '{TLS_VIP}'\n    endpoints: ['{}:8443']\n",
-            backend.ipv4
+            "services:\n  - name: greeter-tls\n    vip: '{TLS_VIP}'\n    endpoints: ['{}:8443']\n  - name: greeter\n    vip: '{GRPC_VIP}'\n    endpoints: [{}]\n",
+            backend.ipv4,
+            greeters.join(", ")
         ),
         ..daemon::Options::default()
     };
@@ -141,7 +150,29 @@ fn show(sandbox: &Sandbox) -> anyhow::Result<()> {
         record["bytes_to_client"],
     );
 
-    step(7, "counters (shunt stats)");
+    step(
+        7,
+        &format!(
+            "gRPC: a Python grpcio client in `client` makes {GRPC_CALLS} calls on ONE channel (one TCP connection) to Service greeter at {GRPC_VIP}"
+        ),
+    );
+    let calls = grpc::call(sandbox, &client, GRPC_VIP.parse()?, GRPC_CALLS)?;
+    if calls.ok != GRPC_CALLS {
+        bail!(
+            "only {} of {GRPC_CALLS} calls succeeded: {calls:?}",
+            calls.ok
+        );
+    }
+    let mut by_backend: Vec<_> = calls.by_backend.iter().collect();
+    by_backend.sort();
+    for (backend, n) in by_backend {
+        println!("      {backend}: {n} calls");
+    }
+    println!(
+        "      shunt balanced per call (per HTTP/2 stream), not per connection as kube-proxy does"
+    );
+
+    step(8, "counters (shunt stats)");
     for (source, name) in [
         ("ebpf", "redirected"),
         ("ebpf", "dst_recorded"),
@@ -151,6 +182,8 @@ fn show(sandbox: &Sandbox) -> anyhow::Result<()> {
         ("proxy", "forwarded"),
         ("proxy", "verdict_opaque"),
         ("proxy", "verdict_tls"),
+        ("proxy", "verdict_h2"),
+        ("proxy", "h2_streams"),
         ("proxy", "bytes_from_clients"),
         ("proxy", "bytes_to_clients"),
     ] {

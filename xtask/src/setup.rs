@@ -21,7 +21,20 @@ const COMPILER_PACKAGES: &[&str] = &["rustc-web", "cargo-web", "libstd-rust-web-
 const LINKER_BUILD_PACKAGES: &[&str] = &["zlib1g-dev", "libzstd-dev"];
 
 /// The sandbox and the real peers the tests and the demo talk to.
-const SANDBOX_PACKAGES: &[&str] = &["iproute2", "bpftool", "openssl", "iperf3"];
+const SANDBOX_PACKAGES: &[&str] = &[
+    "iproute2",
+    "bpftool",
+    "openssl",
+    "iperf3",
+    "curl",
+    "nghttp2-client",
+    "nghttp2-server",
+    "python3",
+    "python3-pip",
+];
+
+/// Python's grpcio, the independent gRPC implementation the tests talk to.
+const GRPCIO: &str = "grpcio==1.85.3";
 
 pub fn run() -> anyhow::Result<()> {
     let mut apt = Apt::default();
@@ -34,7 +47,30 @@ pub fn run() -> anyhow::Result<()> {
     packages.extend(SANDBOX_PACKAGES);
     apt.ensure(&packages)?;
 
-    ensure_bpf_linker(llvm)
+    ensure_bpf_linker(llvm)?;
+    ensure_grpcio()
+}
+
+fn ensure_grpcio() -> anyhow::Result<()> {
+    if run::output("python3", &["-c", "import grpc"]).is_some() {
+        return Ok(());
+    }
+    let step = Step::start("installing Python grpcio (test peer)");
+    let plain = run::status(Command::new("python3").args(["-m", "pip", "install", "-q", GRPCIO]));
+    if plain.is_err() {
+        // Debian's own Python refuses pip installs unless told the system is ours to change.
+        run::status(Command::new("python3").args([
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--break-system-packages",
+            GRPCIO,
+        ]))
+        .context("installing grpcio with pip failed")?;
+    }
+    step.done();
+    Ok(())
 }
 
 /// Installs missing Debian packages; refreshes the package lists at most once per run.

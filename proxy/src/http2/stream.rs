@@ -125,7 +125,18 @@ impl Side {
         }
     }
 
-    /// The sending side failed.
+    /// Sending failed. Upstream, the stream may simply be over — the server answered and
+    /// closed it, or told us to stop with RST_STREAM(NO_ERROR) — and whether it really
+    /// failed shows on the response side, which passes a real reset on; so the rest of the
+    /// request is dropped quietly. Downstream, the client is gone.
+    fn send_failed(self, e: &h2::Error) -> Result<(), Stop> {
+        match self {
+            Side::Request => Ok(()),
+            Side::Response => Err(Stop::Client(reason_of(e))),
+        }
+    }
+
+    /// The sending side was reset.
     fn sender_failed(self, reason: Reason) -> Stop {
         match self {
             Side::Request => Stop::Upstream(reason),
@@ -144,16 +155,20 @@ async fn pump(
     loop {
         let chunk = tokio::select! {
             chunk = from.data() => chunk,
-            reason = poll_fn(|cx| to.poll_reset(cx)) => {
-                return Err(side.sender_failed(reason.map_or(Reason::CANCEL, |r| r)));
-            }
+            reason = poll_fn(|cx| to.poll_reset(cx)) => match reason {
+                // RST_STREAM(NO_ERROR): "your message is not needed, my answer is complete"
+                // (RFC 9113 §8.1). Stop sending; the other direction finishes normally.
+                Ok(Reason::NO_ERROR) => return Ok(()),
+                Ok(reason) => return Err(side.sender_failed(reason)),
+                Err(e) => return Err(side.sender_failed(reason_of(&e))),
+            },
         };
         match chunk {
             Some(Ok(data)) => {
                 let len = data.len();
-                send_within_window(to, data)
-                    .await
-                    .map_err(|e| side.sender_failed(reason_of(&e)))?;
+                if let Err(e) = send_within_window(to, data).await {
+                    return side.send_failed(&e);
+                }
                 counter.fetch_add(len as u64, std::sync::atomic::Ordering::Relaxed);
                 // Only now may the sender send more: memory stays bounded by the windows.
                 let _ = from.flow_control().release_capacity(len);
@@ -162,12 +177,15 @@ async fn pump(
             None => break,
         }
     }
-    match from.trailers().await {
+    let sent = match from.trailers().await {
         Ok(Some(trailers)) => to.send_trailers(trailers),
         Ok(None) => to.send_data(Bytes::new(), true),
         Err(e) => return Err(side.receiver_failed(reason_of(&e))),
+    };
+    match sent {
+        Ok(()) => Ok(()),
+        Err(e) => side.send_failed(&e),
     }
-    .map_err(|e| side.sender_failed(reason_of(&e)))
 }
 
 /// Sends `data` as the receiver's window allows, waiting for WINDOW_UPDATEs as needed.

@@ -38,9 +38,12 @@ where
     let mut prefix = Vec::new();
     let mut chunk = [0u8; 2048];
     let mut dialed: Option<Result<Dialed, DialError>> = None;
+    // An HTTP/2 server sends SETTINGS on connect, before the client's preface arrives:
+    // that is not a server-first protocol, so keep waiting for the client.
+    let mut upstream_is_h2 = false;
     let (verdict, hello) = loop {
         let upstream = match &dialed {
-            Some(Ok(d)) => Some(&d.stream),
+            Some(Ok(d)) if !upstream_is_h2 => Some(&d.stream),
             _ => None,
         };
         tokio::select! {
@@ -68,17 +71,21 @@ where
                     Sniffed::Tls(hello) => break (Verdict::Tls, Some(hello)),
                 }
             }
-            result = &mut dial, if dialed.is_none() => {
-                let failed = result.is_err();
-                dialed = Some(result);
-                if failed {
-                    // Nothing to forward to: no point waiting for the client.
-                    break (Verdict::Opaque, None);
+            // A failed dial is kept, not acted on: if the client turns out to speak HTTP/2,
+            // its streams are routed one by one and each gets a proper UNAVAILABLE.
+            result = &mut dial, if dialed.is_none() => dialed = Some(result),
+            // Data, an end or a reset from the server: whatever it is (but an HTTP/2
+            // server's SETTINGS), forwarding relays it now; a reset there becomes a reset of
+            // the client.
+            () = spoke(upstream), if upstream.is_some() => {
+                if let Some(Ok(d)) = &dialed
+                    && starts_with_h2_settings(&d.stream).await
+                {
+                    upstream_is_h2 = true;
+                    continue;
                 }
+                break (Verdict::ServerFirst, None);
             }
-            // Data, an end or a reset from the server: whatever it is, forwarding relays it
-            // now (a reset there becomes a reset of the client).
-            () = spoke(upstream), if upstream.is_some() => break (Verdict::ServerFirst, None),
             () = &mut deadline => break (Verdict::Timeout, None),
         }
     };
@@ -88,6 +95,19 @@ where
         prefix,
         dialed,
     })
+}
+
+/// Whether the server's first bytes are an HTTP/2 SETTINGS frame header (type 4 on stream
+/// 0), looked at without consuming them.
+async fn starts_with_h2_settings(stream: &TcpStream) -> bool {
+    let mut head = [0u8; 9];
+    match stream.peek(&mut head).await {
+        Ok(n) if n >= 4 => {
+            let settings = head[3] == 0x04;
+            settings && (n < 9 || head[5..9] == [0, 0, 0, 0])
+        }
+        _ => false,
+    }
 }
 
 /// Resolves once the server has sent something, closed or failed. `peek` consumes nothing,
@@ -229,13 +249,42 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_failed_dial_ends_detection() {
-        let (_app, mut client) = pair().await;
+    async fn a_failed_dial_waits_for_the_clients_verdict() {
+        // An HTTP/2 client then gets UNAVAILABLE per stream rather than a reset.
+        let (mut app, mut client) = pair().await;
+        let writer = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            app.write_all(H2_PREFACE).await.unwrap();
+            app
+        });
         let failed = Err(DialError::NoEndpoints("greeter".into()));
         let detected = run(&mut client, failed, Duration::from_secs(30))
             .await
             .unwrap();
+        assert_eq!(detected.verdict, Verdict::H2);
         assert!(matches!(detected.dialed, Some(Err(_))));
+        drop(writer.await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn an_http2_servers_settings_are_not_server_first() {
+        let (mut app, mut client) = pair().await;
+        let (dialed, mut server) = upstream().await;
+        // An empty SETTINGS frame, as an HTTP/2 server sends on connect.
+        server
+            .write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0])
+            .await
+            .unwrap();
+        let writer = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            app.write_all(H2_PREFACE).await.unwrap();
+            app
+        });
+        let detected = run(&mut client, Ok(dialed), Duration::from_secs(30))
+            .await
+            .unwrap();
+        assert_eq!(detected.verdict, Verdict::H2);
+        drop(writer.await.unwrap());
     }
 
     #[tokio::test]

@@ -23,7 +23,7 @@ use crate::{
     inpod::{Netns, connect_from},
     net::{canonical, from_raw, to_raw},
     route::Routes,
-    state::{ConnTable, ProxyCounters},
+    state::{ConnGuard, ConnTable, ProxyCounters},
 };
 
 use self::{
@@ -101,6 +101,9 @@ pub async fn serve(listener: TcpListener, pod: Arc<PodContext>, proxy: Arc<Proxy
         match listener.accept().await {
             Ok((stream, peer)) => {
                 ProxyCounters::inc(&proxy.counters.accepted);
+                // A proxy must not add Nagle's delay to small writes (HTTP/2 frames, RPCs);
+                // the upstream side is set the same way when dialled.
+                let _ = stream.set_nodelay(true);
                 tokio::spawn(handle(stream, canonical(peer), pod.clone(), proxy.clone()));
             }
             Err(e) => {
@@ -178,6 +181,7 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, p
             Ok(()) => "eof".to_string(),
             Err(e) => format!("h2: {e}"),
         };
+        add_bytes(counters, &guard);
         guard.set_close_reason(reason);
         return;
     }
@@ -220,14 +224,17 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, p
         forward::Closed::Error { .. } => ProxyCounters::inc(&counters.forward_errors),
         forward::Closed::Eof => {}
     }
-    let ordering = std::sync::atomic::Ordering::Relaxed;
-    counters
-        .bytes_from_clients
-        .fetch_add(guard.bytes_from_client.load(ordering), ordering);
-    counters
-        .bytes_to_clients
-        .fetch_add(guard.bytes_to_client.load(ordering), ordering);
+    add_bytes(counters, &guard);
     guard.set_close_reason(closed.to_string());
+}
+
+/// Adds a finished connection's bytes to the proxy-wide totals.
+fn add_bytes(counters: &ProxyCounters, guard: &ConnGuard) {
+    let ordering = std::sync::atomic::Ordering::Relaxed;
+    let from_client = guard.bytes_from_client.load(ordering);
+    counters.bytes_from_clients.fetch_add(from_client, ordering);
+    let to_client = guard.bytes_to_client.load(ordering);
+    counters.bytes_to_clients.fetch_add(to_client, ordering);
 }
 
 /// The destination the client asked for, recorded by the programs at `connect()`.

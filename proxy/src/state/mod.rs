@@ -4,5 +4,5 @@
 mod conns;
 mod counters;
 
-pub use conns::{ConnRecord, ConnTable};
+pub use conns::{ConnGuard, ConnRecord, ConnTable};
 pub use counters::ProxyCounters;

@@ -1,6 +1,7 @@
 //! Benchmarks against the direct path; `cargo xtask bench` builds and runs it as root.
 
 use clap::Parser;
+use shunt_tests::bench::{self, Plan};
 
 #[derive(Parser)]
 #[command(name = "shunt-bench")]
@@ -13,21 +14,25 @@ struct Cli {
 fn main() {
     let cli = Cli::parse();
     let plan = if cli.quick {
-        shunt_tests::bench::Plan {
+        Plan {
             rounds: 1,
             seconds: 2,
         }
     } else {
-        shunt_tests::bench::Plan {
+        Plan {
             rounds: 3,
             seconds: 5,
         }
     };
-    println!(
-        "TCP passthrough (iperf3, one connection), {} rounds of {}s:",
-        plan.rounds, plan.seconds
-    );
-    match shunt_tests::bench::passthrough(&plan) {
+    let (rounds, seconds) = (plan.rounds, plan.seconds);
+    println!("TCP passthrough (iperf3, one connection), {rounds} rounds of {seconds}s:");
+    report(bench::passthrough(&plan));
+    println!("HTTP/2 requests (h2load, one connection, 32 concurrent streams), {rounds} rounds:");
+    report(bench::http2_requests(&plan));
+}
+
+fn report(result: anyhow::Result<String>) {
+    match result {
         Ok(table) => println!("\n{table}"),
         Err(e) => {
             eprintln!("benchmark failed: {e:#}");

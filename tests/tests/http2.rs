@@ -1,0 +1,169 @@
+//! HTTP/2 and gRPC through shunt with real peers (Python grpcio, h2load, curl, nghttpd):
+//! calls from one client connection are balanced per stream over a Service's endpoints.
+//! Run as root.
+
+use std::{
+    net::SocketAddr,
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use anyhow::ensure;
+use shunt_tests::{
+    daemon::{Daemon, Options},
+    grpc, probe,
+    sandbox::{Pod, Sandbox},
+};
+
+const VIP: &str = "10.96.0.10";
+const PORT: u16 = 50051;
+
+fn vip() -> SocketAddr {
+    SocketAddr::new(VIP.parse().expect("valid VIP"), PORT)
+}
+
+fn service(endpoints: &[SocketAddr]) -> Options {
+    let list: Vec<String> = endpoints.iter().map(|e| format!("'{e}'")).collect();
+    Options {
+        extra_yaml: format!(
+            "services:\n  - name: greeter\n    vip: '{}'\n    endpoints: [{}]\n",
+            vip(),
+            list.join(", ")
+        ),
+        ..Options::default()
+    }
+}
+
+/// A client pod and `n` greeter pods named `greeter0…`.
+fn greeters(n: usize) -> anyhow::Result<(Sandbox, Pod, Vec<SocketAddr>)> {
+    let sandbox = Sandbox::new()?;
+    let client = sandbox.add_pod("client")?;
+    let mut endpoints = Vec::new();
+    for i in 0..n {
+        let pod = sandbox.add_pod(&format!("greeter{i}"))?;
+        grpc::serve(&sandbox, &pod, &pod.name, PORT)?;
+        endpoints.push(SocketAddr::new(pod.ipv4.into(), PORT));
+    }
+    Ok((sandbox, client, endpoints))
+}
+
+#[test]
+fn grpcio_calls_on_one_channel_are_spread_evenly() -> anyhow::Result<()> {
+    let (sandbox, client, endpoints) = greeters(3)?;
+    let daemon = Daemon::start(&sandbox, &[&client], &service(&endpoints))?;
+    let calls = grpc::call(&sandbox, &client, vip(), 3000)?;
+    assert_eq!(calls.ok, 3000, "{calls:?}");
+    assert_eq!(calls.by_backend.len(), 3, "{calls:?}");
+    for (backend, n) in &calls.by_backend {
+        assert!(
+            (950..=1050).contains(n),
+            "{backend} served {n} of 3000: {calls:?}"
+        );
+    }
+    // All of it over one client connection, detected as HTTP/2.
+    assert_eq!(daemon.counter("proxy", "verdict_h2")?, 1);
+    assert!(daemon.counter("proxy", "h2_streams")? >= 3000);
+    Ok(())
+}
+
+#[test]
+fn unreachable_endpoints_become_unavailable_naming_the_upstream() -> anyhow::Result<()> {
+    let (sandbox, client, _) = greeters(0)?;
+    let silent = sandbox.add_pod("silent")?; // nothing listens there
+    let endpoint = SocketAddr::new(silent.ipv4.into(), PORT);
+    let _daemon = Daemon::start(&sandbox, &[&client], &service(&[endpoint]))?;
+    let calls = grpc::call(&sandbox, &client, vip(), 5)?;
+    assert_eq!(calls.errors.get("UNAVAILABLE"), Some(&5), "{calls:?}");
+    let message = calls.first_error.unwrap_or_default();
+    assert!(message.contains(&endpoint.to_string()), "{message}");
+    Ok(())
+}
+
+#[test]
+fn scale_out_by_reload_sends_new_streams_to_new_endpoints() -> anyhow::Result<()> {
+    let (sandbox, client, endpoints) = greeters(6)?;
+    let daemon = Daemon::start(&sandbox, &[&client], &service(&endpoints[..3]))?;
+    let before = grpc::call(&sandbox, &client, vip(), 300)?;
+    assert_eq!(before.ok, 300);
+    assert_eq!(before.by_backend.len(), 3, "{before:?}");
+
+    daemon.rewrite_config(&[&client], &service(&endpoints))?;
+    daemon.ctl(&["reload"])?;
+    let after = grpc::call(&sandbox, &client, vip(), 600)?;
+    assert_eq!(after.ok, 600, "{after:?}");
+    assert_eq!(after.by_backend.len(), 6, "{after:?}");
+    for (backend, n) in &after.by_backend {
+        assert!(
+            (90..=110).contains(n),
+            "{backend} served {n} of 600: {after:?}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn h2load_with_grpc_headers_completes_without_errors() -> anyhow::Result<()> {
+    let (sandbox, client, endpoints) = greeters(3)?;
+    let _daemon = Daemon::start(&sandbox, &[&client], &service(&endpoints))?;
+    // One gRPC frame: not compressed, 7-byte HelloRequest{name: "probe"}.
+    let body = sandbox.scratch_dir("h2load")?.join("request.bin");
+    std::fs::write(&body, b"\x00\x00\x00\x00\x07\x0a\x05probe")?;
+    let mut h2load = Command::new("h2load");
+    h2load
+        .args(["-n", "10000", "-c", "1", "-m", "16"])
+        .args(["-H", "content-type: application/grpc", "-H", "te: trailers"])
+        .arg("-d")
+        .arg(&body)
+        .arg(format!("http://{}/helloworld.Greeter/SayHello", vip()));
+    let out = sandbox.run_in_pod(&client, h2load, Duration::from_secs(120))?;
+    let report = String::from_utf8_lossy(&out.stdout);
+    ensure!(out.status.success(), "h2load failed: {report}");
+    assert!(
+        report.contains("10000 succeeded, 0 failed, 0 errored"),
+        "{report}"
+    );
+    Ok(())
+}
+
+#[test]
+fn curl_with_prior_knowledge_reaches_a_plain_http2_server() -> anyhow::Result<()> {
+    let sandbox = Sandbox::new()?;
+    let client = sandbox.add_pod("client")?;
+    let web = sandbox.add_pod("web")?;
+    let docroot = sandbox.scratch_dir("docroot")?;
+    std::fs::write(docroot.join("hello.txt"), "hello over h2\n")?;
+    let mut nghttpd = Command::new("nghttpd");
+    nghttpd
+        .arg("--no-tls")
+        .arg("-d")
+        .arg(&docroot)
+        .arg("8080")
+        .stdout(Stdio::null());
+    let pid = sandbox.spawn_in_pod(&web, nghttpd)?;
+    probe::wait_listening(&sandbox, &web, 8080, pid)?;
+    let endpoint = SocketAddr::new(web.ipv4.into(), 8080);
+    let mut options = service(&[endpoint]);
+    options.extra_yaml = options
+        .extra_yaml
+        .replace(&format!("{VIP}:{PORT}"), &format!("{VIP}:80"));
+    let daemon = Daemon::start(&sandbox, &[&client], &options)?;
+
+    let mut curl = Command::new("curl");
+    curl.args([
+        "-sS",
+        "--http2-prior-knowledge",
+        "-w",
+        "\n%{http_version} %{http_code}",
+    ])
+    .arg(format!("http://{VIP}/hello.txt"));
+    let out = sandbox.run_in_pod(&client, curl, Duration::from_secs(20))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success(),
+        "curl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(text, "hello over h2\n\n2 200");
+    assert_eq!(daemon.counter("proxy", "verdict_h2")?, 1);
+    Ok(())
+}
