@@ -1,8 +1,8 @@
 //! Opaque forwarding between the client and upstream sockets: byte-exact in both directions,
 //! half-close passed on (a client that shuts down its write side still gets the whole
-//! response), a reset on one side turned into a reset on the other — also when nothing is
-//! reading or writing that side at the time, since each socket's error is watched — and an
-//! optional idle timeout. Memory per connection is two fixed buffers; a slow reader stops the
+//! response), a reset on one side turned into a reset on the other — after the bytes that
+//! side sent before it, and also once that side has half-closed and is no longer read — and
+//! an optional idle timeout. Memory per connection is two fixed buffers; a slow reader stops the
 //! other side from being read (backpressure through TCP flow control).
 
 use std::{
@@ -146,10 +146,13 @@ pub async fn forward(
                 Err(End::Read(e)) => break Closed::by(Side::Upstream, e),
                 Err(End::Write(e)) => break Closed::by(Side::Client, e),
             },
-            // A failure no direction is positioned to see: a half-closed client that then
-            // resets, or a reset while the other side is stalled.
-            e = failed(&client) => break Closed::by(Side::Client, e),
-            e = failed(&upstream) => break Closed::by(Side::Upstream, e),
+            // A side that has sent its EOF is no longer read, so nothing would notice it
+            // reset (a client that finished its request and then gives up). Only then: while
+            // a side is still read, its direction drains what arrived before the reset and
+            // then meets the reset itself, so those bytes are delivered as they would be
+            // without a proxy.
+            e = failed(&client), if up_done => break Closed::by(Side::Client, e),
+            e = failed(&upstream), if down_done => break Closed::by(Side::Upstream, e),
             () = &mut idle => break Closed::IdleTimeout,
         }
     };
@@ -435,10 +438,10 @@ mod tests {
         assert_eq!(task.await.unwrap().0, Closed::ClientReset);
     }
 
-    /// The server stops reading, so forwarding is blocked writing to it; a client reset must
-    /// still reach it.
-    async fn a_reset_reaches_a_stalled_upstream(mode: Forwarding) {
-        let ((mut app, proxy_client), (proxy_upstream, server)) = pairs().await;
+    /// The server answers and resets at once: the answer, already received, reaches the
+    /// client before the reset does, as it would without a proxy.
+    async fn bytes_sent_before_a_reset_arrive_first(mode: Forwarding) {
+        let ((mut app, proxy_client), (proxy_upstream, mut server)) = pairs().await;
         let task = spawn_forward(
             proxy_client,
             proxy_upstream,
@@ -446,23 +449,16 @@ mod tests {
             Duration::ZERO,
             mode,
         );
-        // Fill every buffer on the way until the client cannot write any more.
-        let chunk = vec![1u8; 64 * 1024];
-        while tokio::time::timeout(Duration::from_millis(200), app.write_all(&chunk))
-            .await
-            .is_ok()
-        {}
-        reset(&app);
-        drop(app);
-        // Still without reading: reading would unblock forwarding, which would then find the
-        // reset by itself.
-        tokio::time::timeout(Duration::from_secs(10), server.ready(Interest::ERROR))
-            .await
-            .expect("server should see a reset")
-            .unwrap();
-        let err = server.take_error().unwrap().expect("a pending error");
-        assert_eq!(err.kind(), io::ErrorKind::ConnectionReset, "{err}");
-        assert_eq!(task.await.unwrap().0, Closed::ClientReset);
+        let reply: Vec<u8> = (0..32_000u32).map(|i| (i % 253) as u8).collect();
+        server.write_all(&reply).await.unwrap();
+        reset(&server);
+        drop(server);
+        let mut got = vec![0u8; reply.len()];
+        app.read_exact(&mut got).await.expect("the whole reply");
+        assert_eq!(got, reply);
+        let err = app.read(&mut [0u8; 16]).await.expect_err("then the reset");
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionReset);
+        assert_eq!(task.await.unwrap().0, Closed::UpstreamReset);
     }
 
     #[test]
@@ -490,13 +486,13 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_reset_reaches_a_stalled_upstream_with_splice() {
-        a_reset_reaches_a_stalled_upstream(Forwarding::Splice).await;
+    async fn bytes_sent_before_a_reset_arrive_first_with_splice() {
+        bytes_sent_before_a_reset_arrive_first(Forwarding::Splice).await;
     }
 
     #[tokio::test]
-    async fn a_reset_reaches_a_stalled_upstream_with_copy() {
-        a_reset_reaches_a_stalled_upstream(Forwarding::Copy).await;
+    async fn bytes_sent_before_a_reset_arrive_first_with_copy() {
+        bytes_sent_before_a_reset_arrive_first(Forwarding::Copy).await;
     }
 
     /// A measurement, not a test: `cargo test --release -p shunt forwarding_throughput --
