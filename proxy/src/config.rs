@@ -87,6 +87,9 @@ pub struct Intercept {
     pub idle_timeout: Duration,
     /// How opaque bytes are moved: `splice` (zero-copy, the default) or `copy`.
     pub forwarding: Forwarding,
+    /// On SIGTERM, how long established connections get to finish.
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
 }
 
 impl Default for Intercept {
@@ -104,6 +107,7 @@ impl Default for Intercept {
             connect_timeout: Duration::from_secs(5),
             idle_timeout: Duration::ZERO,
             forwarding: Forwarding::default(),
+            drain_timeout: Duration::from_secs(5),
         }
     }
 }

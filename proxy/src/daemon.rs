@@ -46,7 +46,9 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
 
     let conns = Arc::new(ConnTable::default());
     let counters = Arc::new(ProxyCounters::default());
+    let (stop_connections, shutdown) = tokio::sync::watch::channel(false);
     let proxy = Arc::new(Proxy {
+        shutdown,
         dst_table: datapath.original_dst_table()?,
         conns: conns.clone(),
         counters: counters.clone(),
@@ -78,7 +80,7 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
         started,
         enrollments: enrollments.clone(),
         datapath,
-        conns,
+        conns: conns.clone(),
         counters,
         commands,
     });
@@ -108,7 +110,20 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
             }
         }
     }
+    // New connections go direct (or are refused) from here; established ones get
+    // `drain_timeout` to finish, HTTP/2 ones told so with GOAWAY.
     enrollments.close_all();
+    let _ = stop_connections.send(true);
+    let deadline = Instant::now() + intercept.drain_timeout;
+    while conns.len() > 0 && Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    if conns.len() > 0 {
+        tracing::info!(
+            connections = conns.len(),
+            "drain timeout passed; closing the rest"
+        );
+    }
     let _ = std::fs::remove_file(&socket_path);
     Ok(())
 }

@@ -2,7 +2,8 @@
 
 serve NAME ADDR   -- answers /helloworld.Greeter/SayHello with HelloReply{message: NAME}
                      (and /helloworld.Greeter/Fail with UNAVAILABLE, /Slow after 300 ms)
-call ADDR COUNT   -- COUNT unary calls over ONE channel; prints a JSON summary:
+call ADDR COUNT [METHOD]
+                  -- COUNT unary calls (SayHello, or METHOD) over ONE channel; prints:
                      {"ok": n, "by_backend": {...}, "errors": {"UNAVAILABLE": n, ...},
                       "first_error": "..."}
 """
@@ -13,8 +14,6 @@ import time
 from concurrent import futures
 
 import grpc
-
-METHOD = "/helloworld.Greeter/SayHello"
 
 
 def encode_string_field(value: str) -> bytes:
@@ -72,10 +71,10 @@ def serve(name: str, addr: str) -> None:
     server.wait_for_termination()
 
 
-def call(addr: str, count: int) -> None:
+def call(addr: str, count: int, method: str = "SayHello") -> None:
     by_backend, errors, first_error = {}, {}, None
     with grpc.insecure_channel(addr) as channel:
-        say_hello = channel.unary_unary(METHOD)
+        say_hello = channel.unary_unary(f"/helloworld.Greeter/{method}")
         for _ in range(count):
             try:
                 name = decode_string_field(say_hello(encode_string_field("probe"), timeout=10))
@@ -91,6 +90,6 @@ if __name__ == "__main__":
     if sys.argv[1] == "serve":
         serve(sys.argv[2], sys.argv[3])
     elif sys.argv[1] == "call":
-        call(sys.argv[2], int(sys.argv[3]))
+        call(sys.argv[2], int(sys.argv[3]), *sys.argv[4:5])
     else:
         sys.exit(f"unknown command {sys.argv[1]}")

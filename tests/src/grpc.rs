@@ -46,6 +46,50 @@ pub fn call(sandbox: &Sandbox, pod: &Pod, to: SocketAddr, count: usize) -> anyho
         "greeter client failed: {stdout}{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    parse(&stdout)
+}
+
+/// Starts `count` calls of `method` (`SayHello`, `Slow`: 300 ms, `Fail`) in the background;
+/// [`Background::finish`] collects the outcome.
+pub fn call_in_background(
+    sandbox: &Sandbox,
+    pod: &Pod,
+    to: SocketAddr,
+    count: usize,
+    method: &str,
+) -> anyhow::Result<Background> {
+    let out = sandbox
+        .scratch_dir("grpc")?
+        .join(format!("{method}-{count}.json"));
+    let mut cmd = Command::new("python3");
+    cmd.arg(script())
+        .args(["call", &to.to_string(), &count.to_string(), method])
+        .stdout(std::fs::File::create(&out)?);
+    let pid = sandbox.spawn_in_pod(pod, cmd)?;
+    Ok(Background { pid, out })
+}
+
+pub struct Background {
+    pid: u32,
+    out: PathBuf,
+}
+
+impl Background {
+    /// Waits (at most 60 s) for the calls to finish.
+    pub fn finish(self, sandbox: &Sandbox) -> anyhow::Result<Calls> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while sandbox.is_running(self.pid) {
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "calls did not finish within 60s"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        parse(&std::fs::read_to_string(&self.out)?)
+    }
+}
+
+fn parse(stdout: &str) -> anyhow::Result<Calls> {
     serde_json::from_str(stdout.trim())
         .with_context(|| format!("greeter client printed {stdout:?}"))
 }

@@ -167,3 +167,29 @@ fn curl_with_prior_knowledge_reaches_a_plain_http2_server() -> anyhow::Result<()
     assert_eq!(daemon.counter("proxy", "verdict_h2")?, 1);
     Ok(())
 }
+
+#[test]
+fn sigterm_lets_calls_in_flight_finish() -> anyhow::Result<()> {
+    let (sandbox, client, endpoints) = greeters(1)?;
+    let mut daemon = Daemon::start(&sandbox, &[&client], &service(&endpoints))?;
+    // A 300 ms call, still in flight when the daemon is told to stop.
+    let slow = grpc::call_in_background(&sandbox, &client, vip(), 1, "Slow")?;
+    std::thread::sleep(Duration::from_millis(150));
+    let pid = daemon.ctl_json(&["status"])?["pid"]
+        .as_i64()
+        .unwrap_or_default() as i32;
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let calls = slow.finish(&sandbox)?;
+    assert_eq!(
+        calls.ok, 1,
+        "the call in flight at SIGTERM failed: {calls:?}"
+    );
+    daemon.wait_exit(Duration::from_secs(10))?;
+    assert!(
+        daemon.log_text().contains("SIGTERM"),
+        "{}",
+        daemon.log_text()
+    );
+    Ok(())
+}

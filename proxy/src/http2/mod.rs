@@ -47,6 +47,8 @@ pub struct Downstream {
     pub pool: Arc<Pool>,
     pub counters: Arc<ProxyCounters>,
     pub bytes: StreamBytes,
+    /// `true` once the daemon is stopping.
+    pub shutdown: tokio::sync::watch::Receiver<bool>,
 }
 
 /// Serves one client connection; `prefix` is what detection already read from it.
@@ -64,13 +66,27 @@ pub async fn serve(
         .max_header_list_size(MAX_HEADER_LIST)
         .handshake::<_, Bytes>(io)
         .await?;
+    let mut shutdown = downstream.shutdown.clone();
     let downstream = Arc::new(downstream);
-    while let Some(accepted) = connection.accept().await {
-        let (request, respond) = accepted?;
-        ProxyCounters::inc(&downstream.counters.h2_streams);
-        tokio::spawn(proxy_stream(request, respond, downstream.clone()));
+    let mut draining = false;
+    loop {
+        tokio::select! {
+            accepted = connection.accept() => {
+                let Some(accepted) = accepted else { return Ok(()) };
+                let (request, respond) = accepted?;
+                ProxyCounters::inc(&downstream.counters.h2_streams);
+                tokio::spawn(proxy_stream(request, respond, downstream.clone()));
+            }
+            // GOAWAY: the client opens no new streams here; those in flight finish, then
+            // `accept` returns None.
+            changed = shutdown.wait_for(|stop| *stop), if !draining => {
+                draining = true;
+                if changed.is_ok() {
+                    connection.graceful_shutdown();
+                }
+            }
+        }
     }
-    Ok(())
 }
 
 async fn proxy_stream(

@@ -31,6 +31,16 @@ async fn backend(
     max_streams: Option<u32>,
     seen: mpsc::UnboundedSender<Seen>,
 ) -> SocketAddr {
+    backend_with_goaway(name, max_streams, None, seen).await
+}
+
+/// As [`backend`], sending GOAWAY on each connection after `goaway_after` streams.
+async fn backend_with_goaway(
+    name: &'static str,
+    max_streams: Option<u32>,
+    goaway_after: Option<usize>,
+    seen: mpsc::UnboundedSender<Seen>,
+) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
@@ -47,8 +57,13 @@ async fn backend(
                 let Ok(mut conn) = builder.handshake::<_, Bytes>(stream).await else {
                     return;
                 };
+                let mut streams = 0;
                 while let Some(Ok((request, respond))) = conn.accept().await {
                     tokio::spawn(answer(name, request, respond, seen.clone()));
+                    streams += 1;
+                    if goaway_after == Some(streams) {
+                        conn.graceful_shutdown();
+                    }
                 }
             });
         }
@@ -140,6 +155,8 @@ async fn proxy(endpoints: Vec<SocketAddr>) -> (SocketAddr, Arc<Pool>) {
                     request: Arc::default(),
                     response: Arc::default(),
                 },
+                // Never stopping: the sender is dropped, which `serve` takes as "no shutdown".
+                shutdown: tokio::sync::watch::channel(false).1,
             };
             tokio::spawn(async move {
                 // As detection does: the preface has been read before the proxy takes over.
@@ -345,4 +362,17 @@ fn grpc_messages_are_percent_encoded() {
         "upstream 10.0.0.1:80: refused"
     );
     assert_eq!(grpc_percent_encode("100% ü"), "100%25 %C3%BC");
+}
+
+#[tokio::test]
+async fn an_upstream_goaway_moves_new_streams_to_a_new_connection() {
+    let endpoint = backend_with_goaway("a", None, Some(5), noop()).await;
+    let (addr, _) = proxy(vec![endpoint]).await;
+    let mut sender = client(addr).await;
+    // Each upstream connection takes 5 streams and then goes away: 20 calls need four, and
+    // none of the calls may notice.
+    for i in 0..20 {
+        let result = call(&mut sender, "/echo", Bytes::new()).await;
+        assert!(result.is_ok(), "call {i} failed: {result:?}");
+    }
 }

@@ -60,6 +60,8 @@ impl Settings {
 /// Everything a connection's task needs, shared by all pods.
 pub struct Proxy {
     pub dst_table: OriginalDstTable,
+    /// Flips to `true` when the daemon stops: HTTP/2 connections send GOAWAY and drain.
+    pub shutdown: tokio::sync::watch::Receiver<bool>,
     pub conns: Arc<ConnTable>,
     pub counters: Arc<ProxyCounters>,
     pub mark: u32,
@@ -172,6 +174,7 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, p
             route: route.clone(),
             pool: pod.upstreams.clone(),
             counters: proxy.counters.clone(),
+            shutdown: proxy.shutdown.clone(),
             bytes: http2::StreamBytes {
                 request: guard.bytes_from_client.clone(),
                 response: guard.bytes_to_client.clone(),
