@@ -328,6 +328,36 @@ pub fn split_host_port(hostport: &str) -> Option<(&str, u16)> {
     (!host.is_empty() && port != 0).then_some((host, port))
 }
 
+impl Config {
+    /// Fields that differ from `running` but only take effect when the daemon starts (they
+    /// shape the attached programs, the listeners or the admin socket); a reload leaves them
+    /// as they are. `pods` is in the list too: pods are enrolled at runtime with
+    /// `shunt enroll`/`unenroll`, not by reloading.
+    pub fn needs_restart(&self, running: &Config) -> Vec<&'static str> {
+        let (new, old) = (&self.intercept, &running.intercept);
+        [
+            ("intercept.cgroup", new.cgroup != old.cgroup),
+            ("intercept.listen_port", new.listen_port != old.listen_port),
+            ("intercept.fail_mode", new.fail_mode != old.fail_mode),
+            (
+                "intercept.exclude_cidrs",
+                new.exclude_cidrs != old.exclude_cidrs,
+            ),
+            (
+                "intercept.exclude_ports",
+                new.exclude_ports != old.exclude_ports,
+            ),
+            ("intercept.mark", new.mark != old.mark),
+            ("intercept.pin_dir", new.pin_dir != old.pin_dir),
+            ("pods", self.pods != running.pods),
+            ("admin.socket", self.admin.socket != running.admin.socket),
+        ]
+        .into_iter()
+        .filter_map(|(field, changed)| changed.then_some(field))
+        .collect()
+    }
+}
+
 /// Address helpers shared by the datapath and the admin API.
 pub fn listener_addrs(port: u16) -> [SocketAddr; 2] {
     [
@@ -410,6 +440,24 @@ mod tests {
             "pods:\n  - {name: a, netns: /proc/self/ns/net}\n  - {name: a, netns: /proc/self/ns/net}\n",
         );
         assert_eq!(field, "pods[1].name");
+    }
+
+    #[test]
+    fn reload_names_the_changes_that_need_a_restart() {
+        let running = Config::parse("intercept:\n  listen_port: 15001\n").unwrap();
+        let same_but_reloadable = Config::parse(
+            "intercept:\n  listen_port: 15001\n  detect_timeout: 3s\nservices:\n  - {name: a, vip: '10.96.0.1:80', endpoints: ['10.0.0.1:80']}\n",
+        )
+        .unwrap();
+        assert!(same_but_reloadable.needs_restart(&running).is_empty());
+        let moved = Config::parse(
+            "intercept:\n  listen_port: 15006\n  exclude_ports: [22]\npods:\n  - {name: a, netns: /proc/self/ns/net}\n",
+        )
+        .unwrap();
+        assert_eq!(
+            moved.needs_restart(&running),
+            ["intercept.listen_port", "intercept.exclude_ports", "pods"]
+        );
     }
 
     #[test]

@@ -72,7 +72,14 @@ pub async fn run(command: Command, socket: &Path, output: Output) -> anyhow::Res
                 .call(Method::POST, "/reload", Option::<()>::None)
                 .await?;
             print(output, &reloaded, || {
-                format!("reloaded: {} services\n", reloaded.services)
+                let mut text = format!("reloaded: {} services\n", reloaded.services);
+                if !reloaded.restart_needed.is_empty() {
+                    text.push_str(&format!(
+                        "not applied until shunt restarts: {}\n",
+                        reloaded.restart_needed.join(", ")
+                    ));
+                }
+                text
             });
         }
         Command::Stats => {

@@ -102,7 +102,7 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
             }
             _ = sighup.recv() => {
                 // Errors are logged by `reload`; the running configuration stays.
-                let _ = reload(config_path, &proxy);
+                let _ = reload(config_path, &proxy, &config);
             }
             Some(Command::Uninstall) = command_rx.recv() => {
                 tracing::info!("uninstalled: stopping");
@@ -130,12 +130,27 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
 
 /// Re-reads the configuration and swaps in what can change at runtime (Services, detection
 /// and timeout settings) for new connections. A configuration with any error changes nothing.
-pub fn reload(config_path: &Path, proxy: &Proxy) -> Result<Config, ConfigError> {
+/// Returns the new configuration and the changed fields that only a restart applies
+/// (compared with `running`, the configuration the daemon started with).
+pub fn reload(
+    config_path: &Path,
+    proxy: &Proxy,
+    running: &Config,
+) -> Result<(Config, Vec<&'static str>), ConfigError> {
     match Config::load(config_path) {
         Ok(config) => {
-            proxy.settings.store(Arc::new(Settings::new(&config)));
+            let settings = Settings::new(&config);
+            settings.routes.inherit(&proxy.settings.load().routes);
+            proxy.settings.store(Arc::new(settings));
+            let restart_needed = config.needs_restart(running);
             tracing::info!(services = config.services.len(), "configuration reloaded");
-            Ok(config)
+            if !restart_needed.is_empty() {
+                tracing::warn!(
+                    fields = restart_needed.join(", "),
+                    "these changes take effect only when shunt restarts"
+                );
+            }
+            Ok((config, restart_needed))
         }
         Err(e) => {
             tracing::error!("configuration not reloaded, the running one stays: {e}");

@@ -53,7 +53,30 @@ impl Service {
             endpoints: ArcSwap::from_pointee(
                 config.endpoints.iter().map(|&a| Endpoint::new(a)).collect(),
             ),
-            cursor: AtomicUsize::new(0),
+            cursor: AtomicUsize::new(random_start()),
+        }
+    }
+
+    /// Continues where `previous` (the same Service before a reload) left off: its rotation,
+    /// so reloads neither restart it nor favour any endpoint, and the counts of endpoints
+    /// that are still there. A DNS Service not yet resolved keeps the previous endpoints
+    /// until its first lookup, so a reload never leaves it without any.
+    fn inherit(&self, previous: &Service) {
+        self.cursor
+            .store(previous.cursor.load(Ordering::Relaxed), Ordering::Relaxed);
+        let old = previous.endpoints.load_full();
+        if self.endpoints.load().is_empty() {
+            self.endpoints.store(old);
+            return;
+        }
+        for endpoint in self.endpoints.load().iter() {
+            if let Some(old) = old.iter().find(|e| e.addr == endpoint.addr) {
+                let copy = |to: &AtomicU64, from: &AtomicU64| {
+                    to.store(from.load(Ordering::Relaxed), Ordering::Relaxed)
+                };
+                copy(&endpoint.picked, &old.picked);
+                copy(&endpoint.failed, &old.failed);
+            }
         }
     }
 
@@ -144,6 +167,16 @@ impl Routes {
         Routes { by_vip, in_order }
     }
 
+    /// Carries each Service's rotation and endpoint counts over from the table this one
+    /// replaces (matched by name).
+    pub fn inherit(&self, previous: &Routes) {
+        for service in &self.in_order {
+            if let Some(old) = previous.in_order.iter().find(|o| o.name == service.name) {
+                service.inherit(old);
+            }
+        }
+    }
+
     pub fn route(&self, original_dst: SocketAddr) -> Route {
         match self.by_vip.get(&canonical(original_dst)) {
             Some(service) => Route::Service(service.clone()),
@@ -163,6 +196,16 @@ impl Routes {
     pub fn by_name(&self, name: &str) -> Option<Arc<Service>> {
         self.in_order.iter().find(|s| s.name == name).cloned()
     }
+}
+
+/// Where a new Service's rotation starts. Random, so that the shunt on every node does not
+/// send its first connections to the same endpoint.
+fn random_start() -> usize {
+    use std::hash::{BuildHasher, Hasher};
+    // RandomState is seeded from the OS once per process and varied per instance.
+    std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish() as usize
 }
 
 /// A Service as the admin API shows it.
@@ -193,27 +236,61 @@ mod tests {
         }])
     }
 
+    fn service_of(routes: &Routes) -> Arc<Service> {
+        match routes.route("10.96.0.10:50051".parse().unwrap()) {
+            Route::Service(service) => service,
+            Route::Direct(_) => panic!("VIP not routed to its service"),
+        }
+    }
+
+    fn firsts(service: &Service, n: usize) -> Vec<SocketAddr> {
+        (0..n)
+            .map(|_| service.endpoint_order().next().unwrap().addr)
+            .collect()
+    }
+
     #[test]
     fn round_robin_starts_one_further_each_time() {
-        let routes = service(&["10.0.0.1:1", "10.0.0.2:1", "10.0.0.3:1"]);
-        let Route::Service(svc) = routes.route("10.96.0.10:50051".parse().unwrap()) else {
-            panic!("VIP not routed to its service");
-        };
-        let firsts: Vec<SocketAddr> = (0..6)
-            .map(|_| svc.endpoint_order().next().unwrap().addr)
-            .collect();
-        let expected: Vec<SocketAddr> = ["10.0.0.1:1", "10.0.0.2:1", "10.0.0.3:1"]
+        let all: Vec<SocketAddr> = ["10.0.0.1:1", "10.0.0.2:1", "10.0.0.3:1"]
             .iter()
-            .cycle()
-            .take(6)
             .map(|a| a.parse().unwrap())
             .collect();
-        assert_eq!(firsts, expected);
+        let routes = service(&["10.0.0.1:1", "10.0.0.2:1", "10.0.0.3:1"]);
+        let svc = service_of(&routes);
+        // Wherever the rotation starts, it visits the endpoints in order.
+        let got = firsts(&svc, 6);
+        let start = all.iter().position(|a| *a == got[0]).unwrap();
+        let expected: Vec<SocketAddr> = all.iter().cycle().skip(start).take(6).copied().collect();
+        assert_eq!(got, expected);
         // Each order lists every endpoint exactly once, for failover.
         let order: Vec<SocketAddr> = svc.endpoint_order().map(|e| e.addr).collect();
         assert_eq!(order.len(), 3);
-        assert_eq!(order[0], "10.0.0.1:1".parse().unwrap());
-        assert_eq!(order[2], "10.0.0.3:1".parse().unwrap());
+        let mut sorted = order.clone();
+        sorted.sort();
+        assert_eq!(sorted, all);
+    }
+
+    #[test]
+    fn a_reload_continues_the_rotation_and_keeps_counts() {
+        let endpoints = ["10.0.0.1:1", "10.0.0.2:1", "10.0.0.3:1"];
+        let before = service(&endpoints);
+        let old = service_of(&before);
+        let picks = firsts(&old, 4);
+        old.endpoints.load()[1].picked.store(7, Ordering::Relaxed);
+
+        // The same Service reloaded: the rotation goes on exactly where it was.
+        let same = service(&endpoints);
+        same.inherit(&before);
+        let expected = firsts(&old, 1)[0];
+        assert_eq!(firsts(&service_of(&same), 1)[0], expected);
+        assert_ne!(expected, picks[3]);
+
+        // Endpoint 10.0.0.1 goes, 10.0.0.4 comes: the counts of those kept are kept.
+        let changed = service(&["10.0.0.2:1", "10.0.0.3:1", "10.0.0.4:1"]);
+        changed.inherit(&before);
+        let summary = service_of(&changed).summary();
+        assert_eq!(summary.endpoints[0].picked, 7);
+        assert_eq!(summary.endpoints[2].picked, 0);
     }
 
     #[test]

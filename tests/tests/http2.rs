@@ -174,7 +174,15 @@ fn sigterm_lets_calls_in_flight_finish() -> anyhow::Result<()> {
     let mut daemon = Daemon::start(&sandbox, &[&client], &service(&endpoints))?;
     // A 300 ms call, still in flight when the daemon is told to stop.
     let slow = grpc::call_in_background(&sandbox, &client, vip(), 1, "Slow")?;
-    std::thread::sleep(Duration::from_millis(150));
+    // Wait until shunt has the call's stream, then stop it mid-call.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while daemon.counter("proxy", "h2_streams")? == 0 {
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "the call never reached shunt"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
     let pid = daemon.ctl_json(&["status"])?["pid"]
         .as_i64()
         .unwrap_or_default() as i32;

@@ -494,7 +494,24 @@ fn reload_swaps_services_and_refuses_a_bad_config() -> anyhow::Result<()> {
 
     // A good one changes where new connections go.
     daemon.rewrite_config(&pods, &with_service(80, &eps[1..], ""))?;
-    daemon.ctl(&["reload"])?;
+    let reloaded = daemon.ctl_json(&["reload"])?;
+    assert_eq!(
+        reloaded["restart_needed"],
+        serde_json::json!([]),
+        "{reloaded}"
+    );
+    assert_eq!(server_of(&daemon)?, "backend1");
+
+    // Fields only a restart applies are applied to nothing, and said so.
+    let mut restart_only = with_service(80, &eps[1..], "");
+    restart_only.exclude_ports = vec![2222];
+    daemon.rewrite_config(&pods, &restart_only)?;
+    let reloaded = daemon.ctl_json(&["reload"])?;
+    assert_eq!(
+        reloaded["restart_needed"],
+        serde_json::json!(["intercept.exclude_ports"]),
+        "{reloaded}"
+    );
     assert_eq!(server_of(&daemon)?, "backend1");
 
     // SIGHUP does the same.

@@ -46,6 +46,9 @@ pub struct Uninstalled {
 pub struct Reloaded {
     /// Services in force after the reload.
     pub services: usize,
+    /// Changed fields that take effect only when the daemon restarts.
+    #[serde(default)]
+    pub restart_needed: Vec<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]

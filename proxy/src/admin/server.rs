@@ -130,15 +130,18 @@ async fn route(req: Request<Incoming>, ctx: &AdminContext) -> Reply {
             StatusCode::OK,
             &ctx.proxy.settings.load().routes.summaries(),
         ),
-        (&Method::POST, "/reload") => match crate::daemon::reload(&ctx.config_path, &ctx.proxy) {
-            Ok(config) => json(
-                StatusCode::OK,
-                &Reloaded {
-                    services: config.services.len(),
-                },
-            ),
-            Err(e) => error(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()),
-        },
+        (&Method::POST, "/reload") => {
+            match crate::daemon::reload(&ctx.config_path, &ctx.proxy, &ctx.config) {
+                Ok((config, restart_needed)) => json(
+                    StatusCode::OK,
+                    &Reloaded {
+                        services: config.services.len(),
+                        restart_needed: restart_needed.into_iter().map(String::from).collect(),
+                    },
+                ),
+                Err(e) => error(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()),
+            }
+        }
         (&Method::GET, "/stats") => json(StatusCode::OK, &stats(ctx)),
         (&Method::POST, "/uninstall") => uninstall(ctx).await,
         _ => error(

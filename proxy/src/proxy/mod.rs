@@ -156,6 +156,7 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, p
             Ok(detected) => detected,
             Err(e) => {
                 tracing::debug!(pod = %pod.name, %peer, "client failed during detection: {e}");
+                ProxyCounters::inc(&counters.client_resets);
                 guard.set_close_reason("client-reset");
                 return;
             }
@@ -223,14 +224,15 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, p
         settings.forwarding,
     )
     .await;
-    match closed {
+    match &closed {
         forward::Closed::ClientReset => ProxyCounters::inc(&counters.client_resets),
         forward::Closed::UpstreamReset => ProxyCounters::inc(&counters.upstream_resets),
         forward::Closed::IdleTimeout => ProxyCounters::inc(&counters.idle_timeouts),
+        forward::Closed::Error { .. } => ProxyCounters::inc(&counters.forward_errors),
         forward::Closed::Eof => {}
     }
     add_bytes(counters, &guard);
-    guard.set_close_reason(closed.as_str());
+    guard.set_close_reason(closed.to_string());
 }
 
 /// Adds a finished connection's bytes to the proxy-wide totals.

@@ -5,7 +5,8 @@
 
 use serde::{Deserialize, Serialize};
 use tls_parser::{
-    TlsExtension, TlsMessage, TlsMessageHandshake, parse_tls_extensions, parse_tls_plaintext,
+    TlsExtension, TlsMessage, TlsMessageHandshake, TlsRecordType, parse_tls_extensions,
+    parse_tls_message_handshake, parse_tls_raw_record,
 };
 
 /// The HTTP/2 client connection preface (RFC 9113 §3.4).
@@ -80,7 +81,9 @@ pub fn sniff(prefix: &[u8]) -> Sniffed {
     Sniffed::Opaque
 }
 
-/// A TLS handshake record: type 0x16, version 0x03 0x0?, then the ClientHello.
+/// A TLS handshake record: type 0x16, version 0x03 0x0?, then the ClientHello. The hello may
+/// be fragmented over several records (RFC 8446 §5.1), so the handshake message is
+/// reassembled from consecutive records before it is parsed.
 fn sniff_tls(prefix: &[u8]) -> Sniffed {
     if prefix.len() >= 2 && prefix[1] != 0x03 {
         return Sniffed::Opaque;
@@ -88,21 +91,43 @@ fn sniff_tls(prefix: &[u8]) -> Sniffed {
     if prefix.len() >= 6 && prefix[5] != 0x01 {
         return Sniffed::Opaque; // a handshake record, but not a ClientHello
     }
-    match parse_tls_plaintext(prefix) {
-        Ok((_, record)) => {
-            let hello = record.msg.iter().find_map(|msg| match msg {
-                TlsMessage::Handshake(TlsMessageHandshake::ClientHello(hello)) => Some(hello),
-                _ => None,
-            });
-            match hello {
-                Some(hello) => Sniffed::Tls(client_hello_details(hello.ext)),
-                None => Sniffed::Opaque,
+    let need_more = if prefix.len() < MAX_SNIFF_BYTES {
+        Sniffed::NeedMore
+    } else {
+        Sniffed::Opaque
+    };
+    let mut message = Vec::new();
+    let mut rest = prefix;
+    let whole = loop {
+        let record = match parse_tls_raw_record(rest) {
+            Ok((after, record)) => {
+                rest = after;
+                record
+            }
+            Err(tls_parser::nom::Err::Incomplete(_)) => return need_more,
+            Err(_) => return Sniffed::Opaque,
+        };
+        // Only handshake records may carry the hello's fragments, and an empty one is not
+        // allowed (it would let a peer feed us records forever).
+        if record.hdr.record_type != TlsRecordType::Handshake || record.data.is_empty() {
+            return Sniffed::Opaque;
+        }
+        message.extend_from_slice(record.data);
+        if message.len() >= 4 {
+            let length = u32::from_be_bytes([0, message[1], message[2], message[3]]) as usize;
+            if message.len() >= 4 + length {
+                break &message[..4 + length];
+            }
+            if 4 + length > MAX_SNIFF_BYTES {
+                return Sniffed::Opaque; // more than we are willing to buffer
             }
         }
-        Err(tls_parser::nom::Err::Incomplete(_)) if prefix.len() < MAX_SNIFF_BYTES => {
-            Sniffed::NeedMore
+    };
+    match parse_tls_message_handshake(whole) {
+        Ok((_, TlsMessage::Handshake(TlsMessageHandshake::ClientHello(hello)))) => {
+            Sniffed::Tls(client_hello_details(hello.ext))
         }
-        Err(_) => Sniffed::Opaque,
+        _ => Sniffed::Opaque,
     }
 }
 
@@ -133,14 +158,14 @@ fn client_hello_details(extensions: Option<&[u8]>) -> ClientHello {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use proptest::prelude::*;
 
     use super::*;
 
     /// A ClientHello as `openssl s_client -servername greeter.test -alpn h2,http/1.1` sends it
     /// (trimmed to the extensions that matter here).
-    fn client_hello(sni: &str, alpn: &[&str]) -> Vec<u8> {
+    pub(crate) fn client_hello(sni: &str, alpn: &[&str]) -> Vec<u8> {
         let mut ext = Vec::new();
         // server_name
         let name = sni.as_bytes();
@@ -212,6 +237,48 @@ mod tests {
         assert_eq!(sniff(&hello), Sniffed::Tls(expected));
     }
 
+    /// The hello's handshake message split over `records` records at the given offsets.
+    fn fragmented(hello: &[u8], cuts: &[usize]) -> Vec<u8> {
+        let message = &hello[5..];
+        let mut bounds = vec![0];
+        bounds.extend(cuts.iter().map(|&c| c.min(message.len())));
+        bounds.push(message.len());
+        bounds.sort_unstable();
+        bounds.dedup();
+        let mut bytes = Vec::new();
+        for piece in bounds.windows(2) {
+            let fragment = &message[piece[0]..piece[1]];
+            bytes.extend([0x16, 0x03, 0x01]);
+            bytes.extend((fragment.len() as u16).to_be_bytes());
+            bytes.extend(fragment);
+        }
+        bytes
+    }
+
+    #[test]
+    fn a_client_hello_over_several_records_is_reassembled() {
+        let hello = client_hello("frag.test", &["h2"]);
+        for cuts in [&[1][..], &[3], &[4], &[20, 21, 60]] {
+            let bytes = fragmented(&hello, cuts);
+            let Sniffed::Tls(seen) = sniff(&bytes) else {
+                panic!("cuts {cuts:?}: {:?}", sniff(&bytes));
+            };
+            assert_eq!(seen.sni.as_deref(), Some("frag.test"));
+            for n in 1..bytes.len() {
+                assert_eq!(
+                    sniff(&bytes[..n]),
+                    Sniffed::NeedMore,
+                    "cuts {cuts:?}, {n} bytes"
+                );
+            }
+        }
+        // An application-data record in the middle is not a hello.
+        let mut bytes = fragmented(&hello, &[10]);
+        let second = 5 + 10;
+        bytes[second] = 0x17;
+        assert_eq!(sniff(&bytes), Sniffed::Opaque);
+    }
+
     #[test]
     fn a_cut_client_hello_asks_for_more() {
         let hello = client_hello("greeter.test", &["h2"]);
@@ -236,6 +303,23 @@ mod tests {
             let mut bytes = vec![0x16, 0x03, 0x01];
             bytes.extend(tail);
             let _ = sniff(&bytes);
+        }
+
+        /// However a ClientHello is fragmented over records and wherever the bytes stop,
+        /// every prefix is undecided and the whole gives the SNI.
+        #[test]
+        fn fragmented_client_hellos(
+            cuts in proptest::collection::vec(0usize..120, 0..4),
+            stop in any::<proptest::sample::Index>(),
+        ) {
+            let bytes = fragmented(&client_hello("p.test", &["h2"]), &cuts);
+            let whole = sniff(&bytes);
+            prop_assert!(
+                matches!(&whole, Sniffed::Tls(h) if h.sni.as_deref() == Some("p.test")),
+                "{:?}", whole
+            );
+            let n = stop.index(bytes.len()).max(1);
+            prop_assert_eq!(sniff(&bytes[..n]), Sniffed::NeedMore);
         }
 
         /// However a ClientHello is split across reads, every prefix is undecided and the

@@ -26,10 +26,10 @@ impl Pipe {
     }
 }
 
-/// Why a direction stopped: reading failed (the source reset) or writing did.
+/// Why a direction stopped: reading failed (typically the source reset) or writing did.
 pub enum SpliceEnd {
-    Read,
-    Write,
+    Read(io::Error),
+    Write(io::Error),
 }
 
 /// Moves bytes from `from` to `to` until EOF on `from`; returns the byte count through
@@ -43,13 +43,13 @@ pub async fn splice_until_eof(
     let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
     loop {
         let n = loop {
-            from.readable().await.map_err(|_| SpliceEnd::Read)?;
+            from.readable().await.map_err(SpliceEnd::Read)?;
             match from.try_io(Interest::READABLE, || {
                 splice(from.as_fd(), None, &pipe.write, None, CHUNK, flags).map_err(io::Error::from)
             }) {
                 Ok(n) => break n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(_) => return Err(SpliceEnd::Read),
+                Err(e) => return Err(SpliceEnd::Read(e)),
             }
         };
         if n == 0 {
@@ -57,17 +57,17 @@ pub async fn splice_until_eof(
         }
         let mut left = n;
         while left > 0 {
-            to.writable().await.map_err(|_| SpliceEnd::Write)?;
+            to.writable().await.map_err(SpliceEnd::Write)?;
             match to.try_io(Interest::WRITABLE, || {
                 splice(&pipe.read, None, to.as_fd(), None, left, flags).map_err(io::Error::from)
             }) {
-                Ok(0) => return Err(SpliceEnd::Write),
+                Ok(0) => return Err(SpliceEnd::Write(io::ErrorKind::WriteZero.into())),
                 Ok(written) => {
                     left -= written;
                     on_bytes(written);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(_) => return Err(SpliceEnd::Write),
+                Err(e) => return Err(SpliceEnd::Write(e)),
             }
         }
     }

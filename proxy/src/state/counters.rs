@@ -32,7 +32,8 @@ counters! {
     forwarded,
     /// Upstream connects that failed; the client is reset.
     upstream_connect_failed,
-    /// Connections that ended with an I/O error rather than a clean close.
+    /// Forwarded connections that ended with an I/O error other than a reset (e.g. a
+    /// timeout); the other side is reset.
     forward_errors,
     /// Bytes proxied from clients to upstreams.
     bytes_from_clients,
