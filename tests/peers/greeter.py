@@ -2,6 +2,8 @@
 
 serve NAME ADDR   -- answers /helloworld.Greeter/SayHello with HelloReply{message: NAME}
                      (and /helloworld.Greeter/Fail with UNAVAILABLE, /Slow after 300 ms)
+semantics ADDR    -- client, server and bidirectional streaming, a deadline and a
+                     cancellation; prints {"check": true/false or detail, ...}
 call ADDR COUNT [METHOD]
                   -- COUNT unary calls (SayHello, or METHOD) over ONE channel; prints:
                      {"ok": n, "by_backend": {...}, "errors": {"UNAVAILABLE": n, ...},
@@ -43,8 +45,31 @@ def decode_string_field(data: bytes) -> str:
     return data[i : i + length].decode()
 
 
-def serve(name: str, addr: str) -> None:
+def serve(name: str, addr: str, events: str = "") -> None:
     reply = encode_string_field(name)
+
+    def collect(requests, context):
+        total = sum(len(decode_string_field(r)) for r in requests)
+        return encode_string_field(str(total))
+
+    def spray(request, context):
+        for i in range(int(decode_string_field(request))):
+            yield encode_string_field(f"{name}-{i}")
+
+    def chat(requests, context):
+        for r in requests:
+            yield encode_string_field("echo:" + decode_string_field(r))
+
+    def hold(request, context):
+        def cancelled():
+            if events:
+                with open(events, "a") as f:
+                    f.write("cancelled\n")
+
+        context.add_callback(cancelled)
+        yield reply
+        while context.is_active():
+            time.sleep(0.01)
 
     def say_hello(request, context):
         return reply
@@ -62,6 +87,10 @@ def serve(name: str, addr: str) -> None:
             "SayHello": grpc.unary_unary_rpc_method_handler(say_hello),
             "Fail": grpc.unary_unary_rpc_method_handler(fail),
             "Slow": grpc.unary_unary_rpc_method_handler(slow),
+            "Collect": grpc.stream_unary_rpc_method_handler(collect),
+            "Spray": grpc.unary_stream_rpc_method_handler(spray),
+            "Chat": grpc.stream_stream_rpc_method_handler(chat),
+            "Hold": grpc.unary_stream_rpc_method_handler(hold),
         },
     )
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
@@ -86,9 +115,44 @@ def call(addr: str, count: int, method: str = "SayHello") -> None:
     print(json.dumps({"ok": ok, "by_backend": by_backend, "errors": errors, "first_error": first_error}))
 
 
+def semantics(addr: str) -> None:
+    results = {}
+    path = "/helloworld.Greeter/"
+    with grpc.insecure_channel(addr) as channel:
+        words = [encode_string_field("x" * i) for i in range(1, 11)]
+        total = channel.stream_unary(path + "Collect")(iter(words), timeout=10)
+        results["client_streaming"] = decode_string_field(total) == str(sum(range(1, 11)))
+
+        replies = list(channel.unary_stream(path + "Spray")(encode_string_field("50"), timeout=10))
+        results["server_streaming"] = len(replies) == 50
+
+        said = [encode_string_field(f"m{i}") for i in range(20)]
+        echoed = [decode_string_field(r) for r in channel.stream_stream(path + "Chat")(iter(said), timeout=10)]
+        results["bidi_streaming"] = echoed == [f"echo:m{i}" for i in range(20)]
+
+        big = encode_string_field("y" * (3 << 20))
+        total = channel.stream_unary(path + "Collect")(iter([big] * 4), timeout=30)
+        results["large_messages"] = decode_string_field(total) == str(4 * (3 << 20))
+
+        try:
+            channel.unary_unary(path + "Slow")(encode_string_field("t"), timeout=0.1)
+            results["deadline"] = "no error"
+        except grpc.RpcError as e:
+            results["deadline"] = e.code().name
+
+        call = channel.unary_stream(path + "Hold")(encode_string_field("h"), timeout=10)
+        next(call)
+        call.cancel()
+        results["cancelled"] = True
+        time.sleep(0.5)
+    print(json.dumps(results))
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "serve":
-        serve(sys.argv[2], sys.argv[3])
+        serve(*sys.argv[2:5])
+    elif sys.argv[1] == "semantics":
+        semantics(sys.argv[2])
     elif sys.argv[1] == "call":
         call(sys.argv[2], int(sys.argv[3]), *sys.argv[4:5])
     else:

@@ -17,9 +17,23 @@ fn script() -> PathBuf {
 
 /// Starts a greeter in `pod` on `port` that answers with `name`; waits until it listens.
 pub fn serve(sandbox: &Sandbox, pod: &Pod, name: &str, port: u16) -> anyhow::Result<u32> {
+    serve_with_events(sandbox, pod, name, port, None)
+}
+
+/// As [`serve`]; the greeter appends `cancelled` to `events` when a call is cancelled.
+pub fn serve_with_events(
+    sandbox: &Sandbox,
+    pod: &Pod,
+    name: &str,
+    port: u16,
+    events: Option<&std::path::Path>,
+) -> anyhow::Result<u32> {
     let mut cmd = Command::new("python3");
     cmd.arg(script())
         .args(["serve", name, &format!("{}:{port}", pod.ipv4)]);
+    if let Some(events) = events {
+        cmd.arg(events);
+    }
     let pid = sandbox.spawn_in_pod(pod, cmd)?;
     probe::wait_listening(sandbox, pod, port, pid)?;
     Ok(pid)
@@ -87,6 +101,25 @@ impl Background {
         }
         parse(&std::fs::read_to_string(&self.out)?)
     }
+}
+
+/// Runs the streaming, deadline and cancellation checks of the greeter client from `pod`
+/// against `to`; returns its JSON report.
+pub fn semantics(
+    sandbox: &Sandbox,
+    pod: &Pod,
+    to: SocketAddr,
+) -> anyhow::Result<serde_json::Value> {
+    let mut cmd = Command::new("python3");
+    cmd.arg(script()).args(["semantics", &to.to_string()]);
+    let out = sandbox.run_in_pod(pod, cmd, Duration::from_secs(120))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    anyhow::ensure!(
+        out.status.success(),
+        "greeter semantics failed: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(stdout.trim()).with_context(|| format!("greeter printed {stdout:?}"))
 }
 
 fn parse(stdout: &str) -> anyhow::Result<Calls> {

@@ -271,3 +271,34 @@ fn dns_discovery_follows_the_records_of_a_real_dns_server() -> anyhow::Result<()
     );
     Ok(())
 }
+
+#[test]
+fn grpc_streaming_deadlines_and_cancellation_pass_through() -> anyhow::Result<()> {
+    let sandbox = Sandbox::new()?;
+    let client = sandbox.add_pod("client")?;
+    let server = sandbox.add_pod("greeter")?;
+    let events = sandbox.scratch_dir("grpc-events")?.join("events");
+    grpc::serve_with_events(&sandbox, &server, "greeter", PORT, Some(&events))?;
+    let endpoint = SocketAddr::new(server.ipv4.into(), PORT);
+    let daemon = Daemon::start(&sandbox, &[&client], &service(&[endpoint]))?;
+
+    let report = grpc::semantics(&sandbox, &client, vip())?;
+    for check in [
+        "client_streaming",
+        "server_streaming",
+        "bidi_streaming",
+        "large_messages",
+    ] {
+        assert_eq!(report[check], true, "{check}: {report}");
+    }
+    // grpc-timeout reached the server and expiry was reported as the peer reports it.
+    assert_eq!(report["deadline"], "DEADLINE_EXCEEDED", "{report}");
+    // The client's cancel (RST_STREAM) reached the server.
+    let log = std::fs::read_to_string(&events).unwrap_or_default();
+    assert!(
+        log.contains("cancelled"),
+        "the server never saw the cancellation: {log:?}"
+    );
+    assert!(daemon.counter("proxy", "h2_stream_resets")? >= 1);
+    Ok(())
+}
