@@ -52,6 +52,34 @@ pub struct Config {
     pub services: Vec<ServiceConfig>,
     #[serde(default)]
     pub discovery: Discovery,
+    #[serde(default)]
+    pub http2: Http2,
+}
+
+/// HTTP/2 keepalive. PINGs more often than every 5 minutes make common gRPC servers close
+/// the connection with `too_many_pings`, so upstream PINGs are off unless asked for.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Http2 {
+    /// PING interval toward clients; `0s`: none.
+    #[serde(with = "humantime_serde")]
+    pub downstream_keepalive_interval: Duration,
+    /// PING interval toward upstream endpoints; `0s`: none.
+    #[serde(with = "humantime_serde")]
+    pub upstream_keepalive_interval: Duration,
+    /// How long a PONG may take before the connection is given up.
+    #[serde(with = "humantime_serde")]
+    pub keepalive_timeout: Duration,
+}
+
+impl Default for Http2 {
+    fn default() -> Self {
+        Http2 {
+            downstream_keepalive_interval: Duration::ZERO,
+            upstream_keepalive_interval: Duration::ZERO,
+            keepalive_timeout: Duration::from_secs(20),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]

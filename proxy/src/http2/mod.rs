@@ -5,6 +5,7 @@
 //! original destination — over the client pod's pooled upstream connections. gRPC is plain
 //! HTTP/2 to this layer: headers, trailers and resets pass through as they are.
 
+mod keepalive;
 mod pool;
 mod prefixed;
 mod stream;
@@ -22,7 +23,10 @@ use h2::{RecvStream, server::SendResponse};
 use http::{HeaderValue, Request, Response, StatusCode, header::CONTENT_TYPE};
 use tokio::net::TcpStream;
 
-pub use self::pool::{Connector, Pool};
+pub use self::{
+    keepalive::Keepalive,
+    pool::{Connector, Pool},
+};
 use self::{prefixed::Prefixed, stream::Ended};
 use crate::{route::Route, state::ProxyCounters};
 
@@ -49,6 +53,8 @@ pub struct Downstream {
     pub bytes: StreamBytes,
     /// `true` once the daemon is stopping.
     pub shutdown: tokio::sync::watch::Receiver<bool>,
+    /// PINGs toward the client.
+    pub keepalive: Keepalive,
 }
 
 /// Serves one client connection; `prefix` is what detection already read from it.
@@ -67,10 +73,14 @@ pub async fn serve(
         .handshake::<_, Bytes>(io)
         .await?;
     let mut shutdown = downstream.shutdown.clone();
+    let lost = keepalive::lost(connection.ping_pong(), downstream.keepalive);
+    tokio::pin!(lost);
     let downstream = Arc::new(downstream);
     let mut draining = false;
     loop {
         tokio::select! {
+            // The client stopped answering PINGs: give the connection up.
+            () = &mut lost => return Ok(()),
             accepted = connection.accept() => {
                 let Some(accepted) = accepted else { return Ok(()) };
                 let (request, respond) = accepted?;

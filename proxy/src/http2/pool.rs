@@ -42,6 +42,7 @@ pub enum PoolError {
 pub struct Pool {
     connector: Connector,
     connect_timeout: Duration,
+    keepalive: super::Keepalive,
     by_endpoint: Mutex<HashMap<SocketAddr, Vec<Arc<Upstream>>>>,
 }
 
@@ -67,10 +68,15 @@ impl Drop for Lease {
 }
 
 impl Pool {
-    pub fn new(connector: Connector, connect_timeout: Duration) -> Pool {
+    pub fn new(
+        connector: Connector,
+        connect_timeout: Duration,
+        keepalive: super::Keepalive,
+    ) -> Pool {
         Pool {
             connector,
             connect_timeout,
+            keepalive,
             by_endpoint: Mutex::default(),
         }
     }
@@ -92,7 +98,7 @@ impl Pool {
 
     /// Hands a connection dialled during detection to the pool, so it is not wasted.
     pub async fn adopt(&self, endpoint: SocketAddr, stream: TcpStream) -> Result<(), PoolError> {
-        let upstream = handshake(stream).await?;
+        let upstream = handshake(stream, self.keepalive).await?;
         self.lock().entry(endpoint).or_default().push(upstream);
         Ok(())
     }
@@ -132,7 +138,7 @@ impl Pool {
                 Ok(Err(e)) => return Err(PoolError::Connect(e)),
                 Err(_) => return Err(PoolError::Timeout(self.connect_timeout)),
             };
-        tokio::time::timeout(self.connect_timeout, handshake(stream))
+        tokio::time::timeout(self.connect_timeout, handshake(stream, self.keepalive))
             .await
             .map_err(|_| PoolError::Timeout(self.connect_timeout))?
     }
@@ -151,9 +157,12 @@ fn accepts_streams(sender: &SendRequest<Bytes>) -> bool {
     !matches!(probe.poll_ready(&mut cx), Poll::Ready(Err(_)))
 }
 
-async fn handshake(stream: TcpStream) -> Result<Arc<Upstream>, PoolError> {
+async fn handshake(
+    stream: TcpStream,
+    keepalive: super::Keepalive,
+) -> Result<Arc<Upstream>, PoolError> {
     let _ = stream.set_nodelay(true);
-    let (sender, connection) = client::Builder::new()
+    let (sender, mut connection) = client::Builder::new()
         .initial_window_size(super::STREAM_WINDOW)
         .initial_connection_window_size(super::CONNECTION_WINDOW)
         .max_frame_size(super::MAX_FRAME)
@@ -167,9 +176,18 @@ async fn handshake(stream: TcpStream) -> Result<Arc<Upstream>, PoolError> {
         max_streams: AtomicUsize::new(100),
         closed: AtomicBool::new(false),
     });
-    tokio::spawn(Driver {
+    let lost = super::keepalive::lost(connection.ping_pong(), keepalive);
+    let driver = Driver {
         connection,
         upstream: upstream.clone(),
+    };
+    let watched = upstream.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            () = driver => {}
+            // No PONG: streams stop coming here, and dropping the driver closes it.
+            () = lost => watched.closed.store(true, Ordering::Release),
+        }
     });
     Ok(upstream)
 }

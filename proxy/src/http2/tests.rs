@@ -17,6 +17,12 @@ use crate::{config::ServiceConfig, proxy::sniff::H2_PREFACE, route::Routes};
 
 const VIP: &str = "10.96.0.10:50051";
 
+/// Frequent PINGs both ways in every test: answered, they must never disturb a call.
+const KEEPALIVE: Keepalive = Keepalive {
+    interval: Duration::from_millis(20),
+    timeout: Duration::from_secs(2),
+};
+
 /// What a backend saw that a test wants to check.
 #[derive(Debug)]
 enum Seen {
@@ -139,7 +145,7 @@ async fn proxy(endpoints: Vec<SocketAddr>) -> (SocketAddr, Arc<Pool>) {
     }]);
     let route = routes.route(VIP.parse().unwrap());
     let connector: Connector = Arc::new(|addr| Box::pin(TcpStream::connect(addr)));
-    let pool = Arc::new(Pool::new(connector, Duration::from_secs(2)));
+    let pool = Arc::new(Pool::new(connector, Duration::from_secs(2), KEEPALIVE));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let shared = pool.clone();
@@ -158,6 +164,7 @@ async fn proxy(endpoints: Vec<SocketAddr>) -> (SocketAddr, Arc<Pool>) {
                 },
                 // Never stopping: the sender is dropped, which `serve` takes as "no shutdown".
                 shutdown: tokio::sync::watch::channel(false).1,
+                keepalive: KEEPALIVE,
             };
             tokio::spawn(async move {
                 // As detection does: the preface has been read before the proxy takes over.
@@ -376,4 +383,19 @@ async fn an_upstream_goaway_moves_new_streams_to_a_new_connection() {
         let result = call(&mut sender, "/echo", Bytes::new()).await;
         assert!(result.is_ok(), "call {i} failed: {result:?}");
     }
+}
+
+#[tokio::test]
+async fn a_client_that_stops_answering_pings_is_disconnected() {
+    let (addr, _) = proxy(vec![backend("a", None, noop()).await]).await;
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (_sender, connection) = h2::client::handshake(stream).await.unwrap();
+    // The client's connection is not polled, so no PONG is ever sent...
+    tokio::time::sleep(KEEPALIVE.timeout + Duration::from_secs(1)).await;
+    // ...and shunt has given it up: polled now, it ends at once.
+    let ended = tokio::time::timeout(Duration::from_secs(2), connection).await;
+    assert!(
+        ended.is_ok(),
+        "shunt kept a connection that answered no PING"
+    );
 }

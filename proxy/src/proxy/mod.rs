@@ -41,6 +41,9 @@ pub struct Settings {
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
     pub forwarding: Forwarding,
+    /// HTTP/2 PINGs toward clients, and toward upstreams (new pods' pools).
+    pub downstream_keepalive: http2::Keepalive,
+    pub upstream_keepalive: http2::Keepalive,
     /// Keeps the DNS Services' endpoints current while these settings are in force.
     _discovery: discovery::Watchers,
 }
@@ -57,6 +60,14 @@ impl Settings {
             connect_timeout: intercept.connect_timeout,
             idle_timeout: intercept.idle_timeout,
             forwarding: intercept.forwarding,
+            downstream_keepalive: http2::Keepalive {
+                interval: config.http2.downstream_keepalive_interval,
+                timeout: config.http2.keepalive_timeout,
+            },
+            upstream_keepalive: http2::Keepalive {
+                interval: config.http2.upstream_keepalive_interval,
+                timeout: config.http2.keepalive_timeout,
+            },
         }
     }
 }
@@ -90,12 +101,13 @@ impl PodContext {
             let netns = dial_netns.clone();
             Box::pin(async move { connect_from(&netns, mark, addr).await })
         });
-        let connect_timeout = proxy.settings.load().connect_timeout;
+        let settings = proxy.settings.load();
+        let (connect_timeout, keepalive) = (settings.connect_timeout, settings.upstream_keepalive);
         PodContext {
             name: name.to_owned(),
             netns,
             netns_cookie,
-            upstreams: Arc::new(http2::Pool::new(connector, connect_timeout)),
+            upstreams: Arc::new(http2::Pool::new(connector, connect_timeout, keepalive)),
         }
     }
 }
@@ -179,6 +191,7 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, p
             pool: pod.upstreams.clone(),
             counters: proxy.counters.clone(),
             shutdown: proxy.shutdown.clone(),
+            keepalive: settings.downstream_keepalive,
             bytes: http2::StreamBytes {
                 request: guard.bytes_from_client.clone(),
                 response: guard.bytes_to_client.clone(),
