@@ -13,7 +13,11 @@ use tokio::{
 };
 
 use super::*;
-use crate::{config::ServiceConfig, proxy::sniff::H2_PREFACE, route::Routes};
+use crate::{
+    config::ServiceConfig,
+    proxy::sniff::H2_PREFACE,
+    route::{Routes, Service},
+};
 
 const VIP: &str = "10.96.0.10:50051";
 
@@ -137,6 +141,12 @@ async fn answer(
 /// shunt's HTTP/2 proxy on a loopback listener, routing everything to `endpoints` as the
 /// Service at [`VIP`]. Returns its address and the pool, to inspect upstream connections.
 async fn proxy(endpoints: Vec<SocketAddr>) -> (SocketAddr, Arc<Pool>) {
+    let (addr, pool, _) = proxy_service(endpoints).await;
+    (addr, pool)
+}
+
+/// As [`proxy`], also returning the Service, to change its endpoints as discovery would.
+async fn proxy_service(endpoints: Vec<SocketAddr>) -> (SocketAddr, Arc<Pool>, Arc<Service>) {
     let routes = Routes::new(&[ServiceConfig {
         name: "greeter".into(),
         vip: VIP.parse().unwrap(),
@@ -144,6 +154,7 @@ async fn proxy(endpoints: Vec<SocketAddr>) -> (SocketAddr, Arc<Pool>) {
         ..ServiceConfig::default()
     }]);
     let route = routes.route(VIP.parse().unwrap());
+    let service = routes.by_name("greeter").unwrap();
     let connector: Connector = Arc::new(|addr| Box::pin(TcpStream::connect(addr)));
     let pool = Arc::new(Pool::new(connector, Duration::from_secs(2), KEEPALIVE));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -175,7 +186,7 @@ async fn proxy(endpoints: Vec<SocketAddr>) -> (SocketAddr, Arc<Pool>) {
             });
         }
     });
-    (addr, pool)
+    (addr, pool, service)
 }
 
 async fn client(addr: SocketAddr) -> SendRequest<Bytes> {
@@ -398,4 +409,80 @@ async fn a_client_that_stops_answering_pings_is_disconnected() {
         ended.is_ok(),
         "shunt kept a connection that answered no PING"
     );
+}
+
+#[tokio::test]
+async fn an_oversized_header_list_is_refused_without_harming_other_streams() {
+    let (addr, _) = proxy(vec![backend("a", None, noop()).await]).await;
+    let mut sender = client(addr).await;
+    let mut request = grpc_request("/echo");
+    let big = "x".repeat(MAX_HEADER_LIST as usize + 1024);
+    request.headers_mut().insert("x-big", big.parse().unwrap());
+    let refused = async {
+        let mut ready = sender.clone().ready().await?;
+        let (response, _) = ready.send_request(request, true)?;
+        response.await
+    }
+    .await;
+    match refused {
+        // h2 answers an oversized header list with 431 or a stream error, never a hang.
+        Ok(response) => assert_eq!(response.status(), 431),
+        Err(e) => assert!(e.reason().is_some() || e.is_io(), "{e:?}"),
+    }
+    let (parts, _, _) = call(&mut sender, "/echo", Bytes::new()).await.unwrap();
+    assert_eq!(parts.headers["x-backend"], "a");
+}
+
+#[tokio::test]
+async fn a_malformed_headers_frame_closes_only_that_connection() {
+    let (addr, _) = proxy(vec![backend("a", None, noop()).await]).await;
+    let mut healthy = client(addr).await;
+    let mut bad = TcpStream::connect(addr).await.unwrap();
+    bad.write_all(H2_PREFACE).await.unwrap();
+    // SETTINGS (empty), then HEADERS on stream 1 whose header block is not valid HPACK: a
+    // connection error.
+    bad.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await.unwrap();
+    bad.write_all(&[0, 0, 4, 1, 5, 0, 0, 0, 1, 0xff, 0xff, 0xff, 0x7f])
+        .await
+        .unwrap();
+    let mut sink = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), bad.read_to_end(&mut sink)).await;
+    assert!(closed.is_ok(), "the bad connection was not closed");
+    // The connection ends with a GOAWAY frame (type 7, 8-byte payload) whose error code
+    // (its last four bytes) is not NO_ERROR.
+    let tail = sink.len().saturating_sub(17);
+    let goaway = &sink[tail..];
+    assert!(
+        goaway.len() == 17 && goaway[3] == 7,
+        "no GOAWAY at the end of {sink:02x?}"
+    );
+    assert_ne!(
+        &goaway[13..],
+        &[0, 0, 0, 0],
+        "GOAWAY without an error: {sink:02x?}"
+    );
+    let (parts, _, _) = call(&mut healthy, "/echo", Bytes::new()).await.unwrap();
+    assert_eq!(parts.headers["x-backend"], "a");
+}
+
+#[tokio::test]
+async fn a_removed_endpoint_finishes_its_streams_and_gets_no_new_ones() {
+    let a = backend("a", None, noop()).await;
+    let b = backend("b", None, noop()).await;
+    let (addr, _, service) = proxy_service(vec![a]).await;
+    let sender = client(addr).await;
+    let mut in_flight_sender = sender.clone();
+    let in_flight =
+        tokio::spawn(async move { call(&mut in_flight_sender, "/slow", Bytes::new()).await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Discovery replaces a with b while a's call is still running.
+    service.set_endpoints(&[b]);
+    let (parts, _, trailers) = in_flight.await.unwrap().unwrap();
+    assert_eq!(parts.headers["x-backend"], "a");
+    assert_eq!(trailers.unwrap()["grpc-status"], "0");
+    let mut sender = sender;
+    for _ in 0..10 {
+        let (parts, _, _) = call(&mut sender, "/echo", Bytes::new()).await.unwrap();
+        assert_eq!(parts.headers["x-backend"], "b");
+    }
 }
