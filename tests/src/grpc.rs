@@ -1,5 +1,5 @@
-//! Python grpcio peers (`tests/peers/greeter.py`): an implementation of gRPC independent of
-//! shunt's, on both ends.
+//! gRPC peers independent of shunt's HTTP/2 code: Python grpcio (`tests/peers/greeter.py`)
+//! and tonic (`shunt-greeter`), each as server and client.
 
 use std::{collections::HashMap, net::SocketAddr, path::PathBuf, process::Command, time::Duration};
 
@@ -46,6 +46,46 @@ pub struct Calls {
     pub by_backend: HashMap<String, usize>,
     pub errors: HashMap<String, usize>,
     pub first_error: Option<String>,
+}
+
+/// Starts a tonic greeter in `pod` on `port` that answers with `name`.
+pub fn tonic_serve(sandbox: &Sandbox, pod: &Pod, name: &str, port: u16) -> anyhow::Result<u32> {
+    let mut cmd = Command::new(crate::greeter_bin());
+    cmd.args([
+        "serve",
+        "--name",
+        name,
+        "--listen",
+        &format!("{}:{port}", pod.ipv4),
+    ]);
+    let pid = sandbox.spawn_in_pod(pod, cmd)?;
+    probe::wait_listening(sandbox, pod, port, pid)?;
+    Ok(pid)
+}
+
+/// Makes `count` SayHello calls with a tonic client on one channel.
+pub fn tonic_call(
+    sandbox: &Sandbox,
+    pod: &Pod,
+    to: SocketAddr,
+    count: usize,
+) -> anyhow::Result<Calls> {
+    let mut cmd = Command::new(crate::greeter_bin());
+    cmd.args([
+        "call",
+        "--to",
+        &to.to_string(),
+        "--count",
+        &count.to_string(),
+    ]);
+    let out = sandbox.run_in_pod(pod, cmd, Duration::from_secs(120))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    anyhow::ensure!(
+        out.status.success(),
+        "tonic client failed: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    parse(&stdout)
 }
 
 /// Makes `count` SayHello calls from `pod` to `to` over ONE channel (one TCP connection).

@@ -24,6 +24,11 @@ pub fn probe_bin() -> PathBuf {
     bin_from_env("SHUNT_PROBE_BIN", "shunt-probe")
 }
 
+/// The tonic greeter (`shunt-greeter`): `$SHUNT_GREETER_BIN`, else the release build.
+pub fn greeter_bin() -> PathBuf {
+    bin_from_env("SHUNT_GREETER_BIN", "shunt-greeter")
+}
+
 fn bin_from_env(var: &str, name: &str) -> PathBuf {
     std::env::var_os(var).map(PathBuf::from).unwrap_or_else(|| {
         PathBuf::from(env!("CARGO_MANIFEST_DIR"))

@@ -67,6 +67,30 @@ fn grpcio_calls_on_one_channel_are_spread_evenly() -> anyhow::Result<()> {
 }
 
 #[test]
+fn tonic_calls_on_one_channel_are_spread_evenly() -> anyhow::Result<()> {
+    let sandbox = Sandbox::new()?;
+    let client = sandbox.add_pod("client")?;
+    let mut endpoints = Vec::new();
+    for i in 0..3 {
+        let pod = sandbox.add_pod(&format!("tonic{i}"))?;
+        grpc::tonic_serve(&sandbox, &pod, &pod.name, PORT)?;
+        endpoints.push(SocketAddr::new(pod.ipv4.into(), PORT));
+    }
+    let daemon = Daemon::start(&sandbox, &[&client], &service(&endpoints))?;
+    let calls = grpc::tonic_call(&sandbox, &client, vip(), 3000)?;
+    assert_eq!(calls.ok, 3000, "{calls:?}");
+    assert_eq!(calls.by_backend.len(), 3, "{calls:?}");
+    for (backend, n) in &calls.by_backend {
+        assert!(
+            (950..=1050).contains(n),
+            "{backend} served {n} of 3000: {calls:?}"
+        );
+    }
+    assert_eq!(daemon.counter("proxy", "verdict_h2")?, 1);
+    Ok(())
+}
+
+#[test]
 fn unreachable_endpoints_become_unavailable_naming_the_upstream() -> anyhow::Result<()> {
     let (sandbox, client, _) = greeters(0)?;
     let silent = sandbox.add_pod("silent")?; // nothing listens there

@@ -107,6 +107,7 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
     let step = Step::start("running unit and sandbox integration tests");
     let shunt = release_bin("shunt");
     let probe = release_bin("shunt-probe");
+    let greeter = release_bin("shunt-greeter");
     let mut args = vec![
         "test",
         "--release",
@@ -123,6 +124,7 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
         &[
             ("SHUNT_BIN", shunt.as_os_str()),
             ("SHUNT_PROBE_BIN", probe.as_os_str()),
+            ("SHUNT_GREETER_BIN", greeter.as_os_str()),
         ],
     )?;
     step.done();

@@ -1,0 +1,157 @@
+//! A tonic gRPC greeter, server and client, with hand-written prost messages (no protoc).
+//!
+//! `serve --name N --listen ADDR` answers `/helloworld.Greeter/SayHello` with `N`;
+//! `call --to ADDR --count C` makes C unary calls on ONE channel (one HTTP/2 connection) and
+//! prints `{"ok": n, "by_backend": {...}, "errors": {...}, "first_error": ...}`.
+
+use std::{
+    collections::HashMap,
+    convert::Infallible,
+    future::Future,
+    net::SocketAddr,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+};
+
+use clap::{Parser, Subcommand};
+use http::uri::PathAndQuery;
+use tonic::{Request, Response, Status, body::Body, server::NamedService};
+use tonic_prost::ProstCodec;
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct HelloRequest {
+    #[prost(string, tag = "1")]
+    name: String,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct HelloReply {
+    #[prost(string, tag = "1")]
+    message: String,
+}
+
+const SAY_HELLO: &str = "/helloworld.Greeter/SayHello";
+
+#[derive(Parser)]
+#[command(name = "shunt-greeter")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    Serve {
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        listen: SocketAddr,
+    },
+    Call {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, default_value_t = 1)]
+        count: usize,
+    },
+}
+
+#[tokio::main]
+async fn main() {
+    let result = match Cli::parse().command {
+        Cmd::Serve { name, listen } => serve(name, listen).await,
+        Cmd::Call { to, count } => call(to, count).await,
+    };
+    if let Err(e) = result {
+        eprintln!("shunt-greeter: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn serve(name: String, listen: SocketAddr) -> anyhow::Result<()> {
+    let greeter = Greeter { name: name.into() };
+    tonic::transport::Server::builder()
+        .add_service(greeter)
+        .serve(listen)
+        .await?;
+    Ok(())
+}
+
+async fn call(to: SocketAddr, count: usize) -> anyhow::Result<()> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{to}"))?
+        .connect()
+        .await?;
+    let mut grpc = tonic::client::Grpc::new(channel);
+    let mut by_backend: HashMap<String, usize> = HashMap::new();
+    let mut errors: HashMap<String, usize> = HashMap::new();
+    let mut first_error = None;
+    for _ in 0..count {
+        grpc.ready().await?;
+        let request = Request::new(HelloRequest {
+            name: "probe".into(),
+        });
+        let codec = ProstCodec::<HelloRequest, HelloReply>::default();
+        match grpc
+            .unary(request, PathAndQuery::from_static(SAY_HELLO), codec)
+            .await
+        {
+            Ok(reply) => *by_backend.entry(reply.into_inner().message).or_default() += 1,
+            Err(status) => {
+                *errors.entry(format!("{:?}", status.code())).or_default() += 1;
+                first_error.get_or_insert_with(|| status.message().to_owned());
+            }
+        }
+    }
+    let ok: usize = by_backend.values().sum();
+    let report = serde_json::json!({
+        "ok": ok, "by_backend": by_backend, "errors": errors, "first_error": first_error,
+    });
+    println!("{report}");
+    Ok(())
+}
+
+/// The service, routed by path as generated code would.
+#[derive(Clone)]
+struct Greeter {
+    name: Arc<str>,
+}
+
+impl NamedService for Greeter {
+    const NAME: &'static str = "helloworld.Greeter";
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+impl tower::Service<http::Request<Body>> for Greeter {
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Result<Self::Response, Infallible>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        let name = self.name.clone();
+        Box::pin(async move {
+            if request.uri().path() != SAY_HELLO {
+                return Ok(Status::unimplemented(request.uri().path().to_owned()).into_http());
+            }
+            let mut grpc =
+                tonic::server::Grpc::new(ProstCodec::<HelloReply, HelloRequest>::default());
+            Ok(grpc.unary(SayHello(name), request).await)
+        })
+    }
+}
+
+struct SayHello(Arc<str>);
+
+impl tonic::server::UnaryService<HelloRequest> for SayHello {
+    type Response = HelloReply;
+    type Future = BoxFuture<Result<Response<HelloReply>, Status>>;
+
+    fn call(&mut self, _: Request<HelloRequest>) -> Self::Future {
+        let message = self.0.to_string();
+        Box::pin(async move { Ok(Response::new(HelloReply { message })) })
+    }
+}
