@@ -66,6 +66,11 @@ pub enum Command {
     /// Re-read the configuration file: Services and detection settings change for new
     /// connections; a configuration with errors is refused and the running one stays.
     Reload,
+    /// Fault injection rules: list them, set them from a file, or clear one.
+    Faults {
+        #[command(subcommand)]
+        action: FaultsAction,
+    },
     /// Counters of the kernel programs and the proxy.
     Stats,
     /// Detach and remove every program, link and map shunt pinned, and stop a running daemon.
@@ -78,4 +83,17 @@ pub enum Command {
         #[arg(short, long)]
         config: Option<PathBuf>,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum FaultsAction {
+    /// Rules in force, with how often each fired.
+    List,
+    /// Add or replace (by name) the rules in a YAML file: one rule or a list.
+    Set {
+        #[arg(short, long)]
+        file: PathBuf,
+    },
+    /// Remove a rule.
+    Clear { name: String },
 }

@@ -12,6 +12,7 @@ use std::{
 
 use ipnet::IpNet;
 
+use crate::fault::FaultRule;
 pub use crate::proxy::Forwarding;
 use serde::{Deserialize, Serialize};
 
@@ -54,6 +55,17 @@ pub struct Config {
     pub discovery: Discovery,
     #[serde(default)]
     pub http2: Http2,
+    /// Fault injection rules.
+    #[serde(default)]
+    pub faults: Vec<FaultRule>,
+    /// At most this many streams are being faulted at once; over it, requests pass unfaulted
+    /// (a guard against clients asking for faults with headers).
+    #[serde(default = "default_max_active_faults")]
+    pub max_active_faults: usize,
+}
+
+fn default_max_active_faults() -> usize {
+    100
 }
 
 /// HTTP/2 keepalive. PINGs more often than every 5 minutes make common gRPC servers close
@@ -241,6 +253,7 @@ impl Config {
             (field, e.into_inner().to_string())
         })?;
         config.validate()?;
+        crate::fault::validate_all(&config.faults, "faults")?;
         Ok(config)
     }
 

@@ -2,19 +2,20 @@
 
 use std::path::{Path, PathBuf};
 
+use anyhow::Context;
 use hyper::Method;
 use serde::Serialize;
 
 use crate::{
     admin::{
         api::{
-            ConnRecord, EnrollRequest, PodSummary, Reloaded, ServiceSummary, Stats, Status,
-            Uninstalled,
+            ConnRecord, EnrollRequest, FaultsRequest, FaultsSet, PodSummary, Reloaded, RuleSummary,
+            ServiceSummary, Stats, Status, Uninstalled,
         },
         client::{AdminClient, ClientError},
     },
     bpf,
-    cli::{Command, Output},
+    cli::{Command, FaultsAction, Output},
     config::{Config, DEFAULT_PIN_DIR},
 };
 
@@ -39,7 +40,7 @@ pub async fn run(command: Command, socket: &Path, output: Output) -> anyhow::Res
             let s: Status = client.get("/status").await?;
             print(output, &s, || {
                 format!(
-                    "shunt {} (pid {}), up {}s\nprograms: attached to {} ({}), pinned under {}\nlisteners: port {} in each pod, fail mode {}\npods: {}  connections: {}  services: {}\n",
+                    "shunt {} (pid {}), up {}s\nprograms: attached to {} ({}), pinned under {}\nlisteners: port {} in each pod, fail mode {}\npods: {}  connections: {}  services: {}  fault rules: {}\n",
                     s.version,
                     s.pid,
                     s.uptime_secs,
@@ -50,7 +51,8 @@ pub async fn run(command: Command, socket: &Path, output: Output) -> anyhow::Res
                     s.fail_mode,
                     s.pods,
                     s.connections,
-                    s.services
+                    s.services,
+                    s.fault_rules
                 )
             });
         }
@@ -67,6 +69,30 @@ pub async fn run(command: Command, socket: &Path, output: Output) -> anyhow::Res
             let services: Vec<ServiceSummary> = client.get("/services").await?;
             print(output, &services, || services_table(&services));
         }
+        Command::Faults { action } => match action {
+            FaultsAction::List => {
+                let rules: Vec<RuleSummary> = client.get("/faults").await?;
+                print(output, &rules, || faults_table(&rules));
+            }
+            FaultsAction::Set { file } => {
+                let rules = std::fs::read_to_string(&file)
+                    .with_context(|| format!("reading {}", file.display()))?;
+                let set: FaultsSet = client
+                    .call(Method::POST, "/faults", Some(FaultsRequest { rules }))
+                    .await?;
+                print(output, &set, || format!("set: {}\n", set.set.join(", ")));
+            }
+            FaultsAction::Clear { name } => {
+                let _: serde_json::Value = client
+                    .call(
+                        Method::DELETE,
+                        &format!("/faults/{name}"),
+                        Option::<()>::None,
+                    )
+                    .await?;
+                println!("cleared {name}");
+            }
+        },
         Command::Reload => {
             let reloaded: Reloaded = client
                 .call(Method::POST, "/reload", Option::<()>::None)
@@ -198,6 +224,50 @@ fn conns_table(conns: &[ConnRecord]) -> String {
             or_dash(c.close_reason.clone()),
         ]
     }));
+    table(&rows)
+}
+
+fn faults_table(rules: &[RuleSummary]) -> String {
+    let header = [
+        "RULE", "SOURCE", "MATCH", "FAULTS", "DELAYS", "ABORTS", "TCP", "OVERFLOW",
+    ];
+    let mut rows = vec![header.map(String::from).to_vec()];
+    for r in rules {
+        let m = &r.rule.matches;
+        let target = m
+            .service
+            .clone()
+            .or_else(|| m.vip.map(|v| v.to_string()))
+            .unwrap_or_default();
+        let mut kinds = Vec::new();
+        if let Some(d) = &r.rule.delay {
+            kinds.push(format!("delay {:?} @{}%", d.fixed, d.percentage.0));
+        }
+        if let Some(a) = &r.rule.abort {
+            let status = a
+                .grpc_status
+                .map(|c| c.to_string())
+                .or_else(|| a.http_status.map(|s| s.to_string()))
+                .unwrap_or_default();
+            kinds.push(format!("abort {status} @{}%", a.percentage.0));
+        }
+        if r.rule.tcp.is_some() {
+            kinds.push("tcp".into());
+        }
+        if r.rule.header_control {
+            kinds.push("header-control".into());
+        }
+        rows.push(vec![
+            r.rule.name.clone(),
+            r.source.clone(),
+            target,
+            kinds.join(", "),
+            r.delays.to_string(),
+            r.aborts.to_string(),
+            r.tcp_faults.to_string(),
+            r.overflow.to_string(),
+        ]);
+    }
     table(&rows)
 }
 

@@ -14,6 +14,7 @@ use crate::{
     admin::server::{self as admin, AdminContext, Command},
     bpf::{Datapath, DatapathConfig},
     config::{Config, ConfigError},
+    fault::Faults,
     inpod::Enrollments,
     proxy::{Proxy, Settings},
     state::{ConnTable, ProxyCounters},
@@ -47,7 +48,9 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     let conns = Arc::new(ConnTable::default());
     let counters = Arc::new(ProxyCounters::default());
     let (stop_connections, shutdown) = tokio::sync::watch::channel(false);
+    let faults = Arc::new(Faults::new(config.faults.clone(), config.max_active_faults));
     let proxy = Arc::new(Proxy {
+        faults,
         shutdown,
         dst_table: datapath.original_dst_table()?,
         conns: conns.clone(),
@@ -142,6 +145,9 @@ pub fn reload(
             let settings = Settings::new(&config);
             settings.routes.inherit(&proxy.settings.load().routes);
             proxy.settings.store(Arc::new(settings));
+            proxy
+                .faults
+                .set_config_rules(config.faults.clone(), config.max_active_faults);
             let restart_needed = config.needs_restart(running);
             tracing::info!(services = config.services.len(), "configuration reloaded");
             if !restart_needed.is_empty() {

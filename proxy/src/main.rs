@@ -9,6 +9,7 @@ mod config;
 mod ctl;
 mod daemon;
 mod discovery;
+mod fault;
 mod http2;
 mod inpod;
 mod net;

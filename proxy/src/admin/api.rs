@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{bpf::Attachment, config::FailMode};
 
-pub use crate::{inpod::PodSummary, route::ServiceSummary, state::ConnRecord};
+pub use crate::{fault::RuleSummary, inpod::PodSummary, route::ServiceSummary, state::ConnRecord};
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Status {
@@ -21,6 +21,7 @@ pub struct Status {
     pub pods: usize,
     pub connections: usize,
     pub services: usize,
+    pub fault_rules: usize,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -49,6 +50,17 @@ pub struct Reloaded {
     /// Changed fields that take effect only when the daemon restarts.
     #[serde(default)]
     pub restart_needed: Vec<String>,
+}
+
+/// `POST /faults`: one rule or a list, as YAML or JSON text.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct FaultsRequest {
+    pub rules: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct FaultsSet {
+    pub set: Vec<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]

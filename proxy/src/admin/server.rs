@@ -15,7 +15,9 @@ use hyper_util::rt::TokioIo;
 use serde::Serialize;
 use tokio::{net::UnixListener, sync::mpsc};
 
-use super::api::{EnrollRequest, ErrorBody, Reloaded, Stats, Status, Uninstalled};
+use super::api::{
+    EnrollRequest, ErrorBody, FaultsRequest, FaultsSet, Reloaded, Stats, Status, Uninstalled,
+};
 use crate::{
     bpf::{self, Datapath},
     config::Config,
@@ -142,6 +144,31 @@ async fn route(req: Request<Incoming>, ctx: &AdminContext) -> Reply {
                 Err(e) => error(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()),
             }
         }
+        (&Method::GET, "/faults") => json(StatusCode::OK, &ctx.proxy.faults.list()),
+        (&Method::POST, "/faults") => match body::<FaultsRequest>(req).await {
+            Ok(request) => match crate::fault::parse_rules(&request.rules) {
+                Ok(rules) => {
+                    let set = rules.iter().map(|r| r.name.clone()).collect();
+                    ctx.proxy.faults.set(rules);
+                    tracing::info!(rules = ?set, "fault rules set");
+                    json(StatusCode::OK, &FaultsSet { set })
+                }
+                Err((field, message)) => error(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    format!("{field}: {message}"),
+                ),
+            },
+            Err(reply) => reply,
+        },
+        (&Method::DELETE, p) if p.starts_with("/faults/") => {
+            let name = &p["/faults/".len()..];
+            if ctx.proxy.faults.clear(name) {
+                tracing::info!(rule = name, "fault rule cleared");
+                json(StatusCode::OK, &serde_json::json!({}))
+            } else {
+                error(StatusCode::NOT_FOUND, format!("no fault rule {name:?}"))
+            }
+        }
         (&Method::GET, "/stats") => json(StatusCode::OK, &stats(ctx)),
         (&Method::POST, "/uninstall") => uninstall(ctx).await,
         _ => error(
@@ -165,6 +192,7 @@ fn status(ctx: &AdminContext) -> Status {
         pods: ctx.enrollments.list().len(),
         connections: ctx.conns.len(),
         services: ctx.proxy.settings.load().routes.len(),
+        fault_rules: ctx.proxy.faults.len(),
     }
 }
 

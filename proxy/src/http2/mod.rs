@@ -28,7 +28,11 @@ pub use self::{
     pool::{Connector, Pool},
 };
 use self::{prefixed::Prefixed, stream::Ended};
-use crate::{route::Route, state::ProxyCounters};
+use crate::{
+    fault::{self, Abort, Faults},
+    route::Route,
+    state::ProxyCounters,
+};
 
 /// Flow-control windows and frame size, both sides: large enough for full-speed streaming
 /// on fast links, small enough to bound what one stream can make shunt hold.
@@ -55,6 +59,10 @@ pub struct Downstream {
     pub shutdown: tokio::sync::watch::Receiver<bool>,
     /// PINGs toward the client.
     pub keepalive: Keepalive,
+    pub faults: Arc<Faults>,
+    /// The client's pod and the destination it dialled, for fault rules.
+    pub pod: Arc<str>,
+    pub original_dst: SocketAddr,
 }
 
 /// Serves one client connection; `prefix` is what detection already read from it.
@@ -105,6 +113,31 @@ async fn proxy_stream(
     downstream: Arc<Downstream>,
 ) {
     let grpc = is_grpc(&request);
+    let target = fault::Target {
+        service: downstream.route.service_name(),
+        original_dst: downstream.original_dst,
+        pod: &downstream.pod,
+    };
+    // Held to the end of the stream: it occupies one of `max_active_faults`.
+    let fault = downstream
+        .faults
+        .for_stream(&target, request.uri().path(), request.headers());
+    if let Some(fault) = &fault {
+        if let Some(delay) = fault.delay {
+            tracing::debug!(rule = %fault.rule, flags = "DI", path = request.uri().path(), "delaying stream by {delay:?}");
+            // A client that gives up during the delay is not sent upstream.
+            let reset = std::future::poll_fn(|cx| respond.poll_reset(cx));
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                _ = reset => return,
+            }
+        }
+        if let Some(abort) = fault.abort {
+            tracing::debug!(rule = %fault.rule, flags = "FI", path = request.uri().path(), "aborting stream: {abort:?}");
+            respond_abort(&mut respond, abort);
+            return;
+        }
+    }
     let (upstream, mut lease) = match lease(&downstream).await {
         Ok(leased) => leased,
         Err(message) => {
@@ -158,6 +191,30 @@ async fn lease(downstream: &Downstream) -> Result<(SocketAddr, pool::Lease), Str
                 }
             }
             Err(last.unwrap_or_else(|| format!("service {}: no endpoints", service.name)))
+        }
+    }
+}
+
+/// An injected abort: gRPC gets a trailers-only response with the status, HTTP the status.
+fn respond_abort(respond: &mut SendResponse<Bytes>, abort: Abort) {
+    let mut response = Response::new(());
+    match abort {
+        Abort::Grpc(code) => {
+            let headers = response.headers_mut();
+            headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+            headers.insert("grpc-status", HeaderValue::from(u16::from(code.0)));
+            headers.insert("grpc-message", HeaderValue::from_static("fault injected"));
+            let _ = respond.send_response(response, true);
+        }
+        Abort::Http(status) => {
+            *response.status_mut() =
+                StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+            response
+                .headers_mut()
+                .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+            if let Ok(mut body) = respond.send_response(response, false) {
+                let _ = body.send_data(Bytes::from_static(b"fault injected\n"), true);
+            }
         }
     }
 }

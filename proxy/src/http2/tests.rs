@@ -15,6 +15,7 @@ use tokio::{
 use super::*;
 use crate::{
     config::ServiceConfig,
+    fault::{DELAY_HEADER, Faults},
     proxy::sniff::H2_PREFACE,
     route::{Routes, Service},
 };
@@ -141,12 +142,15 @@ async fn answer(
 /// shunt's HTTP/2 proxy on a loopback listener, routing everything to `endpoints` as the
 /// Service at [`VIP`]. Returns its address and the pool, to inspect upstream connections.
 async fn proxy(endpoints: Vec<SocketAddr>) -> (SocketAddr, Arc<Pool>) {
-    let (addr, pool, _) = proxy_service(endpoints).await;
+    let (addr, pool, _) = proxy_service(endpoints, Arc::new(Faults::new(Vec::new(), 100))).await;
     (addr, pool)
 }
 
 /// As [`proxy`], also returning the Service, to change its endpoints as discovery would.
-async fn proxy_service(endpoints: Vec<SocketAddr>) -> (SocketAddr, Arc<Pool>, Arc<Service>) {
+async fn proxy_service(
+    endpoints: Vec<SocketAddr>,
+    faults: Arc<Faults>,
+) -> (SocketAddr, Arc<Pool>, Arc<Service>) {
     let routes = Routes::new(&[ServiceConfig {
         name: "greeter".into(),
         vip: VIP.parse().unwrap(),
@@ -176,6 +180,9 @@ async fn proxy_service(endpoints: Vec<SocketAddr>) -> (SocketAddr, Arc<Pool>, Ar
                 // Never stopping: the sender is dropped, which `serve` takes as "no shutdown".
                 shutdown: tokio::sync::watch::channel(false).1,
                 keepalive: KEEPALIVE,
+                faults: faults.clone(),
+                pod: "client".into(),
+                original_dst: VIP.parse().unwrap(),
             };
             tokio::spawn(async move {
                 // As detection does: the preface has been read before the proxy takes over.
@@ -469,7 +476,7 @@ async fn a_malformed_headers_frame_closes_only_that_connection() {
 async fn a_removed_endpoint_finishes_its_streams_and_gets_no_new_ones() {
     let a = backend("a", None, noop()).await;
     let b = backend("b", None, noop()).await;
-    let (addr, _, service) = proxy_service(vec![a]).await;
+    let (addr, _, service) = proxy_service(vec![a], Arc::new(Faults::new(Vec::new(), 100))).await;
     let sender = client(addr).await;
     let mut in_flight_sender = sender.clone();
     let in_flight =
@@ -485,4 +492,73 @@ async fn a_removed_endpoint_finishes_its_streams_and_gets_no_new_ones() {
         let (parts, _, _) = call(&mut sender, "/echo", Bytes::new()).await.unwrap();
         assert_eq!(parts.headers["x-backend"], "b");
     }
+}
+
+fn rules(yaml: &str) -> Vec<crate::fault::FaultRule> {
+    crate::fault::parse_rules(yaml).unwrap()
+}
+
+#[tokio::test]
+async fn delay_and_abort_faults_apply_to_matching_streams_only() {
+    let faults = Arc::new(Faults::new(
+        rules(
+            "- name: slow-echo\n  match: {service: greeter, path: /echo}\n  delay: {fixed: 300ms}\n- name: fail-reset\n  match: {service: greeter, path: /trailers-only}\n  abort: {grpc_status: UNAVAILABLE}\n",
+        ),
+        100,
+    ));
+    let (addr, _, _) = proxy_service(vec![backend("a", None, noop()).await], faults.clone()).await;
+    let mut sender = client(addr).await;
+    let started = tokio::time::Instant::now();
+    call(&mut sender, "/echo", Bytes::new()).await.unwrap();
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    let started = tokio::time::Instant::now();
+    call(&mut sender, "/slow-not-matched", Bytes::new())
+        .await
+        .unwrap();
+    assert!(started.elapsed() < Duration::from_millis(300) + Duration::from_millis(250));
+    // The abort answers without reaching upstream (whose answer would be grpc-status 5).
+    let (parts, _, _) = call(&mut sender, "/trailers-only", Bytes::new())
+        .await
+        .unwrap();
+    assert_eq!(parts.headers["grpc-status"], "14");
+    let listed = faults.list();
+    assert_eq!((listed[0].delays, listed[1].aborts), (1, 1));
+}
+
+#[tokio::test]
+async fn header_control_is_capped_by_max_active_faults() {
+    let faults = Arc::new(Faults::new(
+        rules("- name: chaos\n  match: {service: greeter}\n  header_control: true\n"),
+        1,
+    ));
+    let (addr, _, _) = proxy_service(vec![backend("a", None, noop()).await], faults.clone()).await;
+    let sender = client(addr).await;
+    let calls: Vec<_> = (0..10)
+        .map(|_| {
+            let mut sender = sender.clone();
+            tokio::spawn(async move {
+                let mut request = grpc_request("/echo");
+                request
+                    .headers_mut()
+                    .insert(DELAY_HEADER, "300ms".parse().unwrap());
+                let started = tokio::time::Instant::now();
+                let mut ready = sender.ready().await.unwrap();
+                let (response, _) = ready.send_request(request, true).unwrap();
+                let (_, mut body) = response.await.unwrap().into_parts();
+                while body.data().await.is_some() {}
+                started.elapsed()
+            })
+        })
+        .collect();
+    let mut delayed = 0;
+    for c in calls {
+        if c.await.unwrap() >= Duration::from_millis(300) {
+            delayed += 1;
+        }
+    }
+    assert_eq!(
+        delayed, 1,
+        "max_active_faults 1 let {delayed} of 10 be delayed"
+    );
+    assert_eq!(faults.list()[0].overflow, 9);
 }

@@ -19,7 +19,9 @@ use tokio::net::{TcpListener, TcpStream};
 use crate::{
     bpf::OriginalDstTable,
     config::Config,
-    discovery, http2,
+    discovery,
+    fault::{self, Faults},
+    http2,
     inpod::{Netns, connect_from},
     net::{canonical, from_raw, to_raw},
     route::Routes,
@@ -81,6 +83,7 @@ pub struct Proxy {
     pub counters: Arc<ProxyCounters>,
     pub mark: u32,
     pub settings: ArcSwap<Settings>,
+    pub faults: Arc<Faults>,
 }
 
 /// The pod a listener belongs to.
@@ -148,13 +151,25 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, p
         .open(&pod.name, peer, original_dst, route.service_name());
     let counters = &proxy.counters;
 
-    let dialing = dial(
-        &route,
-        &pod.netns,
-        proxy.mark,
-        settings.connect_timeout,
-        counters,
-    );
+    let target = fault::Target {
+        service: route.service_name(),
+        original_dst,
+        pod: &pod.name,
+    };
+    let connection_fault = proxy.faults.for_connection(&target);
+    let dialing = async {
+        if let Some(delay) = connection_fault.connect_delay {
+            tokio::time::sleep(delay).await;
+        }
+        dial(
+            &route,
+            &pod.netns,
+            proxy.mark,
+            settings.connect_timeout,
+            counters,
+        )
+        .await
+    };
     tokio::pin!(dialing);
     let detected = if settings.opaque_ports.contains(&original_dst.port()) {
         detect::Detected {
@@ -192,6 +207,9 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, p
             counters: proxy.counters.clone(),
             shutdown: proxy.shutdown.clone(),
             keepalive: settings.downstream_keepalive,
+            faults: proxy.faults.clone(),
+            pod: pod.name.as_str().into(),
+            original_dst,
             bytes: http2::StreamBytes {
                 request: guard.bytes_from_client.clone(),
                 response: guard.bytes_to_client.clone(),
@@ -203,6 +221,13 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, p
         };
         add_bytes(counters, &guard);
         guard.set_close_reason(reason);
+        return;
+    }
+
+    if connection_fault.reset {
+        // An injected fault: as if the destination had reset the connection.
+        reset(&client);
+        guard.set_close_reason("fault-reset");
         return;
     }
 

@@ -1,0 +1,365 @@
+//! Fault injection, like Istio's: per HTTP/2 stream a delay and/or an abort (HTTP status or
+//! gRPC status), each with its own percentage; per opaque or TLS connection a connect delay
+//! or a reset. Rules come from the config (replaced on reload) and from the admin API (kept
+//! across reloads); the table in force is swapped whole, so a change applies to the next
+//! stream or connection and the hot path takes no lock.
+
+mod rules;
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use arc_swap::ArcSwap;
+use http::HeaderMap;
+use serde::{Deserialize, Serialize};
+
+pub use self::rules::{FaultRule, GrpcCode, validate_all};
+
+/// Requests may ask for faults with these headers when a rule allows it (`header_control`).
+pub const DELAY_HEADER: &str = "x-shunt-fault-delay";
+pub const ABORT_GRPC_HEADER: &str = "x-shunt-fault-abort-grpc";
+pub const ABORT_HTTP_HEADER: &str = "x-shunt-fault-abort-http";
+
+/// What a stream or connection is, for matching.
+pub struct Target<'a> {
+    pub service: Option<&'a str>,
+    pub original_dst: SocketAddr,
+    pub pod: &'a str,
+}
+
+/// How an aborted stream is answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Abort {
+    Grpc(GrpcCode),
+    Http(u16),
+}
+
+/// The faults chosen for one stream; holds a slot of `max_active_faults` while alive.
+pub struct StreamFault {
+    pub rule: Arc<str>,
+    pub delay: Option<Duration>,
+    pub abort: Option<Abort>,
+    _slot: ActiveSlot,
+}
+
+/// The faults chosen for one opaque/TLS connection.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionFault {
+    pub connect_delay: Option<Duration>,
+    pub reset: bool,
+}
+
+/// Counts of one rule, kept across rule-set changes by name.
+#[derive(Debug, Default)]
+pub struct RuleCounters {
+    pub delays: AtomicU64,
+    pub aborts: AtomicU64,
+    pub tcp_faults: AtomicU64,
+    pub overflow: AtomicU64,
+}
+
+struct Rule {
+    spec: FaultRule,
+    counters: Arc<RuleCounters>,
+}
+
+/// The rules in force and their counts.
+pub struct Faults {
+    in_force: ArcSwap<Vec<Rule>>,
+    from_config: Mutex<Vec<FaultRule>>,
+    /// Set through the admin API; a rule here replaces a config rule of the same name.
+    from_admin: Mutex<Vec<FaultRule>>,
+    counters: Mutex<HashMap<String, Arc<RuleCounters>>>,
+    active: Arc<AtomicUsize>,
+    max_active: AtomicUsize,
+}
+
+/// A rule as the admin API lists it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RuleSummary {
+    pub rule: FaultRule,
+    /// `config` or `admin`.
+    pub source: String,
+    pub delays: u64,
+    pub aborts: u64,
+    pub tcp_faults: u64,
+    pub overflow: u64,
+}
+
+impl Faults {
+    pub fn new(config_rules: Vec<FaultRule>, max_active: usize) -> Faults {
+        let faults = Faults {
+            in_force: ArcSwap::from_pointee(Vec::new()),
+            from_config: Mutex::new(config_rules),
+            from_admin: Mutex::default(),
+            counters: Mutex::default(),
+            active: Arc::default(),
+            max_active: AtomicUsize::new(max_active),
+        };
+        faults.rebuild();
+        faults
+    }
+
+    /// A reload: the config's rules replace the previous config's; admin rules stay.
+    pub fn set_config_rules(&self, rules: Vec<FaultRule>, max_active: usize) {
+        *lock(&self.from_config) = rules;
+        self.max_active.store(max_active, Ordering::Relaxed);
+        self.rebuild();
+    }
+
+    /// Adds or replaces (by name) rules, already validated.
+    pub fn set(&self, rules: Vec<FaultRule>) {
+        {
+            let mut admin = lock(&self.from_admin);
+            for rule in rules {
+                admin.retain(|r| r.name != rule.name);
+                admin.push(rule);
+            }
+        }
+        self.rebuild();
+    }
+
+    /// Removes the rule `name` (an admin rule, or a config rule until the next reload).
+    pub fn clear(&self, name: &str) -> bool {
+        let removed_admin = {
+            let mut admin = lock(&self.from_admin);
+            let before = admin.len();
+            admin.retain(|r| r.name != name);
+            before != admin.len()
+        };
+        let removed_config = {
+            let mut config = lock(&self.from_config);
+            let before = config.len();
+            config.retain(|r| r.name != name);
+            before != config.len()
+        };
+        self.rebuild();
+        removed_admin || removed_config
+    }
+
+    pub fn list(&self) -> Vec<RuleSummary> {
+        let admin: Vec<String> = lock(&self.from_admin)
+            .iter()
+            .map(|r| r.name.clone())
+            .collect();
+        self.in_force
+            .load()
+            .iter()
+            .map(|rule| RuleSummary {
+                rule: rule.spec.clone(),
+                source: if admin.contains(&rule.spec.name) {
+                    "admin"
+                } else {
+                    "config"
+                }
+                .into(),
+                delays: rule.counters.delays.load(Ordering::Relaxed),
+                aborts: rule.counters.aborts.load(Ordering::Relaxed),
+                tcp_faults: rule.counters.tcp_faults.load(Ordering::Relaxed),
+                overflow: rule.counters.overflow.load(Ordering::Relaxed),
+            })
+            .collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.in_force.load().len()
+    }
+
+    fn rebuild(&self) {
+        let admin = lock(&self.from_admin).clone();
+        let mut specs: Vec<FaultRule> = lock(&self.from_config)
+            .iter()
+            .filter(|r| !admin.iter().any(|a| a.name == r.name))
+            .cloned()
+            .collect();
+        specs.extend(admin);
+        let mut counters = lock(&self.counters);
+        let rules = specs
+            .into_iter()
+            .map(|spec| Rule {
+                counters: counters.entry(spec.name.clone()).or_default().clone(),
+                spec,
+            })
+            .collect();
+        self.in_force.store(Arc::new(rules));
+    }
+
+    /// The faults for one HTTP/2 stream: the first matching rule decides. `None` when no
+    /// rule matches, none fires, or `max_active_faults` streams are already being faulted.
+    pub fn for_stream(
+        &self,
+        target: &Target<'_>,
+        path: &str,
+        headers: &HeaderMap,
+    ) -> Option<StreamFault> {
+        let rules = self.in_force.load();
+        let rule = rules
+            .iter()
+            .find(|r| matches(&r.spec, target) && matches_request(&r.spec, path, headers))?;
+        let (mut delay, mut abort) = (None, None);
+        if rule.spec.header_control {
+            delay = header_delay(headers);
+            abort = header_abort(headers);
+        }
+        if delay.is_none()
+            && let Some(d) = rule.spec.delay.as_ref().filter(|d| d.percentage.roll())
+        {
+            delay = Some(d.fixed);
+        }
+        if abort.is_none()
+            && let Some(a) = rule.spec.abort.as_ref().filter(|a| a.percentage.roll())
+        {
+            abort = match (a.grpc_status, a.http_status) {
+                (Some(code), _) => Some(Abort::Grpc(code)),
+                (None, Some(status)) => Some(Abort::Http(status)),
+                (None, None) => None,
+            };
+        }
+        if delay.is_none() && abort.is_none() {
+            return None;
+        }
+        let Some(slot) = ActiveSlot::take(&self.active, self.max_active.load(Ordering::Relaxed))
+        else {
+            rule.counters.overflow.fetch_add(1, Ordering::Relaxed);
+            return None;
+        };
+        if delay.is_some() {
+            rule.counters.delays.fetch_add(1, Ordering::Relaxed);
+        }
+        if abort.is_some() {
+            rule.counters.aborts.fetch_add(1, Ordering::Relaxed);
+        }
+        Some(StreamFault {
+            rule: rule.spec.name.as_str().into(),
+            delay,
+            abort,
+            _slot: slot,
+        })
+    }
+
+    /// The faults for one connection forwarded as opaque TCP or TLS.
+    pub fn for_connection(&self, target: &Target<'_>) -> ConnectionFault {
+        let rules = self.in_force.load();
+        let Some(rule) = rules
+            .iter()
+            .find(|r| r.spec.tcp.is_some() && matches(&r.spec, target))
+        else {
+            return ConnectionFault::default();
+        };
+        let Some(tcp) = &rule.spec.tcp else {
+            return ConnectionFault::default();
+        };
+        let fault = ConnectionFault {
+            connect_delay: tcp.connect_delay,
+            reset: tcp.reset_percentage.is_some_and(|p| p.roll()),
+        };
+        if fault != ConnectionFault::default() {
+            rule.counters.tcp_faults.fetch_add(1, Ordering::Relaxed);
+        }
+        fault
+    }
+}
+
+/// Rules as given to `shunt faults set`: one rule, or a list of them, in YAML (or JSON).
+/// Errors are `(field, message)` with the field named as in the file (`[1].abort`).
+pub fn parse_rules(text: &str) -> Result<Vec<FaultRule>, (String, String)> {
+    let is_list = matches!(
+        serde_yaml_ng::from_str::<serde_yaml_ng::Value>(text),
+        Ok(serde_yaml_ng::Value::Sequence(_))
+    );
+    let field_of = |path: String| {
+        if path == "." {
+            "(top level)".to_owned()
+        } else {
+            path
+        }
+    };
+    let rules = if is_list {
+        let de = serde_yaml_ng::Deserializer::from_str(text);
+        serde_path_to_error::deserialize::<_, Vec<FaultRule>>(de)
+            .map_err(|e| (field_of(e.path().to_string()), e.into_inner().to_string()))?
+    } else {
+        let de = serde_yaml_ng::Deserializer::from_str(text);
+        vec![
+            serde_path_to_error::deserialize::<_, FaultRule>(de)
+                .map_err(|e| (field_of(e.path().to_string()), e.into_inner().to_string()))?,
+        ]
+    };
+    validate_all(&rules, "")?;
+    Ok(rules)
+}
+
+fn matches(rule: &FaultRule, target: &Target<'_>) -> bool {
+    let m = &rule.matches;
+    m.service
+        .as_deref()
+        .is_none_or(|s| target.service == Some(s))
+        && m.vip.is_none_or(|vip| {
+            crate::net::canonical(vip) == crate::net::canonical(target.original_dst)
+        })
+        && m.source_pod.as_deref().is_none_or(|p| p == target.pod)
+}
+
+fn matches_request(rule: &FaultRule, path: &str, headers: &HeaderMap) -> bool {
+    let m = &rule.matches;
+    m.path.as_ref().is_none_or(|p| p.matches(path))
+        && m.headers.iter().all(|(name, value)| {
+            headers
+                .get(name.as_str())
+                .is_some_and(|v| v.as_bytes() == value.as_bytes())
+        })
+}
+
+/// `x-shunt-fault-delay: 200ms` (or plain milliseconds).
+fn header_delay(headers: &HeaderMap) -> Option<Duration> {
+    let value = headers.get(DELAY_HEADER)?.to_str().ok()?.trim();
+    humantime::parse_duration(value)
+        .ok()
+        .or_else(|| value.parse::<u64>().ok().map(Duration::from_millis))
+}
+
+fn header_abort(headers: &HeaderMap) -> Option<Abort> {
+    if let Some(code) = headers.get(ABORT_GRPC_HEADER).and_then(|v| v.to_str().ok()) {
+        let code: u8 = code.trim().parse().ok().filter(|c| *c <= 16)?;
+        return Some(Abort::Grpc(GrpcCode(code)));
+    }
+    let status: u16 = headers
+        .get(ABORT_HTTP_HEADER)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    (200..=599).contains(&status).then_some(Abort::Http(status))
+}
+
+/// One of the `max_active_faults` slots, given back when the faulted stream ends.
+struct ActiveSlot(Arc<AtomicUsize>);
+
+impl ActiveSlot {
+    fn take(active: &Arc<AtomicUsize>, max: usize) -> Option<ActiveSlot> {
+        let taken = active.fetch_add(1, Ordering::AcqRel);
+        if taken >= max {
+            active.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(ActiveSlot(active.clone()))
+    }
+}
+
+impl Drop for ActiveSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
