@@ -535,7 +535,7 @@ async fn header_control_is_capped_by_max_active_faults() {
     let sender = client(addr).await;
     let calls: Vec<_> = (0..10)
         .map(|_| {
-            let mut sender = sender.clone();
+            let sender = sender.clone();
             tokio::spawn(async move {
                 let mut request = grpc_request("/echo");
                 request
