@@ -16,7 +16,7 @@ use crate::{
     tls,
 };
 
-const STEPS: usize = 8;
+const STEPS: usize = 9;
 const GRPC_VIP: &str = "10.96.0.11:50051";
 const GRPC_CALLS: usize = 300;
 const TLS_VIP: &str = "10.96.0.10:443";
@@ -172,7 +172,13 @@ fn show(sandbox: &Sandbox) -> anyhow::Result<()> {
         "      shunt balanced per call (per HTTP/2 stream), not per connection as kube-proxy does"
     );
 
-    step(8, "counters (shunt stats)");
+    step(
+        8,
+        "fault injection at runtime: `shunt faults set` with a delay, then an abort, then cleared",
+    );
+    show_faults(sandbox, &daemon, &client)?;
+
+    step(9, "counters (shunt stats)");
     for (source, name) in [
         ("ebpf", "redirected"),
         ("ebpf", "dst_recorded"),
@@ -213,6 +219,58 @@ fn wait_for_connection(daemon: &Daemon) -> anyhow::Result<serde_json::Value> {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+fn show_faults(
+    sandbox: &Sandbox,
+    daemon: &Daemon,
+    client: &crate::sandbox::Pod,
+) -> anyhow::Result<()> {
+    let vip: SocketAddr = GRPC_VIP.parse()?;
+    let rule = sandbox.scratch_dir("faults")?.join("rule.yaml");
+    let set = |yaml: &str| -> anyhow::Result<()> {
+        std::fs::write(&rule, yaml)?;
+        daemon.ctl(&["faults", "set", "-f", &rule.to_string_lossy()])?;
+        Ok(())
+    };
+    set(
+        "name: greeter-slow\nmatch: {service: greeter, path: /helloworld.Greeter/SayHello}\ndelay: {fixed: 500ms, percentage: 100}\n",
+    )?;
+    let started = Instant::now();
+    let calls = grpc::call(sandbox, client, vip, 4)?;
+    // The daemon logs each faulted stream with Envoy's response flag (DI: delay injected).
+    let marked = daemon
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("delaying stream") && l.contains("DI"))
+        .count();
+    println!(
+        "      delay 500ms on /helloworld.Greeter/SayHello: 4 calls took {:.1}s, {} ok; {marked} streams marked DI",
+        started.elapsed().as_secs_f64(),
+        calls.ok
+    );
+    set(
+        "name: greeter-slow\nmatch: {service: greeter}\nabort: {grpc_status: UNAVAILABLE, percentage: 50}\n",
+    )?;
+    let calls = grpc::call(sandbox, client, vip, 100)?;
+    println!(
+        "      abort UNAVAILABLE at 50%: of 100 calls {} ok, {} UNAVAILABLE (\"{}\")",
+        calls.ok,
+        calls.errors.get("UNAVAILABLE").copied().unwrap_or(0),
+        calls.first_error.as_deref().unwrap_or("")
+    );
+    for line in daemon.ctl(&["faults", "list"])?.lines() {
+        println!("      {line}");
+    }
+    daemon.ctl(&["faults", "clear", "greeter-slow"])?;
+    let started = Instant::now();
+    let calls = grpc::call(sandbox, client, vip, 4)?;
+    println!(
+        "      cleared: 4 calls took {:.1}s, {} ok",
+        started.elapsed().as_secs_f64(),
+        calls.ok
+    );
+    Ok(())
 }
 
 /// Polls `shunt conns --closed` for a record matching `wanted` (at most 5 s).
