@@ -61,6 +61,9 @@ pub enum Command {
         #[arg(long)]
         closed: bool,
     },
+    /// The most recent HTTP/2 streams: path, upstream, status, gRPC status, flags
+    /// (DI/FI: fault injected, UF: no upstream, UR/DR: reset upstream/downstream).
+    Streams,
     /// Services (virtual address → endpoints) and how many connections each endpoint got.
     Services,
     /// Re-read the configuration file: Services and detection settings change for new

@@ -10,7 +10,7 @@ use crate::{
     admin::{
         api::{
             ConnRecord, EnrollRequest, FaultsRequest, FaultsSet, PodSummary, Reloaded, RuleSummary,
-            ServiceSummary, Stats, Status, Uninstalled,
+            ServiceSummary, Stats, Status, StreamRecord, Uninstalled,
         },
         client::{AdminClient, ClientError},
     },
@@ -64,6 +64,10 @@ pub async fn run(command: Command, socket: &Path, output: Output) -> anyhow::Res
             let path = if closed { "/conns/closed" } else { "/conns" };
             let conns: Vec<ConnRecord> = client.get(path).await?;
             print(output, &conns, || conns_table(&conns));
+        }
+        Command::Streams => {
+            let streams: Vec<StreamRecord> = client.get("/streams").await?;
+            print(output, &streams, || streams_table(&streams));
         }
         Command::Services => {
             let services: Vec<ServiceSummary> = client.get("/services").await?;
@@ -222,6 +226,31 @@ fn conns_table(conns: &[ConnRecord]) -> String {
             c.bytes_to_client.to_string(),
             format!("{:.1}s", c.duration_ms as f64 / 1000.0),
             or_dash(c.close_reason.clone()),
+        ]
+    }));
+    table(&rows)
+}
+
+fn streams_table(streams: &[StreamRecord]) -> String {
+    let header = [
+        "POD", "METHOD", "PATH", "UPSTREAM", "STATUS", "GRPC", "FLAGS", "MS",
+    ];
+    let mut rows = vec![header.map(String::from).to_vec()];
+    let or_dash = |v: Option<String>| v.unwrap_or_else(|| "-".into());
+    rows.extend(streams.iter().map(|s| {
+        vec![
+            s.pod.clone(),
+            s.method.clone(),
+            s.path.clone(),
+            or_dash(s.upstream.map(|u| u.to_string())),
+            or_dash(s.status.map(|c| c.to_string())),
+            or_dash(s.grpc_status.clone()),
+            if s.flags.is_empty() {
+                "-".into()
+            } else {
+                s.flags.join(",")
+            },
+            s.duration_ms.to_string(),
         ]
     }));
     table(&rows)

@@ -51,6 +51,7 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     let faults = Arc::new(Faults::new(config.faults.clone(), config.max_active_faults));
     let proxy = Arc::new(Proxy {
         faults,
+        streams: Arc::default(),
         shutdown,
         dst_table: datapath.original_dst_table()?,
         conns: conns.clone(),

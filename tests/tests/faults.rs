@@ -69,6 +69,17 @@ fn a_delay_holds_the_matching_method_only_and_is_counted() -> anyhow::Result<()>
     );
     let listed = daemon.ctl_json(&["faults", "list"])?;
     assert_eq!(listed[0]["delays"], 5, "{listed}");
+    // Each delayed stream's record carries the DI flag.
+    let streams = daemon.ctl_json(&["streams"])?;
+    let delayed = streams
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|s| {
+            s["path"] == "/helloworld.Greeter/SayHello" && s["flags"] == serde_json::json!(["DI"])
+        })
+        .count();
+    assert_eq!(delayed, 5, "{streams}");
 
     // Another method of the same Service is not delayed: Fail is answered at once.
     let before = daemon.ctl_json(&["faults", "list"])?[0]["delays"].clone();

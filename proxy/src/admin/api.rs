@@ -6,7 +6,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::{bpf::Attachment, config::FailMode};
 
-pub use crate::{fault::RuleSummary, inpod::PodSummary, route::ServiceSummary, state::ConnRecord};
+pub use crate::{
+    fault::RuleSummary,
+    inpod::PodSummary,
+    route::ServiceSummary,
+    state::{ConnRecord, StreamRecord},
+};
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Status {

@@ -144,6 +144,7 @@ async fn route(req: Request<Incoming>, ctx: &AdminContext) -> Reply {
                 Err(e) => error(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()),
             }
         }
+        (&Method::GET, "/streams") => json(StatusCode::OK, &ctx.proxy.streams.recent()),
         (&Method::GET, "/faults") => json(StatusCode::OK, &ctx.proxy.faults.list()),
         (&Method::POST, "/faults") => match body::<FaultsRequest>(req).await {
             Ok(request) => match crate::fault::parse_rules(&request.rules) {

@@ -27,11 +27,14 @@ pub use self::{
     keepalive::Keepalive,
     pool::{Connector, Pool},
 };
-use self::{prefixed::Prefixed, stream::Ended};
+use self::{
+    prefixed::Prefixed,
+    stream::{Ended, Observed},
+};
 use crate::{
     fault::{self, Abort, Faults},
     route::Route,
-    state::ProxyCounters,
+    state::{ProxyCounters, Recording, StreamLog, StreamRecord},
 };
 
 /// Flow-control windows and frame size, both sides: large enough for full-speed streaming
@@ -63,6 +66,8 @@ pub struct Downstream {
     /// The client's pod and the destination it dialled, for fault rules.
     pub pod: Arc<str>,
     pub original_dst: SocketAddr,
+    /// Where each stream's record goes when it ends.
+    pub streams: Arc<StreamLog>,
 }
 
 /// Serves one client connection; `prefix` is what detection already read from it.
@@ -113,6 +118,28 @@ async fn proxy_stream(
     downstream: Arc<Downstream>,
 ) {
     let grpc = is_grpc(&request);
+    let mut recording = Recording::start(
+        downstream.streams.clone(),
+        StreamRecord {
+            started: std::time::SystemTime::now(),
+            duration_ms: 0,
+            pod: downstream.pod.to_string(),
+            original_dst: downstream.original_dst,
+            service: downstream.route.service_name().map(str::to_owned),
+            method: request.method().to_string(),
+            path: request.uri().path().to_owned(),
+            authority: request
+                .uri()
+                .authority()
+                .map(|a| a.to_string())
+                .unwrap_or_default(),
+            upstream: None,
+            status: None,
+            grpc_status: None,
+            flags: Vec::new(),
+            fault_rule: None,
+        },
+    );
     let target = fault::Target {
         service: downstream.route.service_name(),
         original_dst: downstream.original_dst,
@@ -123,16 +150,29 @@ async fn proxy_stream(
         .faults
         .for_stream(&target, request.uri().path(), request.headers());
     if let Some(fault) = &fault {
+        recording.record.fault_rule = Some(fault.rule.to_string());
         if let Some(delay) = fault.delay {
+            recording.flag("DI");
             tracing::debug!(rule = %fault.rule, flags = "DI", path = request.uri().path(), "delaying stream by {delay:?}");
             // A client that gives up during the delay is not sent upstream.
             let reset = std::future::poll_fn(|cx| respond.poll_reset(cx));
             tokio::select! {
                 () = tokio::time::sleep(delay) => {}
-                _ = reset => return,
+                _ = reset => {
+                    recording.flag("DR");
+                    return;
+                }
             }
         }
         if let Some(abort) = fault.abort {
+            recording.flag("FI");
+            match abort {
+                Abort::Grpc(code) => {
+                    recording.record.status = Some(200);
+                    recording.record.grpc_status = Some(code.0.to_string());
+                }
+                Abort::Http(status) => recording.record.status = Some(status),
+            }
             tracing::debug!(rule = %fault.rule, flags = "FI", path = request.uri().path(), "aborting stream: {abort:?}");
             respond_abort(&mut respond, abort);
             return;
@@ -143,10 +183,13 @@ async fn proxy_stream(
         Err(message) => {
             ProxyCounters::inc(&downstream.counters.h2_unavailable);
             tracing::debug!("stream {}: {message}", request.uri().path());
+            recording.flag("UF");
+            record_unavailable(&mut recording, grpc);
             unavailable(&mut respond, grpc, &message);
             return;
         }
     };
+    recording.record.upstream = Some(upstream);
     let (parts, body) = request.into_parts();
     let end_of_stream = body.is_end_stream();
     let (response, send) = match lease
@@ -156,14 +199,41 @@ async fn proxy_stream(
         Ok(sent) => sent,
         Err(e) => {
             ProxyCounters::inc(&downstream.counters.h2_unavailable);
+            recording.flag("UF");
+            record_unavailable(&mut recording, grpc);
             unavailable(&mut respond, grpc, &format!("upstream {upstream}: {e}"));
             return;
         }
     };
-    let ended = stream::relay(body, send, response, respond, &downstream.bytes).await;
+    let mut observed = Observed::default();
+    let ended = stream::relay(
+        body,
+        send,
+        response,
+        respond,
+        &downstream.bytes,
+        &mut observed,
+    )
+    .await;
+    recording.record.status = observed.status;
+    recording.record.grpc_status = observed.grpc_status;
+    match ended {
+        Ended::Complete => {}
+        Ended::ClientReset(_) => recording.flag("DR"),
+        Ended::UpstreamReset(_) => recording.flag("UR"),
+    }
     if ended != Ended::Complete {
         ProxyCounters::inc(&downstream.counters.h2_stream_resets);
         tracing::debug!(%upstream, "stream reset: {ended:?}");
+    }
+}
+
+fn record_unavailable(recording: &mut Recording, grpc: bool) {
+    if grpc {
+        recording.record.status = Some(200);
+        recording.record.grpc_status = Some("14".into());
+    } else {
+        recording.record.status = Some(503);
     }
 }
 

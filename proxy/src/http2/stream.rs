@@ -12,6 +12,14 @@ use bytes::Bytes;
 use h2::{Reason, RecvStream, SendStream, client::ResponseFuture, server::SendResponse};
 use http::Response;
 
+/// What the upstream answered, for the stream's record.
+#[derive(Debug, Default)]
+pub struct Observed {
+    pub status: Option<u16>,
+    /// From the response headers (trailers-only) or the trailers.
+    pub grpc_status: Option<String>,
+}
+
 /// How a relayed stream ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Ended {
@@ -32,6 +40,7 @@ pub async fn relay(
     response: ResponseFuture,
     mut respond: SendResponse<Bytes>,
     counted: &super::StreamBytes,
+    observed: &mut Observed,
 ) -> Ended {
     let mut downstream_send: Option<SendStream<Bytes>> = None;
     // A request without a body (END_STREAM on its HEADERS) has nothing to pump.
@@ -42,12 +51,14 @@ pub async fn relay(
             &mut upstream_send,
             Side::Request,
             &counted.request,
+            None,
         );
         let responses = respond_with(
             response,
             &mut respond,
             &mut downstream_send,
             &counted.response,
+            observed,
         );
         tokio::pin!(requests, responses);
         let (mut requests_done, mut responses_done) = (request_ended, false);
@@ -89,6 +100,7 @@ async fn respond_with(
     respond: &mut SendResponse<Bytes>,
     downstream_send: &mut Option<SendStream<Bytes>>,
     counter: &std::sync::atomic::AtomicU64,
+    observed: &mut Observed,
 ) -> Result<(), Stop> {
     let response = tokio::select! {
         response = response => response.map_err(|e| Stop::Upstream(reason_of(&e)))?,
@@ -97,6 +109,8 @@ async fn respond_with(
         }
     };
     let (parts, body) = response.into_parts();
+    observed.status = Some(parts.status.as_u16());
+    observed.grpc_status = grpc_status(&parts.headers);
     let end_of_stream = body.is_end_stream();
     let send = respond
         .send_response(Response::from_parts(parts, ()), end_of_stream)
@@ -105,7 +119,18 @@ async fn respond_with(
         return Ok(()); // trailers-only, or no body
     }
     let send = downstream_send.insert(send);
-    pump(body, send, Side::Response, counter).await
+    pump(
+        body,
+        send,
+        Side::Response,
+        counter,
+        Some(&mut observed.grpc_status),
+    )
+    .await
+}
+
+fn grpc_status(headers: &http::HeaderMap) -> Option<String> {
+    headers.get("grpc-status")?.to_str().ok().map(str::to_owned)
 }
 
 #[derive(Clone, Copy)]
@@ -151,6 +176,7 @@ async fn pump(
     to: &mut SendStream<Bytes>,
     side: Side,
     counter: &std::sync::atomic::AtomicU64,
+    trailer_status: Option<&mut Option<String>>,
 ) -> Result<(), Stop> {
     loop {
         let chunk = tokio::select! {
@@ -178,7 +204,12 @@ async fn pump(
         }
     }
     let sent = match from.trailers().await {
-        Ok(Some(trailers)) => to.send_trailers(trailers),
+        Ok(Some(trailers)) => {
+            if let Some(status) = trailer_status {
+                *status = grpc_status(&trailers);
+            }
+            to.send_trailers(trailers)
+        }
         Ok(None) => to.send_data(Bytes::new(), true),
         Err(e) => return Err(side.receiver_failed(reason_of(&e))),
     };

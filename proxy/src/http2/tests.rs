@@ -18,6 +18,7 @@ use crate::{
     fault::{DELAY_HEADER, Faults},
     proxy::sniff::H2_PREFACE,
     route::{Routes, Service},
+    state::StreamLog,
 };
 
 const VIP: &str = "10.96.0.10:50051";
@@ -142,7 +143,7 @@ async fn answer(
 /// shunt's HTTP/2 proxy on a loopback listener, routing everything to `endpoints` as the
 /// Service at [`VIP`]. Returns its address and the pool, to inspect upstream connections.
 async fn proxy(endpoints: Vec<SocketAddr>) -> (SocketAddr, Arc<Pool>) {
-    let (addr, pool, _) = proxy_service(endpoints, Arc::new(Faults::new(Vec::new(), 100))).await;
+    let (addr, pool, _, _) = proxy_service(endpoints, Arc::new(Faults::new(Vec::new(), 100))).await;
     (addr, pool)
 }
 
@@ -150,7 +151,7 @@ async fn proxy(endpoints: Vec<SocketAddr>) -> (SocketAddr, Arc<Pool>) {
 async fn proxy_service(
     endpoints: Vec<SocketAddr>,
     faults: Arc<Faults>,
-) -> (SocketAddr, Arc<Pool>, Arc<Service>) {
+) -> (SocketAddr, Arc<Pool>, Arc<Service>, Arc<StreamLog>) {
     let routes = Routes::new(&[ServiceConfig {
         name: "greeter".into(),
         vip: VIP.parse().unwrap(),
@@ -159,6 +160,8 @@ async fn proxy_service(
     }]);
     let route = routes.route(VIP.parse().unwrap());
     let service = routes.by_name("greeter").unwrap();
+    let streams = Arc::new(StreamLog::default());
+    let recorded = streams.clone();
     let connector: Connector = Arc::new(|addr| Box::pin(TcpStream::connect(addr)));
     let pool = Arc::new(Pool::new(connector, Duration::from_secs(2), KEEPALIVE));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -183,6 +186,7 @@ async fn proxy_service(
                 faults: faults.clone(),
                 pod: "client".into(),
                 original_dst: VIP.parse().unwrap(),
+                streams: streams.clone(),
             };
             tokio::spawn(async move {
                 // As detection does: the preface has been read before the proxy takes over.
@@ -193,7 +197,7 @@ async fn proxy_service(
             });
         }
     });
-    (addr, pool, service)
+    (addr, pool, service, recorded)
 }
 
 async fn client(addr: SocketAddr) -> SendRequest<Bytes> {
@@ -476,7 +480,8 @@ async fn a_malformed_headers_frame_closes_only_that_connection() {
 async fn a_removed_endpoint_finishes_its_streams_and_gets_no_new_ones() {
     let a = backend("a", None, noop()).await;
     let b = backend("b", None, noop()).await;
-    let (addr, _, service) = proxy_service(vec![a], Arc::new(Faults::new(Vec::new(), 100))).await;
+    let (addr, _, service, _) =
+        proxy_service(vec![a], Arc::new(Faults::new(Vec::new(), 100))).await;
     let sender = client(addr).await;
     let mut in_flight_sender = sender.clone();
     let in_flight =
@@ -506,7 +511,8 @@ async fn delay_and_abort_faults_apply_to_matching_streams_only() {
         ),
         100,
     ));
-    let (addr, _, _) = proxy_service(vec![backend("a", None, noop()).await], faults.clone()).await;
+    let (addr, _, _, streams) =
+        proxy_service(vec![backend("a", None, noop()).await], faults.clone()).await;
     let mut sender = client(addr).await;
     let started = tokio::time::Instant::now();
     call(&mut sender, "/echo", Bytes::new()).await.unwrap();
@@ -523,6 +529,21 @@ async fn delay_and_abort_faults_apply_to_matching_streams_only() {
     assert_eq!(parts.headers["grpc-status"], "14");
     let listed = faults.list();
     assert_eq!((listed[0].delays, listed[1].aborts), (1, 1));
+    // Each stream's record carries Envoy's flags and what the client was answered.
+    let records = streams.recent();
+    let flags: Vec<(&str, Vec<String>)> = records
+        .iter()
+        .map(|r| (r.path.as_str(), r.flags.clone()))
+        .collect();
+    assert_eq!(flags[0], ("/echo", vec!["DI".to_string()]), "{records:?}");
+    assert!(flags[1].1.is_empty(), "{records:?}");
+    assert_eq!(
+        flags[2],
+        ("/trailers-only", vec!["FI".to_string()]),
+        "{records:?}"
+    );
+    assert_eq!(records[2].grpc_status.as_deref(), Some("14"));
+    assert_eq!(records[0].grpc_status.as_deref(), Some("0"));
 }
 
 #[tokio::test]
@@ -531,7 +552,8 @@ async fn header_control_is_capped_by_max_active_faults() {
         rules("- name: chaos\n  match: {service: greeter}\n  header_control: true\n"),
         1,
     ));
-    let (addr, _, _) = proxy_service(vec![backend("a", None, noop()).await], faults.clone()).await;
+    let (addr, _, _, _) =
+        proxy_service(vec![backend("a", None, noop()).await], faults.clone()).await;
     let sender = client(addr).await;
     let calls: Vec<_> = (0..10)
         .map(|_| {

@@ -25,7 +25,7 @@ use crate::{
     inpod::{Netns, connect_from},
     net::{canonical, from_raw, to_raw},
     route::Routes,
-    state::{ConnGuard, ConnTable, ProxyCounters},
+    state::{ConnGuard, ConnTable, ProxyCounters, StreamLog},
 };
 
 use self::{
@@ -84,6 +84,7 @@ pub struct Proxy {
     pub mark: u32,
     pub settings: ArcSwap<Settings>,
     pub faults: Arc<Faults>,
+    pub streams: Arc<StreamLog>,
 }
 
 /// The pod a listener belongs to.
@@ -210,6 +211,7 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, p
             faults: proxy.faults.clone(),
             pod: pod.name.as_str().into(),
             original_dst,
+            streams: proxy.streams.clone(),
             bytes: http2::StreamBytes {
                 request: guard.bytes_from_client.clone(),
                 response: guard.bytes_to_client.clone(),

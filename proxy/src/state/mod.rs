@@ -3,6 +3,8 @@
 
 mod conns;
 mod counters;
+mod streams;
 
 pub use conns::{ConnGuard, ConnRecord, ConnTable};
 pub use counters::ProxyCounters;
+pub use streams::{Recording, StreamLog, StreamRecord};
