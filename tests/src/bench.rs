@@ -48,6 +48,7 @@ pub fn passthrough(plan: &Plan) -> anyhow::Result<String> {
         extra_yaml: format!(
             "services:\n  - name: iperf\n    vip: '{VIP}:{IPERF_PORT}'\n    endpoints: ['{endpoint}']\n"
         ),
+        log: Some("info"),
         ..Options::default()
     };
     let daemon = Daemon::start(&sandbox, &[&client], &options("splice"))?;
@@ -206,6 +207,7 @@ pub fn http2_requests(plan: &Plan) -> anyhow::Result<String> {
             "services:\n  - name: web\n    vip: '{VIP}:80'\n    endpoints: [{}]\n",
             endpoints.join(", ")
         ),
+        log: Some("info"),
         ..Options::default()
     };
     let daemon = Daemon::start(&sandbox, &[&client], &options)?;

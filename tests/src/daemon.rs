@@ -23,6 +23,9 @@ pub struct Options {
     pub intercept_yaml: String,
     /// YAML appended at the top level (further sections such as `services:`).
     pub extra_yaml: String,
+    /// `SHUNT_LOG` for the daemon; tests default to `debug` (their failures print the log),
+    /// benchmarks use `info` as a production node would.
+    pub log: Option<&'static str>,
 }
 
 pub struct Daemon<'a> {
@@ -31,6 +34,7 @@ pub struct Daemon<'a> {
     pub socket: PathBuf,
     pub pin_dir: PathBuf,
     pub log: PathBuf,
+    log_level: &'static str,
     pid: Option<u32>,
 }
 
@@ -50,6 +54,7 @@ impl<'a> Daemon<'a> {
             socket: dir.join("admin.sock"),
             pin_dir,
             log: dir.join("shunt.log"),
+            log_level: options.log.unwrap_or("debug"),
             pid: None,
         };
         std::fs::write(&daemon.config, daemon.render_config(pods, options))
@@ -110,7 +115,7 @@ impl<'a> Daemon<'a> {
         cmd.arg("run")
             .arg("--config")
             .arg(&self.config)
-            .env("SHUNT_LOG", "debug")
+            .env("SHUNT_LOG", self.log_level)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
