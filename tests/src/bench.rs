@@ -291,3 +291,54 @@ pub fn http2_requests(plan: &Plan) -> anyhow::Result<String> {
     }
     Ok(table)
 }
+
+/// Connection setup: short connections per second (connect, one line each way, close) from a
+/// pod, before any program is attached, with the programs attached but the pod not enrolled,
+/// and through shunt. Returns a markdown table.
+pub fn connection_rates(plan: &Plan) -> anyhow::Result<String> {
+    crate::require_root()?;
+    let sandbox = Sandbox::new()?;
+    let outsider = sandbox.add_pod("outsider")?;
+    let client = sandbox.add_pod("client")?;
+    let backend = sandbox.add_pod("backend")?;
+    let target = SocketAddr::new(backend.ipv4.into(), 8080);
+    probe::serve(&sandbox, &backend, target)?;
+    let count = plan.seconds * 1000;
+    let rate = |pod: &Pod| -> anyhow::Result<f64> {
+        let started = std::time::Instant::now();
+        let seen = probe::connect(&sandbox, pod, target, count)?;
+        ensure!(
+            seen.iter().all(|s| s.error.is_none()),
+            "a connection failed"
+        );
+        Ok(f64::from(count) / started.elapsed().as_secs_f64())
+    };
+    println!("  no programs attached");
+    let mut bare = Vec::new();
+    for _ in 0..plan.rounds {
+        bare.push(rate(&outsider)?);
+    }
+    let options = Options {
+        log: Some("info"),
+        ..Options::default()
+    };
+    let _daemon = Daemon::start(&sandbox, &[&client], &options)?;
+    let (mut attached, mut proxied) = (Vec::new(), Vec::new());
+    for round in 1..=plan.rounds {
+        println!("  round {round}/{} with programs attached", plan.rounds);
+        attached.push(rate(&outsider)?);
+        proxied.push(rate(&client)?);
+    }
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+    let base = mean(&bare);
+    let mut table = String::from("| target | connections/s | vs no programs |\n|---|---|---|\n");
+    for (name, values) in [
+        ("non-enrolled pod, no programs attached", &bare),
+        ("non-enrolled pod, programs attached", &attached),
+        ("enrolled pod, through shunt", &proxied),
+    ] {
+        let r = mean(values);
+        let _ = writeln!(table, "| {name} | {r:.0} | {:.2} |", r / base);
+    }
+    Ok(table)
+}

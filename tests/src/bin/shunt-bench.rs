@@ -29,6 +29,8 @@ fn main() {
     report(bench::passthrough(&plan));
     println!("HTTP/2 requests (h2load, one connection, 32 concurrent streams), {rounds} rounds:");
     report(bench::http2_requests(&plan));
+    println!("Connection setup (probe: connect, one line each way, close), {rounds} rounds:");
+    report(bench::connection_rates(&plan));
 }
 
 fn report(result: anyhow::Result<String>) {
