@@ -185,20 +185,10 @@ pub fn http2_requests(plan: &Plan) -> anyhow::Result<String> {
     let sandbox = Sandbox::new()?;
     let direct_client = sandbox.add_pod("direct")?;
     let client = sandbox.add_pod("client")?;
-    let docroot = sandbox.scratch_dir("docroot")?;
-    std::fs::write(docroot.join("hello"), "hello\n")?;
     let mut endpoints = Vec::new();
     for i in 0..3 {
         let pod = sandbox.add_pod(&format!("web{i}"))?;
-        let mut nghttpd = Command::new("nghttpd");
-        nghttpd
-            .arg("--no-tls")
-            .arg("-d")
-            .arg(&docroot)
-            .arg("8080")
-            .stdout(std::process::Stdio::null());
-        let pid = sandbox.spawn_in_pod(&pod, nghttpd)?;
-        probe::wait_listening(&sandbox, &pod, 8080, pid)?;
+        crate::web::serve(&sandbox, &pod, 8080, &[("hello", "hello\n")])?;
         endpoints.push(format!("'{}:8080'", pod.ipv4));
     }
     let first_backend = endpoints[0].trim_matches('\'').to_owned();

@@ -48,6 +48,31 @@ pub struct Calls {
     pub first_error: Option<String>,
 }
 
+impl Calls {
+    /// All `total` calls succeeded, spread over exactly `backends` backends, each within
+    /// `tolerance` (a fraction, e.g. 0.05) of an even share.
+    pub fn check_even(&self, total: usize, backends: usize, tolerance: f64) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.ok == total,
+            "{} of {total} calls succeeded: {self:?}",
+            self.ok
+        );
+        anyhow::ensure!(
+            self.by_backend.len() == backends,
+            "not {backends} backends: {self:?}"
+        );
+        let share = total as f64 / backends as f64;
+        for (backend, n) in &self.by_backend {
+            anyhow::ensure!(
+                (*n as f64 - share).abs() <= share * tolerance,
+                "{backend} served {n} of {total}, not {share} ± {:.0}%: {self:?}",
+                tolerance * 100.0
+            );
+        }
+        Ok(())
+    }
+}
+
 /// Starts a tonic greeter in `pod` on `port` that answers with `name`.
 pub fn tonic_serve(sandbox: &Sandbox, pod: &Pod, name: &str, port: u16) -> anyhow::Result<u32> {
     let mut cmd = Command::new(crate::greeter_bin());

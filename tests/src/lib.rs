@@ -11,6 +11,7 @@ pub mod grpc;
 pub mod probe;
 pub mod sandbox;
 pub mod tls;
+pub mod web;
 
 use std::path::PathBuf;
 

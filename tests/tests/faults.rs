@@ -3,16 +3,16 @@
 
 use std::{
     net::SocketAddr,
-    process::{Command, Stdio},
+    process::Command,
     time::{Duration, Instant},
 };
 
 use anyhow::ensure;
 use shunt_tests::{
     daemon::{Daemon, Options},
-    grpc, probe,
+    grpc,
     sandbox::{Pod, Sandbox},
-    tls,
+    tls, web,
 };
 
 const VIP: &str = "10.96.0.10";
@@ -122,17 +122,7 @@ fn an_http_abort_answers_plain_http2_with_the_status() -> anyhow::Result<()> {
     let sandbox = Sandbox::new()?;
     let client = sandbox.add_pod("client")?;
     let web = sandbox.add_pod("web")?;
-    let docroot = sandbox.scratch_dir("docroot")?;
-    std::fs::write(docroot.join("index.html"), "hello\n")?;
-    let mut nghttpd = Command::new("nghttpd");
-    nghttpd
-        .arg("--no-tls")
-        .arg("-d")
-        .arg(&docroot)
-        .arg("8080")
-        .stdout(Stdio::null());
-    let pid = sandbox.spawn_in_pod(&web, nghttpd)?;
-    probe::wait_listening(&sandbox, &web, 8080, pid)?;
+    web::serve(&sandbox, &web, 8080, &[("index.html", "hello\n")])?;
     let endpoint = SocketAddr::new(web.ipv4.into(), 8080);
     let rule = "faults:\n  - name: down\n    match: {service: web, headers: {x-chaos: 'on'}}\n    abort: {http_status: 503}\n";
     let _daemon = Daemon::start(&sandbox, &[&client], &service("web", 80, endpoint, rule))?;

@@ -475,26 +475,6 @@ mod tests {
         assert_eq!(Closed::Eof.failed_side(), None);
     }
 
-    #[tokio::test]
-    async fn a_reset_after_half_close_reaches_the_upstream_with_splice() {
-        a_reset_after_half_close_reaches_the_upstream(Forwarding::Splice).await;
-    }
-
-    #[tokio::test]
-    async fn a_reset_after_half_close_reaches_the_upstream_with_copy() {
-        a_reset_after_half_close_reaches_the_upstream(Forwarding::Copy).await;
-    }
-
-    #[tokio::test]
-    async fn bytes_sent_before_a_reset_arrive_first_with_splice() {
-        bytes_sent_before_a_reset_arrive_first(Forwarding::Splice).await;
-    }
-
-    #[tokio::test]
-    async fn bytes_sent_before_a_reset_arrive_first_with_copy() {
-        bytes_sent_before_a_reset_arrive_first(Forwarding::Copy).await;
-    }
-
     /// A measurement, not a test: `cargo test --release -p shunt forwarding_throughput --
     /// --ignored --nocapture`. Moves `FORWARDING_BENCH_MIB` (default 1024) MiB each way at
     /// once through `forward` over loopback, rounds of splice and copy interleaved, and prints
@@ -605,43 +585,30 @@ mod tests {
         ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9
     }
 
-    #[tokio::test]
-    async fn bytes_are_exact_and_half_close_keeps_the_response_flowing_with_splice() {
-        bytes_are_exact_and_half_close_keeps_the_response_flowing(Forwarding::Splice).await;
+    /// Every case above, once per forwarding mode.
+    macro_rules! in_both_modes {
+        ($($case:ident),* $(,)?) => {
+            mod splice {
+                $(#[tokio::test]
+                async fn $case() {
+                    super::$case(super::Forwarding::Splice).await;
+                })*
+            }
+            mod copy {
+                $(#[tokio::test]
+                async fn $case() {
+                    super::$case(super::Forwarding::Copy).await;
+                })*
+            }
+        };
     }
 
-    #[tokio::test]
-    async fn bytes_are_exact_and_half_close_keeps_the_response_flowing_with_copy() {
-        bytes_are_exact_and_half_close_keeps_the_response_flowing(Forwarding::Copy).await;
-    }
-
-    #[tokio::test]
-    async fn a_client_reset_resets_the_upstream_with_splice() {
-        a_client_reset_resets_the_upstream(Forwarding::Splice).await;
-    }
-
-    #[tokio::test]
-    async fn a_client_reset_resets_the_upstream_with_copy() {
-        a_client_reset_resets_the_upstream(Forwarding::Copy).await;
-    }
-
-    #[tokio::test]
-    async fn an_upstream_reset_resets_the_client_with_splice() {
-        an_upstream_reset_resets_the_client(Forwarding::Splice).await;
-    }
-
-    #[tokio::test]
-    async fn an_upstream_reset_resets_the_client_with_copy() {
-        an_upstream_reset_resets_the_client(Forwarding::Copy).await;
-    }
-
-    #[tokio::test]
-    async fn idle_connections_are_closed_with_splice() {
-        idle_connections_are_closed(Forwarding::Splice).await;
-    }
-
-    #[tokio::test]
-    async fn idle_connections_are_closed_with_copy() {
-        idle_connections_are_closed(Forwarding::Copy).await;
-    }
+    in_both_modes!(
+        a_reset_after_half_close_reaches_the_upstream,
+        bytes_sent_before_a_reset_arrive_first,
+        bytes_are_exact_and_half_close_keeps_the_response_flowing,
+        a_client_reset_resets_the_upstream,
+        an_upstream_reset_resets_the_client,
+        idle_connections_are_closed,
+    );
 }
