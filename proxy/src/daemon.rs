@@ -23,6 +23,7 @@ use crate::{
 pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     let config = Config::load(config_path)?;
     let started = Instant::now();
+    raise_fd_limit();
     let intercept = &config.intercept;
 
     let datapath = Datapath::install(
@@ -175,5 +176,27 @@ fn current_log_level() -> log::LevelFilter {
         LevelFilter::INFO => log::LevelFilter::Info,
         LevelFilter::DEBUG => log::LevelFilter::Debug,
         _ => log::LevelFilter::Trace,
+    }
+}
+
+/// Every proxied connection holds two sockets (and, with splice, two pipes): a node's worth of
+/// connections needs far more descriptors than the usual soft limit of 1024. Raise the limit as
+/// far as the kernel allows (`fs.nr_open`), or at least the soft limit to the hard one.
+fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return;
+    };
+    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(hard);
+    let wanted = nr_open.max(hard);
+    let raised = setrlimit(Resource::RLIMIT_NOFILE, wanted, wanted)
+        .map(|()| wanted)
+        .or_else(|_| setrlimit(Resource::RLIMIT_NOFILE, hard, hard).map(|()| hard));
+    match raised {
+        Ok(limit) => tracing::debug!(from = soft, to = limit, "raised the open-file limit"),
+        Err(e) => tracing::warn!(soft, hard, "could not raise the open-file limit: {e}"),
     }
 }

@@ -191,6 +191,11 @@ impl<'a> Daemon<'a> {
             .with_context(|| format!("no counter {source}.{name} in {stats}"))
     }
 
+    /// The running daemon's process id.
+    pub fn pid(&self) -> anyhow::Result<u32> {
+        self.pid.context("the daemon is not running")
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }

@@ -462,6 +462,39 @@ fn excluded_cidrs_and_ports_go_direct() -> anyhow::Result<()> {
 }
 
 #[test]
+fn a_connection_redirected_by_iptables_is_proxied_to_its_original_destination() -> anyhow::Result<()>
+{
+    let sandbox = Sandbox::new()?;
+    let client = sandbox.add_pod("client")?;
+    let backend = sandbox.add_pod("backend")?;
+    probe::serve(&sandbox, &backend, v4(&backend, 9090))?;
+    // The programs leave port 9090 alone; a NAT rule sends it to the listener instead.
+    let options = Options {
+        exclude_ports: vec![9090],
+        ..Options::default()
+    };
+    let daemon = Daemon::start(&sandbox, &[&client], &options)?;
+    shunt_tests::iptables::redirect_to_shunt(&sandbox, &client, backend.ipv4, 9090)?;
+
+    let seen = connect_once(&sandbox, &client, v4(&backend, 9090))?;
+    assert_eq!(seen.server.as_deref(), Some("backend"));
+    assert_eq!(seen.echo.as_deref(), Some("hello"));
+    assert_eq!(daemon.counter("ebpf", "redirected")?, 0);
+    assert_eq!(daemon.counter("proxy", "forwarded")?, 1);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let closed = loop {
+        let closed = daemon.closed_conns()?;
+        if !closed.is_empty() || Instant::now() > deadline {
+            break closed;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(closed.len(), 1, "{closed:?}");
+    assert_eq!(closed[0]["original_dst"], v4(&backend, 9090).to_string());
+    Ok(())
+}
+
+#[test]
 fn pods_enroll_and_unenroll_at_runtime() -> anyhow::Result<()> {
     let sandbox = Sandbox::new()?;
     let client = sandbox.add_pod("client")?;

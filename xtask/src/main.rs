@@ -34,11 +34,15 @@ enum Task {
     },
     /// Run the local sandbox demo: pods as network namespaces, traffic through shunt.
     Demo,
-    /// Measure shunt against the direct path in the sandbox (as root).
+    /// Measure shunt against the direct path in the sandbox (as root); writes
+    /// bench/results/results.{json,md}.
     Bench {
-        /// Fewer and shorter rounds.
+        /// Fewer and shorter rounds (under 3 minutes).
         #[arg(long)]
         quick: bool,
+        /// Also install and measure HAProxy and nginx.
+        #[arg(long)]
+        peers: bool,
     },
 }
 
@@ -49,7 +53,9 @@ fn main() {
         Task::Build => setup::run().and_then(|()| build()),
         Task::Test { args } => setup::run().and_then(|()| test(&args)),
         Task::Demo => setup::run().and_then(|()| demo()),
-        Task::Bench { quick } => setup::run().and_then(|()| bench(quick)),
+        Task::Bench { quick, peers } => setup::run()
+            .and_then(|()| if peers { setup::peers() } else { Ok(()) })
+            .and_then(|()| bench(quick, peers)),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
@@ -147,14 +153,20 @@ fn demo() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn bench(quick: bool) -> anyhow::Result<()> {
+fn bench(quick: bool, peers: bool) -> anyhow::Result<()> {
     run::require_root("the benchmarks create network namespaces, a cgroup and BPF programs")?;
     build()?;
     let mut cmd = std::process::Command::new(release_bin("shunt-bench"));
     cmd.env("SHUNT_BIN", release_bin("shunt"))
-        .env("SHUNT_PROBE_BIN", release_bin("shunt-probe"));
+        .env("SHUNT_PROBE_BIN", release_bin("shunt-probe"))
+        .env("SHUNT_GREETER_BIN", release_bin("shunt-greeter"))
+        .arg("--out")
+        .arg(workspace_root().join("bench/results"));
     if quick {
         cmd.arg("--quick");
+    }
+    if peers {
+        cmd.arg("--peers");
     }
     run::status(&mut cmd)
 }

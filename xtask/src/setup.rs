@@ -26,6 +26,7 @@ const SANDBOX_PACKAGES: &[&str] = &[
     "bpftool",
     "openssl",
     "iperf3",
+    "iptables",
     "curl",
     "nghttp2-client",
     "nghttp2-server",
@@ -50,6 +51,35 @@ pub fn run() -> anyhow::Result<()> {
 
     ensure_bpf_linker(llvm)?;
     ensure_grpcio()
+}
+
+/// The proxies `cargo xtask bench --peers` compares shunt with.
+const PEER_PACKAGES: &[&str] = &["haproxy", "nginx"];
+
+/// Installs HAProxy and nginx without letting their packages start system-wide services (the
+/// benchmark runs its own instances inside sandbox pods).
+pub fn peers() -> anyhow::Result<()> {
+    if PEER_PACKAGES.iter().all(|p| is_installed(p)) {
+        return Ok(());
+    }
+    let policy = std::path::Path::new("/usr/sbin/policy-rc.d");
+    let guard = !policy.exists();
+    if guard {
+        std::fs::write(
+            policy,
+            "#!/bin/sh\n# services stay stopped while shunt's bench installs its peers\nexit 101\n",
+        )
+        .and_then(|()| {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(policy, std::fs::Permissions::from_mode(0o755))
+        })
+        .context("writing /usr/sbin/policy-rc.d")?;
+    }
+    let installed = Apt::default().ensure(PEER_PACKAGES);
+    if guard {
+        let _ = std::fs::remove_file(policy);
+    }
+    installed
 }
 
 fn ensure_grpcio() -> anyhow::Result<()> {

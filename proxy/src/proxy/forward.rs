@@ -13,7 +13,7 @@ use std::{
 
 use tokio::{io::Interest, net::TcpStream, time::Instant};
 
-use super::splice::{Pipe, SpliceEnd, shutdown_write, splice_until_eof};
+use super::splice::{SpliceEnd, shutdown_write, splice_until_eof};
 
 const BUFFER: usize = 32 * 1024;
 
@@ -223,17 +223,18 @@ async fn direction(
         meter.fetch_add(n as u64, Ordering::Relaxed);
         activity.touch();
     };
-    match (mode, Pipe::new()) {
-        (Forwarding::Splice, Ok(pipe)) => {
-            splice_until_eof(from, to, &pipe, count)
-                .await
-                .map_err(|e| match e {
-                    SpliceEnd::Read(e) => End::Read(e),
-                    SpliceEnd::Write(e) => End::Write(e),
-                })?;
-        }
-        // Out of pipes (fd limit) falls back to copying rather than failing the connection.
-        _ => copy_until_eof(from, to, count).await?,
+    match mode {
+        Forwarding::Splice => match splice_until_eof(from, to, count).await {
+            Ok(()) => {}
+            Err(SpliceEnd::Read(e)) => return Err(End::Read(e)),
+            Err(SpliceEnd::Write(e)) => return Err(End::Write(e)),
+            // Out of pipes (descriptor limit): copying still works, and nothing was lost.
+            Err(SpliceEnd::NoPipe(e)) => {
+                tracing::debug!("no pipe for splice ({e}); copying instead");
+                copy_until_eof(from, to, count).await?;
+            }
+        },
+        Forwarding::Copy => copy_until_eof(from, to, count).await?,
     }
     shutdown_write(to);
     Ok(())

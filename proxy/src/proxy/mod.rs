@@ -139,7 +139,7 @@ pub async fn serve(listener: TcpListener, pod: Arc<PodContext>, proxy: Arc<Proxy
 }
 
 async fn handle(mut client: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, proxy: Arc<Proxy>) {
-    let Some(original_dst) = identify(&proxy, &pod, peer) else {
+    let Some(original_dst) = identify(&proxy, &pod, &client, peer) else {
         ProxyCounters::inc(&proxy.counters.no_original_dst);
         tracing::debug!(pod = %pod.name, %peer, "no original destination recorded; closing");
         return;
@@ -284,8 +284,15 @@ fn add_bytes(counters: &ProxyCounters, guard: &ConnGuard) {
     counters.bytes_to_clients.fetch_add(to_client, ordering);
 }
 
-/// The destination the client asked for, recorded by the programs at `connect()`.
-fn identify(proxy: &Proxy, pod: &PodContext, peer: SocketAddr) -> Option<SocketAddr> {
+/// The destination the client asked for: recorded by the programs at `connect()`, or else,
+/// for a connection an `iptables … REDIRECT` rule sent to the listener (a node migrating from
+/// iptables interception, or the comparison benchmark), the one netfilter's NAT recorded.
+fn identify(
+    proxy: &Proxy,
+    pod: &PodContext,
+    client: &TcpStream,
+    peer: SocketAddr,
+) -> Option<SocketAddr> {
     let key = ClientKey {
         netns_cookie: pod.netns_cookie,
         addr: to_raw(peer.ip()),
@@ -294,10 +301,31 @@ fn identify(proxy: &Proxy, pod: &PodContext, peer: SocketAddr) -> Option<SocketA
     };
     match proxy.dst_table.take(&key) {
         Ok(Some(dst)) => Some(SocketAddr::new(from_raw(dst.addr), dst.port)),
-        Ok(None) => None,
+        Ok(None) => netfilter_original_dst(client),
         Err(e) => {
             tracing::warn!(pod = %pod.name, %peer, "reading the original destination: {e}");
             None
         }
     }
+}
+
+/// `SO_ORIGINAL_DST`; `None` when netfilter did not rewrite the destination (no conntrack
+/// entry, or one whose destination is the listener itself: proxying that would loop).
+fn netfilter_original_dst(client: &TcpStream) -> Option<SocketAddr> {
+    use nix::sys::socket::{getsockopt, sockopt};
+    let local = client.local_addr().ok()?;
+    let dst = if local.is_ipv4() || canonical(local).is_ipv4() {
+        let raw = getsockopt(client, sockopt::OriginalDst).ok()?;
+        SocketAddr::from((
+            std::net::Ipv4Addr::from(u32::from_be(raw.sin_addr.s_addr)),
+            u16::from_be(raw.sin_port),
+        ))
+    } else {
+        let raw = getsockopt(client, sockopt::Ip6tOriginalDst).ok()?;
+        SocketAddr::from((
+            std::net::Ipv6Addr::from(raw.sin6_addr.s6_addr),
+            u16::from_be(raw.sin6_port),
+        ))
+    };
+    (canonical(dst) != canonical(local)).then_some(dst)
 }

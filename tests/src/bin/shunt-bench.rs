@@ -1,4 +1,7 @@
-//! Benchmarks against the direct path; `cargo xtask bench` builds and runs it as root.
+//! Benchmarks against the direct path (and HAProxy and nginx with `--peers`);
+//! `cargo xtask bench` builds and runs it as root.
+
+use std::path::PathBuf;
 
 use clap::Parser;
 use shunt_tests::bench::{self, Plan};
@@ -6,39 +9,32 @@ use shunt_tests::bench::{self, Plan};
 #[derive(Parser)]
 #[command(name = "shunt-bench")]
 struct Cli {
-    /// Fewer and shorter rounds.
+    /// Fewer and shorter rounds (under 3 minutes).
     #[arg(long)]
     quick: bool,
+    /// Also measure HAProxy and nginx (installed from Debian's packages).
+    #[arg(long)]
+    peers: bool,
+    /// Run only the workloads whose name contains this (e.g. `gRPC`, `idle`).
+    #[arg(long)]
+    only: Option<String>,
+    /// Where to write results.json and results.md.
+    #[arg(long, default_value = "bench/results")]
+    out: PathBuf,
 }
 
 fn main() {
     let cli = Cli::parse();
-    let plan = if cli.quick {
-        Plan {
-            rounds: 1,
-            seconds: 2,
-        }
-    } else {
-        Plan {
-            rounds: 3,
-            seconds: 5,
-        }
-    };
-    let (rounds, seconds) = (plan.rounds, plan.seconds);
-    println!("TCP passthrough (iperf3, one connection), {rounds} rounds of {seconds}s:");
-    report(bench::passthrough(&plan));
-    println!("HTTP/2 requests (h2load, one connection, 32 concurrent streams), {rounds} rounds:");
-    report(bench::http2_requests(&plan));
-    println!("Connection setup (probe: connect, one line each way, close), {rounds} rounds:");
-    report(bench::connection_rates(&plan));
-}
-
-fn report(result: anyhow::Result<String>) {
-    match result {
-        Ok(table) => println!("\n{table}"),
-        Err(e) => {
-            eprintln!("benchmark failed: {e:#}");
-            std::process::exit(1);
-        }
+    if cli.peers && !bench::peers::available() {
+        eprintln!(
+            "error: --peers needs haproxy and nginx: run `cargo xtask bench --peers`, which installs them"
+        );
+        std::process::exit(1);
+    }
+    let mut plan = Plan::new(cli.quick, cli.peers);
+    plan.only = cli.only;
+    if let Err(e) = bench::run_all(&plan, &cli.out) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
     }
 }

@@ -4,6 +4,8 @@
 //! from, then echoes until EOF. `connect` prints one JSON line per connection with what the
 //! application saw (`getpeername()`, local address) and what the server saw. `send` writes
 //! raw bytes (garbage, truncated handshakes, a trickle) and reports how the connection ended.
+//! `hold` opens many connections and keeps them idle; `sink` accepts them and never answers
+//! (the benchmark's memory-per-idle-connection figure).
 
 use std::{
     fs::OpenOptions,
@@ -32,6 +34,24 @@ enum Cmd {
     Connect(ConnectArgs),
     /// Send raw bytes, then a newline and EOF; print what came back and how it ended.
     Send(SendArgs),
+    /// Open `count` connections, write one line on each, print `{"held": count}` and keep
+    /// them open until killed or `seconds` pass.
+    Hold(HoldArgs),
+    /// Accept connections and keep them open without reading or answering.
+    Sink {
+        #[arg(long)]
+        listen: SocketAddr,
+    },
+}
+
+#[derive(Args)]
+struct HoldArgs {
+    #[arg(long)]
+    to: SocketAddr,
+    #[arg(long)]
+    count: u32,
+    #[arg(long, default_value_t = 60)]
+    seconds: u64,
 }
 
 #[derive(Args)]
@@ -109,6 +129,8 @@ fn main() {
         Cmd::Serve(args) => serve(args),
         Cmd::Connect(args) => connect_all(&args),
         Cmd::Send(args) => send(&args),
+        Cmd::Hold(args) => hold(&args),
+        Cmd::Sink { listen } => sink(listen),
     };
     if let Err(e) = result {
         eprintln!("shunt-probe: {e}");
@@ -246,6 +268,44 @@ fn exchange(args: &ConnectArgs) -> std::io::Result<serde_json::Value> {
         "ms": started.elapsed().as_millis() as u64,
         "error": null,
     }))
+}
+
+fn hold(args: &HoldArgs) -> Result<(), String> {
+    let mut held = Vec::with_capacity(args.count as usize);
+    for i in 0..args.count {
+        let mut stream = TcpStream::connect_timeout(&args.to, Duration::from_secs(3))
+            .map_err(|e| format!("connection {i} to {}: {e}", args.to))?;
+        stream
+            .write_all(b"idle\n")
+            .map_err(|e| format!("connection {i}: {e}"))?;
+        held.push(stream);
+    }
+    println!("{}", json!({ "held": held.len() }));
+    std::io::stdout().flush().map_err(|e| e.to_string())?;
+    // Until killed, bounded by `seconds`.
+    std::thread::sleep(Duration::from_secs(args.seconds));
+    drop(held);
+    Ok(())
+}
+
+fn sink(listen: SocketAddr) -> Result<(), String> {
+    // A deep backlog: thousands of connections arrive faster than one thread accepts.
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(listen),
+        socket2::Type::STREAM,
+        None,
+    )
+    .map_err(|e| e.to_string())?;
+    socket
+        .bind(&listen.into())
+        .and_then(|()| socket.listen(4096))
+        .map_err(|e| format!("bind {listen}: {e}"))?;
+    let listener = TcpListener::from(socket);
+    let mut open = Vec::new();
+    for stream in listener.incoming().flatten() {
+        open.push(stream);
+    }
+    Ok(())
 }
 
 fn send(args: &SendArgs) -> Result<(), String> {

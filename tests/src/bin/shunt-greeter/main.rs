@@ -2,7 +2,10 @@
 //!
 //! `serve --name N --listen ADDR` answers `/helloworld.Greeter/SayHello` with `N`;
 //! `call --to ADDR --count C` makes C unary calls on ONE channel (one HTTP/2 connection) and
-//! prints `{"ok": n, "by_backend": {...}, "errors": {...}, "first_error": ...}`.
+//! prints `{"ok": n, "by_backend": {...}, "errors": {...}, "first_error": ...}`;
+//! `load --to ADDR[,ADDR…] --connections C --streams M --seconds S [--rate R]` is the benchmark's
+//! load generator: closed-loop (C channels × M calls in flight each) or, with `--rate`, open-loop
+//! at R calls/s; prints calls, calls/s, p50/p99 and the split by backend as JSON.
 
 use std::{
     collections::HashMap,
@@ -13,6 +16,8 @@ use std::{
     sync::Arc,
     task::{Context, Poll},
 };
+
+mod load;
 
 use clap::{Parser, Subcommand};
 use http::uri::PathAndQuery;
@@ -32,6 +37,23 @@ struct HelloReply {
 }
 
 const SAY_HELLO: &str = "/helloworld.Greeter/SayHello";
+
+type GrpcClient = tonic::client::Grpc<tonic::transport::Channel>;
+
+/// One SayHello call; the reply names the backend that served it.
+async fn say_hello(grpc: &mut GrpcClient) -> Result<String, Status> {
+    grpc.ready()
+        .await
+        .map_err(|e| Status::unavailable(e.to_string()))?;
+    let request = Request::new(HelloRequest {
+        name: "probe".into(),
+    });
+    let codec = ProstCodec::<HelloRequest, HelloReply>::default();
+    let reply = grpc
+        .unary(request, PathAndQuery::from_static(SAY_HELLO), codec)
+        .await?;
+    Ok(reply.into_inner().message)
+}
 
 #[derive(Parser)]
 #[command(name = "shunt-greeter")]
@@ -54,6 +76,7 @@ enum Cmd {
         #[arg(long, default_value_t = 1)]
         count: usize,
     },
+    Load(load::LoadArgs),
 }
 
 #[tokio::main]
@@ -61,6 +84,7 @@ async fn main() {
     let result = match Cli::parse().command {
         Cmd::Serve { name, listen } => serve(name, listen).await,
         Cmd::Call { to, count } => call(to, count).await,
+        Cmd::Load(args) => load::run(args).await,
     };
     if let Err(e) = result {
         eprintln!("shunt-greeter: {e:#}");
@@ -86,16 +110,8 @@ async fn call(to: SocketAddr, count: usize) -> anyhow::Result<()> {
     let mut errors: HashMap<String, usize> = HashMap::new();
     let mut first_error = None;
     for _ in 0..count {
-        grpc.ready().await?;
-        let request = Request::new(HelloRequest {
-            name: "probe".into(),
-        });
-        let codec = ProstCodec::<HelloRequest, HelloReply>::default();
-        match grpc
-            .unary(request, PathAndQuery::from_static(SAY_HELLO), codec)
-            .await
-        {
-            Ok(reply) => *by_backend.entry(reply.into_inner().message).or_default() += 1,
+        match say_hello(&mut grpc).await {
+            Ok(backend) => *by_backend.entry(backend).or_default() += 1,
             Err(status) => {
                 *errors.entry(format!("{:?}", status.code())).or_default() += 1;
                 first_error.get_or_insert_with(|| status.message().to_owned());

@@ -1,0 +1,105 @@
+//! Connection setup: short connections per second (connect, one line each way, close), and
+//! what the attached programs cost processes that are not enrolled.
+
+use std::net::SocketAddr;
+
+use anyhow::ensure;
+
+use super::{
+    Plan,
+    report::{Row, Section, column},
+};
+use crate::{
+    daemon::{Daemon, Options},
+    probe,
+    sandbox::{Pod, Sandbox},
+};
+
+/// The port the eBPF redirect leaves alone (`exclude_ports`) so an iptables rule can send it
+/// to the same listener instead.
+const IPTABLES_PORT: u16 = 8081;
+
+pub fn setup_rates(plan: &Plan) -> anyhow::Result<Section> {
+    crate::require_root()?;
+    let sandbox = Sandbox::new()?;
+    let outsider = sandbox.add_pod("outsider")?;
+    let client = sandbox.add_pod("client")?;
+    let backend = sandbox.add_pod("backend")?;
+    let target = SocketAddr::new(backend.ipv4.into(), 8080);
+    let iptables_target = SocketAddr::new(backend.ipv4.into(), IPTABLES_PORT);
+    probe::serve(&sandbox, &backend, target)?;
+    probe::serve(&sandbox, &backend, iptables_target)?;
+    // Short connections leave TIME_WAIT entries behind; a proxied one costs two ports in the
+    // pod (the application's and shunt's upstream socket): stay well inside the port range.
+    let count = plan.seconds * 400;
+    let rate = |pod: &Pod, to: SocketAddr| -> anyhow::Result<f64> {
+        let started = std::time::Instant::now();
+        let seen = probe::connect(&sandbox, pod, to, count)?;
+        ensure!(
+            seen.iter().all(|s| s.error.is_none()),
+            "a connection to {to} failed"
+        );
+        Ok(f64::from(count) / started.elapsed().as_secs_f64())
+    };
+    println!("  no programs attached");
+    let mut bare = Vec::new();
+    for _ in 0..plan.rounds {
+        bare.push(rate(&outsider, target)?);
+    }
+    let options = Options {
+        exclude_ports: vec![IPTABLES_PORT],
+        log: Some("info"),
+        ..Options::default()
+    };
+    let daemon = Daemon::start(&sandbox, &[&client], &options)?;
+    // The mechanism the programs replace: a NAT rule sending the pod's connections to the
+    // same in-pod listener, which reads the destination back with SO_ORIGINAL_DST.
+    crate::iptables::redirect_to_shunt(&sandbox, &client, backend.ipv4, IPTABLES_PORT)?;
+    let (mut attached, mut ebpf, mut nat) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 1..=plan.rounds {
+        println!("  round {round}/{} with programs attached", plan.rounds);
+        attached.push(rate(&outsider, target)?);
+        ebpf.push(rate(&client, target)?);
+        nat.push(rate(&client, iptables_target)?);
+    }
+    let redirected_by_nat = daemon.counter("proxy", "forwarded")?;
+    ensure!(
+        redirected_by_nat >= u64::from(count) * u64::from(plan.rounds) * 2,
+        "shunt forwarded only {redirected_by_nat} connections: the iptables rule did not reach it"
+    );
+
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+    let base = mean(&bare);
+    let mut section = Section::new(
+        "connection_setup",
+        format!(
+            "Connection setup, {count} short connections per round (connect, one line each way, close)"
+        ),
+        vec![
+            column("connections_per_second", "connections/s", 0),
+            column("vs_bare", "vs no programs", 2),
+        ],
+    );
+    for (name, values) in [
+        ("non-enrolled pod, no programs attached", &bare),
+        ("non-enrolled pod, programs attached", &attached),
+        ("enrolled pod, eBPF redirect → shunt", &ebpf),
+        ("iptables REDIRECT → shunt", &nat),
+    ] {
+        let r = mean(values);
+        let mut row = Row::new(name);
+        row.set("connections_per_second", r)
+            .set("vs_bare", r / base);
+        section.rows.push(row);
+    }
+    if let Some(r) = section.ratio(
+        "connections_per_second",
+        "enrolled pod, eBPF redirect → shunt",
+        "iptables REDIRECT → shunt",
+    ) {
+        section
+            .notes
+            .push(format!("eBPF redirect / iptables REDIRECT: {r:.2}."));
+    }
+    Ok(section)
+}

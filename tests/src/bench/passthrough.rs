@@ -1,0 +1,187 @@
+//! TCP passthrough: one iperf3 connection, direct vs shunt (splice and copy forwarding) vs
+//! HAProxy `mode tcp`.
+
+use std::{net::SocketAddr, process::Command, time::Duration};
+
+use anyhow::{Context, ensure};
+
+use super::{
+    Plan, peers,
+    process::tree_cpu_seconds,
+    report::{Row, Section, column},
+};
+use crate::{
+    daemon::{Daemon, Options},
+    probe,
+    sandbox::{Pod, Sandbox},
+};
+
+const VIP: &str = "10.96.0.20";
+const IPERF_PORT: u16 = 5201;
+
+/// One measured run of one target.
+struct Sample {
+    bits_per_second: f64,
+    /// The proxy's CPU seconds during the run (0 for the direct path).
+    proxy_cpu_seconds: f64,
+    bytes: f64,
+}
+
+pub fn iperf3(plan: &Plan) -> anyhow::Result<Section> {
+    crate::require_root()?;
+    let sandbox = Sandbox::new()?;
+    let direct_client = sandbox.add_pod("direct")?;
+    let client = sandbox.add_pod("client")?;
+    let backend = sandbox.add_pod("backend")?;
+    let mut server = Command::new("iperf3");
+    server
+        .args(["-s", "-p", &IPERF_PORT.to_string()])
+        .stdout(std::process::Stdio::null());
+    let pid = sandbox.spawn_in_pod(&backend, server)?;
+    probe::wait_listening(&sandbox, &backend, IPERF_PORT, pid)?;
+    let endpoint = SocketAddr::new(backend.ipv4.into(), IPERF_PORT);
+    let options = |forwarding: &str| Options {
+        intercept_yaml: format!("  forwarding: {forwarding}\n"),
+        extra_yaml: format!(
+            "services:\n  - name: iperf\n    vip: '{VIP}:{IPERF_PORT}'\n    endpoints: ['{endpoint}']\n"
+        ),
+        log: Some("info"),
+        ..Options::default()
+    };
+    let daemon = Daemon::start(&sandbox, &[&client], &options("splice"))?;
+    let shunt_pid = daemon.pid()?;
+    let haproxy = if plan.peers {
+        Some(peers::haproxy_tcp(
+            &sandbox,
+            &direct_client,
+            10003,
+            endpoint,
+        )?)
+    } else {
+        None
+    };
+
+    let mut targets: Vec<(&str, Vec<Sample>)> = vec![
+        ("direct", Vec::new()),
+        ("shunt (splice)", Vec::new()),
+        ("shunt (copy)", Vec::new()),
+    ];
+    if haproxy.is_some() {
+        targets.push(("HAProxy (mode tcp)", Vec::new()));
+    }
+    for round in 1..=plan.rounds {
+        println!("  round {round}/{}", plan.rounds);
+        for (target, samples) in &mut targets {
+            let (pod, host, port, proxy) = match *target {
+                "direct" => (&direct_client, backend.ipv4.to_string(), IPERF_PORT, None),
+                "HAProxy (mode tcp)" => {
+                    let peer = haproxy.as_ref().context("no HAProxy")?;
+                    (
+                        &direct_client,
+                        peer.listen.ip().to_string(),
+                        peer.listen.port(),
+                        Some(peer.pid),
+                    )
+                }
+                shunt => {
+                    let forwarding = if shunt.contains("splice") {
+                        "splice"
+                    } else {
+                        "copy"
+                    };
+                    daemon.rewrite_config(&[&client], &options(forwarding))?;
+                    daemon.ctl(&["reload"])?;
+                    (&client, VIP.to_string(), IPERF_PORT, Some(shunt_pid))
+                }
+            };
+            let sample = run(&sandbox, pod, &host, port, proxy, plan)?;
+            println!(
+                "    {target:20} {:6.2} Gbit/s{}",
+                sample.bits_per_second / 1e9,
+                if proxy.is_some() {
+                    format!(", proxy CPU {:.2}s", sample.proxy_cpu_seconds)
+                } else {
+                    String::new()
+                }
+            );
+            samples.push(sample);
+        }
+    }
+
+    let mut section = Section::new(
+        "tcp_passthrough",
+        format!(
+            "TCP passthrough, iperf3, one connection, {} s per round",
+            plan.seconds
+        ),
+        vec![
+            column("gbit_per_second", "throughput (Gbit/s)", 2),
+            column("vs_direct", "vs direct", 2),
+            column("cpu_s_per_gb", "proxy CPU (s per GB)", 2),
+        ],
+    );
+    let mean = |samples: &[Sample], f: &dyn Fn(&Sample) -> f64| {
+        samples.iter().map(f).sum::<f64>() / samples.len().max(1) as f64
+    };
+    let direct = mean(&targets[0].1, &|s| s.bits_per_second);
+    for (target, samples) in &targets {
+        let bps = mean(samples, &|s| s.bits_per_second);
+        let mut row = Row::new(*target);
+        row.set("gbit_per_second", bps / 1e9)
+            .set("vs_direct", bps / direct);
+        if *target != "direct" {
+            row.set(
+                "cpu_s_per_gb",
+                mean(samples, &|s| s.proxy_cpu_seconds / (s.bytes / 1e9)),
+            );
+        }
+        section.rows.push(row);
+    }
+    if let Some(r) = section.ratio("gbit_per_second", "shunt (splice)", "HAProxy (mode tcp)") {
+        section
+            .notes
+            .push(format!("shunt (splice) / HAProxy: throughput {r:.2}."));
+    }
+    if !plan.peers {
+        section.notes.push(peers::SKIPPED.to_string());
+    }
+    Ok(section)
+}
+
+fn run(
+    sandbox: &Sandbox,
+    pod: &Pod,
+    host: &str,
+    port: u16,
+    proxy_pid: Option<u32>,
+    plan: &Plan,
+) -> anyhow::Result<Sample> {
+    let cpu = || proxy_pid.map(tree_cpu_seconds).transpose();
+    let before = cpu()?.unwrap_or(0.0);
+    let mut cmd = Command::new("iperf3");
+    cmd.args([
+        "-c",
+        host,
+        "-p",
+        &port.to_string(),
+        "-t",
+        &plan.seconds.to_string(),
+        "-J",
+    ]);
+    let out = sandbox.run_in_pod(pod, cmd, Duration::from_secs(u64::from(plan.seconds) + 30))?;
+    ensure!(
+        out.status.success(),
+        "iperf3 to {host}:{port} failed: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let after = cpu()?.unwrap_or(0.0);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let received = &report["end"]["sum_received"];
+    Ok(Sample {
+        bits_per_second: received["bits_per_second"]
+            .as_f64()
+            .context("no throughput")?,
+        proxy_cpu_seconds: after - before,
+        bytes: received["bytes"].as_f64().context("no byte count")?,
+    })
+}

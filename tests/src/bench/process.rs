@@ -1,0 +1,88 @@
+//! What a proxy process costs, read from `/proc`: CPU time and peak memory of a process and
+//! its descendants (nginx's workers, for one).
+
+use anyhow::Context;
+
+/// User + system CPU seconds of `pid` and every live descendant.
+pub fn tree_cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    let mut total = 0.0;
+    for p in tree(pid) {
+        total += cpu_seconds(p).unwrap_or(0.0);
+    }
+    Ok(total)
+}
+
+/// Peak resident memory (VmHWM) of `pid` and its descendants, in MiB.
+pub fn tree_peak_rss_mib(pid: u32) -> f64 {
+    tree(pid)
+        .into_iter()
+        .map(|p| status_kib(p, "VmHWM:"))
+        .sum::<f64>()
+        / 1024.0
+}
+
+/// Current resident memory (VmRSS) of one process, in KiB.
+pub fn rss_kib(pid: u32) -> f64 {
+    status_kib(pid, "VmRSS:")
+}
+
+fn status_kib(pid: u32, field: &str) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches(" kB").parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// User + system CPU time of one process, from `/proc/PID/stat`.
+pub fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    let fields = stat_fields(pid)?;
+    let ticks: f64 = fields.get(11).context("no utime")?.parse::<f64>()?
+        + fields.get(12).context("no stime")?.parse::<f64>()?;
+    // SAFETY: sysconf has no preconditions.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Ok(ticks / per_second)
+}
+
+/// The fields of `/proc/PID/stat` after the command name (which may contain spaces).
+fn stat_fields(pid: u32) -> anyhow::Result<Vec<String>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let rest = stat.rsplit_once(')').context("malformed stat")?.1;
+    Ok(rest.split_whitespace().map(str::to_owned).collect())
+}
+
+/// `pid` and its descendants.
+fn tree(pid: u32) -> Vec<u32> {
+    let mut parents: Vec<(u32, u32)> = Vec::new();
+    if let Ok(entries) = std::fs::read_dir("/proc") {
+        for entry in entries.flatten() {
+            let Some(p) = entry
+                .file_name()
+                .to_str()
+                .and_then(|s| s.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            if let Some(ppid) = stat_fields(p)
+                .ok()
+                .and_then(|f| f.get(1).and_then(|s| s.parse::<u32>().ok()))
+            {
+                parents.push((p, ppid));
+            }
+        }
+    }
+    let mut found = vec![pid];
+    let mut i = 0;
+    while i < found.len() {
+        let parent = found[i];
+        found.extend(
+            parents
+                .iter()
+                .filter(|(_, pp)| *pp == parent)
+                .map(|(p, _)| *p),
+        );
+        i += 1;
+    }
+    found
+}
