@@ -164,6 +164,8 @@ pub struct Intercept {
     /// On SIGTERM, how long established connections get to finish.
     #[serde(with = "humantime_serde")]
     pub drain_timeout: Duration,
+    /// Threads that run connections; `0`: one per CPU shunt may use.
+    pub workers: usize,
 }
 
 impl Default for Intercept {
@@ -182,6 +184,7 @@ impl Default for Intercept {
             idle_timeout: Duration::ZERO,
             forwarding: Forwarding::default(),
             drain_timeout: Duration::from_secs(5),
+            workers: 0,
         }
     }
 }
@@ -390,6 +393,7 @@ impl Config {
             ),
             ("intercept.mark", new.mark != old.mark),
             ("intercept.pin_dir", new.pin_dir != old.pin_dir),
+            ("intercept.workers", new.workers != old.workers),
             ("pods", self.pods != running.pods),
             ("admin.socket", self.admin.socket != running.admin.socket),
         ]

@@ -18,6 +18,7 @@ use crate::{
     inpod::Enrollments,
     proxy::{Proxy, Settings},
     state::{ConnTable, ProxyCounters},
+    workers::Workers,
 };
 
 pub async fn run(config_path: &Path) -> anyhow::Result<()> {
@@ -50,7 +51,14 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     let counters = Arc::new(ProxyCounters::default());
     let (stop_connections, shutdown) = tokio::sync::watch::channel(false);
     let faults = Arc::new(Faults::new(config.faults.clone(), config.max_active_faults));
+    let workers = match intercept.workers {
+        0 => Workers::default_count(),
+        n => n,
+    };
+    let workers = Workers::start(workers).context("starting the worker threads")?;
+    tracing::info!(workers = workers.count(), "worker threads started");
     let proxy = Arc::new(Proxy {
+        workers,
         faults,
         streams: Arc::default(),
         shutdown,

@@ -16,6 +16,7 @@ mod net;
 mod proxy;
 mod route;
 mod state;
+mod workers;
 
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
@@ -31,7 +32,9 @@ fn main() -> std::process::ExitCode {
         eprintln!("error: reading this process's network namespace: {e}");
         return std::process::ExitCode::FAILURE;
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    // The daemon's connections run on their own worker threads (`workers.rs`); this runtime
+    // has only the control plane and the CLI's requests, which one thread serves.
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {

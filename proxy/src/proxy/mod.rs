@@ -26,6 +26,7 @@ use crate::{
     net::{canonical, from_raw, to_raw},
     route::Routes,
     state::{ConnGuard, ConnTable, ProxyCounters, StreamLog},
+    workers::{WorkerId, Workers},
 };
 
 use self::{
@@ -85,6 +86,8 @@ pub struct Proxy {
     pub settings: ArcSwap<Settings>,
     pub faults: Arc<Faults>,
     pub streams: Arc<StreamLog>,
+    /// The threads connections run on.
+    pub workers: Workers,
 }
 
 /// The pod a listener belongs to.
@@ -92,8 +95,9 @@ pub struct PodContext {
     pub name: String,
     pub netns: Arc<Netns>,
     pub netns_cookie: u64,
-    /// This pod's upstream HTTP/2 connections, opened from inside its netns.
-    pub upstreams: Arc<http2::Pool>,
+    /// This pod's upstream HTTP/2 connections, opened from inside its netns: one pool per
+    /// worker, so a stream and the upstream connection it uses run on the same thread.
+    upstreams: Vec<Arc<http2::Pool>>,
 }
 
 impl PodContext {
@@ -111,8 +115,21 @@ impl PodContext {
             name: name.to_owned(),
             netns,
             netns_cookie,
-            upstreams: Arc::new(http2::Pool::new(connector, connect_timeout, keepalive)),
+            upstreams: (0..proxy.workers.count())
+                .map(|_| {
+                    Arc::new(http2::Pool::new(
+                        connector.clone(),
+                        connect_timeout,
+                        keepalive,
+                    ))
+                })
+                .collect(),
         }
+    }
+
+    /// The upstream pool of the worker a connection runs on.
+    fn upstreams(&self, worker: WorkerId) -> &Arc<http2::Pool> {
+        &self.upstreams[worker % self.upstreams.len()]
     }
 }
 
@@ -126,7 +143,7 @@ pub async fn serve(listener: TcpListener, pod: Arc<PodContext>, proxy: Arc<Proxy
                 // A proxy must not add Nagle's delay to small writes (HTTP/2 frames, RPCs);
                 // the upstream side is set the same way when dialled.
                 let _ = stream.set_nodelay(true);
-                tokio::spawn(handle(stream, canonical(peer), pod.clone(), proxy.clone()));
+                hand_to_worker(stream, canonical(peer), &pod, &proxy);
             }
             Err(e) => {
                 // Typically EMFILE/ENFILE: back off briefly instead of spinning.
@@ -138,7 +155,34 @@ pub async fn serve(listener: TcpListener, pod: Arc<PodContext>, proxy: Arc<Proxy
     }
 }
 
-async fn handle(mut client: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, proxy: Arc<Proxy>) {
+/// Moves an accepted connection to the next worker, which runs it from here on.
+fn hand_to_worker(stream: TcpStream, peer: SocketAddr, pod: &Arc<PodContext>, proxy: &Arc<Proxy>) {
+    // Re-registered with the worker's reactor on arrival.
+    let stream = match stream.into_std() {
+        Ok(stream) => stream,
+        Err(e) => {
+            tracing::warn!(pod = %pod.name, %peer, "handing the connection over: {e}");
+            return;
+        }
+    };
+    let (pod, task_proxy) = (pod.clone(), proxy.clone());
+    proxy
+        .workers
+        .dispatch(move |worker| match TcpStream::from_std(stream) {
+            Ok(client) => {
+                tokio::spawn(handle(client, peer, worker, pod, task_proxy));
+            }
+            Err(e) => tracing::warn!(pod = %pod.name, %peer, "taking the connection over: {e}"),
+        });
+}
+
+async fn handle(
+    mut client: TcpStream,
+    peer: SocketAddr,
+    worker: WorkerId,
+    pod: Arc<PodContext>,
+    proxy: Arc<Proxy>,
+) {
     let Some(original_dst) = identify(&proxy, &pod, &client, peer) else {
         ProxyCounters::inc(&proxy.counters.no_original_dst);
         tracing::debug!(pod = %pod.name, %peer, "no original destination recorded; closing");
@@ -197,14 +241,14 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, p
     if detected.verdict == Verdict::H2 {
         // Streams are routed one by one; a connection dialled meanwhile joins the pool.
         if let Some(Ok(dialed)) = detected.dialed {
-            let pool = pod.upstreams.clone();
+            let pool = pod.upstreams(worker).clone();
             tokio::spawn(async move {
                 let _ = pool.adopt(dialed.upstream, dialed.stream).await;
             });
         }
         let downstream = http2::Downstream {
             route: route.clone(),
-            pool: pod.upstreams.clone(),
+            pool: pod.upstreams(worker).clone(),
             counters: proxy.counters.clone(),
             shutdown: proxy.shutdown.clone(),
             keepalive: settings.downstream_keepalive,
