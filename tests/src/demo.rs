@@ -3,7 +3,6 @@
 
 use std::{
     net::SocketAddr,
-    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -30,9 +29,8 @@ fn step(n: usize, what: &str) {
 /// Runs the demo; everything it creates is removed when it returns, fails or is interrupted.
 pub fn run() -> anyhow::Result<()> {
     crate::require_root()?;
-    let interrupts = Interrupts::block()?;
-    let sandbox = Arc::new(Sandbox::new()?);
-    interrupts.clean_up_on_signal(sandbox.clone());
+    crate::interrupts::clean_up_on_signal()?;
+    let sandbox = Sandbox::new()?;
     let result = show(&sandbox);
     sandbox.cleanup();
     println!(
@@ -290,39 +288,5 @@ fn wait_for_closed(
             );
         }
         std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// SIGINT/SIGTERM handled on a thread of their own, so Ctrl-C still cleans up.
-struct Interrupts {
-    set: libc::sigset_t,
-}
-
-impl Interrupts {
-    /// Blocks the signals in this thread (and threads it starts); call before starting any.
-    fn block() -> anyhow::Result<Interrupts> {
-        // SAFETY: sigset_t is plain data initialised by sigemptyset before use.
-        unsafe {
-            let mut set: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut set);
-            libc::sigaddset(&mut set, libc::SIGINT);
-            libc::sigaddset(&mut set, libc::SIGTERM);
-            if libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
-                bail!("blocking SIGINT/SIGTERM failed");
-            }
-            Ok(Interrupts { set })
-        }
-    }
-
-    fn clean_up_on_signal(self, sandbox: Arc<Sandbox>) {
-        std::thread::spawn(move || {
-            let mut signal = 0;
-            // SAFETY: `set` was initialised in `block`; sigwait writes `signal`.
-            if unsafe { libc::sigwait(&self.set, &mut signal) } == 0 {
-                eprintln!("interrupted: cleaning up the sandbox");
-                sandbox.cleanup();
-                std::process::exit(130);
-            }
-        });
     }
 }

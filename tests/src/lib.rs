@@ -8,6 +8,7 @@ pub mod bench;
 pub mod daemon;
 pub mod demo;
 pub mod grpc;
+pub mod interrupts;
 pub mod iptables;
 pub mod probe;
 pub mod sandbox;

@@ -5,7 +5,7 @@
 //! pair, and a cgroup v2 directory every process it starts is placed in (the kernel programs
 //! under test attach there). Names carry a per-sandbox id, so parallel tests never collide.
 //! Dropping the sandbox — on success, failure or panic — kills its processes and removes
-//! everything it made; [`Sandbox::cleanup`] does the same for signal handlers.
+//! everything it made; [`clean_up_all`] does the same for signal handlers.
 
 use std::{
     ffi::CString,
@@ -16,7 +16,7 @@ use std::{
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
     sync::{
-        Mutex,
+        Arc, Mutex, Weak,
         atomic::{AtomicU32, Ordering},
     },
     time::{Duration, Instant, SystemTime},
@@ -45,11 +45,31 @@ pub struct Sandbox {
     bridge: String,
     cgroup: PathBuf,
     subnet: (u8, u8),
-    state: Mutex<State>,
+    /// Shared with [`LIVE`], so a signal handler can clean up without the `Sandbox`.
+    state: Arc<Mutex<State>>,
 }
 
-#[derive(Default)]
+/// Every sandbox of this process not yet dropped.
+static LIVE: Mutex<Vec<Weak<Mutex<State>>>> = Mutex::new(Vec::new());
+
+/// Cleans up every sandbox of this process: for SIGINT/SIGTERM handlers, which have no
+/// `Sandbox` at hand (the one being used belongs to the interrupted code).
+pub fn clean_up_all() {
+    let live: Vec<_> = lock(&LIVE).iter().filter_map(Weak::upgrade).collect();
+    for state in live {
+        lock(&state).clean_up();
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 struct State {
+    bridge: String,
+    cgroup: PathBuf,
     pods: Vec<Pod>,
     children: Vec<Child>,
     /// BPF pin directories of daemons started in the sandbox, removed with `shunt uninstall`.
@@ -66,12 +86,26 @@ impl Sandbox {
         let cgroup = cgroup2_mount()?.join(format!("shunt-sandbox-{id}"));
         let seed = u32::from_str_radix(&id, 16).unwrap_or(0);
         let subnet = (100 + (seed % 100) as u8, (seed / 100 % 250) as u8);
+        let state = Arc::new(Mutex::new(State {
+            bridge: bridge.clone(),
+            cgroup: cgroup.clone(),
+            pods: Vec::new(),
+            children: Vec::new(),
+            pin_dirs: Vec::new(),
+            scratch_dirs: Vec::new(),
+            cleaned: false,
+        }));
+        {
+            let mut live = lock(&LIVE);
+            live.retain(|state| state.strong_count() > 0);
+            live.push(Arc::downgrade(&state));
+        }
         let sandbox = Sandbox {
             id,
             bridge,
             cgroup,
             subnet,
-            state: Mutex::default(),
+            state,
         };
         // From here on, Drop removes whatever was made even if a later step fails.
         std::fs::create_dir(&sandbox.cgroup)
@@ -240,17 +274,26 @@ impl Sandbox {
     /// Kills every process of the sandbox and removes its pins, namespaces, links and cgroup.
     /// Idempotent; errors are reported on stderr, never raised, so cleanup always finishes.
     pub fn cleanup(&self) {
-        let mut state = self.lock();
-        if state.cleaned {
+        self.lock().clean_up();
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        lock(&self.state)
+    }
+}
+
+impl State {
+    fn clean_up(&mut self) {
+        if self.cleaned {
             return;
         }
-        state.cleaned = true;
+        self.cleaned = true;
         kill_cgroup(&self.cgroup);
-        for child in &mut state.children {
+        for child in &mut self.children {
             let _ = child.kill();
             let _ = child.wait();
         }
-        for pin_dir in &state.pin_dirs {
+        for pin_dir in &self.pin_dirs {
             if pin_dir.exists() {
                 let result = Command::new(crate::shunt_bin())
                     .arg("uninstall")
@@ -265,20 +308,14 @@ impl Sandbox {
                 }
             }
         }
-        for pod in &state.pods {
+        for pod in &self.pods {
             quiet_ip(&["netns", "del", &pod.netns]);
         }
         quiet_ip(&["link", "del", &self.bridge]);
         remove_cgroup(&self.cgroup);
-        for dir in &state.scratch_dirs {
+        for dir in &self.scratch_dirs {
             let _ = std::fs::remove_dir_all(dir);
         }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 

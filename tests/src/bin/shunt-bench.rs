@@ -31,6 +31,10 @@ fn main() {
         );
         std::process::exit(1);
     }
+    if let Err(e) = shunt_tests::interrupts::clean_up_on_signal() {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
     let mut plan = Plan::new(cli.quick, cli.peers);
     plan.only = cli.only;
     if let Err(e) = bench::run_all(&plan, &cli.out) {
