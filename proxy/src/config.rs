@@ -246,15 +246,7 @@ impl Config {
     /// Parses and validates; the error is `(field path, message)`.
     pub fn parse(text: &str) -> Result<Config, (String, String)> {
         let de = serde_yaml_ng::Deserializer::from_str(text);
-        let config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
-            let field = e.path().to_string();
-            let field = if field == "." {
-                "(top level)".to_string()
-            } else {
-                field
-            };
-            (field, e.into_inner().to_string())
-        })?;
+        let config: Config = serde_path_to_error::deserialize(de).map_err(field_error)?;
         config.validate()?;
         crate::fault::validate_all(&config.faults, "faults")?;
         Ok(config)
@@ -401,6 +393,18 @@ impl Config {
         .filter_map(|(field, changed)| changed.then_some(field))
         .collect()
     }
+}
+
+/// A deserialization error as `(field, message)`. An error outside any field — a YAML syntax
+/// error, a document that is not a mapping — is reported at `(top level)`, never unnamed.
+pub fn field_error<E: std::fmt::Display>(e: serde_path_to_error::Error<E>) -> (String, String) {
+    let field = e.path().to_string();
+    let field = if field.is_empty() || field == "." {
+        "(top level)".to_owned()
+    } else {
+        field
+    };
+    (field, e.into_inner().to_string())
 }
 
 /// Address helpers shared by the datapath and the admin API.

@@ -1,27 +1,12 @@
-//! shunt: an eBPF-accelerated transparent interception proxy for Kubernetes.
-//!
-//! See ARCHITECTURE.md for the data path and how the modules fit together.
-
-mod admin;
-mod bpf;
-mod cli;
-mod config;
-mod ctl;
-mod daemon;
-mod discovery;
-mod fault;
-mod http2;
-mod inpod;
-mod net;
-mod proxy;
-mod route;
-mod state;
-mod workers;
+//! The `shunt` command: the daemon (`shunt run`) and the admin CLI.
 
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
-use crate::cli::{Cli, Command};
+use shunt::{
+    cli::{Cli, Command},
+    ctl, daemon, inpod,
+};
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();

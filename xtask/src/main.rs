@@ -3,6 +3,7 @@
 //! Every task that builds first runs `setup`, which installs what a fresh Debian machine lacks
 //! and costs well under a second when everything is already there.
 
+mod fuzz;
 mod run;
 mod setup;
 
@@ -32,6 +33,14 @@ enum Task {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
+    /// Fuzz the parsers of untrusted input (libFuzzer), each target for a bounded time.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Targets to run (default: all of fuzz/fuzz_targets).
+        targets: Vec<String>,
+    },
     /// Run the local sandbox demo: pods as network namespaces, traffic through shunt.
     Demo,
     /// Measure shunt against the direct path in the sandbox (as root); writes
@@ -53,6 +62,7 @@ fn main() {
         Task::Build => setup::run().and_then(|()| build()),
         Task::Test { args } => setup::run().and_then(|()| test(&args)),
         Task::Demo => setup::run().and_then(|()| demo()),
+        Task::Fuzz { seconds, targets } => setup::run().and_then(|()| fuzz(seconds, targets)),
         Task::Bench { quick, peers } => setup::run()
             .and_then(|()| if peers { setup::peers() } else { Ok(()) })
             .and_then(|()| bench(quick, peers)),
@@ -62,6 +72,9 @@ fn main() {
         std::process::exit(1);
     }
 }
+
+/// Each fuzz target's share of `cargo xtask test`.
+const FUZZ_SECONDS_IN_TEST: u64 = 60;
 
 fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -134,8 +147,19 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
         ],
     )?;
     step.done();
+
+    fuzz(FUZZ_SECONDS_IN_TEST, Vec::new())?;
     println!("all checks passed");
     Ok(())
+}
+
+fn fuzz(seconds: u64, mut targets: Vec<String>) -> anyhow::Result<()> {
+    setup::ensure_cargo_fuzz()?;
+    let root = workspace_root();
+    if targets.is_empty() {
+        targets = fuzz::targets(&root)?;
+    }
+    fuzz::run(&root, &targets, seconds)
 }
 
 fn demo() -> anyhow::Result<()> {

@@ -6,12 +6,13 @@ use anyhow::{Context, bail};
 
 /// A named stage of a task: prints when it starts and how long it took.
 pub struct Step {
-    what: &'static str,
+    what: String,
     started: Instant,
 }
 
 impl Step {
-    pub fn start(what: &'static str) -> Step {
+    pub fn start(what: impl Into<String>) -> Step {
+        let what = what.into();
         println!("==> {what}");
         Step {
             what,

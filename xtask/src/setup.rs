@@ -38,6 +38,8 @@ const SANDBOX_PACKAGES: &[&str] = &[
 /// Python's grpcio, the independent gRPC implementation the tests talk to.
 const GRPCIO: &str = "grpcio==1.85.3";
 
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
+
 pub fn run() -> anyhow::Result<()> {
     let mut apt = Apt::default();
     apt.ensure(COMPILER_PACKAGES)?;
@@ -164,47 +166,67 @@ fn parse_llvm_major(rustc_vv: &str) -> Option<u32> {
 }
 
 fn ensure_bpf_linker(llvm: u32) -> anyhow::Result<()> {
-    let installed = bpf_linker_paths()
+    let feature = format!("llvm-{llvm}");
+    ensure_cargo_tool(
+        "bpf-linker",
+        BPF_LINKER_VERSION,
+        "a few minutes, once",
+        |cmd| {
+            cmd.args(["--no-default-features", "--features", &feature])
+                .env("LLVM_PREFIX", format!("/usr/lib/llvm-{llvm}"));
+        },
+    )
+    .with_context(|| format!("is llvm-{llvm}-dev installed?"))
+}
+
+/// libFuzzer driver for the fuzz targets in `fuzz/` (`cargo xtask fuzz`, and part of `test`).
+pub fn ensure_cargo_fuzz() -> anyhow::Result<()> {
+    ensure_cargo_tool(
+        "cargo-fuzz",
+        CARGO_FUZZ_VERSION,
+        "about a minute, once",
+        |_| {},
+    )
+}
+
+/// `cargo install`s `tool` at exactly `version` unless that version is already installed.
+fn ensure_cargo_tool(
+    tool: &str,
+    version: &str,
+    how_long: &str,
+    configure: impl FnOnce(&mut Command),
+) -> anyhow::Result<()> {
+    let installed = tool_paths(tool)
         .iter()
         .filter_map(|p| run::output(&p.to_string_lossy(), &["--version"]))
-        .any(|v| v.split_whitespace().nth(1) == Some(BPF_LINKER_VERSION));
+        .any(|v| v.split_whitespace().nth(1) == Some(version));
     if installed {
         return Ok(());
     }
-    let step = Step::start("building bpf-linker (a few minutes, once)");
-    let feature = format!("llvm-{llvm}");
+    let step = Step::start(format!("building {tool} {version} ({how_long})"));
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    run::status(
-        Command::new(cargo)
-            .args([
-                "install",
-                "bpf-linker",
-                "--version",
-                BPF_LINKER_VERSION,
-                "--locked",
-            ])
-            .args(["--no-default-features", "--features", &feature])
-            .env("LLVM_PREFIX", format!("/usr/lib/llvm-{llvm}")),
-    )
-    .with_context(|| format!("installing bpf-linker failed; is llvm-{llvm}-dev installed?"))?;
+    let mut cmd = Command::new(cargo);
+    cmd.args(["install", tool, "--version", version, "--locked"]);
+    configure(&mut cmd);
+    run::status(&mut cmd).with_context(|| format!("installing {tool} failed"))?;
     step.done();
-    if bpf_linker_paths().iter().all(|p| !p.exists()) {
-        bail!("bpf-linker was installed but is not in PATH or $CARGO_HOME/bin");
+    if tool_paths(tool).iter().all(|p| !p.exists()) {
+        bail!("{tool} was installed but is not in PATH or $CARGO_HOME/bin");
     }
     Ok(())
 }
 
-/// Where `cargo install` puts it, then whatever `PATH` has.
-fn bpf_linker_paths() -> Vec<PathBuf> {
+/// Where `cargo install` puts `tool`, then whatever `PATH` has.
+fn tool_paths(tool: &str) -> Vec<PathBuf> {
     let cargo_home = std::env::var_os("CARGO_HOME")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")));
     let mut paths: Vec<PathBuf> = cargo_home
-        .map(|h| h.join("bin/bpf-linker"))
+        .map(|h| h.join("bin").join(tool))
         .into_iter()
         .collect();
     if let Some(path) = std::env::var_os("PATH") {
-        paths.extend(std::env::split_paths(&path).map(|d| d.join("bpf-linker")));
+        paths.extend(std::env::split_paths(&path).map(|d| d.join(tool)));
     }
     paths
 }

@@ -193,7 +193,7 @@ fn status(ctx: &AdminContext) -> Status {
         pods: ctx.enrollments.list().len(),
         connections: ctx.conns.len(),
         services: ctx.proxy.settings.load().routes.len(),
-        fault_rules: ctx.proxy.faults.len(),
+        fault_rules: ctx.proxy.faults.rules_in_force(),
     }
 }
 

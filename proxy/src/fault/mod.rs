@@ -20,6 +20,8 @@ use arc_swap::ArcSwap;
 use http::HeaderMap;
 use serde::{Deserialize, Serialize};
 
+use crate::config::field_error;
+
 pub use self::rules::{FaultRule, GrpcCode, validate_all};
 
 /// Requests may ask for faults with these headers when a rule allows it (`header_control`).
@@ -168,7 +170,8 @@ impl Faults {
             .collect()
     }
 
-    pub fn len(&self) -> usize {
+    /// Rules in force.
+    pub fn rules_in_force(&self) -> usize {
         self.in_force.load().len()
     }
 
@@ -274,23 +277,12 @@ pub fn parse_rules(text: &str) -> Result<Vec<FaultRule>, (String, String)> {
         serde_yaml_ng::from_str::<serde_yaml_ng::Value>(text),
         Ok(serde_yaml_ng::Value::Sequence(_))
     );
-    let field_of = |path: String| {
-        if path == "." {
-            "(top level)".to_owned()
-        } else {
-            path
-        }
-    };
     let rules = if is_list {
         let de = serde_yaml_ng::Deserializer::from_str(text);
-        serde_path_to_error::deserialize::<_, Vec<FaultRule>>(de)
-            .map_err(|e| (field_of(e.path().to_string()), e.into_inner().to_string()))?
+        serde_path_to_error::deserialize::<_, Vec<FaultRule>>(de).map_err(field_error)?
     } else {
         let de = serde_yaml_ng::Deserializer::from_str(text);
-        vec![
-            serde_path_to_error::deserialize::<_, FaultRule>(de)
-                .map_err(|e| (field_of(e.path().to_string()), e.into_inner().to_string()))?,
-        ]
+        vec![serde_path_to_error::deserialize::<_, FaultRule>(de).map_err(field_error)?]
     };
     validate_all(&rules, "")?;
     Ok(rules)

@@ -1,0 +1,20 @@
+//! shunt: an eBPF-accelerated transparent interception proxy for Kubernetes.
+//!
+//! See ARCHITECTURE.md for the data path and how the modules fit together. The library exists
+//! for the `shunt` binary and the fuzz targets (`fuzz/`); it is not a stable API.
+
+mod admin;
+mod bpf;
+pub mod cli;
+pub mod config;
+pub mod ctl;
+pub mod daemon;
+mod discovery;
+pub mod fault;
+mod http2;
+pub mod inpod;
+mod net;
+pub mod proxy;
+mod route;
+mod state;
+mod workers;
