@@ -11,6 +11,7 @@ pub mod grpc;
 pub mod iptables;
 pub mod probe;
 pub mod sandbox;
+pub mod telemetry;
 pub mod tls;
 pub mod web;
 
