@@ -66,6 +66,8 @@ pub struct Downstream {
     /// The client's pod and the destination it dialled, for fault rules.
     pub pod: Arc<str>,
     pub original_dst: SocketAddr,
+    /// The client's address as shunt's listener saw it.
+    pub client: SocketAddr,
     /// Where each stream's record goes when it ends.
     pub streams: Arc<StreamLog>,
 }
@@ -131,6 +133,7 @@ async fn proxy_stream(
         .map(|a| a.to_string())
         .unwrap_or_default();
     record.grpc = grpc;
+    record.client = Some(downstream.client);
     record.request_id = request_id(request.headers());
     let mut recording = Recording::start(downstream.streams.clone(), record);
     let target = fault::Target {

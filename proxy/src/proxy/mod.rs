@@ -218,6 +218,7 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, p
             faults: proxy.faults.clone(),
             pod: pod.name.as_str().into(),
             original_dst,
+            client: peer,
             streams: proxy.streams.clone(),
             bytes: http2::StreamBytes {
                 request: guard.bytes_from_client.clone(),

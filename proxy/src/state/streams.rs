@@ -21,6 +21,9 @@ pub struct StreamRecord {
     pub started: SystemTime,
     pub duration_ms: u64,
     pub pod: String,
+    /// The client's address as shunt's listener saw it.
+    #[serde(default)]
+    pub client: Option<SocketAddr>,
     pub original_dst: SocketAddr,
     pub service: Option<String>,
     pub method: String,
@@ -53,6 +56,7 @@ impl StreamRecord {
             started: SystemTime::now(),
             duration_ms: 0,
             pod,
+            client: None,
             original_dst,
             service,
             method: String::new(),

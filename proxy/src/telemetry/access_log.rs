@@ -176,7 +176,7 @@ impl<'a> From<&'a Entry> for Line<'a> {
                 bytes_sent: s.bytes_sent,
                 upstream_host: s.upstream,
                 source_pod: &s.pod,
-                source_address: None,
+                source_address: s.client,
                 original_dst: Some(s.original_dst),
                 service: s.service.as_deref(),
                 sni: None,
