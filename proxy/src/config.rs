@@ -646,6 +646,58 @@ mod tests {
     }
 
     #[test]
+    fn telemetry_defaults_to_loopback_with_the_access_log_off() {
+        let c = Config::parse("{}").unwrap();
+        assert_eq!(c.telemetry.metrics, Listen::On(DEFAULT_METRICS_ADDR));
+        assert_eq!(c.telemetry.health, Listen::On(DEFAULT_HEALTH_ADDR));
+        assert!(DEFAULT_METRICS_ADDR.ip().is_loopback() && DEFAULT_HEALTH_ADDR.ip().is_loopback());
+        assert_eq!(c.telemetry.access_log, AccessLog::Off);
+        let c = Config::parse(
+            "telemetry:\n  metrics: off\n  health: '[::1]:9000'\n  access_log: /var/log/shunt/access.log\n",
+        )
+        .unwrap();
+        assert_eq!(c.telemetry.metrics, Listen::Off);
+        assert_eq!(
+            c.telemetry.health,
+            Listen::On("[::1]:9000".parse().unwrap())
+        );
+        assert_eq!(
+            c.telemetry.access_log,
+            AccessLog::File("/var/log/shunt/access.log".into())
+        );
+    }
+
+    #[test]
+    fn bad_telemetry_settings_are_named() {
+        let (field, msg) = err("telemetry:\n  metrics: localhost\n");
+        assert_eq!(field, "telemetry.metrics");
+        assert!(msg.contains("localhost"), "{msg}");
+        let (field, _) = err("telemetry:\n  access_log: relative/path.log\n");
+        assert_eq!(field, "telemetry.access_log");
+        let (field, _) = err("telemetry:\n  metrics: 127.0.0.1:9000\n  health: 127.0.0.1:9000\n");
+        assert_eq!(field, "telemetry.health");
+        let (field, _) = err("telemetry:\n  access_log_buffer: 0\n");
+        assert_eq!(field, "telemetry.access_log_buffer");
+    }
+
+    #[test]
+    fn the_configuration_in_force_keeps_start_up_fields() {
+        let running = Config::parse("intercept:\n  listen_port: 15001\n").unwrap();
+        let reloaded = Config::parse(
+            "intercept:\n  listen_port: 15006\n  detect_timeout: 3s\ntelemetry:\n  metrics: off\n",
+        )
+        .unwrap();
+        let in_force = reloaded.in_force(&running);
+        assert_eq!(in_force.intercept.listen_port, 15001);
+        assert_eq!(in_force.telemetry, running.telemetry);
+        assert_eq!(in_force.intercept.detect_timeout, Duration::from_secs(3));
+        assert_eq!(
+            reloaded.needs_restart(&running),
+            ["intercept.listen_port", "telemetry"]
+        );
+    }
+
+    #[test]
     fn bad_services_are_named() {
         let (field, _) =
             err("services:\n  - name: a\n    vip: 10.96.0.10\n    endpoints: [10.0.0.1:1]\n");

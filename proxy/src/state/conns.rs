@@ -279,3 +279,37 @@ impl Drop for ConnGuard {
         self.table.observer.connection_closed(&record);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn byte_totals_count_live_and_closed_connections_and_never_go_back() {
+        let table = Arc::new(ConnTable::default());
+        let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let guard = table.open("pod", addr, addr, Some("svc"));
+        guard.set_verdict(Verdict::Tls, None);
+        guard.bytes_from_client.store(100, Ordering::Relaxed);
+        guard.bytes_to_client.store(7, Ordering::Relaxed);
+        let live = table.byte_totals();
+        assert_eq!(live.len(), 1);
+        assert_eq!(
+            (live[0].protocol, live[0].from_client, live[0].to_client),
+            ("tls", 100, 7)
+        );
+        drop(guard);
+        assert_eq!(table.byte_totals(), live);
+        assert_eq!(table.closed().len(), 1);
+        let other = table.open("pod", addr, addr, None);
+        other.bytes_from_client.store(5, Ordering::Relaxed);
+        let totals = table.byte_totals();
+        assert_eq!(totals.len(), 2, "{totals:?}");
+        assert!(totals.contains(&ByteTotal {
+            service: None,
+            protocol: "unknown",
+            from_client: 5,
+            to_client: 0,
+        }));
+    }
+}

@@ -124,7 +124,7 @@ impl Metrics {
     /// `sources` hold, read at scrape time.
     pub fn registry(&self, sources: Sources) -> Registry {
         let mut root = Registry::default();
-        root.register_collector(Box::new(ProcessCollector::default()));
+        root.register_collector(Box::new(ProcessCollector));
         let shunt = root.sub_registry_with_prefix("shunt");
         let build_info: Family<Version, Gauge> = Family::default();
         build_info
