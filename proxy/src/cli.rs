@@ -60,11 +60,18 @@ pub enum Command {
         /// Show recently closed connections (verdict, bytes, how they ended) instead.
         #[arg(long)]
         closed: bool,
+        /// Only this pod's connections.
+        #[arg(long)]
+        pod: Option<String>,
+        /// Only connections detected as this protocol.
+        #[arg(long, value_enum)]
+        protocol: Option<Protocol>,
     },
     /// The most recent HTTP/2 streams: path, upstream, status, gRPC status, flags
     /// (DI/FI: fault injected, UF: no upstream, UR/DR: reset upstream/downstream).
     Streams,
-    /// Services (virtual address → endpoints) and how many connections each endpoint got.
+    /// Services (virtual address → endpoints): per endpoint whether it is in rotation, its
+    /// active and total streams and connections, and failed connects.
     Services,
     /// Re-read the configuration file: Services and detection settings change for new
     /// connections; a configuration with errors is refused and the running one stays.
@@ -76,6 +83,14 @@ pub enum Command {
     },
     /// Counters of the kernel programs and the proxy.
     Stats,
+    /// Show the daemon's log filter, or change it at once (e.g. `debug`,
+    /// `info,shunt=debug`); no restart needed.
+    LogLevel {
+        /// A `tracing` filter; without it, the one in force is shown.
+        filter: Option<String>,
+    },
+    /// The configuration in force, defaults filled in (YAML; JSON with `-o json`).
+    Config,
     /// Detach and remove every program, link and map shunt pinned, and stop a running daemon.
     Uninstall {
         /// Pin directory to clean when no daemon is running (default: from --config, else
@@ -86,6 +101,27 @@ pub enum Command {
         #[arg(short, long)]
         config: Option<PathBuf>,
     },
+}
+
+/// How a connection is handled, as `shunt conns --protocol` filters it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Protocol {
+    /// HTTP/2 (gRPC), terminated and balanced per stream.
+    H2,
+    /// TLS, passed through.
+    Tls,
+    /// Anything else, passed through (also server-first, timed-out and skipped detection).
+    Opaque,
+}
+
+impl Protocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::H2 => "h2",
+            Protocol::Tls => "tls",
+            Protocol::Opaque => "opaque",
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]

@@ -62,6 +62,9 @@ pub struct Config {
     /// (a guard against clients asking for faults with headers).
     #[serde(default = "default_max_active_faults")]
     pub max_active_faults: usize,
+    /// Metrics, health and access log.
+    #[serde(default)]
+    pub telemetry: Telemetry,
 }
 
 fn default_max_active_faults() -> usize {
@@ -123,6 +126,105 @@ impl Default for ServiceConfig {
             endpoints: Vec::new(),
             dns: None,
             refresh: default_refresh(),
+        }
+    }
+}
+
+/// Where the Prometheus metrics and health endpoints listen, and where access-log lines go.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Telemetry {
+    /// `GET /metrics` (Prometheus text, or OpenMetrics when asked for); `off`: none.
+    pub metrics: Listen,
+    /// `GET /live` and `GET /ready`; `off`: none.
+    pub health: Listen,
+    /// One JSON line per HTTP/2 stream and per opaque/TLS connection: `off`, `stdout`,
+    /// `stderr` or an absolute file path (appended to).
+    pub access_log: AccessLog,
+    /// Lines waiting for the writer; beyond this they are dropped (and counted), so a slow
+    /// disk never holds up a connection.
+    pub access_log_buffer: usize,
+}
+
+pub const DEFAULT_METRICS_ADDR: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 15020);
+pub const DEFAULT_HEALTH_ADDR: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 15021);
+
+impl Default for Telemetry {
+    fn default() -> Self {
+        Telemetry {
+            metrics: Listen::On(DEFAULT_METRICS_ADDR),
+            health: Listen::On(DEFAULT_HEALTH_ADDR),
+            access_log: AccessLog::Off,
+            access_log_buffer: 4096,
+        }
+    }
+}
+
+/// A TCP address to listen on, or `off`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum Listen {
+    Off,
+    On(SocketAddr),
+}
+
+impl TryFrom<String> for Listen {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<Self, String> {
+        if text == "off" {
+            return Ok(Listen::Off);
+        }
+        text.parse()
+            .map(Listen::On)
+            .map_err(|_| format!("{text:?} is neither `off` nor an address:port"))
+    }
+}
+
+impl From<Listen> for String {
+    fn from(listen: Listen) -> String {
+        match listen {
+            Listen::Off => "off".into(),
+            Listen::On(addr) => addr.to_string(),
+        }
+    }
+}
+
+/// Where access-log lines go.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum AccessLog {
+    Off,
+    Stdout,
+    Stderr,
+    File(PathBuf),
+}
+
+impl TryFrom<String> for AccessLog {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<Self, String> {
+        match text.as_str() {
+            "off" => Ok(AccessLog::Off),
+            "stdout" => Ok(AccessLog::Stdout),
+            "stderr" => Ok(AccessLog::Stderr),
+            path if path.starts_with('/') => Ok(AccessLog::File(PathBuf::from(path))),
+            _ => Err(format!(
+                "{text:?} is not `off`, `stdout`, `stderr` or an absolute path"
+            )),
+        }
+    }
+}
+
+impl From<AccessLog> for String {
+    fn from(log: AccessLog) -> String {
+        match log {
+            AccessLog::Off => "off".into(),
+            AccessLog::Stdout => "stdout".into(),
+            AccessLog::Stderr => "stderr".into(),
+            AccessLog::File(path) => path.display().to_string(),
         }
     }
 }
@@ -299,6 +401,19 @@ impl Config {
                 );
             }
         }
+        let telemetry = &self.telemetry;
+        if let (Listen::On(metrics), Listen::On(health)) = (telemetry.metrics, telemetry.health)
+            && metrics == health
+            && metrics.port() != 0
+        {
+            return bad(
+                "telemetry.health",
+                &format!("{health} is already the metrics address"),
+            );
+        }
+        if telemetry.access_log_buffer == 0 {
+            return bad("telemetry.access_log_buffer", "must be at least 1");
+        }
         let mut names = std::collections::HashSet::new();
         let mut vips = std::collections::HashMap::new();
         for (i, service) in self.services.iter().enumerate() {
@@ -366,32 +481,47 @@ pub fn split_host_port(hostport: &str) -> Option<(&str, u16)> {
 
 impl Config {
     /// Fields that differ from `running` but only take effect when the daemon starts (they
-    /// shape the attached programs, the listeners or the admin socket); a reload leaves them
-    /// as they are. `pods` is in the list too: pods are enrolled at runtime with
+    /// shape the attached programs, the listeners, the admin socket or telemetry); a reload
+    /// leaves them as they are. `pods` is in the list too: pods are enrolled at runtime with
     /// `shunt enroll`/`unenroll`, not by reloading.
     pub fn needs_restart(&self, running: &Config) -> Vec<&'static str> {
-        let (new, old) = (&self.intercept, &running.intercept);
-        [
-            ("intercept.cgroup", new.cgroup != old.cgroup),
-            ("intercept.listen_port", new.listen_port != old.listen_port),
-            ("intercept.fail_mode", new.fail_mode != old.fail_mode),
-            (
-                "intercept.exclude_cidrs",
-                new.exclude_cidrs != old.exclude_cidrs,
-            ),
-            (
-                "intercept.exclude_ports",
-                new.exclude_ports != old.exclude_ports,
-            ),
-            ("intercept.mark", new.mark != old.mark),
-            ("intercept.pin_dir", new.pin_dir != old.pin_dir),
-            ("intercept.workers", new.workers != old.workers),
-            ("pods", self.pods != running.pods),
-            ("admin.socket", self.admin.socket != running.admin.socket),
-        ]
-        .into_iter()
-        .filter_map(|(field, changed)| changed.then_some(field))
-        .collect()
+        self.clone().restart_only_fields(running, false)
+    }
+
+    /// The configuration in force after reloading `self`: what a reload applies from it,
+    /// every start-up-only field from `running`.
+    pub fn in_force(&self, running: &Config) -> Config {
+        let mut config = self.clone();
+        config.restart_only_fields(running, true);
+        config
+    }
+
+    /// The start-up-only fields that differ from `running`; with `restore`, also sets them
+    /// back to `running`'s values. One list for both, so they never disagree.
+    fn restart_only_fields(&mut self, running: &Config, restore: bool) -> Vec<&'static str> {
+        let mut changed = Vec::new();
+        macro_rules! field {
+            ($name:literal, $($path:ident).+) => {
+                if self.$($path).+ != running.$($path).+ {
+                    changed.push($name);
+                    if restore {
+                        self.$($path).+ = running.$($path).+.clone();
+                    }
+                }
+            };
+        }
+        field!("intercept.cgroup", intercept.cgroup);
+        field!("intercept.listen_port", intercept.listen_port);
+        field!("intercept.fail_mode", intercept.fail_mode);
+        field!("intercept.exclude_cidrs", intercept.exclude_cidrs);
+        field!("intercept.exclude_ports", intercept.exclude_ports);
+        field!("intercept.mark", intercept.mark);
+        field!("intercept.pin_dir", intercept.pin_dir);
+        field!("intercept.workers", intercept.workers);
+        field!("pods", pods);
+        field!("admin.socket", admin.socket);
+        field!("telemetry", telemetry);
+        changed
     }
 }
 
@@ -521,6 +651,58 @@ mod tests {
         let d = Config::parse("{}").unwrap();
         assert_eq!(d.intercept.detect_timeout, Duration::from_secs(1));
         assert_eq!(d.intercept.opaque_ports, DEFAULT_OPAQUE_PORTS.to_vec());
+    }
+
+    #[test]
+    fn telemetry_defaults_to_loopback_with_the_access_log_off() {
+        let c = Config::parse("{}").unwrap();
+        assert_eq!(c.telemetry.metrics, Listen::On(DEFAULT_METRICS_ADDR));
+        assert_eq!(c.telemetry.health, Listen::On(DEFAULT_HEALTH_ADDR));
+        assert!(DEFAULT_METRICS_ADDR.ip().is_loopback() && DEFAULT_HEALTH_ADDR.ip().is_loopback());
+        assert_eq!(c.telemetry.access_log, AccessLog::Off);
+        let c = Config::parse(
+            "telemetry:\n  metrics: off\n  health: '[::1]:9000'\n  access_log: /var/log/shunt/access.log\n",
+        )
+        .unwrap();
+        assert_eq!(c.telemetry.metrics, Listen::Off);
+        assert_eq!(
+            c.telemetry.health,
+            Listen::On("[::1]:9000".parse().unwrap())
+        );
+        assert_eq!(
+            c.telemetry.access_log,
+            AccessLog::File("/var/log/shunt/access.log".into())
+        );
+    }
+
+    #[test]
+    fn bad_telemetry_settings_are_named() {
+        let (field, msg) = err("telemetry:\n  metrics: localhost\n");
+        assert_eq!(field, "telemetry.metrics");
+        assert!(msg.contains("localhost"), "{msg}");
+        let (field, _) = err("telemetry:\n  access_log: relative/path.log\n");
+        assert_eq!(field, "telemetry.access_log");
+        let (field, _) = err("telemetry:\n  metrics: 127.0.0.1:9000\n  health: 127.0.0.1:9000\n");
+        assert_eq!(field, "telemetry.health");
+        let (field, _) = err("telemetry:\n  access_log_buffer: 0\n");
+        assert_eq!(field, "telemetry.access_log_buffer");
+    }
+
+    #[test]
+    fn the_configuration_in_force_keeps_start_up_fields() {
+        let running = Config::parse("intercept:\n  listen_port: 15001\n").unwrap();
+        let reloaded = Config::parse(
+            "intercept:\n  listen_port: 15006\n  detect_timeout: 3s\ntelemetry:\n  metrics: off\n",
+        )
+        .unwrap();
+        let in_force = reloaded.in_force(&running);
+        assert_eq!(in_force.intercept.listen_port, 15001);
+        assert_eq!(in_force.telemetry, running.telemetry);
+        assert_eq!(in_force.intercept.detect_timeout, Duration::from_secs(3));
+        assert_eq!(
+            reloaded.needs_restart(&running),
+            ["intercept.listen_port", "telemetry"]
+        );
     }
 
     #[test]

@@ -9,14 +9,15 @@ use serde::Serialize;
 use crate::{
     admin::{
         api::{
-            ConnRecord, EnrollRequest, FaultsRequest, FaultsSet, PodSummary, Reloaded, RuleSummary,
-            ServiceSummary, Stats, Status, StreamRecord, Uninstalled,
+            ConnRecord, EnrollRequest, FaultsRequest, FaultsSet, LogFilter, PodSummary, Reloaded,
+            RuleSummary, ServiceSummary, Stats, Status, StreamRecord, Uninstalled,
         },
         client::{AdminClient, ClientError},
     },
     bpf,
     cli::{Command, FaultsAction, Output},
     config::{Config, DEFAULT_PIN_DIR},
+    telemetry::labels::flags,
 };
 
 pub async fn run(command: Command, socket: &Path, output: Output) -> anyhow::Result<()> {
@@ -53,6 +54,15 @@ pub async fn run(command: Command, socket: &Path, output: Output) -> anyhow::Res
                     s.connections,
                     s.services,
                     s.fault_rules
+                ) + &format!(
+                    "metrics: {}  health: {} ({})\naccess log: {}  log filter: {}\n",
+                    s.metrics
+                        .map_or("off".into(), |a| format!("http://{a}/metrics")),
+                    s.health
+                        .map_or("off".into(), |a| format!("http://{a}/ready")),
+                    s.ready,
+                    s.access_log,
+                    s.log_filter
                 )
             });
         }
@@ -60,9 +70,17 @@ pub async fn run(command: Command, socket: &Path, output: Output) -> anyhow::Res
             let pods: Vec<PodSummary> = client.get("/pods").await?;
             print(output, &pods, || pods_table(&pods));
         }
-        Command::Conns { closed } => {
+        Command::Conns {
+            closed,
+            pod,
+            protocol,
+        } => {
             let path = if closed { "/conns/closed" } else { "/conns" };
-            let conns: Vec<ConnRecord> = client.get(path).await?;
+            let mut conns: Vec<ConnRecord> = client.get(path).await?;
+            conns.retain(|c| {
+                pod.as_ref().is_none_or(|p| &c.pod == p)
+                    && protocol.is_none_or(|p| c.protocol() == Some(p.as_str()))
+            });
             print(output, &conns, || conns_table(&conns));
         }
         Command::Streams => {
@@ -124,6 +142,27 @@ pub async fn run(command: Command, socket: &Path, output: Output) -> anyhow::Res
                 }
                 table(&rows)
             });
+        }
+        Command::LogLevel { filter } => {
+            let now: LogFilter = match filter {
+                Some(filter) => {
+                    client
+                        .call(Method::PUT, "/log-level", Some(LogFilter { filter }))
+                        .await?
+                }
+                None => client.get("/log-level").await?,
+            };
+            print(output, &now, || format!("{}\n", now.filter));
+        }
+        Command::Config => {
+            let config: Config = client.get("/config").await?;
+            match output {
+                Output::Json => print(output, &config, String::new),
+                Output::Table => print!(
+                    "{}",
+                    serde_yaml_ng::to_string(&config).context("printing the configuration")?
+                ),
+            }
         }
         Command::Uninstall { pin_dir, config } => {
             uninstall(&client, pin_dir, config, output).await?
@@ -205,6 +244,7 @@ fn conns_table(conns: &[ConnRecord]) -> String {
         "UPSTREAM",
         "VERDICT",
         "SNI",
+        "FLAGS",
         "IN",
         "OUT",
         "AGE",
@@ -222,6 +262,7 @@ fn conns_table(conns: &[ConnRecord]) -> String {
             or_dash(c.upstream.map(|u| u.to_string())),
             c.verdict.map_or("detecting", |v| v.as_str()).to_string(),
             or_dash(c.sni.clone()),
+            flags(&c.flags),
             c.bytes_from_client.to_string(),
             c.bytes_to_client.to_string(),
             format!("{:.1}s", c.duration_ms as f64 / 1000.0),
@@ -245,11 +286,7 @@ fn streams_table(streams: &[StreamRecord]) -> String {
             or_dash(s.upstream.map(|u| u.to_string())),
             or_dash(s.status.map(|c| c.to_string())),
             or_dash(s.grpc_status.clone()),
-            if s.flags.is_empty() {
-                "-".into()
-            } else {
-                s.flags.join(",")
-            },
+            flags(&s.flags),
             s.duration_ms.to_string(),
         ]
     }));
@@ -301,9 +338,24 @@ fn faults_table(rules: &[RuleSummary]) -> String {
 }
 
 fn services_table(services: &[ServiceSummary]) -> String {
-    let header = ["SERVICE", "VIP", "ENDPOINT", "CONNECTIONS", "FAILED"];
+    let header = [
+        "SERVICE",
+        "VIP",
+        "ENDPOINT",
+        "IN ROTATION",
+        "STREAMS (ACTIVE/TOTAL)",
+        "CONNS (ACTIVE/TOTAL)",
+        "FAILED",
+    ];
     let mut rows = vec![header.map(String::from).to_vec()];
     for service in services {
+        if service.endpoints.is_empty() {
+            rows.push(vec![
+                service.name.clone(),
+                service.vip.to_string(),
+                "(none)".into(),
+            ]);
+        }
         for (i, endpoint) in service.endpoints.iter().enumerate() {
             let (name, vip) = if i == 0 {
                 (service.name.clone(), service.vip.to_string())
@@ -314,7 +366,17 @@ fn services_table(services: &[ServiceSummary]) -> String {
                 name,
                 vip,
                 endpoint.addr.to_string(),
-                endpoint.picked.to_string(),
+                if endpoint.in_rotation {
+                    "yes"
+                } else {
+                    "draining"
+                }
+                .into(),
+                format!("{}/{}", endpoint.streams_active, endpoint.streams_total),
+                format!(
+                    "{}/{}",
+                    endpoint.connections_active, endpoint.connections_total
+                ),
                 endpoint.failed.to_string(),
             ]);
         }

@@ -1,7 +1,7 @@
 //! `shunt run`: wires the parts together and owns their lifetimes.
 
 use std::{
-    path::Path,
+    path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::Instant,
 };
@@ -17,13 +17,16 @@ use crate::{
     fault::Faults,
     inpod::Enrollments,
     proxy::{Proxy, Settings},
-    state::{ConnTable, ProxyCounters},
+    state::{ConnTable, ProxyCounters, StreamLog},
+    telemetry::Telemetry,
     workers::Workers,
 };
 
 pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     let config = Config::load(config_path)?;
     let started = Instant::now();
+    // First, so `/live` answers (and `/ready` says "starting") while the rest comes up.
+    let telemetry = Telemetry::start(&config.telemetry)?;
     raise_fd_limit();
     let intercept = &config.intercept;
 
@@ -47,7 +50,7 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
         "programs attached"
     );
 
-    let conns = Arc::new(ConnTable::default());
+    let conns = Arc::new(ConnTable::new(telemetry.clone()));
     let counters = Arc::new(ProxyCounters::default());
     let (stop_connections, shutdown) = tokio::sync::watch::channel(false);
     let faults = Arc::new(Faults::new(config.faults.clone(), config.max_active_faults));
@@ -60,7 +63,8 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     let proxy = Arc::new(Proxy {
         workers,
         faults,
-        streams: Arc::default(),
+        streams: Arc::new(StreamLog::new(telemetry.clone())),
+        telemetry: telemetry.clone(),
         shutdown,
         dst_table: datapath.original_dst_table()?,
         conns: conns.clone(),
@@ -86,19 +90,34 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     let (commands, mut command_rx) = mpsc::channel(4);
     let socket_path = config.admin.socket.clone();
     let admin_listener = admin::bind(&socket_path).await?;
+    let configs = Arc::new(Configs::new(config_path, config));
     let admin_ctx = Arc::new(AdminContext {
-        config: config.clone(),
-        config_path: config_path.to_owned(),
+        configs: configs.clone(),
         proxy: proxy.clone(),
         started,
         enrollments: enrollments.clone(),
-        datapath,
+        datapath: datapath.clone(),
         conns: conns.clone(),
         counters,
         commands,
     });
     tokio::spawn(admin::serve(admin_listener, admin_ctx));
-    tracing::info!(socket = %socket_path.display(), pods = enrollments.list().len(), "shunt is running");
+    telemetry.serve_metrics(proxy.clone(), datapath.clone(), enrollments.clone());
+    telemetry.health().set_ready(move || {
+        let missing = datapath
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .missing_links();
+        (!missing.is_empty()).then(|| format!("programs detached: {}", missing.join(", ")))
+    });
+    let addresses = telemetry.addresses;
+    tracing::info!(
+        socket = %socket_path.display(),
+        metrics = ?addresses.metrics,
+        health = ?addresses.health,
+        pods = enrollments.list().len(),
+        "shunt is running"
+    );
 
     let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())?;
     let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt())?;
@@ -115,7 +134,7 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
             }
             _ = sighup.recv() => {
                 // Errors are logged by `reload`; the running configuration stays.
-                let _ = reload(config_path, &proxy, &config);
+                let _ = configs.reload(&proxy);
             }
             Some(Command::Uninstall) = command_rx.recv() => {
                 tracing::info!("uninstalled: stopping");
@@ -125,9 +144,10 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     }
     // New connections go direct (or are refused) from here; established ones get
     // `drain_timeout` to finish, HTTP/2 ones told so with GOAWAY.
+    telemetry.health().set_stopping();
     enrollments.close_all();
     let _ = stop_connections.send(true);
-    let deadline = Instant::now() + intercept.drain_timeout;
+    let deadline = Instant::now() + configs.in_force().intercept.drain_timeout;
     while conns.len() > 0 && Instant::now() < deadline {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
@@ -141,36 +161,62 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Re-reads the configuration and swaps in what can change at runtime (Services, detection
-/// and timeout settings) for new connections. A configuration with any error changes nothing.
-/// Returns the new configuration and the changed fields that only a restart applies
-/// (compared with `running`, the configuration the daemon started with).
-pub fn reload(
-    config_path: &Path,
-    proxy: &Proxy,
-    running: &Config,
-) -> Result<(Config, Vec<&'static str>), ConfigError> {
-    match Config::load(config_path) {
-        Ok(config) => {
-            let settings = Settings::new(&config);
-            settings.routes.inherit(&proxy.settings.load().routes);
-            proxy.settings.store(Arc::new(settings));
-            proxy
-                .faults
-                .set_config_rules(config.faults.clone(), config.max_active_faults);
-            let restart_needed = config.needs_restart(running);
-            tracing::info!(services = config.services.len(), "configuration reloaded");
-            if !restart_needed.is_empty() {
-                tracing::warn!(
-                    fields = restart_needed.join(", "),
-                    "these changes take effect only when shunt restarts"
-                );
-            }
-            Ok((config, restart_needed))
+/// The configuration the daemon started with and the one last loaded; together they make
+/// the configuration in force.
+pub struct Configs {
+    path: PathBuf,
+    running: Config,
+    loaded: ArcSwap<Config>,
+}
+
+impl Configs {
+    pub fn new(path: &Path, running: Config) -> Configs {
+        Configs {
+            path: path.to_owned(),
+            loaded: ArcSwap::from_pointee(running.clone()),
+            running,
         }
-        Err(e) => {
-            tracing::error!("configuration not reloaded, the running one stays: {e}");
-            Err(e)
+    }
+
+    /// The configuration in force: what reloads changed, and the start-up-only fields as
+    /// the daemon started with them.
+    pub fn in_force(&self) -> Config {
+        self.loaded.load().in_force(&self.running)
+    }
+
+    /// The configuration as started (start-up-only fields are read from it).
+    pub fn running(&self) -> &Config {
+        &self.running
+    }
+
+    /// Re-reads the file and swaps in what can change at runtime (Services, detection and
+    /// timeout settings, fault rules) for new connections. A configuration with any error
+    /// changes nothing. Returns the new configuration and the changed fields that only a
+    /// restart applies.
+    pub fn reload(&self, proxy: &Proxy) -> Result<(Config, Vec<&'static str>), ConfigError> {
+        match Config::load(&self.path) {
+            Ok(config) => {
+                let settings = Settings::new(&config);
+                settings.routes.inherit(&proxy.settings.load().routes);
+                proxy.settings.store(Arc::new(settings));
+                proxy
+                    .faults
+                    .set_config_rules(config.faults.clone(), config.max_active_faults);
+                let restart_needed = config.needs_restart(&self.running);
+                self.loaded.store(Arc::new(config.clone()));
+                tracing::info!(services = config.services.len(), "configuration reloaded");
+                if !restart_needed.is_empty() {
+                    tracing::warn!(
+                        fields = restart_needed.join(", "),
+                        "these changes take effect only when shunt restarts"
+                    );
+                }
+                Ok((config, restart_needed))
+            }
+            Err(e) => {
+                tracing::error!("configuration not reloaded, the running one stays: {e}");
+                Err(e)
+            }
         }
     }
 }

@@ -1,16 +1,15 @@
 //! The `shunt` command: the daemon (`shunt run`) and the admin CLI.
 
 use clap::Parser;
-use tracing_subscriber::EnvFilter;
 
 use shunt::{
     cli::{Cli, Command},
-    ctl, daemon, inpod,
+    ctl, daemon, inpod, logging,
 };
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    init_tracing();
+    logging::init();
     // Before the runtime starts any thread: the namespace every thread returns to after
     // opening a socket inside a pod.
     if let Err(e) = inpod::init_host_netns() {
@@ -42,14 +41,4 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
-}
-
-/// `SHUNT_LOG` takes an `EnvFilter` directive (e.g. `debug`, `shunt=debug,shunt_ebpf=trace`).
-/// Logs go to stderr, so `-o json` output on stdout stays machine-readable.
-fn init_tracing() {
-    let filter = EnvFilter::try_from_env("SHUNT_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
 }

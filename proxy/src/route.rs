@@ -8,7 +8,7 @@ use std::{
     collections::HashMap,
     net::SocketAddr,
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicU64, AtomicUsize, Ordering},
     },
 };
@@ -22,26 +22,107 @@ use crate::{config::ServiceConfig, net::canonical};
 pub struct Service {
     pub name: String,
     pub vip: SocketAddr,
-    /// Replaced whole when discovery finds a new set; readers never block.
+    /// In rotation. Replaced whole when discovery finds a new set; readers never block.
     endpoints: ArcSwap<Vec<Arc<Endpoint>>>,
+    /// Taken out of rotation while streams or connections were still on them; listed until
+    /// those finish.
+    draining: Mutex<Vec<Arc<Endpoint>>>,
     cursor: AtomicUsize,
 }
 
 pub struct Endpoint {
     pub addr: SocketAddr,
-    /// Connections (or streams) sent to it.
-    pub picked: AtomicU64,
+    /// HTTP/2 streams sent to it.
+    pub streams: Usage,
+    /// Opaque and TLS connections sent to it.
+    pub connections: Usage,
     /// Connects to it that failed.
     pub failed: AtomicU64,
+}
+
+/// How many of something an endpoint has now, and has had.
+#[derive(Default)]
+pub struct Usage {
+    active: AtomicU64,
+    total: AtomicU64,
+}
+
+impl Usage {
+    pub fn active(&self) -> u64 {
+        self.active.load(Ordering::Relaxed)
+    }
+
+    pub fn total(&self) -> u64 {
+        self.total.load(Ordering::Relaxed)
+    }
+}
+
+/// One stream or connection on an endpoint; no longer active once dropped.
+pub struct InUse {
+    endpoint: Arc<Endpoint>,
+    stream: bool,
+}
+
+impl Drop for InUse {
+    fn drop(&mut self) {
+        self.usage().active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl InUse {
+    fn usage(&self) -> &Usage {
+        if self.stream {
+            &self.endpoint.streams
+        } else {
+            &self.endpoint.connections
+        }
+    }
 }
 
 impl Endpoint {
     fn new(addr: SocketAddr) -> Arc<Endpoint> {
         Arc::new(Endpoint {
             addr: canonical(addr),
-            picked: AtomicU64::new(0),
+            streams: Usage::default(),
+            connections: Usage::default(),
             failed: AtomicU64::new(0),
         })
+    }
+
+    /// Counts a stream sent here, active until the guard is dropped.
+    pub fn stream(self: &Arc<Self>) -> InUse {
+        self.start(true)
+    }
+
+    /// Counts a connection sent here, active until the guard is dropped.
+    pub fn connection(self: &Arc<Self>) -> InUse {
+        self.start(false)
+    }
+
+    fn start(self: &Arc<Self>, stream: bool) -> InUse {
+        let in_use = InUse {
+            endpoint: self.clone(),
+            stream,
+        };
+        in_use.usage().total.fetch_add(1, Ordering::Relaxed);
+        in_use.usage().active.fetch_add(1, Ordering::Relaxed);
+        in_use
+    }
+
+    fn is_busy(&self) -> bool {
+        self.streams.active() + self.connections.active() > 0
+    }
+
+    fn summary(&self, in_rotation: bool) -> EndpointSummary {
+        EndpointSummary {
+            addr: self.addr,
+            in_rotation,
+            streams_active: self.streams.active(),
+            streams_total: self.streams.total(),
+            connections_active: self.connections.active(),
+            connections_total: self.connections.total(),
+            failed: self.failed.load(Ordering::Relaxed),
+        }
     }
 }
 
@@ -53,31 +134,27 @@ impl Service {
             endpoints: ArcSwap::from_pointee(
                 config.endpoints.iter().map(|&a| Endpoint::new(a)).collect(),
             ),
+            draining: Mutex::default(),
             cursor: AtomicUsize::new(random_start()),
         }
     }
 
     /// Continues where `previous` (the same Service before a reload) left off: its rotation,
-    /// so reloads neither restart it nor favour any endpoint, and the counts of endpoints
-    /// that are still there. A DNS Service not yet resolved keeps the previous endpoints
-    /// until its first lookup, so a reload never leaves it without any.
+    /// so reloads neither restart it nor favour any endpoint, and the endpoints that are
+    /// still there (counts and all; those that went and are still busy are listed as
+    /// draining). A DNS Service not yet resolved keeps the previous endpoints until its
+    /// first lookup, so a reload never leaves it without any.
     fn inherit(&self, previous: &Service) {
         self.cursor
             .store(previous.cursor.load(Ordering::Relaxed), Ordering::Relaxed);
         let old = previous.endpoints.load_full();
+        *lock(&self.draining) = lock(&previous.draining).clone();
         if self.endpoints.load().is_empty() {
             self.endpoints.store(old);
             return;
         }
-        for endpoint in self.endpoints.load().iter() {
-            if let Some(old) = old.iter().find(|e| e.addr == endpoint.addr) {
-                let copy = |to: &AtomicU64, from: &AtomicU64| {
-                    to.store(from.load(Ordering::Relaxed), Ordering::Relaxed)
-                };
-                copy(&endpoint.picked, &old.picked);
-                copy(&endpoint.failed, &old.failed);
-            }
-        }
+        let wanted: Vec<SocketAddr> = self.endpoints.load().iter().map(|e| e.addr).collect();
+        self.replace_endpoints(&old, wanted);
     }
 
     /// Every endpoint once, starting at the next one in rotation: callers try them in this
@@ -97,43 +174,69 @@ impl Service {
     /// streams already on a removed endpoint finish there, new ones never go to it.
     /// Returns whether anything changed.
     pub fn set_endpoints(&self, addrs: &[SocketAddr]) -> bool {
-        let current = self.endpoints.load();
+        let current = self.endpoints.load_full();
         let mut wanted: Vec<SocketAddr> = addrs.iter().map(|&a| canonical(a)).collect();
         wanted.sort();
         wanted.dedup();
         if current.iter().map(|e| e.addr).eq(wanted.iter().copied()) {
             return false;
         }
-        let next = wanted
-            .into_iter()
-            .map(|addr| {
-                current
-                    .iter()
-                    .find(|e| e.addr == addr)
-                    .cloned()
-                    .unwrap_or_else(|| Endpoint::new(addr))
-            })
-            .collect();
-        self.endpoints.store(Arc::new(next));
+        self.replace_endpoints(&current, wanted);
         true
     }
 
+    /// Puts `wanted` in rotation, reusing the endpoints of `current` (or draining ones) with
+    /// the same address; those of `current` left out drain if busy.
+    fn replace_endpoints(&self, current: &[Arc<Endpoint>], wanted: Vec<SocketAddr>) {
+        let mut draining = lock(&self.draining);
+        let next: Vec<Arc<Endpoint>> = wanted
+            .into_iter()
+            .map(|addr| {
+                let known = current
+                    .iter()
+                    .chain(draining.iter())
+                    .find(|e| e.addr == addr);
+                known.cloned().unwrap_or_else(|| Endpoint::new(addr))
+            })
+            .collect();
+        draining.retain(|e| !next.iter().any(|n| n.addr == e.addr));
+        for endpoint in current {
+            let gone = !next.iter().any(|n| n.addr == endpoint.addr);
+            let listed = draining.iter().any(|d| d.addr == endpoint.addr);
+            if gone && !listed {
+                draining.push(endpoint.clone());
+            }
+        }
+        draining.retain(|e| e.is_busy());
+        self.endpoints.store(Arc::new(next));
+    }
+
+    /// Endpoints in rotation, and out of rotation but still busy.
+    pub fn endpoint_counts(&self) -> (usize, usize) {
+        let draining = lock(&self.draining).iter().filter(|e| e.is_busy()).count();
+        (self.endpoints.load().len(), draining)
+    }
+
     pub fn summary(&self) -> ServiceSummary {
+        let mut endpoints: Vec<EndpointSummary> = self
+            .endpoints
+            .load()
+            .iter()
+            .map(|e| e.summary(true))
+            .collect();
+        let mut draining = lock(&self.draining);
+        draining.retain(|e| e.is_busy());
+        endpoints.extend(draining.iter().map(|e| e.summary(false)));
         ServiceSummary {
             name: self.name.clone(),
             vip: self.vip,
-            endpoints: self
-                .endpoints
-                .load()
-                .iter()
-                .map(|e| EndpointSummary {
-                    addr: e.addr,
-                    picked: e.picked.load(Ordering::Relaxed),
-                    failed: e.failed.load(Ordering::Relaxed),
-                })
-                .collect(),
+            endpoints,
         }
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Where one connection goes.
@@ -196,6 +299,11 @@ impl Routes {
     pub fn by_name(&self, name: &str) -> Option<Arc<Service>> {
         self.in_order.iter().find(|s| s.name == name).cloned()
     }
+
+    /// The Services in configuration order.
+    pub fn services(&self) -> &[Arc<Service>] {
+        &self.in_order
+    }
 }
 
 /// Where a new Service's rotation starts. Random, so that the shunt on every node does not
@@ -219,7 +327,13 @@ pub struct ServiceSummary {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct EndpointSummary {
     pub addr: SocketAddr,
-    pub picked: u64,
+    /// Gets new streams and connections; `false`: removed, finishing what it has.
+    pub in_rotation: bool,
+    pub streams_active: u64,
+    pub streams_total: u64,
+    pub connections_active: u64,
+    pub connections_total: u64,
+    /// Connects to it that failed.
     pub failed: u64,
 }
 
@@ -276,7 +390,10 @@ mod tests {
         let before = service(&endpoints);
         let old = service_of(&before);
         let picks = firsts(&old, 4);
-        old.endpoints.load()[1].picked.store(7, Ordering::Relaxed);
+        let second = old.endpoints.load()[1].clone();
+        for _ in 0..7 {
+            drop(second.stream());
+        }
 
         // The same Service reloaded: the rotation goes on exactly where it was.
         let same = service(&endpoints);
@@ -285,12 +402,22 @@ mod tests {
         assert_eq!(firsts(&service_of(&same), 1)[0], expected);
         assert_ne!(expected, picks[3]);
 
-        // Endpoint 10.0.0.1 goes, 10.0.0.4 comes: the counts of those kept are kept.
+        // Endpoint 10.0.0.1 goes (busy: it drains), 10.0.0.4 comes: the counts of those
+        // kept are kept.
+        let first = old.endpoints.load()[0].clone();
+        let busy = first.connection();
         let changed = service(&["10.0.0.2:1", "10.0.0.3:1", "10.0.0.4:1"]);
         changed.inherit(&before);
         let summary = service_of(&changed).summary();
-        assert_eq!(summary.endpoints[0].picked, 7);
-        assert_eq!(summary.endpoints[2].picked, 0);
+        assert_eq!(summary.endpoints[0].streams_total, 7);
+        assert_eq!(summary.endpoints[2].streams_total, 0);
+        let drained = &summary.endpoints[3];
+        assert_eq!((drained.addr, drained.in_rotation), (first.addr, false));
+        assert_eq!(drained.connections_active, 1);
+        // Once its connection ends it is no longer listed.
+        drop(busy);
+        assert_eq!(service_of(&changed).summary().endpoints.len(), 3);
+        assert_eq!(service_of(&changed).endpoint_counts(), (3, 0));
     }
 
     #[test]
@@ -309,7 +436,10 @@ mod tests {
         let routes = service(&["10.0.0.1:1", "10.0.0.2:1"]);
         let svc = routes.by_name("greeter").unwrap();
         let first = svc.endpoint_order().next().unwrap();
-        first.picked.fetch_add(7, Ordering::Relaxed);
+        for _ in 0..7 {
+            drop(first.stream());
+        }
+        let active = first.stream();
         assert!(svc.set_endpoints(&["10.0.0.3:1".parse().unwrap(), first.addr]));
         assert!(!svc.set_endpoints(&[first.addr, "10.0.0.3:1".parse().unwrap()]));
         let summary = svc.summary();
@@ -319,6 +449,9 @@ mod tests {
             .iter()
             .find(|e| e.addr == first.addr)
             .unwrap();
-        assert_eq!(kept.picked, 7);
+        assert_eq!((kept.streams_total, kept.streams_active), (8, 1));
+        assert!(kept.in_rotation);
+        drop(active);
+        assert_eq!(svc.summary().endpoints[0].streams_active, 0);
     }
 }

@@ -26,6 +26,8 @@ pub struct Options {
     /// `SHUNT_LOG` for the daemon; tests default to `debug` (their failures print the log),
     /// benchmarks use `info` as a production node would.
     pub log: Option<&'static str>,
+    /// Write the access log to [`Daemon::access_log`] (off by default, as in production).
+    pub access_log: bool,
 }
 
 pub struct Daemon<'a> {
@@ -34,6 +36,8 @@ pub struct Daemon<'a> {
     pub socket: PathBuf,
     pub pin_dir: PathBuf,
     pub log: PathBuf,
+    /// Where the access log goes when [`Options::access_log`] is set.
+    pub access_log: PathBuf,
     log_level: &'static str,
     pid: Option<u32>,
 }
@@ -54,6 +58,7 @@ impl<'a> Daemon<'a> {
             socket: dir.join("admin.sock"),
             pin_dir,
             log: dir.join("shunt.log"),
+            access_log: dir.join("access.log"),
             log_level: options.log.unwrap_or("debug"),
             pid: None,
         };
@@ -88,6 +93,16 @@ impl<'a> Daemon<'a> {
             );
         }
         let _ = writeln!(yaml, "admin:\n  socket: {}", self.socket.display());
+        // Port 0: daemons of tests running side by side never compete for 15020/15021.
+        let access_log = if options.access_log {
+            self.access_log.display().to_string()
+        } else {
+            "off".into()
+        };
+        let _ = writeln!(
+            yaml,
+            "telemetry:\n  metrics: 127.0.0.1:0\n  health: 127.0.0.1:0\n  access_log: {access_log}"
+        );
         yaml.push_str(&options.extra_yaml);
         yaml
     }
@@ -189,6 +204,16 @@ impl<'a> Daemon<'a> {
         stats[source][name]
             .as_u64()
             .with_context(|| format!("no counter {source}.{name} in {stats}"))
+    }
+
+    /// Where the daemon serves `/metrics` (`which` = `metrics`) or `/live` and `/ready`
+    /// (`health`), from `shunt status`.
+    pub fn telemetry_addr(&self, which: &str) -> anyhow::Result<std::net::SocketAddr> {
+        let status = self.ctl_json(&["status"])?;
+        status[which]
+            .as_str()
+            .and_then(|a| a.parse().ok())
+            .with_context(|| format!("no {which} address in {status}"))
     }
 
     /// The running daemon's process id.

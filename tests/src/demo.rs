@@ -12,10 +12,10 @@ use crate::{
     daemon::{self, Daemon},
     grpc, probe,
     sandbox::Sandbox,
-    tls,
+    telemetry, tls,
 };
 
-const STEPS: usize = 9;
+const STEPS: usize = 11;
 const GRPC_VIP: &str = "10.96.0.11:50051";
 const GRPC_CALLS: usize = 300;
 const TLS_VIP: &str = "10.96.0.10:443";
@@ -77,6 +77,7 @@ fn show(sandbox: &Sandbox) -> anyhow::Result<()> {
             backend.ipv4,
             greeters.join(", ")
         ),
+        access_log: true,
         ..daemon::Options::default()
     };
     let daemon = Daemon::start(sandbox, &[&client], &options)?;
@@ -176,25 +177,71 @@ fn show(sandbox: &Sandbox) -> anyhow::Result<()> {
     );
     show_faults(sandbox, &daemon, &client)?;
 
-    step(9, "counters (shunt stats)");
-    for (source, name) in [
-        ("ebpf", "redirected"),
-        ("ebpf", "dst_recorded"),
-        ("ebpf", "peername_rewritten"),
-        ("ebpf", "skip_marked"),
-        ("proxy", "accepted"),
-        ("proxy", "forwarded"),
-        ("proxy", "verdict_opaque"),
-        ("proxy", "verdict_tls"),
-        ("proxy", "verdict_h2"),
-        ("proxy", "h2_streams"),
-        ("proxy", "bytes_from_clients"),
-        ("proxy", "bytes_to_clients"),
+    step(9, "counters of the kernel programs and the proxy");
+    show_command(&daemon, &["stats"], usize::MAX)?;
+
+    step(10, "telemetry: health, Prometheus metrics, access log");
+    show_telemetry(&daemon)?;
+
+    step(11, "the command line");
+    for (args, rows) in [
+        (&["status"][..], usize::MAX),
+        (&["pods"], usize::MAX),
+        (&["streams"], 3),
+        (&["log-level"], usize::MAX),
+        (&["services"], usize::MAX),
+        (&["conns", "--closed"], usize::MAX),
     ] {
-        println!(
-            "      {source:5} {name:20} {}",
-            daemon.counter(source, name)?
-        );
+        show_command(&daemon, args, rows)?;
+    }
+    Ok(())
+}
+
+/// `/ready`, the metrics of the traffic above, and an access-log line of each kind.
+fn show_telemetry(daemon: &Daemon) -> anyhow::Result<()> {
+    let health = daemon.telemetry_addr("health")?;
+    let (status, body) = telemetry::http_get(health, "/ready", "*/*")?;
+    println!("      GET http://{health}/ready: {status} {}", body.trim());
+    let metrics = daemon.telemetry_addr("metrics")?;
+    let scrape = telemetry::scrape(metrics)?;
+    println!("      GET http://{metrics}/metrics (excerpt):");
+    for line in scrape.text.lines().filter(|l| {
+        (l.starts_with("shunt_streams_total") && l.contains("service=\"greeter\""))
+            || l.starts_with("shunt_connections_opened_total")
+            || l.starts_with("shunt_ebpf_redirects_total")
+    }) {
+        println!("        {line}");
+    }
+    // Written by a thread of its own: give it a moment to catch up.
+    std::thread::sleep(Duration::from_millis(200));
+    let text = std::fs::read_to_string(&daemon.access_log)?;
+    println!(
+        "      access log {}: {} lines, e.g.",
+        daemon.access_log.display(),
+        text.lines().count()
+    );
+    let delayed = text
+        .lines()
+        .find(|l| l.contains("\"response_flags\":\"DI\""));
+    let tls = text.lines().find(|l| l.contains("\"protocol\":\"tls\""));
+    for line in [delayed, tls].into_iter().flatten() {
+        println!("        {line}");
+    }
+    Ok(())
+}
+
+/// Prints `shunt ARGS` and its table, keeping the header and the last `rows` rows.
+fn show_command(daemon: &Daemon, args: &[&str], rows: usize) -> anyhow::Result<()> {
+    println!("      $ shunt {}", args.join(" "));
+    let out = daemon.ctl(args)?;
+    let lines: Vec<&str> = out.lines().collect();
+    let skip = lines.len().saturating_sub(rows.saturating_add(1));
+    for (i, line) in lines.iter().enumerate() {
+        if i == 0 || i > skip {
+            println!("        {line}");
+        } else if i == 1 {
+            println!("        … {skip} more");
+        }
     }
     Ok(())
 }

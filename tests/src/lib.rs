@@ -12,6 +12,7 @@ pub mod interrupts;
 pub mod iptables;
 pub mod probe;
 pub mod sandbox;
+pub mod telemetry;
 pub mod tls;
 pub mod web;
 

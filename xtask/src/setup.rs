@@ -52,36 +52,20 @@ pub fn run() -> anyhow::Result<()> {
     apt.ensure(&packages)?;
 
     ensure_bpf_linker(llvm)?;
-    ensure_grpcio()
+    ensure_grpcio()?;
+    // promtool checks shunt's /metrics in the tests; the package's server stays stopped.
+    apt.ensure_without_services(METRICS_PACKAGES)
 }
+
+/// `promtool`, which only ships in Debian's Prometheus server package.
+const METRICS_PACKAGES: &[&str] = &["prometheus"];
 
 /// The proxies `cargo xtask bench --peers` compares shunt with.
 const PEER_PACKAGES: &[&str] = &["haproxy", "nginx"];
 
-/// Installs HAProxy and nginx without letting their packages start system-wide services (the
-/// benchmark runs its own instances inside sandbox pods).
+/// Installs HAProxy and nginx (the benchmark runs its own instances inside sandbox pods).
 pub fn peers() -> anyhow::Result<()> {
-    if PEER_PACKAGES.iter().all(|p| is_installed(p)) {
-        return Ok(());
-    }
-    let policy = std::path::Path::new("/usr/sbin/policy-rc.d");
-    let guard = !policy.exists();
-    if guard {
-        std::fs::write(
-            policy,
-            "#!/bin/sh\n# services stay stopped while shunt's bench installs its peers\nexit 101\n",
-        )
-        .and_then(|()| {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(policy, std::fs::Permissions::from_mode(0o755))
-        })
-        .context("writing /usr/sbin/policy-rc.d")?;
-    }
-    let installed = Apt::default().ensure(PEER_PACKAGES);
-    if guard {
-        let _ = std::fs::remove_file(policy);
-    }
-    installed
+    Apt::default().ensure_without_services(PEER_PACKAGES)
 }
 
 fn ensure_grpcio() -> anyhow::Result<()> {
@@ -134,6 +118,32 @@ impl Apt {
         apt_get(&args)?;
         step.done();
         Ok(())
+    }
+
+    /// As [`Apt::ensure`], without letting the packages start system-wide services (a
+    /// Prometheus or nginx listening on the node's ports is not what setting up asked for).
+    fn ensure_without_services(&mut self, packages: &[&str]) -> anyhow::Result<()> {
+        if packages.iter().all(|p| is_installed(p)) {
+            return Ok(());
+        }
+        let policy = std::path::Path::new("/usr/sbin/policy-rc.d");
+        let guard = !policy.exists();
+        if guard {
+            std::fs::write(
+                policy,
+                "#!/bin/sh\n# services stay stopped while shunt's setup installs packages\nexit 101\n",
+            )
+            .and_then(|()| {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(policy, std::fs::Permissions::from_mode(0o755))
+            })
+            .context("writing /usr/sbin/policy-rc.d")?;
+        }
+        let installed = self.ensure(packages);
+        if guard {
+            let _ = std::fs::remove_file(policy);
+        }
+        installed
     }
 }
 

@@ -1,6 +1,6 @@
 //! Request and response bodies of the admin API.
 
-use std::{collections::BTreeMap, path::PathBuf};
+use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf};
 
 use serde::{Deserialize, Serialize};
 
@@ -27,6 +27,21 @@ pub struct Status {
     pub connections: usize,
     pub services: usize,
     pub fault_rules: usize,
+    /// Where `/metrics` and `/live`, `/ready` are served, if they are.
+    pub metrics: Option<SocketAddr>,
+    pub health: Option<SocketAddr>,
+    /// `ready`, or why not.
+    pub ready: String,
+    /// `off`, `stdout`, `stderr` or the file.
+    pub access_log: String,
+    /// The diagnostic log's filter in force.
+    pub log_filter: String,
+}
+
+/// `GET`/`PUT /log-level`: a `tracing` filter (`debug`, `info,shunt=debug`, …).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct LogFilter {
+    pub filter: String,
 }
 
 #[derive(Debug, Serialize, Deserialize)]

@@ -16,12 +16,14 @@ use serde::Serialize;
 use tokio::{net::UnixListener, sync::mpsc};
 
 use super::api::{
-    EnrollRequest, ErrorBody, FaultsRequest, FaultsSet, Reloaded, Stats, Status, Uninstalled,
+    EnrollRequest, ErrorBody, FaultsRequest, FaultsSet, LogFilter, Reloaded, Stats, Status,
+    Uninstalled,
 };
 use crate::{
     bpf::{self, Datapath},
-    config::Config,
+    daemon::Configs,
     inpod::Enrollments,
+    logging,
     proxy::Proxy,
     state::{ConnTable, ProxyCounters},
 };
@@ -37,8 +39,7 @@ pub enum Command {
 }
 
 pub struct AdminContext {
-    pub config: Config,
-    pub config_path: PathBuf,
+    pub configs: Arc<Configs>,
     pub proxy: Arc<Proxy>,
     pub started: Instant,
     pub enrollments: Arc<Enrollments>,
@@ -132,18 +133,30 @@ async fn route(req: Request<Incoming>, ctx: &AdminContext) -> Reply {
             StatusCode::OK,
             &ctx.proxy.settings.load().routes.summaries(),
         ),
-        (&Method::POST, "/reload") => {
-            match crate::daemon::reload(&ctx.config_path, &ctx.proxy, &ctx.config) {
-                Ok((config, restart_needed)) => json(
-                    StatusCode::OK,
-                    &Reloaded {
-                        services: config.services.len(),
-                        restart_needed: restart_needed.into_iter().map(String::from).collect(),
-                    },
-                ),
+        (&Method::GET, "/config") => json(StatusCode::OK, &ctx.configs.in_force()),
+        (&Method::GET, "/log-level") => json(
+            StatusCode::OK,
+            &LogFilter {
+                filter: logging::current(),
+            },
+        ),
+        (&Method::PUT, "/log-level") => match body::<LogFilter>(req).await {
+            Ok(request) => match logging::set(&request.filter) {
+                Ok(filter) => json(StatusCode::OK, &LogFilter { filter }),
                 Err(e) => error(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()),
-            }
-        }
+            },
+            Err(reply) => reply,
+        },
+        (&Method::POST, "/reload") => match ctx.configs.reload(&ctx.proxy) {
+            Ok((config, restart_needed)) => json(
+                StatusCode::OK,
+                &Reloaded {
+                    services: config.services.len(),
+                    restart_needed: restart_needed.into_iter().map(String::from).collect(),
+                },
+            ),
+            Err(e) => error(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()),
+        },
         (&Method::GET, "/streams") => json(StatusCode::OK, &ctx.proxy.streams.recent()),
         (&Method::GET, "/faults") => json(StatusCode::OK, &ctx.proxy.faults.list()),
         (&Method::POST, "/faults") => match body::<FaultsRequest>(req).await {
@@ -180,7 +193,15 @@ async fn route(req: Request<Incoming>, ctx: &AdminContext) -> Reply {
 }
 
 fn status(ctx: &AdminContext) -> Status {
+    let telemetry = &ctx.proxy.telemetry;
+    // Before taking the datapath: the readiness probe locks it too.
+    let ready = telemetry
+        .health()
+        .ready()
+        .err()
+        .unwrap_or_else(|| "ready".into());
     let datapath = ctx.datapath.lock().unwrap_or_else(|p| p.into_inner());
+    let running = ctx.configs.running();
     Status {
         version: env!("CARGO_PKG_VERSION").to_owned(),
         pid: std::process::id(),
@@ -188,12 +209,17 @@ fn status(ctx: &AdminContext) -> Status {
         cgroup: datapath.cgroup.clone(),
         pin_dir: datapath.pin_dir.clone(),
         attachment: datapath.attachment,
-        listen_port: ctx.config.intercept.listen_port,
-        fail_mode: ctx.config.intercept.fail_mode,
+        listen_port: running.intercept.listen_port,
+        fail_mode: running.intercept.fail_mode,
         pods: ctx.enrollments.list().len(),
         connections: ctx.conns.len(),
         services: ctx.proxy.settings.load().routes.len(),
         fault_rules: ctx.proxy.faults.rules_in_force(),
+        metrics: telemetry.addresses.metrics,
+        health: telemetry.addresses.health,
+        ready,
+        access_log: running.telemetry.access_log.clone().into(),
+        log_filter: logging::current(),
     }
 }
 

@@ -272,6 +272,16 @@ impl Datapath {
         Ok(OriginalDstTable { fd })
     }
 
+    /// Programs whose pinned link is gone (someone removed the pins): they no longer
+    /// intercept anything.
+    pub fn missing_links(&self) -> Vec<&'static str> {
+        programs::ALL
+            .iter()
+            .copied()
+            .filter(|name| !self.pin_dir.join("links").join(name).exists())
+            .collect()
+    }
+
     /// The per-CPU counters, summed.
     pub fn counters(&self) -> BTreeMap<&'static str, u64> {
         Counter::ALL

@@ -63,8 +63,22 @@ pub struct ConnectionFault {
 pub struct RuleCounters {
     pub delays: AtomicU64,
     pub aborts: AtomicU64,
+    /// Connections faulted at all, and by kind.
     pub tcp_faults: AtomicU64,
+    pub tcp_delays: AtomicU64,
+    pub tcp_resets: AtomicU64,
     pub overflow: AtomicU64,
+}
+
+/// How often one rule fired, by kind.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuleCounts {
+    pub rule: String,
+    pub delays: u64,
+    pub aborts: u64,
+    pub tcp_delays: u64,
+    pub tcp_resets: u64,
+    pub overflow: u64,
 }
 
 struct Rule {
@@ -175,6 +189,24 @@ impl Faults {
         self.in_force.load().len()
     }
 
+    /// The counts of every rule ever in force (kept by name), so they only ever grow.
+    pub fn counts(&self) -> Vec<RuleCounts> {
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let mut counts: Vec<RuleCounts> = lock(&self.counters)
+            .iter()
+            .map(|(rule, c)| RuleCounts {
+                rule: rule.clone(),
+                delays: load(&c.delays),
+                aborts: load(&c.aborts),
+                tcp_delays: load(&c.tcp_delays),
+                tcp_resets: load(&c.tcp_resets),
+                overflow: load(&c.overflow),
+            })
+            .collect();
+        counts.sort_by(|a, b| a.rule.cmp(&b.rule));
+        counts
+    }
+
     fn rebuild(&self) {
         let admin = lock(&self.from_admin).clone();
         let mut specs: Vec<FaultRule> = lock(&self.from_config)
@@ -265,6 +297,12 @@ impl Faults {
         };
         if fault != ConnectionFault::default() {
             rule.counters.tcp_faults.fetch_add(1, Ordering::Relaxed);
+        }
+        if fault.connect_delay.is_some() {
+            rule.counters.tcp_delays.fetch_add(1, Ordering::Relaxed);
+        }
+        if fault.reset {
+            rule.counters.tcp_resets.fetch_add(1, Ordering::Relaxed);
         }
         fault
     }

@@ -33,7 +33,7 @@ use self::{
 };
 use crate::{
     fault::{self, Abort, Faults},
-    route::Route,
+    route::{InUse, Route},
     state::{ProxyCounters, Recording, StreamLog, StreamRecord},
 };
 
@@ -66,6 +66,8 @@ pub struct Downstream {
     /// The client's pod and the destination it dialled, for fault rules.
     pub pod: Arc<str>,
     pub original_dst: SocketAddr,
+    /// The client's address as shunt's listener saw it.
+    pub client: SocketAddr,
     /// Where each stream's record goes when it ends.
     pub streams: Arc<StreamLog>,
 }
@@ -118,28 +120,22 @@ async fn proxy_stream(
     downstream: Arc<Downstream>,
 ) {
     let grpc = is_grpc(&request);
-    let mut recording = Recording::start(
-        downstream.streams.clone(),
-        StreamRecord {
-            started: std::time::SystemTime::now(),
-            duration_ms: 0,
-            pod: downstream.pod.to_string(),
-            original_dst: downstream.original_dst,
-            service: downstream.route.service_name().map(str::to_owned),
-            method: request.method().to_string(),
-            path: request.uri().path().to_owned(),
-            authority: request
-                .uri()
-                .authority()
-                .map(|a| a.to_string())
-                .unwrap_or_default(),
-            upstream: None,
-            status: None,
-            grpc_status: None,
-            flags: Vec::new(),
-            fault_rule: None,
-        },
+    let mut record = StreamRecord::new(
+        downstream.pod.to_string(),
+        downstream.original_dst,
+        downstream.route.service_name().map(str::to_owned),
     );
+    record.method = request.method().to_string();
+    record.path = request.uri().path().to_owned();
+    record.authority = request
+        .uri()
+        .authority()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    record.grpc = grpc;
+    record.client = Some(downstream.client);
+    record.request_id = request_id(request.headers());
+    let mut recording = Recording::start(downstream.streams.clone(), record);
     let target = fault::Target {
         service: downstream.route.service_name(),
         original_dst: downstream.original_dst,
@@ -178,12 +174,12 @@ async fn proxy_stream(
             return;
         }
     }
-    let (upstream, mut lease) = match lease(&downstream).await {
+    let (upstream, mut lease, _in_use) = match lease(&downstream).await {
         Ok(leased) => leased,
-        Err(message) => {
+        Err((flag, message)) => {
             ProxyCounters::inc(&downstream.counters.h2_unavailable);
             tracing::debug!("stream {}: {message}", request.uri().path());
-            recording.flag("UF");
+            recording.flag(flag);
             record_unavailable(&mut recording, grpc);
             unavailable(&mut respond, grpc, &message);
             return;
@@ -217,6 +213,8 @@ async fn proxy_stream(
     .await;
     recording.record.status = observed.status;
     recording.record.grpc_status = observed.grpc_status;
+    recording.record.bytes_received = observed.bytes_received;
+    recording.record.bytes_sent = observed.bytes_sent;
     match ended {
         Ended::Complete => {}
         Ended::ClientReset(_) => recording.flag("DR"),
@@ -238,31 +236,43 @@ fn record_unavailable(recording: &mut Recording, grpc: bool) {
 }
 
 /// A stream slot on the next endpoint that can be reached; each endpoint is tried once.
-async fn lease(downstream: &Downstream) -> Result<(SocketAddr, pool::Lease), String> {
+/// The error is Envoy's response flag (`UH`: no endpoints, `UF`: none reachable) and why.
+async fn lease(
+    downstream: &Downstream,
+) -> Result<(SocketAddr, pool::Lease, Option<InUse>), (&'static str, String)> {
     match &downstream.route {
         Route::Direct(addr) => downstream
             .pool
             .lease(*addr)
             .await
-            .map(|lease| (*addr, lease))
-            .map_err(|e| format!("upstream {addr}: {e}")),
+            .map(|lease| (*addr, lease, None))
+            .map_err(|e| ("UF", format!("upstream {addr}: {e}"))),
         Route::Service(service) => {
             let mut last = None;
             for endpoint in service.endpoint_order() {
                 match downstream.pool.lease(endpoint.addr).await {
-                    Ok(lease) => {
-                        endpoint.picked.fetch_add(1, Ordering::Relaxed);
-                        return Ok((endpoint.addr, lease));
-                    }
+                    Ok(lease) => return Ok((endpoint.addr, lease, Some(endpoint.stream()))),
                     Err(e) => {
                         endpoint.failed.fetch_add(1, Ordering::Relaxed);
                         last = Some(format!("upstream {}: {e}", endpoint.addr));
                     }
                 }
             }
-            Err(last.unwrap_or_else(|| format!("service {}: no endpoints", service.name)))
+            match last {
+                Some(message) => Err(("UF", message)),
+                None => Err(("UH", format!("service {}: no endpoints", service.name))),
+            }
         }
     }
+}
+
+/// Longest `x-request-id` kept: enough for any UUID or trace id, bounded for the log.
+const MAX_REQUEST_ID: usize = 128;
+
+fn request_id(headers: &http::HeaderMap) -> Option<String> {
+    // `to_str` accepts visible ASCII only, so any byte offset is a character boundary.
+    let id = headers.get("x-request-id")?.to_str().ok()?;
+    Some(id[..id.len().min(MAX_REQUEST_ID)].to_owned())
 }
 
 /// An injected abort: gRPC gets a trailers-only response with the status, HTTP the status.

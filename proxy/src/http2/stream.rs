@@ -18,6 +18,9 @@ pub struct Observed {
     pub status: Option<u16>,
     /// From the response headers (trailers-only) or the trailers.
     pub grpc_status: Option<String>,
+    /// DATA bytes relayed from the client, and to it.
+    pub bytes_received: u64,
+    pub bytes_sent: u64,
 }
 
 /// How a relayed stream ended.
@@ -45,12 +48,16 @@ pub async fn relay(
     let mut downstream_send: Option<SendStream<Bytes>> = None;
     // A request without a body (END_STREAM on its HEADERS) has nothing to pump.
     let request_ended = request_body.is_end_stream();
+    let mut bytes_received = 0;
     let stop = {
         let requests = pump(
             request_body,
             &mut upstream_send,
             Side::Request,
-            &counted.request,
+            Meter {
+                connection: &counted.request,
+                stream: &mut bytes_received,
+            },
             None,
         );
         let responses = respond_with(
@@ -78,6 +85,7 @@ pub async fn relay(
             }
         }
     };
+    observed.bytes_received = bytes_received;
     match stop {
         None => Ended::Complete,
         Some(Stop::Client(reason)) => {
@@ -119,11 +127,15 @@ async fn respond_with(
         return Ok(()); // trailers-only, or no body
     }
     let send = downstream_send.insert(send);
+    let meter = Meter {
+        connection: counter,
+        stream: &mut observed.bytes_sent,
+    };
     pump(
         body,
         send,
         Side::Response,
-        counter,
+        meter,
         Some(&mut observed.grpc_status),
     )
     .await
@@ -170,12 +182,18 @@ impl Side {
     }
 }
 
+/// Where relayed DATA bytes are counted: the connection's total and the stream's own.
+struct Meter<'a> {
+    connection: &'a std::sync::atomic::AtomicU64,
+    stream: &'a mut u64,
+}
+
 /// DATA frames and then trailers (or the end of the stream) from `from` to `to`.
 async fn pump(
     mut from: RecvStream,
     to: &mut SendStream<Bytes>,
     side: Side,
-    counter: &std::sync::atomic::AtomicU64,
+    meter: Meter<'_>,
     trailer_status: Option<&mut Option<String>>,
 ) -> Result<(), Stop> {
     loop {
@@ -195,7 +213,10 @@ async fn pump(
                 if let Err(e) = send_within_window(to, data).await {
                     return side.send_failed(&e);
                 }
-                counter.fetch_add(len as u64, std::sync::atomic::Ordering::Relaxed);
+                meter
+                    .connection
+                    .fetch_add(len as u64, std::sync::atomic::Ordering::Relaxed);
+                *meter.stream += len as u64;
                 // Only now may the sender send more: memory stays bounded by the windows.
                 let _ = from.flow_control().release_capacity(len);
             }

@@ -186,6 +186,7 @@ async fn proxy_service(
                 faults: faults.clone(),
                 pod: "client".into(),
                 original_dst: VIP.parse().unwrap(),
+                client: "127.0.0.1:40000".parse().unwrap(),
                 streams: streams.clone(),
             };
             tokio::spawn(async move {

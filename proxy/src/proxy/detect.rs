@@ -154,7 +154,14 @@ mod tests {
     async fn upstream() -> (Dialed, TcpStream) {
         let (stream, server) = pair().await;
         let upstream: SocketAddr = stream.peer_addr().unwrap();
-        (Dialed { stream, upstream }, server)
+        (
+            Dialed {
+                stream,
+                upstream,
+                endpoint: None,
+            },
+            server,
+        )
     }
 
     async fn run(

@@ -1,19 +1,27 @@
 //! Connecting upstream from inside the client's pod: the original destination, or the next
 //! endpoint of its Service, failing over to the others.
 
-use std::{io, net::SocketAddr, sync::atomic::Ordering, time::Duration};
+use std::{
+    io,
+    net::SocketAddr,
+    sync::{Arc, atomic::Ordering},
+    time::Duration,
+};
 
 use tokio::net::TcpStream;
 
 use crate::{
     inpod::{Netns, connect_from},
-    route::Route,
+    route::{Endpoint, Route},
     state::ProxyCounters,
 };
 
 pub struct Dialed {
     pub stream: TcpStream,
     pub upstream: SocketAddr,
+    /// The Service endpoint it is, if any: the connection counts there once it is known to
+    /// be forwarded whole (an HTTP/2 one is counted per stream instead).
+    pub endpoint: Option<Arc<Endpoint>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -31,6 +39,16 @@ pub enum DialError {
     NoEndpoints(String),
 }
 
+impl DialError {
+    /// Envoy's response flag: `UH` no endpoint to try, `UF` none could be reached.
+    pub fn flag(&self) -> &'static str {
+        match self {
+            DialError::NoEndpoints(_) => "UH",
+            DialError::Direct { .. } | DialError::AllEndpoints { .. } => "UF",
+        }
+    }
+}
+
 /// Dials `route`. A Service's endpoints are tried in round-robin order, each at most once,
 /// until one accepts: a refused or silent endpoint costs one retry, not the connection.
 pub async fn dial(
@@ -46,6 +64,7 @@ pub async fn dial(
             .map(|stream| Dialed {
                 stream,
                 upstream: *addr,
+                endpoint: None,
             })
             .map_err(|source| DialError::Direct {
                 addr: *addr,
@@ -61,10 +80,10 @@ pub async fn dial(
                 tried += 1;
                 match connect(netns, mark, endpoint.addr, timeout).await {
                     Ok(stream) => {
-                        endpoint.picked.fetch_add(1, Ordering::Relaxed);
                         return Ok(Dialed {
                             stream,
                             upstream: endpoint.addr,
+                            endpoint: Some(endpoint),
                         });
                     }
                     Err(e) => {

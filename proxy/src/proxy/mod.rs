@@ -26,6 +26,7 @@ use crate::{
     net::{canonical, from_raw, to_raw},
     route::Routes,
     state::{ConnGuard, ConnTable, ProxyCounters, StreamLog},
+    telemetry::Telemetry,
     workers::{WorkerId, Workers},
 };
 
@@ -86,6 +87,7 @@ pub struct Proxy {
     pub settings: ArcSwap<Settings>,
     pub faults: Arc<Faults>,
     pub streams: Arc<StreamLog>,
+    pub telemetry: Arc<Telemetry>,
     /// The threads connections run on.
     pub workers: Workers,
 }
@@ -185,6 +187,7 @@ async fn handle(
 ) {
     let Some(original_dst) = identify(&proxy, &pod, &client, peer) else {
         ProxyCounters::inc(&proxy.counters.no_original_dst);
+        proxy.telemetry.unrouted(&pod.name, peer);
         tracing::debug!(pod = %pod.name, %peer, "no original destination recorded; closing");
         return;
     };
@@ -229,12 +232,16 @@ async fn handle(
             Err(e) => {
                 tracing::debug!(pod = %pod.name, %peer, "client failed during detection: {e}");
                 ProxyCounters::inc(&counters.client_resets);
+                guard.flag("DR");
                 guard.set_close_reason("client-reset");
                 return;
             }
         }
     };
     ProxyCounters::inc(counters.verdict(detected.verdict));
+    proxy
+        .telemetry
+        .connection_opened(route.service_name(), detected.verdict);
     guard.set_verdict(detected.verdict, detected.hello.as_ref());
     tracing::debug!(pod = %pod.name, client = %peer, verdict = detected.verdict.as_str(), sni = detected.hello.as_ref().and_then(|h| h.sni.as_deref()), "detected");
 
@@ -255,6 +262,7 @@ async fn handle(
             faults: proxy.faults.clone(),
             pod: pod.name.as_str().into(),
             original_dst,
+            client: peer,
             streams: proxy.streams.clone(),
             bytes: http2::StreamBytes {
                 request: guard.bytes_from_client.clone(),
@@ -270,9 +278,13 @@ async fn handle(
         return;
     }
 
+    if connection_fault.connect_delay.is_some() {
+        guard.flag("DI");
+    }
     if connection_fault.reset {
         // An injected fault: as if the destination had reset the connection.
         reset(&client);
+        guard.flag("FI");
         guard.set_close_reason("fault-reset");
         return;
     }
@@ -287,12 +299,14 @@ async fn handle(
             // As if the destination had refused the client itself.
             ProxyCounters::inc(&counters.upstream_connect_failed);
             tracing::info!(pod = %pod.name, %original_dst, "upstream unreachable: {e}");
+            guard.flag(e.flag());
             reset(&client);
             guard.set_close_reason(format!("upstream-unreachable: {e}"));
             return;
         }
     };
     guard.set_upstream(upstream.upstream);
+    let _in_use = upstream.endpoint.as_ref().map(|e| e.connection());
     ProxyCounters::inc(&counters.forwarded);
 
     let meters = Meters {
@@ -309,9 +323,18 @@ async fn handle(
     )
     .await;
     match &closed {
-        forward::Closed::ClientReset => ProxyCounters::inc(&counters.client_resets),
-        forward::Closed::UpstreamReset => ProxyCounters::inc(&counters.upstream_resets),
-        forward::Closed::IdleTimeout => ProxyCounters::inc(&counters.idle_timeouts),
+        forward::Closed::ClientReset => {
+            ProxyCounters::inc(&counters.client_resets);
+            guard.flag("DR");
+        }
+        forward::Closed::UpstreamReset => {
+            ProxyCounters::inc(&counters.upstream_resets);
+            guard.flag("UR");
+        }
+        forward::Closed::IdleTimeout => {
+            ProxyCounters::inc(&counters.idle_timeouts);
+            guard.flag("SI");
+        }
         forward::Closed::Error { .. } => ProxyCounters::inc(&counters.forward_errors),
         forward::Closed::Eof => {}
     }

@@ -44,6 +44,18 @@ impl Verdict {
             Verdict::Skipped => "skipped",
         }
     }
+
+    /// How the connection is handled: `h2` (terminated, balanced per stream), `tls` or
+    /// `opaque` (everything else forwarded byte for byte).
+    pub fn protocol(self) -> &'static str {
+        match self {
+            Verdict::H2 => "h2",
+            Verdict::Tls => "tls",
+            Verdict::Opaque | Verdict::ServerFirst | Verdict::Timeout | Verdict::Skipped => {
+                "opaque"
+            }
+        }
+    }
 }
 
 /// What a TLS ClientHello told us.

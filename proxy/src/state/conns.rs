@@ -14,6 +14,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
+use super::{Observer, Unobserved};
 use crate::proxy::sniff::{ClientHello, Verdict};
 
 /// Closed connections kept for inspection.
@@ -39,6 +40,29 @@ pub struct ConnRecord {
     pub bytes_to_client: u64,
     /// `None` while open.
     pub close_reason: Option<String>,
+    /// Envoy-style response flags: `DI`/`FI` connect delay/reset injected, `UF` no
+    /// upstream reachable, `UH` a Service without endpoints, `UR`/`DR` reset by the
+    /// upstream/client, `SI` idle timeout.
+    #[serde(default)]
+    pub flags: Vec<String>,
+}
+
+impl ConnRecord {
+    /// `h2`, `tls` or `opaque` once detected.
+    pub fn protocol(&self) -> Option<&'static str> {
+        self.verdict.map(Verdict::protocol)
+    }
+}
+
+/// Bytes proxied for one Service (or none) and protocol, closed and live connections
+/// together: a counter that only ever grows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ByteTotal {
+    pub service: Option<String>,
+    /// `h2`, `tls`, `opaque`, or `unknown` for connections that ended while detecting.
+    pub protocol: &'static str,
+    pub from_client: u64,
+    pub to_client: u64,
 }
 
 struct Entry {
@@ -59,19 +83,44 @@ impl Entry {
     }
 }
 
-#[derive(Default)]
 pub struct ConnTable {
     next_id: AtomicU64,
     inner: Mutex<Inner>,
+    observer: Arc<dyn Observer>,
 }
+
+impl Default for ConnTable {
+    fn default() -> Self {
+        ConnTable::new(Arc::new(Unobserved))
+    }
+}
+
+type ByteKey = (Option<String>, &'static str);
 
 #[derive(Default)]
 struct Inner {
     live: HashMap<u64, Entry>,
     closed: VecDeque<ConnRecord>,
+    /// Bytes of every closed connection, so totals stay exact when records leave the ring.
+    closed_bytes: HashMap<ByteKey, (u64, u64)>,
+}
+
+fn byte_key(record: &ConnRecord) -> ByteKey {
+    (
+        record.service.clone(),
+        record.protocol().unwrap_or("unknown"),
+    )
 }
 
 impl ConnTable {
+    pub fn new(observer: Arc<dyn Observer>) -> ConnTable {
+        ConnTable {
+            next_id: AtomicU64::new(0),
+            inner: Mutex::default(),
+            observer,
+        }
+    }
+
     /// Registers a connection; it is live until the guard is dropped.
     pub fn open(
         self: &Arc<Self>,
@@ -99,6 +148,7 @@ impl ConnTable {
                 bytes_from_client: 0,
                 bytes_to_client: 0,
                 close_reason: None,
+                flags: Vec::new(),
             },
             since: Instant::now(),
             bytes_from_client: bytes_from_client.clone(),
@@ -128,6 +178,30 @@ impl ConnTable {
 
     pub fn len(&self) -> usize {
         self.lock().live.len()
+    }
+
+    /// Bytes proxied so far, by Service and protocol, live connections included.
+    pub fn byte_totals(&self) -> Vec<ByteTotal> {
+        let inner = self.lock();
+        let mut totals = inner.closed_bytes.clone();
+        for entry in inner.live.values() {
+            let total = totals.entry(byte_key(&entry.record)).or_default();
+            total.0 += entry.bytes_from_client.load(Ordering::Relaxed);
+            total.1 += entry.bytes_to_client.load(Ordering::Relaxed);
+        }
+        let mut totals: Vec<ByteTotal> = totals
+            .into_iter()
+            .map(
+                |((service, protocol), (from_client, to_client))| ByteTotal {
+                    service,
+                    protocol,
+                    from_client,
+                    to_client,
+                },
+            )
+            .collect();
+        totals.sort_by(|a, b| (&a.service, a.protocol).cmp(&(&b.service, b.protocol)));
+        totals
     }
 
     fn update(&self, id: u64, f: impl FnOnce(&mut ConnRecord)) {
@@ -172,18 +246,70 @@ impl ConnGuard {
     pub fn set_close_reason(&mut self, reason: impl Into<String>) {
         self.close_reason = Some(reason.into());
     }
+
+    /// Adds an Envoy-style response flag (once).
+    pub fn flag(&self, flag: &'static str) {
+        self.table.update(self.id, |r| {
+            if !r.flags.iter().any(|f| f == flag) {
+                r.flags.push(flag.to_owned());
+            }
+        });
+    }
 }
 
 impl Drop for ConnGuard {
     fn drop(&mut self) {
-        let mut inner = self.table.lock();
-        if let Some(entry) = inner.live.remove(&self.id) {
+        let record = {
+            let mut inner = self.table.lock();
+            let Some(entry) = inner.live.remove(&self.id) else {
+                return;
+            };
             let mut record = entry.current();
             record.close_reason = Some(self.close_reason.take().unwrap_or_else(|| "closed".into()));
+            // Moved from live to closed under one lock: a scrape never sees them twice.
+            let total = inner.closed_bytes.entry(byte_key(&record)).or_default();
+            total.0 += record.bytes_from_client;
+            total.1 += record.bytes_to_client;
             if inner.closed.len() == CLOSED_KEPT {
                 inner.closed.pop_front();
             }
-            inner.closed.push_back(record);
-        }
+            inner.closed.push_back(record.clone());
+            record
+        };
+        self.table.observer.connection_closed(&record);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn byte_totals_count_live_and_closed_connections_and_never_go_back() {
+        let table = Arc::new(ConnTable::default());
+        let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let guard = table.open("pod", addr, addr, Some("svc"));
+        guard.set_verdict(Verdict::Tls, None);
+        guard.bytes_from_client.store(100, Ordering::Relaxed);
+        guard.bytes_to_client.store(7, Ordering::Relaxed);
+        let live = table.byte_totals();
+        assert_eq!(live.len(), 1);
+        assert_eq!(
+            (live[0].protocol, live[0].from_client, live[0].to_client),
+            ("tls", 100, 7)
+        );
+        drop(guard);
+        assert_eq!(table.byte_totals(), live);
+        assert_eq!(table.closed().len(), 1);
+        let other = table.open("pod", addr, addr, None);
+        other.bytes_from_client.store(5, Ordering::Relaxed);
+        let totals = table.byte_totals();
+        assert_eq!(totals.len(), 2, "{totals:?}");
+        assert!(totals.contains(&ByteTotal {
+            service: None,
+            protocol: "unknown",
+            from_client: 5,
+            to_client: 0,
+        }));
     }
 }

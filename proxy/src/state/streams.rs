@@ -1,15 +1,17 @@
-//! The most recent HTTP/2 streams, one record each, for `shunt streams` and the access log
-//! that will read them: what was asked, where it went, how it ended and which faults (Envoy's
-//! response flags) applied.
+//! The most recent HTTP/2 streams, one record each, for `shunt streams`; every record also
+//! goes to the [`Observer`] (metrics, access log): what was asked, where it went, how it
+//! ended and which faults (Envoy's response flags) applied.
 
 use std::{
     collections::VecDeque,
     net::SocketAddr,
     sync::{Arc, Mutex},
-    time::{Instant, SystemTime},
+    time::{Duration, Instant, SystemTime},
 };
 
 use serde::{Deserialize, Serialize};
+
+use super::{Observer, Unobserved};
 
 /// Streams kept for inspection.
 const KEPT: usize = 1024;
@@ -19,6 +21,9 @@ pub struct StreamRecord {
     pub started: SystemTime,
     pub duration_ms: u64,
     pub pod: String,
+    /// The client's address as shunt's listener saw it.
+    #[serde(default)]
+    pub client: Option<SocketAddr>,
     pub original_dst: SocketAddr,
     pub service: Option<String>,
     pub method: String,
@@ -31,19 +36,70 @@ pub struct StreamRecord {
     /// `UR` upstream reset, `DR` downstream (client) reset.
     pub flags: Vec<String>,
     pub fault_rule: Option<String>,
+    /// The request's `content-type` was `application/grpc…`.
+    #[serde(default)]
+    pub grpc: bool,
+    /// The request's `x-request-id`, if it had one.
+    #[serde(default)]
+    pub request_id: Option<String>,
+    /// DATA bytes from the client, and to it.
+    #[serde(default)]
+    pub bytes_received: u64,
+    #[serde(default)]
+    pub bytes_sent: u64,
 }
 
-#[derive(Default)]
+impl StreamRecord {
+    /// A record for a stream that starts now.
+    pub fn new(pod: String, original_dst: SocketAddr, service: Option<String>) -> StreamRecord {
+        StreamRecord {
+            started: SystemTime::now(),
+            duration_ms: 0,
+            pod,
+            client: None,
+            original_dst,
+            service,
+            method: String::new(),
+            path: String::new(),
+            authority: String::new(),
+            upstream: None,
+            status: None,
+            grpc_status: None,
+            flags: Vec::new(),
+            fault_rule: None,
+            grpc: false,
+            request_id: None,
+            bytes_received: 0,
+            bytes_sent: 0,
+        }
+    }
+}
+
 pub struct StreamLog {
     recent: Mutex<VecDeque<StreamRecord>>,
+    observer: Arc<dyn Observer>,
+}
+
+impl Default for StreamLog {
+    fn default() -> Self {
+        StreamLog::new(Arc::new(Unobserved))
+    }
 }
 
 impl StreamLog {
+    pub fn new(observer: Arc<dyn Observer>) -> StreamLog {
+        StreamLog {
+            recent: Mutex::default(),
+            observer,
+        }
+    }
+
     pub fn recent(&self) -> Vec<StreamRecord> {
         self.lock().iter().cloned().collect()
     }
 
-    fn push(&self, record: StreamRecord) {
+    fn push(&self, record: StreamRecord, elapsed: Duration) {
+        self.observer.stream_ended(&record, elapsed);
         let mut recent = self.lock();
         if recent.len() == KEPT {
             recent.pop_front();
@@ -81,25 +137,11 @@ impl Recording {
 
 impl Drop for Recording {
     fn drop(&mut self) {
-        self.record.duration_ms = self.since.elapsed().as_millis() as u64;
-        let record = std::mem::replace(
-            &mut self.record,
-            StreamRecord {
-                started: SystemTime::UNIX_EPOCH,
-                duration_ms: 0,
-                pod: String::new(),
-                original_dst: SocketAddr::from(([0, 0, 0, 0], 0)),
-                service: None,
-                method: String::new(),
-                path: String::new(),
-                authority: String::new(),
-                upstream: None,
-                status: None,
-                grpc_status: None,
-                flags: Vec::new(),
-                fault_rule: None,
-            },
-        );
-        self.log.push(record);
+        let elapsed = self.since.elapsed();
+        self.record.duration_ms = elapsed.as_millis() as u64;
+        let placeholder =
+            StreamRecord::new(String::new(), SocketAddr::from(([0, 0, 0, 0], 0)), None);
+        let record = std::mem::replace(&mut self.record, placeholder);
+        self.log.push(record, elapsed);
     }
 }

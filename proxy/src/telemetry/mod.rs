@@ -1,0 +1,156 @@
+//! Telemetry: Prometheus metrics, the health endpoints and the access log.
+//!
+//! What the data path counts as it goes (connections opened and closed, streams by status,
+//! stream durations) lives in `prometheus-client` families: an atomic increment per event.
+//! Everything the daemon keeps anyway — the programs' per-CPU counters, the connection
+//! table's bytes, endpoints, fault counts, `/proc` — is read when scraped. Scrapes, health
+//! checks and access-log writes run on threads of their own, never on the proxy's runtime,
+//! so neither a slow scraper nor a slow disk holds up a connection.
+
+mod access_log;
+mod collect;
+mod health;
+pub mod labels;
+mod metrics;
+mod process;
+mod server;
+
+use std::{
+    io,
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime},
+};
+
+use serde::{Deserialize, Serialize};
+
+pub use self::health::Health;
+use self::{access_log::Entry, collect::Sources, metrics::Metrics, server::Served};
+use crate::{
+    bpf::Datapath,
+    config,
+    inpod::Enrollments,
+    proxy::{Proxy, sniff::Verdict},
+    state::{ConnRecord, Observer, StreamRecord},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TelemetryError {
+    #[error("telemetry.{field}: listening on {addr}: {source}")]
+    Listen {
+        field: &'static str,
+        addr: SocketAddr,
+        source: io::Error,
+    },
+    #[error("telemetry.access_log: opening {path}: {source}")]
+    AccessLog { path: PathBuf, source: io::Error },
+    #[error("starting the {what} thread: {source}")]
+    Thread {
+        what: &'static str,
+        source: io::Error,
+    },
+}
+
+/// Where the metrics and health endpoints actually listen (a configured port 0 becomes the
+/// port the kernel chose).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Addresses {
+    pub metrics: Option<SocketAddr>,
+    pub health: Option<SocketAddr>,
+}
+
+pub struct Telemetry {
+    metrics: Metrics,
+    access_log: Option<access_log::Sender>,
+    health: Arc<Health>,
+    served: Arc<Served>,
+    pub addresses: Addresses,
+}
+
+impl Telemetry {
+    /// Opens the listeners and the access log and starts their threads. `/live` answers
+    /// from here on; `/ready` once [`Health::set_ready`] is called, `/metrics` once
+    /// [`Telemetry::serve_metrics`] is.
+    pub fn start(config: &config::Telemetry) -> Result<Arc<Telemetry>, TelemetryError> {
+        let metrics = Metrics::default();
+        let access_log = access_log::start(
+            &config.access_log,
+            config.access_log_buffer,
+            metrics.access_log_lines.clone(),
+            metrics.access_log_dropped.clone(),
+        )?;
+        let health = Arc::new(Health::default());
+        let served = Arc::new(Served::new(health.clone()));
+        let addresses = server::start(config, served.clone())?;
+        for (what, addr) in [("metrics", addresses.metrics), ("health", addresses.health)] {
+            if let Some(addr) = addr.filter(|a| !a.ip().is_loopback()) {
+                tracing::warn!(%addr, "{what} endpoint reachable beyond this node, as configured");
+            }
+        }
+        Ok(Arc::new(Telemetry {
+            metrics,
+            access_log,
+            health,
+            served,
+            addresses,
+        }))
+    }
+
+    /// From now on `/metrics` answers, reading what the daemon keeps at each scrape.
+    pub fn serve_metrics(
+        &self,
+        proxy: Arc<Proxy>,
+        datapath: Arc<Mutex<Datapath>>,
+        enrollments: Arc<Enrollments>,
+    ) {
+        let sources = Sources {
+            proxy,
+            datapath,
+            enrollments,
+        };
+        self.served.install(self.metrics.registry(sources));
+    }
+
+    pub fn health(&self) -> &Health {
+        &self.health
+    }
+
+    /// A redirected connection was classified.
+    pub fn connection_opened(&self, service: Option<&str>, verdict: Verdict) {
+        self.metrics.connection_opened(service, verdict);
+    }
+
+    /// An accepted connection without an original destination: closed, as there is nowhere
+    /// to send it (Envoy's `NR`).
+    pub fn unrouted(&self, pod: &str, client: SocketAddr) {
+        self.log(Entry::Unrouted {
+            at: SystemTime::now(),
+            pod: pod.to_owned(),
+            client,
+        });
+    }
+
+    fn log(&self, entry: Entry) {
+        if let Some(log) = &self.access_log {
+            log.send(entry);
+        }
+    }
+}
+
+impl Observer for Telemetry {
+    fn connection_closed(&self, record: &ConnRecord) {
+        self.metrics.connection_closed(record);
+        // An HTTP/2 connection's streams have lines of their own.
+        if record.verdict != Some(Verdict::H2) && self.access_log.is_some() {
+            self.log(Entry::Connection(Box::new(record.clone())));
+        }
+    }
+
+    fn stream_ended(&self, record: &StreamRecord, elapsed: Duration) {
+        self.metrics.stream_ended(record, elapsed);
+        if self.access_log.is_some() {
+            self.log(Entry::Stream(Box::new(record.clone())));
+        }
+    }
+}

@@ -1,0 +1,519 @@
+//! What shunt tells about itself, checked against traffic whose every call and connection is
+//! known: `shunt … -o json`, `/metrics` (through promtool), the access log, `/live` and
+//! `/ready`, the runtime log filter, and the CLI without a daemon or without root.
+//! Run as root.
+
+use std::{
+    net::SocketAddr,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, ensure};
+use serde_json::Value;
+use shunt_tests::{
+    daemon::{Daemon, Options},
+    grpc, probe,
+    sandbox::Sandbox,
+    telemetry::{self, Scrape},
+    tls,
+};
+
+const GREETER_VIP: &str = "10.96.0.10:50051";
+const PAYMENTS_VIP: &str = "10.96.0.20:443";
+const DEAD_VIP: &str = "10.96.0.30:50051";
+const PORT: u16 = 50051;
+/// Unary calls on one channel, TLS connections: the traffic the counts must match.
+const N: usize = 30;
+const M: usize = 3;
+
+fn addr(text: &str) -> SocketAddr {
+    text.parse().expect("valid address")
+}
+
+/// Polls `check` every 50 ms until it passes or `timeout` runs out (then its last error).
+fn eventually<T>(
+    timeout: Duration,
+    mut check: impl FnMut() -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match check() {
+            Ok(value) => return Ok(value),
+            Err(e) if Instant::now() >= deadline => return Err(e),
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
+
+fn array(value: &Value) -> &[Value] {
+    value.as_array().map(Vec::as_slice).unwrap_or_default()
+}
+
+#[test]
+fn cli_metrics_and_access_log_match_known_traffic() -> anyhow::Result<()> {
+    let sandbox = Sandbox::new()?;
+    let client = sandbox.add_pod("client")?;
+    let mut greeters = Vec::new();
+    for i in 0..3 {
+        let pod = sandbox.add_pod(&format!("greeter{i}"))?;
+        grpc::serve(&sandbox, &pod, &pod.name, PORT)?;
+        greeters.push(format!("'{}:{PORT}'", pod.ipv4));
+    }
+    let payments = sandbox.add_pod("payments")?;
+    let (cert, key) = tls::self_signed(&sandbox.scratch_dir("tls")?, "payments.test")?;
+    tls::serve(&sandbox, &payments, 8443, &cert, &key)?;
+    let silent = sandbox.add_pod("silent")?; // nothing listens there
+    let options = Options {
+        access_log: true,
+        extra_yaml: format!(
+            "services:
+  - {{name: greeter, vip: '{GREETER_VIP}', endpoints: [{}]}}
+  - {{name: payments, vip: '{PAYMENTS_VIP}', endpoints: ['{}:8443']}}
+  - {{name: dead, vip: '{DEAD_VIP}', endpoints: ['{}:{PORT}']}}
+faults:
+  - name: slow-hello
+    match: {{service: greeter, path: /helloworld.Greeter/Slow}}
+    delay: {{fixed: 50ms}}
+  - name: fail-abort
+    match: {{service: greeter, path: /helloworld.Greeter/Fail}}
+    abort: {{grpc_status: UNAVAILABLE}}
+",
+            greeters.join(", "),
+            payments.ipv4,
+            silent.ipv4
+        ),
+        ..Options::default()
+    };
+    let daemon = Daemon::start(&sandbox, &[&client], &options)?;
+
+    // The traffic: N calls on one channel, one delayed call, two aborted ones, one to a
+    // Service nobody answers for, one plain HTTP/2 request with a request id, M TLS
+    // connections.
+    let calls = grpc::call(&sandbox, &client, addr(GREETER_VIP), N)?;
+    ensure!(calls.ok == N, "{calls:?}");
+    let slow = grpc::call_in_background(&sandbox, &client, addr(GREETER_VIP), 1, "Slow")?
+        .finish(&sandbox)?;
+    ensure!(slow.ok == 1, "{slow:?}");
+    let fail = grpc::call_in_background(&sandbox, &client, addr(GREETER_VIP), 2, "Fail")?
+        .finish(&sandbox)?;
+    ensure!(fail.errors.get("UNAVAILABLE") == Some(&2), "{fail:?}");
+    let dead = grpc::call(&sandbox, &client, addr(DEAD_VIP), 1)?;
+    ensure!(dead.errors.get("UNAVAILABLE") == Some(&1), "{dead:?}");
+    let body = sandbox.scratch_dir("curl")?.join("request.bin");
+    std::fs::write(&body, b"\x00\x00\x00\x00\x07\x0a\x05probe")?;
+    let mut curl = Command::new("curl");
+    curl.args(["-sS", "-o", "/dev/null", "--http2-prior-knowledge"])
+        .args(["-H", "content-type: application/grpc", "-H", "te: trailers"])
+        .args(["-H", "x-request-id: req-42", "--data-binary"])
+        .arg(format!("@{}", body.display()))
+        .arg(format!("http://{GREETER_VIP}/helloworld.Greeter/SayHello"));
+    let out = sandbox.run_in_pod(&client, curl, Duration::from_secs(20))?;
+    ensure!(
+        out.status.success(),
+        "curl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for _ in 0..M {
+        let out = tls::connect(
+            &sandbox,
+            &client,
+            addr(PAYMENTS_VIP),
+            "payments.test",
+            &cert,
+        )?;
+        ensure!(
+            out.status.success(),
+            "s_client: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // Streams reaching the greeters: the N calls, the delayed one and curl's.
+    let upstream_streams = N + 2;
+    let h2_connections = 5;
+
+    // Everything has ended before anything is counted.
+    eventually(Duration::from_secs(10), || {
+        let live = daemon.ctl_json(&["conns"])?;
+        ensure!(array(&live).is_empty(), "still open: {live}");
+        Ok(())
+    })?;
+
+    let pods = daemon.ctl_json(&["pods"])?;
+    assert_eq!(array(&pods).len(), 1, "{pods}");
+    assert_eq!(pods[0]["name"], "client");
+
+    let closed = daemon.ctl_json(&["conns", "--closed"])?;
+    assert_eq!(array(&closed).len(), h2_connections + M, "{closed}");
+    let tls_conns = daemon.ctl_json(&["conns", "--closed", "--protocol", "tls"])?;
+    assert_eq!(array(&tls_conns).len(), M, "{tls_conns}");
+    for conn in array(&tls_conns) {
+        assert_eq!(conn["verdict"], "tls");
+        assert_eq!(conn["sni"], "payments.test");
+        assert_eq!(conn["service"], "payments");
+        assert_eq!(conn["flags"], serde_json::json!([]), "{conn}");
+    }
+    let h2 = daemon.ctl_json(&["conns", "--closed", "--protocol", "h2", "--pod", "client"])?;
+    assert_eq!(array(&h2).len(), h2_connections, "{h2}");
+    let none = daemon.ctl_json(&["conns", "--closed", "--pod", "nobody"])?;
+    assert!(array(&none).is_empty(), "{none}");
+    let opaque = daemon.ctl_json(&["conns", "--closed", "--protocol", "opaque"])?;
+    assert!(array(&opaque).is_empty(), "{opaque}");
+
+    let services = daemon.ctl_json(&["services"])?;
+    let service = |name: &str| {
+        array(&services)
+            .iter()
+            .find(|s| s["name"] == name)
+            .cloned()
+            .unwrap_or(Value::Null)
+    };
+    let greeter = service("greeter");
+    let endpoints = array(&greeter["endpoints"]);
+    assert_eq!(endpoints.len(), 3, "{greeter}");
+    let mut streams = 0;
+    for endpoint in endpoints {
+        assert_eq!(endpoint["in_rotation"], true, "{endpoint}");
+        assert_eq!(endpoint["streams_active"], 0, "{endpoint}");
+        assert_eq!(endpoint["connections_total"], 0, "{endpoint}");
+        // Round robin: the N calls of one channel take N consecutive turns, 10 each; the
+        // other two streams land wherever the rotation is then.
+        let total = endpoint["streams_total"].as_u64().unwrap_or(0);
+        assert!((10..=12).contains(&total), "{greeter}");
+        streams += total;
+    }
+    assert_eq!(streams, upstream_streams as u64, "{greeter}");
+    let payments_endpoint = &service("payments")["endpoints"][0];
+    assert_eq!(payments_endpoint["connections_total"], M, "{services}");
+    assert_eq!(payments_endpoint["connections_active"], 0, "{services}");
+    assert!(service("dead")["endpoints"][0]["failed"].as_u64() >= Some(1));
+
+    let stats = daemon.ctl_json(&["stats"])?;
+    let stat = |source: &str, name: &str| stats[source][name].as_u64().unwrap_or(u64::MAX);
+    assert_eq!(stat("proxy", "verdict_tls"), M as u64, "{stats}");
+    assert_eq!(
+        stat("proxy", "verdict_h2"),
+        h2_connections as u64,
+        "{stats}"
+    );
+    assert_eq!(stat("proxy", "accepted"), (h2_connections + M) as u64);
+    // Every one of them went through the kernel programs' redirect.
+    assert_eq!(stat("ebpf", "redirected"), (h2_connections + M) as u64);
+    assert!(stat("ebpf", "skip_marked") >= 1, "{stats}");
+
+    // /metrics: valid for promtool, and the same counts.
+    let metrics = daemon.telemetry_addr("metrics")?;
+    let scrape = telemetry::scrape(metrics)?;
+    telemetry::promtool_check(&scrape.text)?;
+    let (status, openmetrics) =
+        telemetry::http_get(metrics, "/metrics", "application/openmetrics-text")?;
+    assert_eq!(status, 200);
+    assert!(openmetrics.ends_with("# EOF\n"), "{openmetrics}");
+    check_metrics(&scrape, upstream_streams, h2_connections, &stat)?;
+    let tls_bytes: u64 = array(&tls_conns)
+        .iter()
+        .map(|c| c["bytes_from_client"].as_u64().unwrap_or(0))
+        .sum();
+    assert_eq!(
+        scrape.sum(
+            "shunt_transferred_bytes_total",
+            &[("service", "payments"), ("direction", "client_to_upstream")]
+        ),
+        tls_bytes as f64
+    );
+
+    // The access log: one line per stream and per TLS connection, every field there.
+    let expected_lines = upstream_streams + 2 + 1 + M;
+    let lines = eventually(Duration::from_secs(5), || {
+        let lines = telemetry::access_log(&daemon.access_log)?;
+        ensure!(
+            lines.len() == expected_lines,
+            "{} lines: {lines:?}",
+            lines.len()
+        );
+        Ok(lines)
+    })?;
+    check_access_log(&lines, &tls_line_names_sni_and_upstream)?;
+    assert_eq!(
+        scrape_again(&daemon)?.sum("shunt_access_log_lines_total", &[]),
+        expected_lines as f64
+    );
+
+    // The kernel programs' aya-log messages reach the daemon's log at debug.
+    let log = daemon.log_text();
+    assert!(log.contains("to listener"), "no eBPF log lines in:\n{log}");
+    Ok(())
+}
+
+/// The access-log lines of the TLS connections name their SNI and upstream.
+fn tls_line_names_sni_and_upstream(line: &Value) -> bool {
+    line["sni"] == "payments.test" && line["upstream_host"].as_str().is_some()
+}
+
+fn scrape_again(daemon: &Daemon) -> anyhow::Result<Scrape> {
+    telemetry::scrape(daemon.telemetry_addr("metrics")?)
+}
+
+fn check_metrics(
+    scrape: &Scrape,
+    upstream_streams: usize,
+    h2_connections: usize,
+    stat: &dyn Fn(&str, &str) -> u64,
+) -> anyhow::Result<()> {
+    let sum = |name: &str, labels: &[(&str, &str)]| scrape.sum(name, labels);
+    let greeter = ("service", "greeter");
+    assert_eq!(
+        sum("shunt_streams_total", &[greeter, ("grpc_status", "0")]),
+        upstream_streams as f64
+    );
+    assert_eq!(
+        sum(
+            "shunt_streams_total",
+            &[greeter, ("response_flags", "FI"), ("grpc_status", "14")]
+        ),
+        2.0
+    );
+    assert_eq!(
+        sum("shunt_streams_total", &[greeter, ("response_flags", "DI")]),
+        1.0
+    );
+    assert_eq!(
+        sum(
+            "shunt_streams_total",
+            &[("service", "dead"), ("response_flags", "UF")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        sum("shunt_request_duration_seconds_count", &[greeter]),
+        (upstream_streams + 2) as f64
+    );
+    assert_eq!(
+        sum(
+            "shunt_connections_opened_total",
+            &[("service", "payments"), ("protocol", "tls")]
+        ),
+        M as f64
+    );
+    assert_eq!(
+        sum("shunt_connections_opened_total", &[("protocol", "h2")]),
+        h2_connections as f64
+    );
+    assert_eq!(
+        sum("shunt_connections_closed_total", &[]),
+        (h2_connections + M) as f64
+    );
+    assert_eq!(
+        sum("shunt_detection_verdicts_total", &[("verdict", "tls")]),
+        M as f64
+    );
+    assert_eq!(
+        sum(
+            "shunt_faults_injected_total",
+            &[("rule", "fail-abort"), ("kind", "abort")]
+        ),
+        2.0
+    );
+    assert_eq!(
+        sum(
+            "shunt_faults_injected_total",
+            &[("rule", "slow-hello"), ("kind", "delay")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        sum("shunt_endpoints", &[greeter, ("state", "in_rotation")]),
+        3.0
+    );
+    assert_eq!(sum("shunt_connections_active", &[]), 0.0);
+    assert_eq!(
+        sum("shunt_ebpf_redirects_total", &[("listener", "up")]),
+        stat("ebpf", "redirected") as f64
+    );
+    assert_eq!(
+        sum("shunt_ebpf_skips_total", &[("reason", "marked")]),
+        stat("ebpf", "skip_marked") as f64
+    );
+    assert_eq!(sum("shunt_pods_enrolled", &[]), 1.0);
+    assert_eq!(sum("shunt_access_log_dropped_total", &[]), 0.0);
+    assert!(sum("process_open_fds", &[]) > 0.0);
+    assert!(sum("process_resident_memory_bytes", &[]) > 0.0);
+    assert!(scrape.has("process_cpu_seconds_total"));
+    assert!(scrape.has("process_start_time_seconds"));
+    Ok(())
+}
+
+fn check_access_log(lines: &[Value], tls_line: &dyn Fn(&Value) -> bool) -> anyhow::Result<()> {
+    const FIELDS: [&str; 16] = [
+        "start_time",
+        "duration_ms",
+        "protocol",
+        "method",
+        "path",
+        "authority",
+        "response_code",
+        "grpc_status",
+        "response_flags",
+        "bytes_received",
+        "bytes_sent",
+        "upstream_host",
+        "source_pod",
+        "original_dst",
+        "sni",
+        "request_id",
+    ];
+    for line in lines {
+        for field in FIELDS {
+            ensure!(line.get(field).is_some(), "no {field} in {line}");
+        }
+        ensure!(line["source_pod"] == "client", "{line}");
+        let start = line["start_time"].as_str().unwrap_or_default();
+        ensure!(
+            start.len() == 24 && start.ends_with('Z') && start.as_bytes()[10] == b'T',
+            "start_time {start:?} is not RFC 3339"
+        );
+    }
+    let count = |wanted: &dyn Fn(&Value) -> bool| lines.iter().filter(|l| wanted(l)).count();
+    let path = |l: &Value, p: &str| l["path"] == format!("/helloworld.Greeter/{p}");
+    assert_eq!(
+        count(&|l| path(l, "Slow") && l["response_flags"] == "DI" && l["grpc_status"] == "0"),
+        1
+    );
+    assert_eq!(
+        count(&|l| path(l, "Fail") && l["response_flags"] == "FI" && l["grpc_status"] == "14"),
+        2
+    );
+    assert_eq!(
+        count(&|l| l["service"] == "dead" && l["response_flags"] == "UF"),
+        1
+    );
+    assert_eq!(
+        count(&|l| l["request_id"] == "req-42" && l["protocol"] == "grpc"),
+        1
+    );
+    assert_eq!(
+        count(&|l| l["protocol"] == "tls" && l["response_flags"] == "-" && tls_line(l)),
+        M
+    );
+    let plain = count(&|l| {
+        path(l, "SayHello")
+            && l["response_flags"] == "-"
+            && l["response_code"] == 200
+            && l["grpc_status"] == "0"
+            && l["bytes_sent"].as_u64() > Some(0)
+            && l["upstream_host"].as_str().is_some()
+    });
+    assert_eq!(plain, N + 1);
+    Ok(())
+}
+
+#[test]
+fn health_log_level_config_and_cli_errors() -> anyhow::Result<()> {
+    let sandbox = Sandbox::new()?;
+    let client = sandbox.add_pod("client")?;
+    let backend = sandbox.add_pod("backend")?;
+    let listen = SocketAddr::new(backend.ipv4.into(), 8080);
+    probe::serve(&sandbox, &backend, listen)?;
+    let options = Options {
+        log: Some("info"),
+        ..Options::default()
+    };
+    let mut daemon = Daemon::start(&sandbox, &[&client], &options)?;
+    let health = daemon.telemetry_addr("health")?;
+    assert_eq!(telemetry::http_get(health, "/live", "*/*")?.0, 200);
+    assert_eq!(telemetry::http_get(health, "/ready", "*/*")?.0, 200);
+    assert_eq!(telemetry::http_get(health, "/metrics", "*/*")?.0, 404);
+
+    // The configuration in force, defaults filled in.
+    let config = daemon.ctl_json(&["config"])?;
+    assert_eq!(config["intercept"]["detect_timeout"], "1s", "{config}");
+    assert_eq!(config["telemetry"]["access_log"], "off", "{config}");
+    assert_eq!(config["telemetry"]["metrics"], "127.0.0.1:0", "{config}");
+    let yaml = daemon.ctl(&["config"])?;
+    assert!(yaml.contains("\ntelemetry:\n"), "{yaml}");
+    assert!(yaml.contains("  drain_timeout: 5s\n"), "{yaml}");
+
+    // At info, connections leave no debug lines; after `shunt log-level debug` they do.
+    let intercepted = |daemon: &Daemon| daemon.log_text().matches("intercepted").count();
+    probe::connect(&sandbox, &client, listen, 1)?[0].ok()?;
+    assert_eq!(intercepted(&daemon), 0, "{}", daemon.log_text());
+    assert_eq!(daemon.ctl(&["log-level"])?.trim(), "info");
+    assert_eq!(daemon.ctl(&["log-level", "debug"])?.trim(), "debug");
+    probe::connect(&sandbox, &client, listen, 1)?[0].ok()?;
+    eventually(Duration::from_secs(5), || {
+        ensure!(intercepted(&daemon) == 1, "{}", daemon.log_text());
+        Ok(())
+    })?;
+    let refused = daemon
+        .ctl(&["log-level", "shunt=[oops"])
+        .expect_err("a bad filter was accepted")
+        .to_string();
+    assert!(refused.contains("not a log filter"), "{refused}");
+    assert_eq!(daemon.ctl(&["log-level"])?.trim(), "debug");
+
+    // No daemon behind the socket: a non-zero exit and one line saying what to do.
+    let missing = sandbox.scratch_dir("nodaemon")?.join("admin.sock");
+    let out = shunt(&missing, &["status"], None)?;
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("not running") && stderr.contains("shunt run"),
+        "{stderr}"
+    );
+    // Not root: the socket refuses, and the CLI says so.
+    let out = shunt(&daemon.socket, &["status"], Some(65534))?;
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("permission denied"), "{stderr}");
+
+    // Stopping: not ready (load balancers move on) while connections drain; still live.
+    let held = probe::connect_held(&sandbox, &client, listen, Duration::from_secs(2))?;
+    eventually(Duration::from_secs(5), || {
+        let live = daemon.ctl_json(&["conns"])?;
+        ensure!(array(&live).len() == 1, "{live}");
+        Ok(())
+    })?;
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe { libc::kill(daemon.pid()? as i32, libc::SIGTERM) };
+    eventually(Duration::from_secs(2), || {
+        let (status, body) = telemetry::http_get(health, "/ready", "*/*")?;
+        ensure!(
+            status == 503 && body.contains("stopping"),
+            "{status} {body}"
+        );
+        Ok(())
+    })?;
+    assert_eq!(telemetry::http_get(health, "/live", "*/*")?.0, 200);
+    held.finish(&sandbox)?.ok()?;
+    daemon.wait_exit(Duration::from_secs(10))?;
+    Ok(())
+}
+
+/// `shunt --admin-socket SOCKET ARGS…`, as user `uid` if given; its output, whatever the
+/// exit status.
+fn shunt(
+    socket: &std::path::Path,
+    args: &[&str],
+    uid: Option<u32>,
+) -> anyhow::Result<std::process::Output> {
+    let mut cmd = match uid {
+        Some(uid) => {
+            let mut setpriv = Command::new("setpriv");
+            setpriv
+                .arg(format!("--reuid={uid}"))
+                .arg(format!("--regid={uid}"))
+                .arg("--clear-groups")
+                .arg(shunt_tests::shunt_bin());
+            setpriv
+        }
+        None => Command::new(shunt_tests::shunt_bin()),
+    };
+    cmd.arg("--admin-socket").arg(socket).args(args);
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let child = cmd.spawn().context("starting shunt")?;
+    shunt_tests::sandbox::wait_with_timeout(child, Duration::from_secs(10))
+}
