@@ -55,6 +55,7 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
         streams: Arc::default(),
         shutdown,
         dst_table: datapath.original_dst_table()?,
+        sockmap: datapath.sockmap(),
         conns: conns.clone(),
         counters: counters.clone(),
         mark: intercept.mark,

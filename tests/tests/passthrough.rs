@@ -40,6 +40,44 @@ fn with_service(port: u16, endpoints: &[SocketAddr], intercept_yaml: &str) -> Op
     }
 }
 
+fn forwarding_yaml(forwarding: &str) -> String {
+    format!("  forwarding: {forwarding}\n")
+}
+
+/// Every listed connection was forwarded the way the mode says; in sockmap mode the kernel
+/// redirected bytes, and once the connections are gone no socket is left in its maps.
+fn forwarded_as(
+    daemon: &Daemon,
+    forwarding: &str,
+    conns: &[&serde_json::Value],
+) -> anyhow::Result<()> {
+    for conn in conns {
+        assert_eq!(conn["forwarding"], forwarding, "{conn}");
+    }
+    if forwarding == "sockmap" {
+        assert!(daemon.counter("ebpf", "sockmap_redirected")? > 0);
+        assert_eq!(daemon.counter("ebpf", "sockmap_no_peer")?, 0);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let sockets = daemon.counter("ebpf", "sockmap_sockets")?;
+            if sockets == 0
+                && daemon
+                    .ctl_json(&["conns"])?
+                    .as_array()
+                    .is_some_and(Vec::is_empty)
+            {
+                break;
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "{sockets} sockets still in the sockmaps 10s after traffic stopped"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    Ok(())
+}
+
 /// Waits until shunt lists at least `n` closed connections and returns them.
 fn closed_conns(daemon: &Daemon, n: usize) -> anyhow::Result<Vec<serde_json::Value>> {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -206,8 +244,7 @@ fn a_silent_client_is_held_at_most_the_detection_timeout() -> anyhow::Result<()>
     Ok(())
 }
 
-#[test]
-fn iperf3_through_a_service_moves_every_byte() -> anyhow::Result<()> {
+fn iperf3_through_a_service_moves_every_byte(forwarding: &str) -> anyhow::Result<()> {
     let sandbox = Sandbox::new()?;
     let client = sandbox.add_pod("client")?;
     let backend = sandbox.add_pod("backend")?;
@@ -216,7 +253,11 @@ fn iperf3_through_a_service_moves_every_byte() -> anyhow::Result<()> {
     let pid = sandbox.spawn_in_pod(&backend, server)?;
     probe::wait_listening(&sandbox, &backend, 5201, pid)?;
     let endpoint = SocketAddr::new(backend.ipv4.into(), 5201);
-    let daemon = Daemon::start(&sandbox, &[&client], &with_service(5201, &[endpoint], ""))?;
+    let daemon = Daemon::start(
+        &sandbox,
+        &[&client],
+        &with_service(5201, &[endpoint], &forwarding_yaml(forwarding)),
+    )?;
 
     let mut iperf = Command::new("iperf3");
     iperf.args(["-c", VIP, "-p", "5201", "-n", "256M", "-J"]);
@@ -249,17 +290,16 @@ fn iperf3_through_a_service_moves_every_byte() -> anyhow::Result<()> {
         "data connection carried {data}; iperf3 sent {sent}, received {received}"
     );
     assert!(received >= sent / 2, "iperf3 received {received} of {sent}");
-    Ok(())
+    forwarded_as(&daemon, forwarding, &closed.iter().collect::<Vec<_>>())
 }
 
-#[test]
-fn half_close_keeps_the_response_flowing() -> anyhow::Result<()> {
+fn half_close_keeps_the_response_flowing(forwarding: &str) -> anyhow::Result<()> {
     let setup = setup(1, 8080)?;
     let eps = endpoints(&setup, 8080);
-    let _daemon = Daemon::start(
+    let daemon = Daemon::start(
         &setup.sandbox,
         &[&setup.client],
-        &with_service(80, &eps, ""),
+        &with_service(80, &eps, &forwarding_yaml(forwarding)),
     )?;
     // The client sends 4 MiB, shuts down its write side, and reads the echo to the end.
     let seen = probe_connect(
@@ -269,11 +309,44 @@ fn half_close_keeps_the_response_flowing() -> anyhow::Result<()> {
         &["--payload-bytes", "4194304"],
     )?;
     assert_eq!(seen.payload_echoed, Some(true), "{seen:?}");
-    Ok(())
+    let closed = closed_conns(&daemon, 1)?;
+    let conn = &closed[0];
+    // The line, then the payload, each way.
+    let expected = 4_194_304 + "hello\n".len() as u64;
+    assert_eq!(conn["bytes_from_client"], expected, "{conn}");
+    assert!(conn["bytes_to_client"].as_u64() > Some(4_194_304), "{conn}");
+    assert_eq!(conn["close_reason"], "eof", "{conn}");
+    forwarded_as(&daemon, forwarding, &[conn])
 }
 
-#[test]
-fn resets_are_passed_on_in_both_directions() -> anyhow::Result<()> {
+fn idle_connections_are_closed(forwarding: &str) -> anyhow::Result<()> {
+    let setup = setup(1, 8080)?;
+    let eps = endpoints(&setup, 8080);
+    let intercept = format!("{}  idle_timeout: 300ms\n", forwarding_yaml(forwarding));
+    let daemon = Daemon::start(
+        &setup.sandbox,
+        &[&setup.client],
+        &with_service(80, &eps, &intercept),
+    )?;
+    // An exchange, then silence: shunt ends the connection, which the client sees as EOF.
+    let seen = probe_connect(
+        &setup.sandbox,
+        &setup.client,
+        vip(80),
+        &["--await-end", "--timeout-ms", "5000"],
+    )?;
+    assert_eq!(seen.echo.as_deref(), Some("hello"), "{seen:?}");
+    assert_eq!(seen.end.as_deref(), Some("eof"), "{seen:?}");
+    let closed = closed_conns(&daemon, 1)?;
+    let conn = &closed[0];
+    assert_eq!(conn["close_reason"], "idle-timeout", "{conn}");
+    let lived = conn["duration_ms"].as_u64().context("no duration")?;
+    assert!(lived >= 300, "closed after {lived} ms");
+    assert_eq!(daemon.counter("proxy", "idle_timeouts")?, 1);
+    forwarded_as(&daemon, forwarding, &[conn])
+}
+
+fn resets_are_passed_on_in_both_directions(forwarding: &str) -> anyhow::Result<()> {
     let sandbox = Sandbox::new()?;
     let client = sandbox.add_pod("client")?;
     let backend = sandbox.add_pod("backend")?;
@@ -302,7 +375,11 @@ fn resets_are_passed_on_in_both_directions() -> anyhow::Result<()> {
     ]);
     let pid = sandbox.spawn_in_pod(&backend, resetting)?;
     probe::wait_listening(&sandbox, &backend, 8081, pid)?;
-    let daemon = Daemon::start(&sandbox, &[&client], &Options::default())?;
+    let options = Options {
+        intercept_yaml: forwarding_yaml(forwarding),
+        ..Options::default()
+    };
+    let daemon = Daemon::start(&sandbox, &[&client], &options)?;
 
     // Client resets → the server sees a reset, not a FIN.
     probe_connect(
@@ -341,7 +418,13 @@ fn resets_are_passed_on_in_both_directions() -> anyhow::Result<()> {
         reasons.contains(&"client-reset") && reasons.contains(&"upstream-reset"),
         "{reasons:?}"
     );
-    Ok(())
+    // The client resets after its reply, so its connection is forwarded by then; the server
+    // may reset before the upstream socket could join, so that one may have been spliced.
+    let client_reset: Vec<_> = closed
+        .iter()
+        .filter(|c| c["close_reason"] == "client-reset")
+        .collect();
+    forwarded_as(&daemon, forwarding, &client_reset)
 }
 
 #[test]
@@ -359,14 +442,13 @@ fn opaque_ports_are_never_sniffed() -> anyhow::Result<()> {
     Ok(())
 }
 
-#[test]
-fn connections_are_spread_round_robin_and_fail_over() -> anyhow::Result<()> {
+fn connections_are_spread_round_robin_and_fail_over(forwarding: &str) -> anyhow::Result<()> {
     let setup = setup(3, 8080)?;
     let eps = endpoints(&setup, 8080);
     let daemon = Daemon::start(
         &setup.sandbox,
         &[&setup.client],
-        &with_service(80, &eps, ""),
+        &with_service(80, &eps, &forwarding_yaml(forwarding)),
     )?;
 
     let per_backend = |seen: &[Seen]| -> HashMap<String, usize> {
@@ -401,17 +483,19 @@ fn connections_are_spread_round_robin_and_fail_over() -> anyhow::Result<()> {
     assert_eq!(counts.get("backend1"), None, "{counts:?}");
     assert_eq!(counts.values().sum::<usize>(), 300);
     assert!(daemon.counter("proxy", "endpoint_failovers")? >= 90);
-    Ok(())
+    // Each client waits for its reply, which only the joined connection delivers.
+    let closed = closed_conns(&daemon, 600)?;
+    forwarded_as(&daemon, forwarding, &closed.iter().collect::<Vec<_>>())
 }
 
-#[test]
-fn bad_input_is_handled_without_harming_others() -> anyhow::Result<()> {
+fn bad_input_is_handled_without_harming_others(forwarding: &str) -> anyhow::Result<()> {
     let setup = setup(1, 8080)?;
     let eps = endpoints(&setup, 8080);
+    let intercept = format!("  detect_timeout: 500ms\n{}", forwarding_yaml(forwarding));
     let daemon = Daemon::start(
         &setup.sandbox,
         &[&setup.client],
-        &with_service(80, &eps, "  detect_timeout: 500ms\n"),
+        &with_service(80, &eps, &intercept),
     )?;
     let (sandbox, client) = (&setup.sandbox, &setup.client);
 
@@ -466,7 +550,24 @@ fn bad_input_is_handled_without_harming_others() -> anyhow::Result<()> {
         "shunt died; log:\n{}",
         daemon.log_text()
     );
-    Ok(())
+    // Senders that end right after their bytes may finish before their socket can join (then
+    // they are spliced); the held connection cannot.
+    let closed = closed_conns(&daemon, 5)?;
+    let held: Vec<_> = closed
+        .iter()
+        .filter(|c| c["verdict"] == "opaque" && c["bytes_from_client"] == 6)
+        .collect();
+    ensure!(held.len() == 1, "the held connection: {closed:?}");
+    if forwarding == "sockmap" {
+        for conn in &closed {
+            let how = conn["forwarding"].as_str().unwrap_or_default();
+            assert!(
+                how == "sockmap" || how.starts_with("splice (sockmap: "),
+                "{conn}"
+            );
+        }
+    }
+    forwarded_as(&daemon, forwarding, &held)
 }
 
 #[test]
@@ -531,3 +632,36 @@ fn reload_swaps_services_and_refuses_a_bad_config() -> anyhow::Result<()> {
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
+
+/// The forwarding cases, once per `intercept.forwarding` mode.
+macro_rules! per_forwarding_mode {
+    ($($case:ident),* $(,)?) => {
+        mod splice {
+            $(#[test]
+            fn $case() -> anyhow::Result<()> {
+                super::$case("splice")
+            })*
+        }
+        mod copy {
+            $(#[test]
+            fn $case() -> anyhow::Result<()> {
+                super::$case("copy")
+            })*
+        }
+        mod sockmap {
+            $(#[test]
+            fn $case() -> anyhow::Result<()> {
+                super::$case("sockmap")
+            })*
+        }
+    };
+}
+
+per_forwarding_mode!(
+    half_close_keeps_the_response_flowing,
+    resets_are_passed_on_in_both_directions,
+    idle_connections_are_closed,
+    iperf3_through_a_service_moves_every_byte,
+    bad_input_is_handled_without_harming_others,
+    connections_are_spread_round_robin_and_fail_over,
+);

@@ -5,6 +5,6 @@ mod conns;
 mod counters;
 mod streams;
 
-pub use conns::{ConnGuard, ConnRecord, ConnTable};
+pub use conns::{ConnGuard, ConnRecord, ConnTable, KernelBytes};
 pub use counters::ProxyCounters;
 pub use streams::{Recording, StreamLog, StreamRecord};
