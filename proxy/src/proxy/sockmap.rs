@@ -50,9 +50,11 @@ use crate::{bpf::Sockmap, state::KernelBytes};
 
 use super::forward::{Closed, Meters, Side, reset, write_all};
 
-/// Most a client may send beyond what detection read while its socket is being prepared;
-/// one that sends more is spliced instead.
-const CATCH_UP_LIMIT: usize = 256 * 1024;
+/// Catching up with a client before its socket joins: bytes read per round before they are
+/// written out, and the most bytes and time spent before giving up (then it is spliced).
+const CATCH_UP_ROUND: usize = 256 * 1024;
+const CATCH_UP_BYTES: usize = 16 << 20;
+const CATCH_UP_TIME: Duration = Duration::from_millis(200);
 
 /// How often a direction waiting for its peer to send the last redirected bytes looks again:
 /// at once, then doubling to the maximum.
@@ -95,15 +97,17 @@ pub async fn forward(
             reason: reason.to_owned(),
         })
     };
-    match catch_up(client.as_raw_fd(), &mut owed, prefix.len() + CATCH_UP_LIMIT) {
-        CatchUp::Drained => {}
-        CatchUp::Eof => {
+    // A client that streams from its first byte refills its queue while it is read: what
+    // was read is written out and the queue read again, until it is seen empty, for at most
+    // CATCH_UP_BYTES or CATCH_UP_TIME (a slow upstream makes that unlikely: spliced then).
+    let deadline = Instant::now() + CATCH_UP_TIME;
+    let mut caught_up = 0;
+    loop {
+        let round = catch_up(client.as_raw_fd(), &mut owed, CATCH_UP_ROUND);
+        if let CatchUp::Eof = round {
             return fallback(client, upstream, owed, "the client had finished sending");
         }
-        CatchUp::TooMuch => {
-            return fallback(client, upstream, owed, "the client kept sending");
-        }
-        CatchUp::Failed(e) => {
+        if let CatchUp::Failed(e) = round {
             // As splice would: what the client sent before failing, then its failure.
             if write_all(&upstream, &owed).await.is_ok() {
                 meters
@@ -113,14 +117,24 @@ pub async fn forward(
             reset(&upstream);
             return Outcome::Done(Closed::by(Side::Client, e));
         }
+        if let CatchUp::TooMuch = round
+            && (caught_up > CATCH_UP_BYTES || Instant::now() >= deadline)
+        {
+            return fallback(client, upstream, owed, "the client kept sending");
+        }
+        if let Err(e) = write_all(&upstream, &owed).await {
+            reset(&client);
+            return Outcome::Done(Closed::by(Side::Upstream, e));
+        }
+        meters
+            .from_client
+            .fetch_add(owed.len() as u64, Ordering::Relaxed);
+        caught_up += owed.len();
+        owed.clear();
+        if let CatchUp::Drained = round {
+            break;
+        }
     }
-    if let Err(e) = write_all(&upstream, &owed).await {
-        reset(&client);
-        return Outcome::Done(Closed::by(Side::Upstream, e));
-    }
-    meters
-        .from_client
-        .fetch_add(owed.len() as u64, Ordering::Relaxed);
 
     let pair = match Pair::join(sockmap, client, upstream).await {
         Joined::Yes(pair) => pair,
@@ -139,8 +153,9 @@ pub async fn forward(
         })
     };
     kernel_bytes.set(source);
-    let closed = pair.run(idle_timeout).await;
+    let (closed, copied) = pair.run(idle_timeout).await;
     let (from_client, to_client) = pair.leave();
+    let (from_client, to_client) = (from_client + copied[0], to_client + copied[1]);
     tracing::debug!(%closed, from_client, to_client, "sockmap: connection done");
     kernel_bytes.clear();
     meters.from_client.fetch_add(from_client, Ordering::Relaxed);
@@ -157,15 +172,18 @@ enum CatchUp {
     /// The receive queue is empty: no partly read skb is left in it.
     Drained,
     Eof,
+    /// A round's worth was read and the queue is not empty yet.
     TooMuch,
     Failed(io::Error),
 }
 
-/// Reads what the client sent since detection into `owed`, until its receive queue is empty.
-fn catch_up(fd: RawFd, owed: &mut Vec<u8>, limit: usize) -> CatchUp {
-    let mut chunk = [0u8; 16 * 1024];
+/// Reads what the client sent since detection into `owed`, until its receive queue is empty
+/// or `round` more bytes were read.
+fn catch_up(fd: RawFd, owed: &mut Vec<u8>, round: usize) -> CatchUp {
+    let limit = owed.len() + round;
+    let mut chunk = [0u8; 64 * 1024];
     loop {
-        if owed.len() > limit {
+        if owed.len() >= limit {
             return CatchUp::TooMuch;
         }
         // SAFETY: the buffer is valid for its length; the fd is open for the call.
@@ -230,6 +248,9 @@ enum Flow {
     /// The source ended (or failed): waiting for the destination to have sent on every byte
     /// redirected, then `shutdown(SHUT_WR)` it (or end the connection, after a failure).
     Draining,
+    /// The source could not join `SM_SOURCES` again after a pause: once its backlog is out,
+    /// userspace copies the rest.
+    Userspace,
     Done,
 }
 
@@ -388,104 +409,347 @@ impl Pair {
         bytes
     }
 
+    /// Bytes redirected from `from` that `to` has not sent or queued yet: what waits in the
+    /// kernel's queue for `to`.
+    fn backlog(&self, from: &Member, to: &Member) -> io::Result<u64> {
+        let redirected = self.sockmap.redirected(from.cookie)?;
+        let (sent, _) = sent_or_queued(to.stream.as_raw_fd())?;
+        Ok(redirected.saturating_sub(sent.wrapping_sub(to.base)))
+    }
+
     /// Both directions until done; see the module comment for the order of events.
-    async fn run(&self, idle_timeout: Duration) -> Closed {
-        let members = [&self.client, &self.upstream];
-        // Indexed like `members`: the direction whose source is that member.
-        let mut flows = [Flow::Open, Flow::Open];
-        let mut ending: Option<Closed> = None;
-        let mut drain_wait = DRAIN_POLL_FIRST;
+    async fn run(&self, idle_timeout: Duration) -> (Closed, [u64; 2]) {
+        let mut run = Run {
+            pair: self,
+            flows: [Flow::Open, Flow::Open],
+            tails: [Vec::new(), Vec::new()],
+            copied: [0, 0],
+            ending: None,
+            watch: Watch::new(),
+        };
+        let closed = run.until_done(idle_timeout).await;
+        (closed, run.copied)
+    }
+}
+
+/// The state of one joined connection while it runs; indexed like `members()`, each entry
+/// describing the direction whose source is that member.
+struct Run<'a> {
+    pair: &'a Pair,
+    flows: [Flow; 2],
+    /// Bytes read from a source in userspace and not yet written (`Flow::Userspace`).
+    tails: [Vec<u8>; 2],
+    /// Bytes moved in userspace, per direction.
+    copied: [u64; 2],
+    /// The first failure; the connection ends once what the failed side sent is let out.
+    ending: Option<Closed>,
+    watch: Watch,
+}
+
+impl<'a> Run<'a> {
+    fn members(&self) -> [&'a Member; 2] {
+        let pair: &'a Pair = self.pair;
+        [&pair.client, &pair.upstream]
+    }
+
+    async fn until_done(&mut self, idle_timeout: Duration) -> Closed {
+        let mut poll_wait = DRAIN_POLL_FIRST;
         let mut idle = Idle::new(idle_timeout);
         loop {
-            for (i, member) in members.iter().enumerate() {
-                let failure = match flows[i] {
-                    Flow::Open => match probe(member.stream.as_raw_fd()) {
-                        Probe::Pending => None,
-                        Probe::Eof => {
-                            flows[i] = Flow::Draining;
-                            None
-                        }
-                        Probe::Data => Some(Closed::Error {
-                            side: member.side,
-                            error: "sockmap: bytes reached userspace out of order".into(),
-                        }),
-                        Probe::Failed(e) => {
-                            tracing::debug!(side = ?member.side, "sockmap: probe failed: {e}");
-                            Some(Closed::by(member.side, e))
-                        }
-                    },
-                    // No longer read: only its pending error can tell it failed.
-                    Flow::Draining | Flow::Done => match member.stream.take_error() {
-                        Ok(None) => None,
-                        Ok(Some(e)) | Err(e) => {
-                            tracing::debug!(side = ?member.side, ?flows, "sockmap: socket error: {e}");
-                            Some(Closed::by(member.side, e))
-                        }
-                    },
-                };
-                if let Some(failure) = failure {
-                    // Nothing can be delivered to a failed socket; what it sent before
-                    // failing is still let out, then the other side is reset.
-                    flows[1 - i] = Flow::Done;
-                    if ending.is_none() {
-                        if flows[i] == Flow::Open {
-                            flows[i] = Flow::Draining;
-                        }
-                        ending = Some(failure);
-                    } else {
-                        flows[i] = Flow::Done;
-                    }
+            for i in 0..2 {
+                if let Some(failure) = self.look_at_source(i) {
+                    self.fail(i, failure);
                 }
             }
-            for (i, member) in members.iter().enumerate() {
-                if flows[i] != Flow::Draining {
-                    continue;
-                }
-                let to = members[1 - i];
-                match self.drained(member, to) {
-                    Ok(false) => {}
-                    Ok(true) => {
-                        flows[i] = Flow::Done;
-                        if ending.is_none() {
-                            // SAFETY: shutdown has no memory effects; the fd is open.
-                            unsafe { libc::shutdown(to.stream.as_raw_fd(), libc::SHUT_WR) };
-                        }
-                    }
-                    Err(e) => {
-                        tracing::debug!("sockmap: drain check failed: {e}");
-                        flows = [Flow::Done, Flow::Done];
-                        ending.get_or_insert(Closed::by(to.side, e));
-                    }
-                }
+            for i in 0..2 {
+                self.advance(i);
             }
-            if flows == [Flow::Done, Flow::Done] {
-                return ending.unwrap_or(Closed::Eof);
+            if self.flows == [Flow::Done, Flow::Done] {
+                return self.ending.take().unwrap_or(Closed::Eof);
             }
-            if let Some(ending) = ending.take_if(|_| !flows.contains(&Flow::Draining)) {
+            let waiting = self
+                .flows
+                .iter()
+                .any(|f| matches!(f, Flow::Draining | Flow::Userspace));
+            if !waiting && let Some(ending) = self.ending.take() {
                 return ending;
             }
-            let draining = flows.contains(&Flow::Draining);
+            if !waiting {
+                poll_wait = DRAIN_POLL_FIRST;
+            }
+            self.watch_interest();
             tokio::select! {
-                ready = self.epoll.readable() => match ready {
+                ready = self.pair.epoll.readable() => match ready {
                     Ok(mut guard) => {
                         epoll::drain(guard.get_inner().as_raw_fd());
                         guard.clear_ready();
+                        self.watch.woken();
                     }
                     Err(e) => return Closed::Error { side: Side::Client, error: format!("epoll: {e}") },
                 },
-                () = tokio::time::sleep(drain_wait), if draining => {
-                    drain_wait = (drain_wait * 2).min(DRAIN_POLL_MAX);
+                () = tokio::time::sleep(poll_wait), if waiting => {
+                    poll_wait = (poll_wait * 2).min(DRAIN_POLL_MAX);
                 }
+                () = self.watch.next_check() => self.check_backlogs(),
                 () = idle.next_check(), if idle.enabled() => {
-                    let moved = self.sockmap.redirected(self.client.cookie).unwrap_or(0)
-                        + self.sockmap.redirected(self.upstream.cookie).unwrap_or(0);
-                    if idle.expired(moved) {
+                    if idle.expired(self.moved()) {
                         return Closed::IdleTimeout;
                     }
                 }
             }
         }
     }
+
+    /// Has source `i` ended or failed? Only an open, unpaused source is read (a peek); any
+    /// other socket is watched through its pending error alone.
+    fn look_at_source(&mut self, i: usize) -> Option<Closed> {
+        let member = self.members()[i];
+        if self.flows[i] == Flow::Open && !self.watch.paused[i] {
+            return match probe(member.stream.as_raw_fd()) {
+                Probe::Pending => None,
+                Probe::Eof => {
+                    self.flows[i] = Flow::Draining;
+                    None
+                }
+                Probe::Data => Some(Closed::Error {
+                    side: member.side,
+                    error: "sockmap: bytes reached userspace out of order".into(),
+                }),
+                Probe::Failed(e) => Some(Closed::by(member.side, e)),
+            };
+        }
+        match member.stream.take_error() {
+            Ok(None) => None,
+            Ok(Some(e)) | Err(e) => Some(Closed::by(member.side, e)),
+        }
+    }
+
+    /// Side `i` failed: nothing can be delivered to it any more; what it sent before failing
+    /// is still let out, then the connection ends (and the other side is reset).
+    fn fail(&mut self, i: usize, failure: Closed) {
+        tracing::debug!(%failure, "sockmap: a side failed");
+        self.flows[1 - i] = Flow::Done;
+        if self.ending.is_some() {
+            self.flows[i] = Flow::Done;
+            return;
+        }
+        if self.flows[i] == Flow::Open {
+            self.flows[i] = if self.watch.paused[i] {
+                // Its queued bytes never went through the verdict: a reset drops them.
+                Flow::Done
+            } else {
+                Flow::Draining
+            };
+        }
+        self.ending = Some(failure);
+    }
+
+    /// Moves direction `i` on: a drained direction passes its EOF on; one handed to
+    /// userspace copies what it can.
+    fn advance(&mut self, i: usize) {
+        let [from, to] = [self.members()[i], self.members()[1 - i]];
+        let result = match self.flows[i] {
+            Flow::Draining => self.pair.drained(from, to).map(|drained| {
+                if drained {
+                    self.flows[i] = Flow::Done;
+                    if self.ending.is_none() {
+                        shutdown_write(to);
+                    }
+                }
+            }),
+            Flow::Userspace => match self.pair.drained(from, to) {
+                Ok(true) => self.copy_tail(i),
+                other => other.map(drop),
+            },
+            Flow::Open | Flow::Done => Ok(()),
+        };
+        if let Err(e) = result {
+            tracing::debug!("sockmap: direction failed: {e}");
+            self.flows = [Flow::Done, Flow::Done];
+            self.ending.get_or_insert(Closed::by(to.side, e));
+        }
+    }
+
+    /// Copies direction `i` in userspace, without blocking, until its source's EOF (then
+    /// passed on). Used only after every redirected byte of that direction has been sent.
+    fn copy_tail(&mut self, i: usize) -> io::Result<()> {
+        let [from, to] = [self.members()[i], self.members()[1 - i]];
+        let mut chunk = [0u8; 64 * 1024];
+        loop {
+            while !self.tails[i].is_empty() {
+                // SAFETY: the buffer is valid for its length; the fd is open.
+                let n = unsafe {
+                    libc::send(
+                        to.stream.as_raw_fd(),
+                        self.tails[i].as_ptr().cast(),
+                        self.tails[i].len(),
+                        libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+                    )
+                };
+                if n < 0 {
+                    let e = io::Error::last_os_error();
+                    return match e.kind() {
+                        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => Ok(()),
+                        _ => Err(e),
+                    };
+                }
+                self.tails[i].drain(..n as usize);
+                self.copied[i] += n as u64;
+            }
+            // SAFETY: as above.
+            let n = unsafe {
+                libc::recv(
+                    from.stream.as_raw_fd(),
+                    chunk.as_mut_ptr().cast(),
+                    chunk.len(),
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            match n {
+                0 => {
+                    self.flows[i] = Flow::Done;
+                    if self.ending.is_none() {
+                        shutdown_write(to);
+                    }
+                    return Ok(());
+                }
+                n if n > 0 => self.tails[i].extend_from_slice(&chunk[..n as usize]),
+                _ => {
+                    let e = io::Error::last_os_error();
+                    return match e.kind() {
+                        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => Ok(()),
+                        // The source's failure: reported by `look_at_source` next time
+                        // round only if it is still pending, so report it here.
+                        _ => {
+                            self.fail(i, Closed::by(from.side, e));
+                            Ok(())
+                        }
+                    };
+                }
+            }
+        }
+    }
+
+    fn moved(&self) -> u64 {
+        let sm = &self.pair.sockmap;
+        let [c, u] = self.members();
+        sm.redirected(c.cookie).unwrap_or(0)
+            + sm.redirected(u.cookie).unwrap_or(0)
+            + self.copied[0]
+            + self.copied[1]
+    }
+
+    /// Keeps what waits in the kernel for each destination bounded: the kernel queues
+    /// redirected skbs for a slow destination without limit, so a source whose backlog
+    /// passes [`PAUSE_ABOVE`] leaves `SM_SOURCES`. Its skbs then stay in its own receive
+    /// queue, whose limit makes TCP push back on the sender. Below [`RESUME_BELOW`] it joins
+    /// again and the queued skbs go through the verdict in order, behind the backlog. A
+    /// source that cannot join again (it has received its FIN meanwhile) is finished in
+    /// userspace once its backlog is out.
+    fn check_backlogs(&mut self) {
+        let moved = self.moved();
+        for i in 0..2 {
+            if self.flows[i] != Flow::Open {
+                continue;
+            }
+            let [from, to] = [self.members()[i], self.members()[1 - i]];
+            let backlog = match self.pair.backlog(from, to) {
+                Ok(backlog) => backlog,
+                Err(e) => {
+                    self.fail(i, Closed::by(to.side, e));
+                    continue;
+                }
+            };
+            let sm = &self.pair.sockmap;
+            if !self.watch.paused[i] && backlog > PAUSE_ABOVE {
+                if sm.remove_source(from.cookie).is_ok() {
+                    // Taking the socket lock waits out a verdict still running on it.
+                    let _ = sent_or_queued(from.stream.as_raw_fd());
+                    self.watch.paused[i] = true;
+                    tracing::debug!(side = ?from.side, backlog, "sockmap: source paused");
+                }
+            } else if self.watch.paused[i] && backlog < RESUME_BELOW {
+                self.watch.paused[i] = false;
+                if let Err(e) = sm.add_source(from.cookie, from.stream.as_fd()) {
+                    tracing::debug!(side = ?from.side, "sockmap: source finishes in userspace: {e}");
+                    self.flows[i] = Flow::Userspace;
+                }
+            }
+        }
+        self.watch.checked(moved);
+    }
+
+    /// Asks for `EPOLLIN` only while nothing else wakes the task: when the watch is resting
+    /// (the first byte after a quiet spell starts it again) or a direction is copied in
+    /// userspace.
+    fn watch_interest(&mut self) {
+        let want = self.watch.resting() || self.flows.contains(&Flow::Userspace);
+        if want != self.watch.reading {
+            let [c, u] = self.members();
+            let fds = [c.stream.as_raw_fd(), u.stream.as_raw_fd()];
+            if epoll::interest(self.pair.epoll.get_ref().as_raw_fd(), &fds, want).is_ok() {
+                self.watch.reading = want;
+            }
+        }
+    }
+}
+
+/// Pause a source whose destination has more than this waiting in the kernel...
+const PAUSE_ABOVE: u64 = 4 << 20;
+/// ...and let it go on once the destination is down to this.
+const RESUME_BELOW: u64 = 1 << 20;
+/// How often backlogs are checked while bytes move; a quiet connection is not checked, but
+/// its first byte wakes the watch again.
+const WATCH_ACTIVE: Duration = Duration::from_millis(20);
+
+/// When to look at the backlogs, and which sources are paused.
+struct Watch {
+    paused: [bool; 2],
+    next: Option<Instant>,
+    last_moved: u64,
+    /// Whether the sockets' epoll interest includes `EPOLLIN` now.
+    reading: bool,
+}
+
+impl Watch {
+    fn new() -> Watch {
+        Watch {
+            paused: [false, false],
+            next: Some(Instant::now() + WATCH_ACTIVE),
+            last_moved: 0,
+            reading: false,
+        }
+    }
+
+    fn resting(&self) -> bool {
+        self.next.is_none()
+    }
+
+    /// Any wake-up may be the first byte after a quiet spell.
+    fn woken(&mut self) {
+        if self.next.is_none() {
+            self.next = Some(Instant::now() + WATCH_ACTIVE);
+        }
+    }
+
+    async fn next_check(&self) {
+        match self.next {
+            Some(at) => tokio::time::sleep_until(at).await,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Keeps checking while bytes moved since the last check or a source is paused.
+    fn checked(&mut self, moved: u64) {
+        let busy = moved != self.last_moved || self.paused.contains(&true);
+        self.last_moved = moved;
+        self.next = busy.then(|| Instant::now() + WATCH_ACTIVE);
+    }
+}
+
+fn shutdown_write(member: &Member) {
+    // SAFETY: shutdown has no memory effects; the fd is open.
+    unsafe { libc::shutdown(member.stream.as_raw_fd(), libc::SHUT_WR) };
 }
 
 /// The idle timeout over kernel-forwarded bytes: checked four times per timeout, so a
@@ -646,6 +910,25 @@ mod epoll {
         // SAFETY: the AsyncFd owns the epoll descriptor for as long as it is registered.
         unsafe { AsyncFd::register_with_interest(epoll, tokio::io::Interest::READABLE) }
             .map_err(io::Error::from)
+    }
+
+    /// Sets both sockets' interest: `EPOLLRDHUP`, plus `EPOLLIN` when `reading`.
+    pub fn interest(epfd: RawFd, fds: &[RawFd], reading: bool) -> io::Result<()> {
+        let mut events = (libc::EPOLLRDHUP | libc::EPOLLET) as u32;
+        if reading {
+            events |= libc::EPOLLIN as u32;
+        }
+        for &fd in fds {
+            let mut event = libc::epoll_event {
+                events,
+                u64: fd as u64,
+            };
+            // SAFETY: both descriptors are open; the event is valid for the call.
+            if unsafe { libc::epoll_ctl(epfd, libc::EPOLL_CTL_MOD, fd, &mut event) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        Ok(())
     }
 
     /// Empties the ready list (the events themselves are not needed).
