@@ -943,3 +943,39 @@ mod epoll {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_counts_from_the_last_byte_moved() {
+        let mut idle = Idle::new(Duration::from_millis(400));
+        assert!(idle.enabled());
+        tokio::time::advance(Duration::from_millis(300)).await;
+        assert!(!idle.expired(10), "bytes moved: not idle");
+        tokio::time::advance(Duration::from_millis(300)).await;
+        assert!(!idle.expired(10), "300 ms since the last byte");
+        tokio::time::advance(Duration::from_millis(100)).await;
+        assert!(idle.expired(10), "400 ms since the last byte");
+        assert!(!Idle::new(Duration::ZERO).enabled());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_watch_rests_when_quiet_and_keeps_going_while_paused() {
+        let mut watch = Watch::new();
+        assert!(!watch.resting());
+        watch.checked(100);
+        assert!(!watch.resting(), "bytes moved since the start");
+        watch.checked(100);
+        assert!(watch.resting(), "nothing moved: rest until woken");
+        watch.woken();
+        assert!(!watch.resting());
+        watch.paused[1] = true;
+        watch.checked(100);
+        assert!(
+            !watch.resting(),
+            "a paused source must be resumed by a later check"
+        );
+    }
+}
