@@ -261,7 +261,8 @@ pub struct Intercept {
     /// Opaque connections with no traffic either way for this long are closed; `0s`: never.
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
-    /// How opaque bytes are moved: `splice` (zero-copy, the default) or `copy`.
+    /// How opaque bytes are moved: `splice` (zero-copy, the default), `copy`, or `sockmap`
+    /// (in the kernel by an sk_skb verdict; splice where the kernel cannot).
     pub forwarding: Forwarding,
     /// On SIGTERM, how long established connections get to finish.
     #[serde(with = "humantime_serde")]

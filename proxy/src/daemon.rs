@@ -67,6 +67,7 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
         telemetry: telemetry.clone(),
         shutdown,
         dst_table: datapath.original_dst_table()?,
+        sockmap: datapath.sockmap(),
         conns: conns.clone(),
         counters: counters.clone(),
         mark: intercept.mark,

@@ -382,7 +382,9 @@ fn uninstall_leaves_no_program_link_or_pin() -> anyhow::Result<()> {
             ids.push((object, id));
         }
     }
-    assert_eq!(ids.len(), 5 + 5 + 7, "programs, links, maps: {ids:?}");
+    // Five cgroup programs with their links plus the sockmap stream verdict (attached to its
+    // map, no link); seven maps plus the three sockmap ones.
+    assert_eq!(ids.len(), 6 + 5 + 10, "programs, links, maps: {ids:?}");
     assert_eq!(attached_programs(&sandbox)?.len(), 5);
 
     daemon.ctl(&["uninstall"])?;

@@ -16,6 +16,13 @@ pub mod maps {
     pub const DST_BY_SOCKET: &str = "DST_BY_SOCK";
     pub const DST_BY_CLIENT: &str = "DST_BY_CLIENT";
     pub const COUNTERS: &str = "COUNTERS";
+    /// Sockets whose incoming bytes the stream verdict redirects (`forwarding: sockmap`).
+    pub const SOCKMAP_SOURCES: &str = "SM_SOURCES";
+    /// Sockets bytes may be redirected to. No program is attached to it, so a socket can
+    /// be a target before its own bytes are redirected.
+    pub const SOCKMAP_TARGETS: &str = "SM_TARGETS";
+    /// Socket cookie → its peer's cookie and the bytes redirected from it.
+    pub const SOCKMAP_PEERS: &str = "SM_PEERS";
 
     pub const ENROLLED_CAPACITY: u32 = 4096;
     pub const EXCLUDED_CIDRS_CAPACITY: u32 = 1024;
@@ -23,6 +30,8 @@ pub mod maps {
     /// Original destinations in flight. LRU, so an entry whose connection never reaches the
     /// proxy is eventually evicted instead of filling the map.
     pub const DST_CAPACITY: u32 = 65536;
+    /// Sockets in each sockmap (two per connection): past it, new connections are spliced.
+    pub const SOCKMAP_CAPACITY: u32 = 65536;
 }
 
 /// Program names (also their ELF section symbols). Kernel program names are limited to 15
@@ -34,6 +43,9 @@ pub mod programs {
     pub const GETPEERNAME4: &str = "shunt_getpeer4";
     pub const GETPEERNAME6: &str = "shunt_getpeer6";
     pub const ALL: [&str; 5] = [CONNECT4, CONNECT6, SOCK_OPS, GETPEERNAME4, GETPEERNAME6];
+    /// The `sk_skb/stream_verdict` program of `forwarding: sockmap`, attached to
+    /// `SM_SOURCES` rather than to the cgroup.
+    pub const SOCKMAP_VERDICT: &str = "shunt_sk_verdict";
 }
 
 pub const FAIL_OPEN: u8 = 0;
@@ -79,6 +91,16 @@ pub struct ClientKey {
     pub _pad: [u8; 6],
 }
 
+/// A socket of a kernel-forwarded connection, keyed by its cookie in `SM_PEERS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockmapPeer {
+    /// Cookie of the socket this one's bytes are redirected to (its key in `SM_TARGETS`).
+    pub peer_cookie: u64,
+    /// Payload bytes the verdict has redirected from this socket to its peer.
+    pub bytes: u64,
+}
+
 /// Key of the excluded-CIDR LPM trie: an IPv4 CIDR `a.b.c.d/n` is stored as
 /// `::ffff:a.b.c.d/(96 + n)`.
 pub type CidrKeyData = RawAddr;
@@ -108,10 +130,14 @@ pub enum Counter {
     SkipUnconfigured,
     /// A map update failed (map full?): the connection goes direct.
     SkipMapFull,
+    /// The stream verdict redirected a received skb to the peer socket.
+    SockmapRedirected,
+    /// The stream verdict found no peer for a socket and passed its bytes to userspace.
+    SockmapNoPeer,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 13;
+    pub const COUNT: u32 = 15;
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::Redirected,
         Counter::RedirectedNoListener,
@@ -126,6 +152,8 @@ impl Counter {
         Counter::SkipNoListener,
         Counter::SkipUnconfigured,
         Counter::SkipMapFull,
+        Counter::SockmapRedirected,
+        Counter::SockmapNoPeer,
     ];
 
     /// Stable name, used in the admin API and metrics.
@@ -144,6 +172,8 @@ impl Counter {
             Counter::SkipNoListener => "skip_no_listener",
             Counter::SkipUnconfigured => "skip_unconfigured",
             Counter::SkipMapFull => "skip_map_full",
+            Counter::SockmapRedirected => "sockmap_redirected",
+            Counter::SockmapNoPeer => "sockmap_no_peer",
         }
     }
 }
@@ -167,6 +197,7 @@ mod user {
     unsafe impl aya::Pod for super::InterceptConfig {}
     unsafe impl aya::Pod for super::OriginalDst {}
     unsafe impl aya::Pod for super::ClientKey {}
+    unsafe impl aya::Pod for super::SockmapPeer {}
 }
 
 #[cfg(test)]
@@ -178,6 +209,7 @@ mod tests {
         assert_eq!(core::mem::size_of::<InterceptConfig>(), 8);
         assert_eq!(core::mem::size_of::<OriginalDst>(), 24);
         assert_eq!(core::mem::size_of::<ClientKey>(), 32);
+        assert_eq!(core::mem::size_of::<SockmapPeer>(), 16);
     }
 
     #[test]

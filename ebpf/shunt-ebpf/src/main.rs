@@ -8,6 +8,10 @@
 //!   `accept()` — netns cookie + client address and port. At `TCP_CLOSE` it forgets the socket.
 //! * `cgroup/getpeername4`, `cgroup/getpeername6`: answer with the original destination, so the
 //!   application sees the address it asked for.
+//! * `sk_skb/stream_verdict` on the `SM_SOURCES` sockhash (`forwarding: sockmap`): every skb
+//!   a source socket receives goes straight to the egress of its peer socket, so passthrough
+//!   bytes never reach userspace. Userspace decides which sockets are sources and when (see
+//!   `proxy/src/proxy/sockmap.rs` for the ordering this relies on).
 #![no_std]
 #![no_main]
 
@@ -16,20 +20,20 @@ use core::{ffi::c_void, mem};
 use aya_ebpf::{
     bindings::{
         BPF_F_CURRENT_NETNS, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
-        BPF_SOCK_OPS_TCP_CONNECT_CB, SO_MARK, SOL_SOCKET, bpf_sock_tuple,
+        BPF_SOCK_OPS_TCP_CONNECT_CB, SO_MARK, SOL_SOCKET, bpf_sock_tuple, sk_action,
     },
     helpers::{
         bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_getsockopt, bpf_sk_lookup_tcp,
         bpf_sk_release,
     },
-    macros::{cgroup_sock_addr, map, sock_ops},
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
-    programs::{SockAddrContext, SockOpsContext},
+    macros::{cgroup_sock_addr, map, sock_ops, stream_verdict},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash, lpm_trie::Key},
+    programs::{SkBuffContext, SockAddrContext, SockOpsContext},
 };
 use aya_log_ebpf::debug;
 use shunt_common::{
-    ClientKey, Counter, FAIL_CLOSED, InterceptConfig, OriginalDst, RawAddr, is_v4_mapped, map_v4,
-    maps::*,
+    ClientKey, Counter, FAIL_CLOSED, InterceptConfig, OriginalDst, RawAddr, SockmapPeer,
+    is_v4_mapped, map_v4, maps::*,
 };
 
 const AF_INET: u32 = 2;
@@ -64,6 +68,18 @@ static DST_BY_CLIENT: LruHashMap<ClientKey, OriginalDst> = LruHashMap::pinned(DS
 
 #[map(name = "COUNTERS")]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(Counter::COUNT, 0);
+
+/// Socket cookie → socket: the sockets whose received skbs the verdict below redirects.
+#[map(name = "SM_SOURCES")]
+static SOCKMAP_SOURCES: SockHash<u64> = SockHash::pinned(SOCKMAP_CAPACITY, 0);
+
+/// Socket cookie → socket: where redirected skbs may go (no program attached).
+#[map(name = "SM_TARGETS")]
+static SOCKMAP_TARGETS: SockHash<u64> = SockHash::pinned(SOCKMAP_CAPACITY, 0);
+
+/// Socket cookie → peer's cookie and bytes redirected so far.
+#[map(name = "SM_PEERS")]
+static SOCKMAP_PEERS: HashMap<u64, SockmapPeer> = HashMap::pinned(SOCKMAP_CAPACITY, 0);
 
 #[inline(always)]
 fn count(counter: Counter) {
@@ -367,6 +383,36 @@ pub fn shunt_getpeer6(ctx: SockAddrContext) -> i32 {
         count(Counter::PeerNameRewritten);
     }
     ALLOW
+}
+
+/// Sends every skb a source socket receives to its peer's egress (flags 0), counting the
+/// bytes on the source's entry, which userspace compares with what the peer has sent before
+/// it passes an EOF on. Each socket's skbs are handed to the verdict one at a time under that
+/// socket's lock, so the plain add never races itself.
+#[stream_verdict]
+pub fn shunt_sk_verdict(ctx: SkBuffContext) -> u32 {
+    if ctx.len() == 0 {
+        // A FIN without data. Redirected, the peer's send worker would get 0 from sending
+        // it, take that for a broken pipe and fail the peer socket (EPIPE) with bytes of the
+        // other direction still to send. The FIN has already done its work on this socket
+        // (userspace sees the EOF), so there is nothing left to deliver.
+        return sk_action::SK_DROP;
+    }
+    // SAFETY: helper valid in sk_skb programs; the skb is owned by the receiving socket.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb as *mut c_void) };
+    let Some(peer) = SOCKMAP_PEERS.get_ptr_mut(cookie) else {
+        // Userspace pairs sockets before it adds them as sources and removes them as sources
+        // before unpairing, so this is never expected: passing the bytes up makes the
+        // connection fail loudly there rather than lose them here.
+        count(Counter::SockmapNoPeer);
+        return sk_action::SK_PASS;
+    };
+    // SAFETY: a valid map value pointer for the duration of the program.
+    let peer = unsafe { &mut *peer };
+    peer.bytes += u64::from(ctx.len());
+    let mut target = peer.peer_cookie;
+    count(Counter::SockmapRedirected);
+    SOCKMAP_TARGETS.redirect_skb(&ctx, &mut target, 0) as u32
 }
 
 #[cfg(not(test))]

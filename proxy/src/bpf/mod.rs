@@ -7,6 +7,7 @@
 //! and never stacked twice.
 
 mod fs;
+mod sockmap;
 mod sys;
 
 use std::{
@@ -14,20 +15,22 @@ use std::{
     fs::File,
     os::fd::AsFd,
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, SockHash, lpm_trie::Key},
     programs::{CgroupAttachMode, Program, SockOps, links::FdLink},
 };
 use ipnet::IpNet;
 use shunt_common::{
-    ClientKey, Counter, FAIL_CLOSED, FAIL_OPEN, InterceptConfig, OriginalDst, RawAddr, maps,
-    programs,
+    ClientKey, Counter, FAIL_CLOSED, FAIL_OPEN, InterceptConfig, OriginalDst, RawAddr, SockmapPeer,
+    maps, programs,
 };
 
 pub use fs::cgroup2_mount;
+pub use sockmap::Sockmap;
 
 use crate::{config::FailMode, net::to_raw};
 
@@ -119,6 +122,9 @@ pub struct Datapath {
     enrolled: HashMap<MapData, u64, u32>,
     dst_by_client: MapData,
     counters: PerCpuArray<MapData, u64>,
+    sockmap_peers: HashMap<MapData, u64, SockmapPeer>,
+    /// The kernel fast path of `forwarding: sockmap`, or why this kernel cannot have it.
+    sockmap: Result<Arc<Sockmap>, String>,
     pub cgroup: PathBuf,
     pub pin_dir: PathBuf,
     pub attachment: Attachment,
@@ -162,10 +168,35 @@ impl Datapath {
             }
         }
 
+        let peers_data = take_map_data(&mut ebpf, maps::SOCKMAP_PEERS)?;
+        let peers_fd = peers_data
+            .fd()
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|e| BpfError::Map {
+                name: maps::SOCKMAP_PEERS,
+                message: e.to_string(),
+            })?;
+        let mut sockmap_peers: HashMap<MapData, u64, SockmapPeer> =
+            HashMap::try_from(Map::HashMap(peers_data)).map_err(map_err(maps::SOCKMAP_PEERS))?;
+        // Entries of a previous daemon's connections: their sockets closed with it.
+        let stale: Vec<u64> = sockmap_peers.keys().filter_map(Result::ok).collect();
+        for cookie in stale {
+            let _ = sockmap_peers.remove(&cookie);
+        }
+        let sockmap = attach_sockmap(&mut ebpf, &cfg.pin_dir, peers_fd)
+            .map(Arc::new)
+            .map_err(|e| {
+                tracing::warn!("forwarding: sockmap is unavailable, splice is used instead: {e}");
+                e.to_string()
+            });
+
         let mut datapath = Datapath {
             enrolled: take_map(&mut ebpf, maps::ENROLLED)?,
             dst_by_client: take_map_data(&mut ebpf, maps::DST_BY_CLIENT)?,
             counters: take_map(&mut ebpf, maps::COUNTERS)?,
+            sockmap_peers,
+            sockmap,
             _ebpf: ebpf,
             cgroup,
             pin_dir: cfg.pin_dir.clone(),
@@ -282,9 +313,15 @@ impl Datapath {
             .collect()
     }
 
-    /// The per-CPU counters, summed.
+    /// The kernel fast path for `forwarding: sockmap`, or why it is unavailable.
+    pub fn sockmap(&self) -> Result<Arc<Sockmap>, String> {
+        self.sockmap.clone()
+    }
+
+    /// The per-CPU counters, summed, and `sockmap_sockets`: sockets of connections the
+    /// kernel forwards now (back to 0 once they have all closed).
     pub fn counters(&self) -> BTreeMap<&'static str, u64> {
-        Counter::ALL
+        let mut counters: BTreeMap<&'static str, u64> = Counter::ALL
             .iter()
             .map(|c| {
                 let total = self
@@ -294,8 +331,46 @@ impl Datapath {
                     .unwrap_or(0);
                 (c.name(), total)
             })
-            .collect()
+            .collect();
+        let sockets = self.sockmap_peers.keys().filter(Result::is_ok).count();
+        counters.insert("sockmap_sockets", sockets as u64);
+        counters
     }
+}
+
+/// Loads the stream verdict, attaches it to `SM_SOURCES` and pins it. The attachment is the
+/// daemon's: it goes when the daemon exits, and so do the sockets it steers. A daemon that was
+/// killed leaves its verdict attached to the pinned map; attaching again replaces it.
+fn attach_sockmap(
+    ebpf: &mut Ebpf,
+    pin_dir: &Path,
+    peers: std::os::fd::OwnedFd,
+) -> Result<Sockmap, BpfError> {
+    let name = programs::SOCKMAP_VERDICT;
+    let sources: SockHash<MapData, u64> = take_map(ebpf, maps::SOCKMAP_SOURCES)?;
+    let targets: SockHash<MapData, u64> = take_map(ebpf, maps::SOCKMAP_TARGETS)?;
+    let Some(Program::SkSkb(program)) = ebpf.program_mut(name) else {
+        return Err(BpfError::Program {
+            name,
+            message: "missing from the object".into(),
+        });
+    };
+    load(program.load(), name)?;
+    program.attach(sources.fd()).map_err(prog_err(name))?;
+    let prog_pin = pin_dir.join("progs").join(name);
+    let _ = std::fs::remove_file(&prog_pin);
+    program.pin(&prog_pin).map_err(prog_err(name))?;
+    let fd = |name: &'static str, fd: std::os::fd::BorrowedFd<'_>| {
+        fd.try_clone_to_owned().map_err(|e| BpfError::Map {
+            name,
+            message: e.to_string(),
+        })
+    };
+    Ok(Sockmap::new(
+        fd(maps::SOCKMAP_SOURCES, sources.fd().as_fd())?,
+        fd(maps::SOCKMAP_TARGETS, targets.fd().as_fd())?,
+        peers,
+    ))
 }
 
 /// The proxy's view of `DST_BY_CLIENT`.

@@ -1,4 +1,5 @@
-//! The two `bpf(2)` commands aya does not expose publicly.
+//! The `bpf(2)` commands aya does not expose publicly, and map element commands on raw
+//! descriptors for the connection tasks (which must not take the datapath's lock).
 
 use std::{
     ffi::CString,
@@ -10,6 +11,9 @@ use std::{
     path::Path,
 };
 
+const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
 const BPF_LINK_UPDATE: libc::c_long = 29;
@@ -74,6 +78,20 @@ pub fn map_lookup_and_delete<K: aya::Pod, V: aya::Pod>(
     map: BorrowedFd<'_>,
     key: &K,
 ) -> io::Result<Option<V>> {
+    read_elem(BPF_MAP_LOOKUP_AND_DELETE_ELEM, map, key)
+}
+
+/// Reads `key`; `Ok(None)` when absent.
+pub fn map_lookup<K: aya::Pod, V: aya::Pod>(map: BorrowedFd<'_>, key: &K) -> io::Result<Option<V>> {
+    read_elem(BPF_MAP_LOOKUP_ELEM, map, key)
+}
+
+/// A command that fills in the value of `key`; `Ok(None)` when the key is absent.
+fn read_elem<K: aya::Pod, V: aya::Pod>(
+    cmd: libc::c_long,
+    map: BorrowedFd<'_>,
+    key: &K,
+) -> io::Result<Option<V>> {
     use std::os::fd::AsRawFd;
     let mut value = std::mem::MaybeUninit::<V>::zeroed();
     let mut attr = MapElemAttr {
@@ -83,11 +101,44 @@ pub fn map_lookup_and_delete<K: aya::Pod, V: aya::Pod>(
         value: value.as_mut_ptr() as u64,
         flags: 0,
     };
-    match bpf(BPF_MAP_LOOKUP_AND_DELETE_ELEM, &mut attr) {
+    match bpf(cmd, &mut attr) {
         // SAFETY: the kernel filled the value; `V: Pod` is valid for any bytes.
         Ok(_) => Ok(Some(unsafe { value.assume_init() })),
         Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
         Err(e) => Err(e),
+    }
+}
+
+/// Writes `key` → `value` (`BPF_ANY`). For a sockhash the value is a socket descriptor.
+pub fn map_update<K: aya::Pod, V: aya::Pod>(
+    map: BorrowedFd<'_>,
+    key: &K,
+    value: &V,
+) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let mut attr = MapElemAttr {
+        map_fd: map.as_raw_fd() as u32,
+        _pad: 0,
+        key: key as *const K as u64,
+        value: value as *const V as u64,
+        flags: 0,
+    };
+    bpf(BPF_MAP_UPDATE_ELEM, &mut attr).map(drop)
+}
+
+/// Removes `key`; absent is not an error.
+pub fn map_delete<K: aya::Pod>(map: BorrowedFd<'_>, key: &K) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let mut attr = MapElemAttr {
+        map_fd: map.as_raw_fd() as u32,
+        _pad: 0,
+        key: key as *const K as u64,
+        value: 0,
+        flags: 0,
+    };
+    match bpf(BPF_MAP_DELETE_ELEM, &mut attr) {
+        Err(e) if e.raw_os_error() != Some(libc::ENOENT) => Err(e),
+        _ => Ok(()),
     }
 }
 

@@ -60,7 +60,7 @@ impl std::fmt::Display for Closed {
 impl Closed {
     /// One side failed with `error`: a reset (or a write to a peer that has reset) is
     /// reported as such, anything else as an error of that side.
-    fn by(side: Side, error: io::Error) -> Closed {
+    pub(super) fn by(side: Side, error: io::Error) -> Closed {
         use io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset};
         match (error.kind(), side) {
             (ConnectionReset | BrokenPipe | ConnectionAborted, Side::Client) => Closed::ClientReset,
@@ -75,7 +75,7 @@ impl Closed {
     }
 
     /// The side whose failure ended the connection, if one did.
-    fn failed_side(&self) -> Option<Side> {
+    pub(super) fn failed_side(&self) -> Option<Side> {
         match self {
             Closed::ClientReset => Some(Side::Client),
             Closed::UpstreamReset => Some(Side::Upstream),
@@ -94,9 +94,24 @@ pub enum Forwarding {
     Splice,
     /// `read(2)`/`write(2)` through a userspace buffer.
     Copy,
+    /// An `sk_skb` stream verdict redirects each direction's skbs to the other socket in the
+    /// kernel; userspace only passes EOFs and resets on. Falls back to splice where the
+    /// kernel cannot (see `sockmap.rs`).
+    Sockmap,
+}
+
+impl Forwarding {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Forwarding::Splice => "splice",
+            Forwarding::Copy => "copy",
+            Forwarding::Sockmap => "sockmap",
+        }
+    }
 }
 
 /// Byte counters of both directions, shared with the connection table.
+#[derive(Clone, Copy)]
 pub struct Meters<'a> {
     pub from_client: &'a AtomicU64,
     pub to_client: &'a AtomicU64,
@@ -224,7 +239,8 @@ async fn direction(
         activity.touch();
     };
     match mode {
-        Forwarding::Splice => match splice_until_eof(from, to, count).await {
+        // Sockmap connections that get here are the ones it could not take: splice them.
+        Forwarding::Splice | Forwarding::Sockmap => match splice_until_eof(from, to, count).await {
             Ok(()) => {}
             Err(SpliceEnd::Read(e)) => return Err(End::Read(e)),
             Err(SpliceEnd::Write(e)) => return Err(End::Write(e)),
@@ -259,7 +275,7 @@ async fn copy_until_eof(
     }
 }
 
-async fn write_all(to: &TcpStream, mut bytes: &[u8]) -> io::Result<()> {
+pub(super) async fn write_all(to: &TcpStream, mut bytes: &[u8]) -> io::Result<()> {
     while !bytes.is_empty() {
         to.writable().await?;
         match to.try_write(bytes) {

@@ -6,6 +6,7 @@ mod detect;
 mod dial;
 mod forward;
 pub mod sniff;
+mod sockmap;
 mod splice;
 
 pub use forward::Forwarding;
@@ -17,7 +18,7 @@ use shunt_common::ClientKey;
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::{
-    bpf::OriginalDstTable,
+    bpf::{OriginalDstTable, Sockmap},
     config::Config,
     discovery,
     fault::{self, Faults},
@@ -90,6 +91,8 @@ pub struct Proxy {
     pub telemetry: Arc<Telemetry>,
     /// The threads connections run on.
     pub workers: Workers,
+    /// The kernel fast path for `forwarding: sockmap`, or why this kernel lacks it.
+    pub sockmap: Result<Arc<Sockmap>, String>,
 }
 
 /// The pod a listener belongs to.
@@ -309,17 +312,13 @@ async fn handle(
     let _in_use = upstream.endpoint.as_ref().map(|e| e.connection());
     ProxyCounters::inc(&counters.forwarded);
 
-    let meters = Meters {
-        from_client: &guard.bytes_from_client,
-        to_client: &guard.bytes_to_client,
-    };
-    let closed = forward(
+    let closed = forward_opaque(
+        &proxy,
+        &guard,
         client,
         upstream.stream,
         &detected.prefix,
-        meters,
-        settings.idle_timeout,
-        settings.forwarding,
+        &settings,
     )
     .await;
     match &closed {
@@ -340,6 +339,69 @@ async fn handle(
     }
     add_bytes(counters, &guard);
     guard.set_close_reason(closed.to_string());
+}
+
+/// Moves an opaque connection's bytes the configured way; `sockmap` falls back to splice
+/// where the kernel cannot take the connection, and the record says why.
+async fn forward_opaque(
+    proxy: &Proxy,
+    guard: &ConnGuard,
+    client: TcpStream,
+    upstream: TcpStream,
+    prefix: &[u8],
+    settings: &Settings,
+) -> forward::Closed {
+    let meters = Meters {
+        from_client: &guard.bytes_from_client,
+        to_client: &guard.bytes_to_client,
+    };
+    let idle = settings.idle_timeout;
+    let splice_instead = |why: &str| {
+        ProxyCounters::inc(&proxy.counters.sockmap_fallbacks);
+        tracing::debug!("sockmap: spliced instead: {why}");
+        guard.set_forwarding(format!("splice (sockmap: {why})"));
+    };
+    match (settings.forwarding, &proxy.sockmap) {
+        (Forwarding::Sockmap, Ok(sockmap)) => {
+            guard.set_forwarding(Forwarding::Sockmap.as_str());
+            let outcome = sockmap::forward(
+                sockmap,
+                client,
+                upstream,
+                prefix,
+                meters,
+                &guard.kernel_bytes,
+                idle,
+            )
+            .await;
+            match outcome {
+                sockmap::Outcome::Done(closed) => {
+                    ProxyCounters::inc(&proxy.counters.sockmap_forwarded);
+                    closed
+                }
+                sockmap::Outcome::Fallback(f) => {
+                    splice_instead(&f.reason);
+                    forward(
+                        f.client,
+                        f.upstream,
+                        &f.prefix,
+                        meters,
+                        idle,
+                        Forwarding::Splice,
+                    )
+                    .await
+                }
+            }
+        }
+        (Forwarding::Sockmap, Err(why)) => {
+            splice_instead(why);
+            forward(client, upstream, prefix, meters, idle, Forwarding::Splice).await
+        }
+        (mode, _) => {
+            guard.set_forwarding(mode.as_str());
+            forward(client, upstream, prefix, meters, idle, mode).await
+        }
+    }
 }
 
 /// Adds a finished connection's bytes to the proxy-wide totals.

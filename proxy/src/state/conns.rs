@@ -38,6 +38,10 @@ pub struct ConnRecord {
     pub duration_ms: u64,
     pub bytes_from_client: u64,
     pub bytes_to_client: u64,
+    /// How an opaque connection's bytes move: `splice`, `copy`, `sockmap`, or
+    /// `splice (sockmap: <why not>)`. `None` for HTTP/2 and before forwarding starts.
+    #[serde(default)]
+    pub forwarding: Option<String>,
     /// `None` while open.
     pub close_reason: Option<String>,
     /// Envoy-style response flags: `DI`/`FI` connect delay/reset injected, `UF` no
@@ -65,19 +69,49 @@ pub struct ByteTotal {
     pub to_client: u64,
 }
 
+/// Bytes the kernel moves on a connection's behalf (`forwarding: sockmap`), read only when
+/// the table is listed, so counting them costs the data path nothing.
+#[derive(Default)]
+pub struct KernelBytes(Mutex<Option<KernelBytesSource>>);
+
+/// Returns (from client, to client).
+pub type KernelBytesSource = Box<dyn Fn() -> (u64, u64) + Send + Sync>;
+
+impl KernelBytes {
+    pub fn set(&self, source: KernelBytesSource) {
+        *self.lock() = Some(source);
+    }
+
+    pub fn clear(&self) {
+        *self.lock() = None;
+    }
+
+    fn read(&self) -> (u64, u64) {
+        self.lock().as_ref().map_or((0, 0), |source| source())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<KernelBytesSource>> {
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
 struct Entry {
     record: ConnRecord,
     since: Instant,
     bytes_from_client: Arc<AtomicU64>,
     bytes_to_client: Arc<AtomicU64>,
+    kernel_bytes: Arc<KernelBytes>,
 }
 
 impl Entry {
     fn current(&self) -> ConnRecord {
+        let (kernel_from, kernel_to) = self.kernel_bytes.read();
         ConnRecord {
             duration_ms: self.since.elapsed().as_millis() as u64,
-            bytes_from_client: self.bytes_from_client.load(Ordering::Relaxed),
-            bytes_to_client: self.bytes_to_client.load(Ordering::Relaxed),
+            bytes_from_client: self.bytes_from_client.load(Ordering::Relaxed) + kernel_from,
+            bytes_to_client: self.bytes_to_client.load(Ordering::Relaxed) + kernel_to,
             ..self.record.clone()
         }
     }
@@ -132,6 +166,7 @@ impl ConnTable {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
         let bytes_from_client = Arc::new(AtomicU64::new(0));
         let bytes_to_client = Arc::new(AtomicU64::new(0));
+        let kernel_bytes = Arc::new(KernelBytes::default());
         let entry = Entry {
             record: ConnRecord {
                 id,
@@ -147,12 +182,14 @@ impl ConnTable {
                 duration_ms: 0,
                 bytes_from_client: 0,
                 bytes_to_client: 0,
+                forwarding: None,
                 close_reason: None,
                 flags: Vec::new(),
             },
             since: Instant::now(),
             bytes_from_client: bytes_from_client.clone(),
             bytes_to_client: bytes_to_client.clone(),
+            kernel_bytes: kernel_bytes.clone(),
         };
         self.lock().live.insert(id, entry);
         ConnGuard {
@@ -161,6 +198,7 @@ impl ConnTable {
             close_reason: None,
             bytes_from_client,
             bytes_to_client,
+            kernel_bytes,
         }
     }
 
@@ -226,9 +264,16 @@ pub struct ConnGuard {
     close_reason: Option<String>,
     pub bytes_from_client: Arc<AtomicU64>,
     pub bytes_to_client: Arc<AtomicU64>,
+    pub kernel_bytes: Arc<KernelBytes>,
 }
 
 impl ConnGuard {
+    pub fn set_forwarding(&self, forwarding: impl Into<String>) {
+        let forwarding = forwarding.into();
+        self.table
+            .update(self.id, |r| r.forwarding = Some(forwarding));
+    }
+
     pub fn set_upstream(&self, upstream: SocketAddr) {
         self.table.update(self.id, |r| r.upstream = Some(upstream));
     }

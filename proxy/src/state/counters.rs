@@ -55,6 +55,10 @@ counters! {
     upstream_resets,
     /// Connections closed after `idle_timeout` without traffic.
     idle_timeouts,
+    /// Connections forwarded in the kernel (`forwarding: sockmap`).
+    sockmap_forwarded,
+    /// `forwarding: sockmap` connections spliced instead (the record says why).
+    sockmap_fallbacks,
     /// HTTP/2 streams accepted from clients.
     h2_streams,
     /// HTTP/2 streams answered UNAVAILABLE (503) because no upstream could take them.

@@ -8,7 +8,7 @@ mod streams;
 
 use std::time::Duration;
 
-pub use conns::{ConnGuard, ConnRecord, ConnTable};
+pub use conns::{ConnGuard, ConnRecord, ConnTable, KernelBytes};
 pub use counters::ProxyCounters;
 pub use streams::{Recording, StreamLog, StreamRecord};
 

@@ -1,5 +1,5 @@
-//! TCP passthrough: one iperf3 connection, direct vs shunt (splice and copy forwarding) vs
-//! HAProxy `mode tcp`.
+//! TCP passthrough: one iperf3 connection, direct vs shunt (splice, copy and sockmap
+//! forwarding) vs HAProxy `mode tcp`.
 
 use std::{net::SocketAddr, process::Command, time::Duration};
 
@@ -7,7 +7,7 @@ use anyhow::{Context, ensure};
 
 use super::{
     Plan, peers,
-    process::tree_cpu_seconds,
+    process::{machine_busy_seconds, tree_cpu_seconds},
     report::{Row, Section, column},
 };
 use crate::{
@@ -24,6 +24,8 @@ struct Sample {
     bits_per_second: f64,
     /// The proxy's CPU seconds during the run (0 for the direct path).
     proxy_cpu_seconds: f64,
+    /// The machine's busy CPU seconds during the run.
+    machine_cpu_seconds: f64,
     bytes: f64,
 }
 
@@ -65,6 +67,7 @@ pub fn iperf3(plan: &Plan) -> anyhow::Result<Section> {
         ("direct", Vec::new()),
         ("shunt (splice)", Vec::new()),
         ("shunt (copy)", Vec::new()),
+        ("shunt (sockmap)", Vec::new()),
     ];
     if haproxy.is_some() {
         targets.push(("HAProxy (mode tcp)", Vec::new()));
@@ -84,11 +87,10 @@ pub fn iperf3(plan: &Plan) -> anyhow::Result<Section> {
                     )
                 }
                 shunt => {
-                    let forwarding = if shunt.contains("splice") {
-                        "splice"
-                    } else {
-                        "copy"
-                    };
+                    let forwarding = ["splice", "copy", "sockmap"]
+                        .into_iter()
+                        .find(|mode| shunt.contains(mode))
+                        .context("a shunt target names its forwarding mode")?;
                     daemon.rewrite_config(&[&client], &options(forwarding))?;
                     daemon.ctl(&["reload"])?;
                     (&client, VIP.to_string(), IPERF_PORT, Some(shunt_pid))
@@ -108,6 +110,14 @@ pub fn iperf3(plan: &Plan) -> anyhow::Result<Section> {
         }
     }
 
+    // A sockmap figure only counts if the kernel forwarded those connections.
+    let fallbacks = daemon.counter("proxy", "sockmap_fallbacks")?;
+    let forwarded = daemon.counter("proxy", "sockmap_forwarded")?;
+    ensure!(
+        fallbacks == 0 && forwarded > 0,
+        "shunt (sockmap): {forwarded} connections forwarded in the kernel, {fallbacks} spliced"
+    );
+
     let mut section = Section::new(
         "tcp_passthrough",
         format!(
@@ -118,6 +128,7 @@ pub fn iperf3(plan: &Plan) -> anyhow::Result<Section> {
             column("gbit_per_second", "throughput (Gbit/s)", 2),
             column("vs_direct", "vs direct", 2),
             column("cpu_s_per_gb", "proxy CPU (s per GB)", 2),
+            column("machine_cpu_s_per_gb", "machine CPU (s per GB)", 2),
         ],
     );
     let mean = |samples: &[Sample], f: &dyn Fn(&Sample) -> f64| {
@@ -128,7 +139,11 @@ pub fn iperf3(plan: &Plan) -> anyhow::Result<Section> {
         let bps = mean(samples, &|s| s.bits_per_second);
         let mut row = Row::new(*target);
         row.set("gbit_per_second", bps / 1e9)
-            .set("vs_direct", bps / direct);
+            .set("vs_direct", bps / direct)
+            .set(
+                "machine_cpu_s_per_gb",
+                mean(samples, &|s| s.machine_cpu_seconds / (s.bytes / 1e9)),
+            );
         if *target != "direct" {
             row.set(
                 "cpu_s_per_gb",
@@ -137,11 +152,22 @@ pub fn iperf3(plan: &Plan) -> anyhow::Result<Section> {
         }
         section.rows.push(row);
     }
+    if let Some(r) = section.ratio("gbit_per_second", "shunt (sockmap)", "shunt (splice)") {
+        section.notes.push(format!(
+            "shunt (sockmap) / shunt (splice): throughput {r:.2}."
+        ));
+    }
     if let Some(r) = section.ratio("gbit_per_second", "shunt (splice)", "HAProxy (mode tcp)") {
         section
             .notes
             .push(format!("shunt (splice) / HAProxy: throughput {r:.2}."));
     }
+    section.notes.push(
+        "Proxy CPU is the proxy's processes only: with sockmap the bytes are moved by softirqs \
+         and the kernel's psock workqueue, charged to no process; machine CPU (everything busy \
+         on the machine, iperf3 included) is the comparable figure, on a quiet machine."
+            .to_string(),
+    );
     if !plan.peers {
         section.notes.push(peers::SKIPPED.to_string());
     }
@@ -158,6 +184,7 @@ fn run(
 ) -> anyhow::Result<Sample> {
     let cpu = || proxy_pid.map(tree_cpu_seconds).transpose();
     let before = cpu()?.unwrap_or(0.0);
+    let machine_before = machine_busy_seconds()?;
     let mut cmd = Command::new("iperf3");
     cmd.args([
         "-c",
@@ -175,6 +202,7 @@ fn run(
         String::from_utf8_lossy(&out.stdout)
     );
     let after = cpu()?.unwrap_or(0.0);
+    let machine_after = machine_busy_seconds()?;
     let report: serde_json::Value = serde_json::from_slice(&out.stdout)?;
     let received = &report["end"]["sum_received"];
     Ok(Sample {
@@ -182,6 +210,7 @@ fn run(
             .as_f64()
             .context("no throughput")?,
         proxy_cpu_seconds: after - before,
+        machine_cpu_seconds: machine_after - machine_before,
         bytes: received["bytes"].as_f64().context("no byte count")?,
     })
 }

@@ -35,6 +35,28 @@ fn status_kib(pid: u32, field: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// CPU seconds the whole machine spent busy (all CPUs: user, system, interrupts, softirqs),
+/// from `/proc/stat`: what a target costs including the kernel's work done on its behalf in
+/// softirqs and worker threads, which no process is charged for. Everything else running on
+/// the machine counts too, so it is only meaningful on a quiet one.
+pub fn machine_busy_seconds() -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let line = stat.lines().next().context("empty /proc/stat")?;
+    let ticks: Vec<f64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(str::parse)
+        .collect::<Result<_, _>>()?;
+    // user nice system idle iowait irq softirq steal
+    let busy: f64 = [0, 1, 2, 5, 6, 7]
+        .iter()
+        .map(|&i| ticks.get(i).copied().unwrap_or(0.0))
+        .sum();
+    // SAFETY: sysconf has no preconditions.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Ok(busy / per_second)
+}
+
 /// User + system CPU time of one process, from `/proc/PID/stat`.
 pub fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
     let fields = stat_fields(pid)?;
