@@ -62,6 +62,32 @@ pub struct Config {
     /// (a guard against clients asking for faults with headers).
     #[serde(default = "default_max_active_faults")]
     pub max_active_faults: usize,
+    /// Settings of Kubernetes mode (`shunt run --kubernetes`).
+    #[serde(default)]
+    pub kubernetes: Kubernetes,
+}
+
+/// Kubernetes mode: where the API is and how pods are found on this node.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Kubernetes {
+    /// This node's name; default: `$NODE_NAME` (set from the downward API).
+    pub node_name: Option<String>,
+    /// The host's `/proc`, scanned for the processes of pods (mounted from the host).
+    pub proc_root: PathBuf,
+    /// A kubeconfig file; default: the in-cluster service account, else `$KUBECONFIG` or
+    /// `~/.kube/config`.
+    pub kubeconfig: Option<PathBuf>,
+}
+
+impl Default for Kubernetes {
+    fn default() -> Self {
+        Kubernetes {
+            node_name: None,
+            proc_root: PathBuf::from("/proc"),
+            kubeconfig: None,
+        }
+    }
 }
 
 fn default_max_active_faults() -> usize {
@@ -220,12 +246,16 @@ pub struct PodConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct Admin {
     pub socket: PathBuf,
+    /// A TCP address for probes (`GET /healthz/live`, `GET /healthz/ready`), e.g.
+    /// `0.0.0.0:15021`; none by default.
+    pub health_listen: Option<SocketAddr>,
 }
 
 impl Default for Admin {
     fn default() -> Self {
         Self {
             socket: PathBuf::from(DEFAULT_ADMIN_SOCKET),
+            health_listen: None,
         }
     }
 }
@@ -292,6 +322,9 @@ impl Config {
             }
             // Whether the namespace exists is checked when the pod is enrolled: a pod that
             // has gone is skipped, not a reason to refuse the whole configuration.
+        }
+        if self.kubernetes.node_name.as_deref() == Some("") {
+            return bad("kubernetes.node_name", "must not be empty");
         }
         if self.intercept.detect_timeout.is_zero() {
             return bad("intercept.detect_timeout", "must be longer than 0s");
@@ -396,6 +429,11 @@ impl Config {
             ("intercept.workers", new.workers != old.workers),
             ("pods", self.pods != running.pods),
             ("admin.socket", self.admin.socket != running.admin.socket),
+            (
+                "admin.health_listen",
+                self.admin.health_listen != running.admin.health_listen,
+            ),
+            ("kubernetes", self.kubernetes != running.kubernetes),
         ]
         .into_iter()
         .filter_map(|(field, changed)| changed.then_some(field))

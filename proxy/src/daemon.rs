@@ -16,12 +16,13 @@ use crate::{
     config::{Config, ConfigError},
     fault::Faults,
     inpod::Enrollments,
+    k8s,
     proxy::{Proxy, Settings},
     state::{ConnTable, ProxyCounters},
     workers::Workers,
 };
 
-pub async fn run(config_path: &Path) -> anyhow::Result<()> {
+pub async fn run(config_path: &Path, kubernetes: bool) -> anyhow::Result<()> {
     let config = Config::load(config_path)?;
     let started = Instant::now();
     raise_fd_limit();
@@ -67,6 +68,7 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
         counters: counters.clone(),
         mark: intercept.mark,
         settings: ArcSwap::from_pointee(Settings::new(&config)),
+        discovered: Default::default(),
     });
     let datapath = Arc::new(Mutex::new(datapath));
     let enrollments = Arc::new(Enrollments::new(
@@ -81,7 +83,19 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
             tracing::error!("pods[{i}]: {e}; skipping this pod");
         }
     }
-    enrollments.prune_stale();
+    // In Kubernetes mode the pods' controller prunes once it has the cluster's view, so a
+    // restart does not drop enrollments it is about to make again.
+    let kubernetes = match kubernetes {
+        true => Some(
+            k8s::start(&config.kubernetes, enrollments.clone(), proxy.clone())
+                .await
+                .context("starting Kubernetes mode")?,
+        ),
+        false => {
+            enrollments.prune_stale();
+            None
+        }
+    };
 
     let (commands, mut command_rx) = mpsc::channel(4);
     let socket_path = config.admin.socket.clone();
@@ -96,8 +110,15 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
         conns: conns.clone(),
         counters,
         commands,
+        kubernetes: kubernetes.clone(),
     });
     tokio::spawn(admin::serve(admin_listener, admin_ctx));
+    if let Some(addr) = config.admin.health_listen {
+        let listener = crate::admin::health::bind(addr)
+            .await
+            .with_context(|| format!("admin.health_listen: binding {addr}"))?;
+        tokio::spawn(crate::admin::health::serve(listener, kubernetes));
+    }
     tracing::info!(socket = %socket_path.display(), pods = enrollments.list().len(), "shunt is running");
 
     let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())?;

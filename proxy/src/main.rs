@@ -12,6 +12,7 @@ mod discovery;
 mod fault;
 mod http2;
 mod inpod;
+mod k8s;
 mod net;
 mod proxy;
 mod route;
@@ -46,7 +47,8 @@ fn main() -> std::process::ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Run { config } => daemon::run(&config).await,
+            Command::Run { config, kubernetes } => daemon::run(&config, kubernetes).await,
+            Command::Crd => k8s::print_crd(),
             command => ctl::run(command, &cli.admin_socket, cli.output).await,
         }
     });

@@ -34,6 +34,8 @@ enum Task {
     },
     /// Run the local sandbox demo: pods as network namespaces, traffic through shunt.
     Demo,
+    /// Write deploy/crd.yaml, the FaultInjection CustomResourceDefinition, from the Rust types.
+    Crd,
     /// Measure shunt against the direct path in the sandbox (as root); writes
     /// bench/results/results.{json,md}.
     Bench {
@@ -53,6 +55,7 @@ fn main() {
         Task::Build => setup::run().and_then(|()| build()),
         Task::Test { args } => setup::run().and_then(|()| test(&args)),
         Task::Demo => setup::run().and_then(|()| demo()),
+        Task::Crd => setup::run().and_then(|()| crd()),
         Task::Bench { quick, peers } => setup::run()
             .and_then(|()| if peers { setup::peers() } else { Ok(()) })
             .and_then(|()| bench(quick, peers)),
@@ -135,6 +138,25 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
     )?;
     step.done();
     println!("all checks passed");
+    Ok(())
+}
+
+fn crd() -> anyhow::Result<()> {
+    let step = Step::start("building shunt");
+    cargo(&["build", "--release", "--locked", "-p", "shunt"])?;
+    step.done();
+    let out = std::process::Command::new(release_bin("shunt"))
+        .arg("crd")
+        .output()
+        .context("running `shunt crd`")?;
+    anyhow::ensure!(
+        out.status.success(),
+        "`shunt crd` failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let path = workspace_root().join("deploy/crd.yaml");
+    std::fs::write(&path, &out.stdout).with_context(|| format!("writing {}", path.display()))?;
+    println!("wrote {}", path.display());
     Ok(())
 }
 

@@ -9,6 +9,7 @@ use crate::{bpf::Attachment, config::FailMode};
 pub use crate::{
     fault::RuleSummary,
     inpod::PodSummary,
+    k8s::KubernetesStatus,
     route::ServiceSummary,
     state::{ConnRecord, StreamRecord},
 };
@@ -27,6 +28,9 @@ pub struct Status {
     pub connections: usize,
     pub services: usize,
     pub fault_rules: usize,
+    /// Kubernetes mode only: the node and the state of each API watch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kubernetes: Option<KubernetesStatus>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]

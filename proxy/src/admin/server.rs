@@ -46,6 +46,8 @@ pub struct AdminContext {
     pub conns: Arc<ConnTable>,
     pub counters: Arc<ProxyCounters>,
     pub commands: mpsc::Sender<Command>,
+    /// The API watches' state, in Kubernetes mode.
+    pub kubernetes: Option<Arc<crate::k8s::Health>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -128,10 +130,7 @@ async fn route(req: Request<Incoming>, ctx: &AdminContext) -> Reply {
         }
         (&Method::GET, "/conns") => json(StatusCode::OK, &ctx.conns.live()),
         (&Method::GET, "/conns/closed") => json(StatusCode::OK, &ctx.conns.closed()),
-        (&Method::GET, "/services") => json(
-            StatusCode::OK,
-            &ctx.proxy.settings.load().routes.summaries(),
-        ),
+        (&Method::GET, "/services") => json(StatusCode::OK, &ctx.proxy.service_summaries()),
         (&Method::POST, "/reload") => {
             match crate::daemon::reload(&ctx.config_path, &ctx.proxy, &ctx.config) {
                 Ok((config, restart_needed)) => json(
@@ -192,8 +191,9 @@ fn status(ctx: &AdminContext) -> Status {
         fail_mode: ctx.config.intercept.fail_mode,
         pods: ctx.enrollments.list().len(),
         connections: ctx.conns.len(),
-        services: ctx.proxy.settings.load().routes.len(),
+        services: ctx.proxy.settings.load().routes.len() + ctx.proxy.discovered.len(),
         fault_rules: ctx.proxy.faults.len(),
+        kubernetes: ctx.kubernetes.as_ref().map(|health| health.summary()),
     }
 }
 
