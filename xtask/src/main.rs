@@ -23,7 +23,11 @@ struct Cli {
 #[derive(Subcommand)]
 enum Task {
     /// Install the eBPF toolchain and test peers that are missing (Debian packages, bpf-linker).
-    Setup,
+    Setup {
+        /// Only the toolchain that building shunt needs, no test peers (container builds).
+        #[arg(long)]
+        toolchain_only: bool,
+    },
     /// Build `target/release/shunt` (eBPF object embedded) and the test helpers.
     Build,
     /// Run the whole suite: formatting, lints, unit and sandbox integration tests (as root).
@@ -51,7 +55,10 @@ enum Task {
 fn main() {
     let cli = Cli::parse();
     let result = match cli.task {
-        Task::Setup => setup::run(),
+        Task::Setup { toolchain_only } => match toolchain_only {
+            true => setup::toolchain(),
+            false => setup::run(),
+        },
         Task::Build => setup::run().and_then(|()| build()),
         Task::Test { args } => setup::run().and_then(|()| test(&args)),
         Task::Demo => setup::run().and_then(|()| demo()),

@@ -39,6 +39,15 @@ const SANDBOX_PACKAGES: &[&str] = &[
 const GRPCIO: &str = "grpcio==1.85.3";
 
 pub fn run() -> anyhow::Result<()> {
+    setup(true)
+}
+
+/// Only what building `shunt` needs (the container image's build stage).
+pub fn toolchain() -> anyhow::Result<()> {
+    setup(false)
+}
+
+fn setup(test_peers: bool) -> anyhow::Result<()> {
     let mut apt = Apt::default();
     apt.ensure(COMPILER_PACKAGES)?;
 
@@ -46,11 +55,16 @@ pub fn run() -> anyhow::Result<()> {
     let llvm_dev = [format!("llvm-{llvm}-dev"), format!("libpolly-{llvm}-dev")];
     let mut packages: Vec<&str> = llvm_dev.iter().map(String::as_str).collect();
     packages.extend(LINKER_BUILD_PACKAGES);
-    packages.extend(SANDBOX_PACKAGES);
+    if test_peers {
+        packages.extend(SANDBOX_PACKAGES);
+    }
     apt.ensure(&packages)?;
 
     ensure_bpf_linker(llvm)?;
-    ensure_grpcio()
+    if test_peers {
+        ensure_grpcio()?;
+    }
+    Ok(())
 }
 
 /// The proxies `cargo xtask bench --peers` compares shunt with.

@@ -3,7 +3,10 @@
 
 use std::{
     collections::BTreeMap,
-    sync::Mutex,
+    future::Future,
+    pin::Pin,
+    sync::{Arc, Mutex},
+    task::{Context, Poll},
     time::{Duration, Instant},
 };
 
@@ -16,6 +19,8 @@ pub struct Health {
 
 #[derive(Default)]
 struct WatchState {
+    /// The resource's collection path, e.g. `/api/v1/pods`.
+    path: String,
     synced: bool,
     error: Option<(String, Instant)>,
 }
@@ -47,8 +52,16 @@ impl Health {
         }
     }
 
-    pub fn register(&self, resource: &'static str) {
-        self.lock().entry(resource).or_default();
+    pub fn register(&self, resource: &'static str, path: &str) {
+        self.lock().entry(resource).or_default().path = path.to_owned();
+    }
+
+    /// The watched resource a request path is for.
+    fn resource_at(&self, path: &str) -> Option<&'static str> {
+        self.lock()
+            .iter()
+            .find(|(_, w)| w.path == path)
+            .map(|(resource, _)| *resource)
     }
 
     /// The watch delivered something: it works.
@@ -113,6 +126,60 @@ impl Health {
     }
 }
 
+/// Marks a watch as working again as soon as a request for its resource is answered: a
+/// resumed watch that has nothing new to say delivers no event, so the events alone would
+/// leave it reported as failing.
+#[derive(Clone)]
+pub struct HealthLayer(pub Arc<Health>);
+
+impl<S> tower::Layer<S> for HealthLayer {
+    type Service = HealthService<S>;
+
+    fn layer(&self, inner: S) -> HealthService<S> {
+        HealthService {
+            inner,
+            health: self.0.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct HealthService<S> {
+    inner: S,
+    health: Arc<Health>,
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+impl<S, B, R> tower::Service<http::Request<B>> for HealthService<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<R>>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<S::Response, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let resource = self.health.resource_at(request.uri().path());
+        let health = self.health.clone();
+        let answer = self.inner.call(request);
+        Box::pin(async move {
+            let answer = answer.await;
+            if let (Some(resource), Ok(response)) = (resource, &answer)
+                && response.status().is_success()
+            {
+                health.ok(resource);
+            }
+            answer
+        })
+    }
+}
+
 fn round(d: Duration) -> Duration {
     Duration::from_secs(d.as_secs())
 }
@@ -124,8 +191,10 @@ mod tests {
     #[test]
     fn connected_only_when_every_watch_is_synced_and_working() {
         let health = Health::new("node-a".into());
-        health.register("pods");
-        health.register("services");
+        health.register("pods", "/api/v1/pods");
+        health.register("services", "/api/v1/services");
+        assert_eq!(health.resource_at("/api/v1/pods"), Some("pods"));
+        assert_eq!(health.resource_at("/api/v1/namespaces/a/pods/b"), None);
         assert!(!health.summary().connected);
         health.synced("pods");
         health.synced("services");

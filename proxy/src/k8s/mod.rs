@@ -26,9 +26,11 @@ use std::{path::PathBuf, sync::Arc};
 
 use kube::{
     Client,
+    client::ClientBuilder,
     config::{KubeConfigOptions, Kubeconfig},
 };
 
+use health::HealthLayer;
 pub use health::{Health, KubernetesStatus};
 
 use crate::{config, inpod::Enrollments, proxy::Proxy};
@@ -73,8 +75,8 @@ pub async fn start(
             .filter(|n| !n.is_empty())
             .ok_or(K8sError::NoNodeName)?,
     };
-    let client = client(settings).await?;
     let health = Arc::new(Health::new(node.clone()));
+    let client = client(settings, &health).await?;
     let enroller = enroll::Enroller::new(enrollments, node.clone(), settings.proc_root.clone())
         .map_err(K8sError::HostNetns)?;
     tokio::spawn(enroll::run(client.clone(), enroller, health.clone()));
@@ -84,7 +86,7 @@ pub async fn start(
     Ok(health)
 }
 
-async fn client(settings: &config::Kubernetes) -> Result<Client, K8sError> {
+async fn client(settings: &config::Kubernetes, health: &Arc<Health>) -> Result<Client, K8sError> {
     let config = match &settings.kubeconfig {
         Some(path) => {
             let kubeconfig =
@@ -101,7 +103,9 @@ async fn client(settings: &config::Kubernetes) -> Result<Client, K8sError> {
         }
         None => kube::Config::infer().await?,
     };
-    Ok(Client::try_from(config)?)
+    Ok(ClientBuilder::try_from(config)?
+        .with_layer(&HealthLayer(health.clone()))
+        .build())
 }
 
 /// `shunt crd`: the CustomResourceDefinition of `FaultInjection`, as in `deploy/crd.yaml`.

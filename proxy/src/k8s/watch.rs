@@ -50,7 +50,7 @@ where
         resource: &'static str,
         health: Arc<Health>,
     ) -> Watched<K> {
-        health.register(resource);
+        health.register(resource, api.resource_url());
         let writer = Writer::new(dyntype);
         let store = writer.as_reader();
         let updates = watcher::watcher(api, config)
