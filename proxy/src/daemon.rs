@@ -85,7 +85,7 @@ pub async fn run(config_path: &Path, kubernetes: bool) -> anyhow::Result<()> {
     }
     // In Kubernetes mode the pods' controller prunes once it has the cluster's view, so a
     // restart does not drop enrollments it is about to make again.
-    let kubernetes = match kubernetes {
+    let controllers = match kubernetes {
         true => Some(
             k8s::start(&config.kubernetes, enrollments.clone(), proxy.clone())
                 .await
@@ -96,6 +96,7 @@ pub async fn run(config_path: &Path, kubernetes: bool) -> anyhow::Result<()> {
             None
         }
     };
+    let kubernetes = controllers.as_ref().map(|c| c.health.clone());
 
     let (commands, mut command_rx) = mpsc::channel(4);
     let socket_path = config.admin.socket.clone();
@@ -146,6 +147,7 @@ pub async fn run(config_path: &Path, kubernetes: bool) -> anyhow::Result<()> {
     }
     // New connections go direct (or are refused) from here; established ones get
     // `drain_timeout` to finish, HTTP/2 ones told so with GOAWAY.
+    drop(controllers);
     enrollments.close_all();
     let _ = stop_connections.send(true);
     let deadline = Instant::now() + intercept.drain_timeout;

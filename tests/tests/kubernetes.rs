@@ -140,7 +140,7 @@ fn start<'a>(sandbox: &'a Sandbox, api: &MockApi) -> anyhow::Result<Daemon<'a>> 
             ..Options::default()
         },
     )?;
-    eventually(&daemon, "every watch synced", || Ok(connected(&daemon)?))?;
+    eventually(&daemon, "every watch synced", || connected(&daemon))?;
     Ok(daemon)
 }
 

@@ -146,12 +146,13 @@ impl Faults {
             rules.retain(|r| r.name != name);
             before != rules.len()
         };
-        let removed = [&self.from_admin, &self.from_config, &self.from_cluster]
+        // From every list it is in, not only the first: no short-circuit.
+        let removed: Vec<bool> = [&self.from_admin, &self.from_config, &self.from_cluster]
             .into_iter()
             .map(remove)
-            .fold(false, |any, removed| any || removed);
+            .collect();
         self.rebuild();
-        removed
+        removed.contains(&true)
     }
 
     pub fn list(&self) -> Vec<RuleSummary> {
@@ -377,4 +378,51 @@ impl Drop for ActiveSlot {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rule(name: &str, service: &str) -> FaultRule {
+        parse_rules(&format!(
+            "name: {name}\nmatch: {{service: {service}}}\nabort: {{http_status: 503}}\n"
+        ))
+        .unwrap()
+        .remove(0)
+    }
+
+    fn sources(faults: &Faults) -> Vec<(String, String, Option<String>)> {
+        faults
+            .list()
+            .into_iter()
+            .map(|r| (r.rule.name, r.source, r.rule.matches.service))
+            .collect()
+    }
+
+    #[test]
+    fn cluster_rules_sit_between_config_and_admin_rules() {
+        let faults = Faults::new(vec![rule("a", "from-config"), rule("b", "from-config")], 10);
+        faults.set_cluster_rules(vec![rule("b", "from-cluster"), rule("c", "from-cluster")]);
+        faults.set(vec![rule("c", "from-admin")]);
+        let s = |a: &str, b: &str, c: &str| (a.to_owned(), b.to_owned(), Some(c.to_owned()));
+        assert_eq!(
+            sources(&faults),
+            [
+                s("a", "config", "from-config"),
+                s("b", "kubernetes", "from-cluster"),
+                s("c", "admin", "from-admin"),
+            ]
+        );
+        // The next set from the cluster replaces the previous one whole.
+        faults.set_cluster_rules(Vec::new());
+        assert_eq!(
+            sources(&faults),
+            [
+                s("a", "config", "from-config"),
+                s("b", "config", "from-config"),
+                s("c", "admin", "from-admin"),
+            ]
+        );
+    }
 }

@@ -1,7 +1,8 @@
 //! `FaultInjection` (`shunt.io/v1alpha1`, namespaced): a fault rule as a resource. Its spec
 //! is the rule model of `shunt faults set` without the name (the resource's name is it);
-//! `match.service` names a Service of the resource's namespace, `match.source_pod` a pod
-//! of it unless written `namespace/pod`. Each shunt turns the resources into rules named
+//! `match.service` names a Service of the resource's namespace (`match.vip` is refused: an
+//! address could be any namespace's), `match.source_pod` a pod of it unless written
+//! `namespace/pod`. Each shunt turns the resources into rules named
 //! `namespace/name` and writes `Accepted` or the error into the resource's status.
 //!
 //! Resources are watched untyped and their spec parsed here, so one bad resource gets its
@@ -107,6 +108,12 @@ pub fn rule_from(
         format!("{field}: {}", e.into_inner())
     })?;
     let mut matches = spec.matches;
+    if matches.vip.is_some() {
+        // An address may be any namespace's Service; a namespaced resource keeps to its own.
+        return Err(format!(
+            "spec.match.vip: name a Service of namespace {namespace:?} with `service` instead"
+        ));
+    }
     if let Some(service) = &matches.service {
         if service.contains('/') {
             return Err(format!(
@@ -270,10 +277,9 @@ async fn write_status(
     let namespace = object.namespace().unwrap_or_default();
     let api = Api::<DynamicObject>::namespaced_with(client.clone(), &namespace, resource);
     let mut updated = object.clone();
-    updated
-        .data
-        .as_object_mut()
-        .map(|data| data.insert("status".into(), serde_json::json!(status)));
+    if let Some(data) = updated.data.as_object_mut() {
+        data.insert("status".into(), serde_json::json!(status));
+    }
     api.replace_status(&object.name_any(), &PostParams::default(), &updated)
         .await?;
     if status.state == INVALID {

@@ -60,6 +60,16 @@ struct Kustomization {
     #[allow(dead_code)]
     kind: String,
     resources: Vec<String>,
+    #[serde(default)]
+    images: Vec<Image>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct Image {
+    name: String,
+    new_name: String,
+    new_tag: String,
 }
 
 fn round_trip(doc: &Value) -> Result<Value, String> {
@@ -117,6 +127,15 @@ fn every_manifest_is_an_api_object_with_no_unknown_fields() {
             if doc["kind"] == "Kustomization" {
                 let kustomization: Kustomization = serde_json::from_value(doc)
                     .unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+                for image in &kustomization.images {
+                    assert!(
+                        !image.name.is_empty()
+                            && !image.new_name.is_empty()
+                            && !image.new_tag.is_empty(),
+                        "{}: an image without a name or tag",
+                        file.display()
+                    );
+                }
                 let dir = file.parent().expect("a directory");
                 for resource in kustomization.resources {
                     let path = dir.join(&resource);

@@ -24,6 +24,8 @@ mod watch;
 
 use std::{path::PathBuf, sync::Arc};
 
+use tokio::task::AbortHandle;
+
 use kube::{
     Client,
     client::ClientBuilder,
@@ -61,13 +63,27 @@ pub enum K8sError {
     HostNetns(std::io::Error),
 }
 
-/// Starts the controllers; they run until the daemon stops. Returns what `shunt status`
-/// reports about them.
+/// The running controllers; dropping this stops them (the daemon does, before it closes the
+/// listeners, so no pod is enrolled while it shuts down).
+pub struct Controllers {
+    pub health: Arc<Health>,
+    tasks: Vec<AbortHandle>,
+}
+
+impl Drop for Controllers {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+/// Starts the controllers.
 pub async fn start(
     settings: &config::Kubernetes,
     enrollments: Arc<Enrollments>,
     proxy: Arc<Proxy>,
-) -> Result<Arc<Health>, K8sError> {
+) -> Result<Controllers, K8sError> {
     let node = match &settings.node_name {
         Some(node) => node.clone(),
         None => std::env::var("NODE_NAME")
@@ -79,11 +95,13 @@ pub async fn start(
     let client = client(settings, &health).await?;
     let enroller = enroll::Enroller::new(enrollments, node.clone(), settings.proc_root.clone())
         .map_err(K8sError::HostNetns)?;
-    tokio::spawn(enroll::run(client.clone(), enroller, health.clone()));
-    tokio::spawn(services::run(client.clone(), proxy.clone(), health.clone()));
-    tokio::spawn(faults::run(client, proxy.faults.clone(), health.clone()));
+    let tasks = vec![
+        tokio::spawn(enroll::run(client.clone(), enroller, health.clone())).abort_handle(),
+        tokio::spawn(services::run(client.clone(), proxy.clone(), health.clone())).abort_handle(),
+        tokio::spawn(faults::run(client, proxy.faults.clone(), health.clone())).abort_handle(),
+    ];
     tracing::info!(%node, "Kubernetes mode: watching namespaces, pods, Services, EndpointSlices and FaultInjections");
-    Ok(health)
+    Ok(Controllers { health, tasks })
 }
 
 async fn client(settings: &config::Kubernetes, health: &Arc<Health>) -> Result<Client, K8sError> {
