@@ -354,6 +354,66 @@ fn endpoint_slice_updates_change_the_rotation() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The backends of the calls a `shunt-greeter call --every` client printed to `log` so far.
+fn answered_by(log: &std::path::Path) -> Vec<String> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .map(|call| call["backend"].as_str().unwrap_or("(failed)").to_owned())
+        .collect()
+}
+
+#[test]
+fn an_open_connection_sends_its_next_calls_to_the_new_endpoints() -> anyhow::Result<()> {
+    let sandbox = Sandbox::new()?;
+    let api = MockApi::start()?;
+    let client = sandbox.add_pod("client")?;
+    let b1 = sandbox.add_pod("b1")?;
+    let b2 = sandbox.add_pod("b2")?;
+    let (daemon, vip) = greeter_service(&sandbox, &api, &client, &[&b1, &b2])?;
+
+    // One channel, one HTTP/2 connection, a call every 100 ms for the whole test.
+    let log = sandbox.scratch_dir("calls")?.join("calls.jsonl");
+    let mut caller = Command::new(shunt_tests::greeter_bin());
+    caller
+        .args(["call", "--to", &vip.to_string(), "--every", "100ms"])
+        .stdout(std::fs::File::create(&log)?);
+    sandbox.spawn_in_pod(&client, caller)?;
+    eventually(&daemon, "calls answered by b1", || {
+        Ok(answered_by(&log).iter().filter(|b| *b == "b1").count() >= 3)
+    })?;
+
+    api.apply(slice("greeter", 50051, &[ready(&b2)]))?;
+    let before = answered_by(&log).len();
+    eventually(
+        &daemon,
+        "the same connection's calls answered by b2",
+        || {
+            let calls = answered_by(&log);
+            Ok(calls.len() > before + 3 && calls[calls.len() - 3..].iter().all(|b| b == "b2"))
+        },
+    )?;
+    let calls = answered_by(&log);
+    ensure!(!calls.contains(&"(failed)".to_owned()), "{calls:?}");
+    // Still the one connection the client opened at the start.
+    let conns = daemon.ctl_json(&["conns"])?;
+    let to_vip: Vec<&Value> = conns
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|c| c["original_dst"] == vip.to_string())
+        .collect();
+    ensure!(to_vip.len() == 1, "{conns}");
+    ensure!(
+        daemon
+            .ctl_json(&["conns", "--closed"])?
+            .as_array()
+            .is_none_or(|c| c.iter().all(|c| c["original_dst"] != vip.to_string()))
+    );
+    Ok(())
+}
+
 fn fault(name: &str, spec: Value) -> Value {
     json!({
         "apiVersion": "shunt.io/v1alpha1", "kind": "FaultInjection",

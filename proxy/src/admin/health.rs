@@ -64,3 +64,36 @@ fn answer(path: &str, kubernetes: Option<&Health>) -> Response<Full<Bytes>> {
     *reply.status_mut() = status;
     reply
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ready_once_every_watch_has_synced() {
+        assert_eq!(answer("/healthz/ready", None).status(), StatusCode::OK);
+        let health = Health::new("node-a".into());
+        health.register("pods", "/api/v1/pods");
+        health.register("services", "/api/v1/services");
+        health.synced("pods");
+        assert_eq!(
+            answer("/healthz/ready", Some(&health)).status(),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        assert_eq!(
+            answer("/healthz/live", Some(&health)).status(),
+            StatusCode::OK
+        );
+        health.synced("services");
+        // A watch failing later keeps the node ready: it serves from the last known state.
+        health.failed("services", "connection refused".into());
+        assert_eq!(
+            answer("/healthz/ready", Some(&health)).status(),
+            StatusCode::OK
+        );
+        assert_eq!(
+            answer("/other", Some(&health)).status(),
+            StatusCode::NOT_FOUND
+        );
+    }
+}
