@@ -37,7 +37,13 @@ pub enum Command {
         /// YAML configuration file.
         #[arg(short, long)]
         config: PathBuf,
+        /// Take pods to intercept, Services and fault rules from the Kubernetes API: pods of
+        /// this node in namespaces labelled shunt.io/intercept=enabled.
+        #[arg(long)]
+        kubernetes: bool,
     },
+    /// Print the FaultInjection CustomResourceDefinition (YAML) for `kubectl apply -f -`.
+    Crd,
     /// Start intercepting a pod's new outbound connections.
     Enroll {
         #[arg(long)]

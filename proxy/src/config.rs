@@ -65,6 +65,32 @@ pub struct Config {
     /// Metrics, health and access log.
     #[serde(default)]
     pub telemetry: Telemetry,
+    /// Settings of Kubernetes mode (`shunt run --kubernetes`).
+    #[serde(default)]
+    pub kubernetes: Kubernetes,
+}
+
+/// Kubernetes mode: where the API is and how pods are found on this node.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Kubernetes {
+    /// This node's name; default: `$NODE_NAME` (set from the downward API).
+    pub node_name: Option<String>,
+    /// The host's `/proc`, scanned for the processes of pods (mounted from the host).
+    pub proc_root: PathBuf,
+    /// A kubeconfig file; default: the in-cluster service account, else `$KUBECONFIG` or
+    /// `~/.kube/config`.
+    pub kubeconfig: Option<PathBuf>,
+}
+
+impl Default for Kubernetes {
+    fn default() -> Self {
+        Kubernetes {
+            node_name: None,
+            proc_root: PathBuf::from("/proc"),
+            kubeconfig: None,
+        }
+    }
 }
 
 fn default_max_active_faults() -> usize {
@@ -388,6 +414,9 @@ impl Config {
             // Whether the namespace exists is checked when the pod is enrolled: a pod that
             // has gone is skipped, not a reason to refuse the whole configuration.
         }
+        if self.kubernetes.node_name.as_deref() == Some("") {
+            return bad("kubernetes.node_name", "must not be empty");
+        }
         if self.intercept.detect_timeout.is_zero() {
             return bad("intercept.detect_timeout", "must be longer than 0s");
         }
@@ -522,6 +551,7 @@ impl Config {
         field!("pods", pods);
         field!("admin.socket", admin.socket);
         field!("telemetry", telemetry);
+        field!("kubernetes", kubernetes);
         changed
     }
 }

@@ -9,8 +9,9 @@ use serde::Serialize;
 use crate::{
     admin::{
         api::{
-            ConnRecord, EnrollRequest, FaultsRequest, FaultsSet, LogFilter, PodSummary, Reloaded,
-            RuleSummary, ServiceSummary, Stats, Status, StreamRecord, Uninstalled,
+            ConnRecord, EnrollRequest, FaultsRequest, FaultsSet, KubernetesStatus, LogFilter,
+            PodSummary, Reloaded, RuleSummary, ServiceSummary, Stats, Status, StreamRecord,
+            Uninstalled,
         },
         client::{AdminClient, ClientError},
     },
@@ -23,7 +24,7 @@ use crate::{
 pub async fn run(command: Command, socket: &Path, output: Output) -> anyhow::Result<()> {
     let client = AdminClient::new(socket);
     match command {
-        Command::Run { .. } => unreachable!("handled by main"),
+        Command::Run { .. } | Command::Crd => unreachable!("handled by main"),
         Command::Enroll { name, netns } => {
             let netns = std::fs::canonicalize(&netns).unwrap_or(netns);
             let pod: PodSummary = client
@@ -63,7 +64,11 @@ pub async fn run(command: Command, socket: &Path, output: Output) -> anyhow::Res
                     s.ready,
                     s.access_log,
                     s.log_filter
-                )
+                ) + &s
+                    .kubernetes
+                    .as_ref()
+                    .map(kubernetes_text)
+                    .unwrap_or_default()
             });
         }
         Command::Pods => {
@@ -213,6 +218,36 @@ fn print<T: Serialize>(output: Output, value: &T, table: impl FnOnce() -> String
         ),
         Output::Table => print!("{}", table()),
     }
+}
+
+/// One line for the node, one per API watch that is not in sync.
+fn kubernetes_text(k: &KubernetesStatus) -> String {
+    let mut text = format!(
+        "kubernetes: node {}, API {}\n",
+        k.node,
+        if k.connected {
+            "connected"
+        } else {
+            "unreachable or failing: last known state kept, retrying"
+        }
+    );
+    for watch in k.watches.iter().filter(|w| !w.synced || w.error.is_some()) {
+        text.push_str(&format!(
+            "  {}: {}{}\n",
+            watch.resource,
+            if watch.synced {
+                "synced"
+            } else {
+                "not synced yet"
+            },
+            watch
+                .error
+                .as_ref()
+                .map(|e| format!(", failing for {}s: {e}", watch.failing_secs))
+                .unwrap_or_default()
+        ));
+    }
+    text
 }
 
 fn pods_table(pods: &[PodSummary]) -> String {

@@ -16,13 +16,14 @@ use crate::{
     config::{Config, ConfigError},
     fault::Faults,
     inpod::Enrollments,
+    k8s,
     proxy::{Proxy, Settings},
     state::{ConnTable, ProxyCounters, StreamLog},
     telemetry::Telemetry,
     workers::Workers,
 };
 
-pub async fn run(config_path: &Path) -> anyhow::Result<()> {
+pub async fn run(config_path: &Path, kubernetes: bool) -> anyhow::Result<()> {
     let config = Config::load(config_path)?;
     let started = Instant::now();
     // First, so `/live` answers (and `/ready` says "starting") while the rest comes up.
@@ -72,6 +73,7 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
         counters: counters.clone(),
         mark: intercept.mark,
         settings: ArcSwap::from_pointee(Settings::new(&config)),
+        discovered: Default::default(),
     });
     let datapath = Arc::new(Mutex::new(datapath));
     let enrollments = Arc::new(Enrollments::new(
@@ -86,7 +88,20 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
             tracing::error!("pods[{i}]: {e}; skipping this pod");
         }
     }
-    enrollments.prune_stale();
+    // In Kubernetes mode the pods' controller prunes once it has the cluster's view, so a
+    // restart does not drop enrollments it is about to make again.
+    let controllers = match kubernetes {
+        true => Some(
+            k8s::start(&config.kubernetes, enrollments.clone(), proxy.clone())
+                .await
+                .context("starting Kubernetes mode")?,
+        ),
+        false => {
+            enrollments.prune_stale();
+            None
+        }
+    };
+    let kubernetes = controllers.as_ref().map(|c| c.health.clone());
 
     let (commands, mut command_rx) = mpsc::channel(4);
     let socket_path = config.admin.socket.clone();
@@ -101,15 +116,30 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
         conns: conns.clone(),
         counters,
         commands,
+        kubernetes: kubernetes.clone(),
     });
     tokio::spawn(admin::serve(admin_listener, admin_ctx));
     telemetry.serve_metrics(proxy.clone(), datapath.clone(), enrollments.clone());
+    let watches = kubernetes.clone();
     telemetry.health().set_ready(move || {
         let missing = datapath
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .missing_links();
-        (!missing.is_empty()).then(|| format!("programs detached: {}", missing.join(", ")))
+        if !missing.is_empty() {
+            return Some(format!("programs detached: {}", missing.join(", ")));
+        }
+        // In Kubernetes mode, not before every API watch has listed its objects once; a
+        // watch failing later keeps the last known state, so the node stays ready.
+        let summary = watches.as_ref()?.summary();
+        let waiting: Vec<&str> = summary
+            .watches
+            .iter()
+            .filter(|w| !w.synced)
+            .map(|w| w.resource.as_str())
+            .collect();
+        (!waiting.is_empty())
+            .then(|| format!("waiting for the first list of: {}", waiting.join(", ")))
     });
     let addresses = telemetry.addresses;
     tracing::info!(
@@ -146,6 +176,7 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     // New connections go direct (or are refused) from here; established ones get
     // `drain_timeout` to finish, HTTP/2 ones told so with GOAWAY.
     telemetry.health().set_stopping();
+    drop(controllers);
     enrollments.close_all();
     let _ = stop_connections.send(true);
     let deadline = Instant::now() + configs.in_force().intercept.drain_timeout;

@@ -13,6 +13,7 @@ mod discovery;
 pub mod fault;
 mod http2;
 pub mod inpod;
+pub mod k8s;
 pub mod logging;
 mod net;
 pub mod proxy;

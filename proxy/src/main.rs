@@ -4,7 +4,7 @@ use clap::Parser;
 
 use shunt::{
     cli::{Cli, Command},
-    ctl, daemon, inpod, logging,
+    ctl, daemon, inpod, k8s, logging,
 };
 
 fn main() -> std::process::ExitCode {
@@ -30,7 +30,8 @@ fn main() -> std::process::ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Run { config } => daemon::run(&config).await,
+            Command::Run { config, kubernetes } => daemon::run(&config, kubernetes).await,
+            Command::Crd => k8s::print_crd(),
             command => ctl::run(command, &cli.admin_socket, cli.output).await,
         }
     });

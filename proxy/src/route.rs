@@ -280,11 +280,17 @@ impl Routes {
         }
     }
 
+    #[cfg(test)]
     pub fn route(&self, original_dst: SocketAddr) -> Route {
-        match self.by_vip.get(&canonical(original_dst)) {
-            Some(service) => Route::Service(service.clone()),
+        match self.lookup(original_dst) {
+            Some(service) => Route::Service(service),
             None => Route::Direct(original_dst),
         }
+    }
+
+    /// The Service whose virtual address `dst` is.
+    pub fn lookup(&self, dst: SocketAddr) -> Option<Arc<Service>> {
+        self.by_vip.get(&canonical(dst)).cloned()
     }
 
     pub fn summaries(&self) -> Vec<ServiceSummary> {
@@ -303,6 +309,85 @@ impl Routes {
     /// The Services in configuration order.
     pub fn services(&self) -> &[Arc<Service>] {
         &self.in_order
+    }
+}
+
+/// Services a discovery source owns as a whole set (Kubernetes' Services and EndpointSlices),
+/// beside those of the configuration. The source hands over the complete set on every change;
+/// a Service already known (same name and virtual address) stays the same object and only
+/// its endpoints are swapped, so HTTP/2 connections routed to it earlier send their next
+/// streams to the new endpoints, and its rotation and counts carry on.
+#[derive(Default)]
+pub struct DiscoveredServices {
+    table: ArcSwap<Routes>,
+}
+
+/// What [`DiscoveredServices::replace`] changed.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Changes {
+    pub added: usize,
+    pub removed: usize,
+    pub endpoints_changed: usize,
+}
+
+impl Changes {
+    pub fn any(&self) -> bool {
+        *self != Changes::default()
+    }
+}
+
+impl DiscoveredServices {
+    /// Makes `services` the whole set. A virtual address listed twice keeps its first entry.
+    pub fn replace(&self, services: &[ServiceConfig]) -> Changes {
+        let current = self.table.load_full();
+        let mut changes = Changes::default();
+        let mut by_vip: HashMap<SocketAddr, Arc<Service>> = HashMap::new();
+        let mut in_order = Vec::with_capacity(services.len());
+        for config in services {
+            let vip = canonical(config.vip);
+            if by_vip.contains_key(&vip) {
+                continue;
+            }
+            let service = match current.by_vip.get(&vip).filter(|s| s.name == config.name) {
+                Some(known) => {
+                    if known.set_endpoints(&config.endpoints) {
+                        changes.endpoints_changed += 1;
+                    }
+                    known.clone()
+                }
+                None => {
+                    changes.added += 1;
+                    Arc::new(Service::new(config))
+                }
+            };
+            by_vip.insert(vip, service.clone());
+            in_order.push(service);
+        }
+        changes.removed = current
+            .in_order
+            .iter()
+            .filter(|old| {
+                !by_vip
+                    .get(&old.vip)
+                    .is_some_and(|new| Arc::ptr_eq(old, new))
+            })
+            .count();
+        if changes.any() {
+            self.table.store(Arc::new(Routes { by_vip, in_order }));
+        }
+        changes
+    }
+
+    pub fn lookup(&self, dst: SocketAddr) -> Option<Arc<Service>> {
+        self.table.load().lookup(dst)
+    }
+
+    pub fn summaries(&self) -> Vec<ServiceSummary> {
+        self.table.load().summaries()
+    }
+
+    pub fn len(&self) -> usize {
+        self.table.load().len()
     }
 }
 
@@ -429,6 +514,66 @@ mod tests {
         ));
         let mapped: SocketAddr = "[::ffff:10.96.0.10]:50051".parse().unwrap();
         assert!(matches!(routes.route(mapped), Route::Service(_)));
+    }
+
+    fn config(name: &str, vip: &str, endpoints: &[&str]) -> ServiceConfig {
+        ServiceConfig {
+            name: name.into(),
+            vip: vip.parse().unwrap(),
+            endpoints: endpoints.iter().map(|e| e.parse().unwrap()).collect(),
+            ..ServiceConfig::default()
+        }
+    }
+
+    #[test]
+    fn discovered_services_keep_their_objects_across_replacements() {
+        let discovered = DiscoveredServices::default();
+        let changes = discovered.replace(&[
+            config("ns/a", "10.96.0.1:80", &["10.0.0.1:80", "10.0.0.2:80"]),
+            config("ns/b", "10.96.0.2:80", &["10.0.0.3:80"]),
+        ]);
+        assert_eq!((changes.added, changes.removed), (2, 0));
+        // A connection routed earlier holds this object; it must see the next endpoint set.
+        let held = discovered.lookup("10.96.0.1:80".parse().unwrap()).unwrap();
+        held.endpoint_order()
+            .next()
+            .unwrap()
+            .failed
+            .fetch_add(5, Ordering::Relaxed);
+
+        let changes = discovered.replace(&[config(
+            "ns/a",
+            "10.96.0.1:80",
+            &["10.0.0.2:80", "10.0.0.1:80", "10.0.0.4:80"],
+        )]);
+        assert_eq!(
+            changes,
+            Changes {
+                added: 0,
+                removed: 1,
+                endpoints_changed: 1
+            }
+        );
+        let now = discovered.lookup("10.96.0.1:80".parse().unwrap()).unwrap();
+        assert!(Arc::ptr_eq(&held, &now));
+        let order: Vec<SocketAddr> = held.endpoint_order().map(|e| e.addr).collect();
+        assert_eq!(order.len(), 3);
+        let failed: u64 = held.summary().endpoints.iter().map(|e| e.failed).sum();
+        assert_eq!(failed, 5, "the endpoints' counts carry over");
+        assert!(discovered.lookup("10.96.0.2:80".parse().unwrap()).is_none());
+        // The same set again changes nothing.
+        assert!(
+            !discovered
+                .replace(&[config(
+                    "ns/a",
+                    "10.96.0.1:80",
+                    &["10.0.0.1:80", "10.0.0.2:80", "10.0.0.4:80"],
+                )])
+                .any()
+        );
+        // Another Service taking over the address is a new object.
+        let changes = discovered.replace(&[config("ns/c", "10.96.0.1:80", &["10.0.0.9:80"])]);
+        assert_eq!((changes.added, changes.removed), (1, 1));
     }
 
     #[test]

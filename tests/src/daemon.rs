@@ -23,6 +23,8 @@ pub struct Options {
     pub intercept_yaml: String,
     /// YAML appended at the top level (further sections such as `services:`).
     pub extra_yaml: String,
+    /// Run in Kubernetes mode (`--kubernetes`); its settings go in `extra_yaml`.
+    pub kubernetes: bool,
     /// `SHUNT_LOG` for the daemon; tests default to `debug` (their failures print the log),
     /// benchmarks use `info` as a production node would.
     pub log: Option<&'static str>,
@@ -39,6 +41,7 @@ pub struct Daemon<'a> {
     /// Where the access log goes when [`Options::access_log`] is set.
     pub access_log: PathBuf,
     log_level: &'static str,
+    kubernetes: bool,
     pid: Option<u32>,
 }
 
@@ -60,6 +63,7 @@ impl<'a> Daemon<'a> {
             log: dir.join("shunt.log"),
             access_log: dir.join("access.log"),
             log_level: options.log.unwrap_or("debug"),
+            kubernetes: options.kubernetes,
             pid: None,
         };
         std::fs::write(&daemon.config, daemon.render_config(pods, options))
@@ -130,6 +134,7 @@ impl<'a> Daemon<'a> {
         cmd.arg("run")
             .arg("--config")
             .arg(&self.config)
+            .args(self.kubernetes.then_some("--kubernetes"))
             .env("SHUNT_LOG", self.log_level)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)

@@ -2,7 +2,8 @@
 //!
 //! [`sandbox`] builds "pods" out of network namespaces on one machine, as root, and removes
 //! everything it made when dropped; [`daemon`] runs `shunt run` inside a sandbox; [`probe`]
-//! drives the `shunt-probe` test peer; [`demo`] is what `cargo xtask demo` shows.
+//! drives the `shunt-probe` test peer; [`demo`] is what `cargo xtask demo` shows;
+//! [`kube_api`] stands in for the Kubernetes API server.
 
 pub mod bench;
 pub mod daemon;
@@ -10,6 +11,7 @@ pub mod demo;
 pub mod grpc;
 pub mod interrupts;
 pub mod iptables;
+pub mod kube_api;
 pub mod probe;
 pub mod sandbox;
 pub mod telemetry;

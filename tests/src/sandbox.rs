@@ -182,6 +182,22 @@ impl Sandbox {
         self.spawn(cmd, Some(netns))
     }
 
+    /// Starts `cmd` in `pod`'s network namespace and in the cgroup `sub` below the sandbox
+    /// cgroup (created if missing), e.g. `kubepods/besteffort/pod<uid>`: a process of a
+    /// Kubernetes pod, as the kubelet would place it.
+    pub fn spawn_in_pod_cgroup(&self, pod: &Pod, sub: &str, cmd: Command) -> anyhow::Result<u32> {
+        let cgroup = self.cgroup.join(sub);
+        anyhow::ensure!(
+            cgroup.starts_with(&self.cgroup) && !sub.contains(".."),
+            "{sub} is not below the sandbox cgroup"
+        );
+        std::fs::create_dir_all(&cgroup)
+            .with_context(|| format!("creating cgroup {}", cgroup.display()))?;
+        let netns = File::open(pod.netns_path())
+            .with_context(|| format!("opening {}", pod.netns_path().display()))?;
+        self.spawn_at(cmd, Some(netns), &cgroup)
+    }
+
     /// Starts `cmd` in the root network namespace, inside the sandbox cgroup.
     pub fn spawn_in_host(&self, cmd: Command) -> anyhow::Result<u32> {
         self.spawn(cmd, None)
@@ -226,8 +242,17 @@ impl Sandbox {
             .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
-    fn spawn(&self, mut cmd: Command, netns: Option<File>) -> anyhow::Result<u32> {
-        self.enter_on_exec(&mut cmd, netns)?;
+    fn spawn(&self, cmd: Command, netns: Option<File>) -> anyhow::Result<u32> {
+        self.spawn_at(cmd, netns, &self.cgroup)
+    }
+
+    fn spawn_at(
+        &self,
+        mut cmd: Command,
+        netns: Option<File>,
+        cgroup: &Path,
+    ) -> anyhow::Result<u32> {
+        enter_on_exec(&mut cmd, netns, cgroup)?;
         let child = cmd
             .spawn()
             .with_context(|| format!("starting {:?}", cmd.get_program()))?;
@@ -239,36 +264,7 @@ impl Sandbox {
     /// Makes the child join the sandbox cgroup (and `netns`, if given) before it executes,
     /// so not even its first socket is created outside them.
     fn enter_on_exec(&self, cmd: &mut Command, netns: Option<File>) -> anyhow::Result<()> {
-        let procs = CString::new(
-            self.cgroup
-                .join("cgroup.procs")
-                .into_os_string()
-                .into_encoded_bytes(),
-        )
-        .context("cgroup path contains NUL")?;
-        // SAFETY: the closure only makes async-signal-safe calls (setns, open, write, close)
-        // on data prepared before fork.
-        unsafe {
-            cmd.pre_exec(move || {
-                if let Some(netns) = &netns
-                    && libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) != 0
-                {
-                    return Err(std::io::Error::last_os_error());
-                }
-                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-                if fd < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                // "0" moves the writing process itself.
-                let written = libc::write(fd, b"0".as_ptr().cast(), 1);
-                libc::close(fd);
-                if written != 1 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        Ok(())
+        enter_on_exec(cmd, netns, &self.cgroup)
     }
 
     /// Kills every process of the sandbox and removes its pins, namespaces, links and cgroup.
@@ -323,6 +319,40 @@ impl Drop for Sandbox {
     fn drop(&mut self) {
         self.cleanup();
     }
+}
+
+/// Makes the child join `cgroup` (and `netns`, if given) before it executes.
+fn enter_on_exec(cmd: &mut Command, netns: Option<File>, cgroup: &Path) -> anyhow::Result<()> {
+    let procs = CString::new(
+        cgroup
+            .join("cgroup.procs")
+            .into_os_string()
+            .into_encoded_bytes(),
+    )
+    .context("cgroup path contains NUL")?;
+    // SAFETY: the closure only makes async-signal-safe calls (setns, open, write, close)
+    // on data prepared before fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            if let Some(netns) = &netns
+                && libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // "0" moves the writing process itself.
+            let written = libc::write(fd, b"0".as_ptr().cast(), 1);
+            libc::close(fd);
+            if written != 1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    Ok(())
 }
 
 /// Waits for `child` at most `timeout`, then kills it; returns whatever it printed.
@@ -413,6 +443,14 @@ fn cgroup_pids(cgroup: &Path) -> Vec<i32> {
 }
 
 fn remove_cgroup(cgroup: &Path) {
+    // Child cgroups (pods' cgroups made by `spawn_in_pod_cgroup`) go first.
+    if let Ok(entries) = std::fs::read_dir(cgroup) {
+        for entry in entries.flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_cgroup(&entry.path());
+            }
+        }
+    }
     let deadline = Instant::now() + Duration::from_secs(5);
     while cgroup.exists() {
         match std::fs::remove_dir(cgroup) {

@@ -24,7 +24,11 @@ struct Cli {
 #[derive(Subcommand)]
 enum Task {
     /// Install the eBPF toolchain and test peers that are missing (Debian packages, bpf-linker).
-    Setup,
+    Setup {
+        /// Only the toolchain that building shunt needs, no test peers (container builds).
+        #[arg(long)]
+        toolchain_only: bool,
+    },
     /// Build `target/release/shunt` (eBPF object embedded) and the test helpers.
     Build,
     /// Run the whole suite: formatting, lints, unit and sandbox integration tests (as root).
@@ -43,6 +47,8 @@ enum Task {
     },
     /// Run the local sandbox demo: pods as network namespaces, traffic through shunt.
     Demo,
+    /// Write deploy/crd.yaml, the FaultInjection CustomResourceDefinition, from the Rust types.
+    Crd,
     /// Measure shunt against the direct path in the sandbox (as root); writes
     /// bench/results/results.{json,md}.
     Bench {
@@ -58,11 +64,15 @@ enum Task {
 fn main() {
     let cli = Cli::parse();
     let result = match cli.task {
-        Task::Setup => setup::run(),
+        Task::Setup { toolchain_only } => match toolchain_only {
+            true => setup::toolchain(),
+            false => setup::run(),
+        },
         Task::Build => setup::run().and_then(|()| build()),
         Task::Test { args } => setup::run().and_then(|()| test(&args)),
         Task::Demo => setup::run().and_then(|()| demo()),
         Task::Fuzz { seconds, targets } => setup::run().and_then(|()| fuzz(seconds, targets)),
+        Task::Crd => setup::run().and_then(|()| crd()),
         Task::Bench { quick, peers } => setup::run()
             .and_then(|()| if peers { setup::peers() } else { Ok(()) })
             .and_then(|()| bench(quick, peers)),
@@ -160,6 +170,25 @@ fn fuzz(seconds: u64, mut targets: Vec<String>) -> anyhow::Result<()> {
         targets = fuzz::targets(&root)?;
     }
     fuzz::run(&root, &targets, seconds)
+}
+
+fn crd() -> anyhow::Result<()> {
+    let step = Step::start("building shunt");
+    cargo(&["build", "--release", "--locked", "-p", "shunt"])?;
+    step.done();
+    let out = std::process::Command::new(release_bin("shunt"))
+        .arg("crd")
+        .output()
+        .context("running `shunt crd`")?;
+    anyhow::ensure!(
+        out.status.success(),
+        "`shunt crd` failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let path = workspace_root().join("deploy/crd.yaml");
+    std::fs::write(&path, &out.stdout).with_context(|| format!("writing {}", path.display()))?;
+    println!("wrote {}", path.display());
+    Ok(())
 }
 
 fn demo() -> anyhow::Result<()> {

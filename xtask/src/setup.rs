@@ -41,6 +41,15 @@ const GRPCIO: &str = "grpcio==1.85.3";
 const CARGO_FUZZ_VERSION: &str = "0.13.2";
 
 pub fn run() -> anyhow::Result<()> {
+    setup(true)
+}
+
+/// Only what building `shunt` needs (the container image's build stage).
+pub fn toolchain() -> anyhow::Result<()> {
+    setup(false)
+}
+
+fn setup(test_peers: bool) -> anyhow::Result<()> {
     let mut apt = Apt::default();
     apt.ensure(COMPILER_PACKAGES)?;
 
@@ -48,13 +57,18 @@ pub fn run() -> anyhow::Result<()> {
     let llvm_dev = [format!("llvm-{llvm}-dev"), format!("libpolly-{llvm}-dev")];
     let mut packages: Vec<&str> = llvm_dev.iter().map(String::as_str).collect();
     packages.extend(LINKER_BUILD_PACKAGES);
-    packages.extend(SANDBOX_PACKAGES);
+    if test_peers {
+        packages.extend(SANDBOX_PACKAGES);
+    }
     apt.ensure(&packages)?;
 
     ensure_bpf_linker(llvm)?;
-    ensure_grpcio()?;
-    // promtool checks shunt's /metrics in the tests; the package's server stays stopped.
-    apt.ensure_without_services(METRICS_PACKAGES)
+    if test_peers {
+        ensure_grpcio()?;
+        // promtool checks shunt's /metrics in the tests; the package's server stays stopped.
+        apt.ensure_without_services(METRICS_PACKAGES)?;
+    }
+    Ok(())
 }
 
 /// `promtool`, which only ships in Debian's Prometheus server package.

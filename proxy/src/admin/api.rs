@@ -9,6 +9,7 @@ use crate::{bpf::Attachment, config::FailMode};
 pub use crate::{
     fault::RuleSummary,
     inpod::PodSummary,
+    k8s::KubernetesStatus,
     route::ServiceSummary,
     state::{ConnRecord, StreamRecord},
 };
@@ -36,6 +37,9 @@ pub struct Status {
     pub access_log: String,
     /// The diagnostic log's filter in force.
     pub log_filter: String,
+    /// Kubernetes mode only: the node and the state of each API watch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kubernetes: Option<KubernetesStatus>,
 }
 
 /// `GET`/`PUT /log-level`: a `tracing` filter (`debug`, `info,shunt=debug`, …).

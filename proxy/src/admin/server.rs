@@ -47,6 +47,8 @@ pub struct AdminContext {
     pub conns: Arc<ConnTable>,
     pub counters: Arc<ProxyCounters>,
     pub commands: mpsc::Sender<Command>,
+    /// The API watches' state, in Kubernetes mode.
+    pub kubernetes: Option<Arc<crate::k8s::Health>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -129,10 +131,7 @@ async fn route(req: Request<Incoming>, ctx: &AdminContext) -> Reply {
         }
         (&Method::GET, "/conns") => json(StatusCode::OK, &ctx.conns.live()),
         (&Method::GET, "/conns/closed") => json(StatusCode::OK, &ctx.conns.closed()),
-        (&Method::GET, "/services") => json(
-            StatusCode::OK,
-            &ctx.proxy.settings.load().routes.summaries(),
-        ),
+        (&Method::GET, "/services") => json(StatusCode::OK, &ctx.proxy.service_summaries()),
         (&Method::GET, "/config") => json(StatusCode::OK, &ctx.configs.in_force()),
         (&Method::GET, "/log-level") => json(
             StatusCode::OK,
@@ -213,13 +212,14 @@ fn status(ctx: &AdminContext) -> Status {
         fail_mode: running.intercept.fail_mode,
         pods: ctx.enrollments.list().len(),
         connections: ctx.conns.len(),
-        services: ctx.proxy.settings.load().routes.len(),
+        services: ctx.proxy.settings.load().routes.len() + ctx.proxy.discovered.len(),
         fault_rules: ctx.proxy.faults.rules_in_force(),
         metrics: telemetry.addresses.metrics,
         health: telemetry.addresses.health,
         ready,
         access_log: running.telemetry.access_log.clone().into(),
         log_filter: logging::current(),
+        kubernetes: ctx.kubernetes.as_ref().map(|health| health.summary()),
     }
 }
 

@@ -4,7 +4,7 @@
 //! across reloads); the table in force is swapped whole, so a change applies to the next
 //! stream or connection and the hot path takes no lock.
 
-mod rules;
+pub mod rules;
 
 use std::{
     collections::HashMap,
@@ -90,7 +90,10 @@ struct Rule {
 pub struct Faults {
     in_force: ArcSwap<Vec<Rule>>,
     from_config: Mutex<Vec<FaultRule>>,
-    /// Set through the admin API; a rule here replaces a config rule of the same name.
+    /// From `FaultInjection` resources (Kubernetes mode), named `namespace/name`.
+    from_cluster: Mutex<Vec<FaultRule>>,
+    /// Set through the admin API; a rule here replaces a config or cluster rule of the same
+    /// name.
     from_admin: Mutex<Vec<FaultRule>>,
     counters: Mutex<HashMap<String, Arc<RuleCounters>>>,
     active: Arc<AtomicUsize>,
@@ -101,7 +104,7 @@ pub struct Faults {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RuleSummary {
     pub rule: FaultRule,
-    /// `config` or `admin`.
+    /// `config`, `kubernetes` or `admin`.
     pub source: String,
     pub delays: u64,
     pub aborts: u64,
@@ -114,6 +117,7 @@ impl Faults {
         let faults = Faults {
             in_force: ArcSwap::from_pointee(Vec::new()),
             from_config: Mutex::new(config_rules),
+            from_cluster: Mutex::default(),
             from_admin: Mutex::default(),
             counters: Mutex::default(),
             active: Arc::default(),
@@ -130,6 +134,13 @@ impl Faults {
         self.rebuild();
     }
 
+    /// The rules of the cluster's `FaultInjection` resources, already validated: the whole
+    /// set, replacing the previous one.
+    pub fn set_cluster_rules(&self, rules: Vec<FaultRule>) {
+        *lock(&self.from_cluster) = rules;
+        self.rebuild();
+    }
+
     /// Adds or replaces (by name) rules, already validated.
     pub fn set(&self, rules: Vec<FaultRule>) {
         {
@@ -142,29 +153,29 @@ impl Faults {
         self.rebuild();
     }
 
-    /// Removes the rule `name` (an admin rule, or a config rule until the next reload).
+    /// Removes the rule `name` (an admin rule; a config rule until the next reload; a
+    /// cluster rule until its resources change next).
     pub fn clear(&self, name: &str) -> bool {
-        let removed_admin = {
-            let mut admin = lock(&self.from_admin);
-            let before = admin.len();
-            admin.retain(|r| r.name != name);
-            before != admin.len()
+        let remove = |rules: &Mutex<Vec<FaultRule>>| {
+            let mut rules = lock(rules);
+            let before = rules.len();
+            rules.retain(|r| r.name != name);
+            before != rules.len()
         };
-        let removed_config = {
-            let mut config = lock(&self.from_config);
-            let before = config.len();
-            config.retain(|r| r.name != name);
-            before != config.len()
-        };
+        // From every list it is in, not only the first: no short-circuit.
+        let removed: Vec<bool> = [&self.from_admin, &self.from_config, &self.from_cluster]
+            .into_iter()
+            .map(remove)
+            .collect();
         self.rebuild();
-        removed_admin || removed_config
+        removed.contains(&true)
     }
 
     pub fn list(&self) -> Vec<RuleSummary> {
-        let admin: Vec<String> = lock(&self.from_admin)
-            .iter()
-            .map(|r| r.name.clone())
-            .collect();
+        let names = |rules: &Mutex<Vec<FaultRule>>| -> Vec<String> {
+            lock(rules).iter().map(|r| r.name.clone()).collect()
+        };
+        let (admin, cluster) = (names(&self.from_admin), names(&self.from_cluster));
         self.in_force
             .load()
             .iter()
@@ -172,6 +183,8 @@ impl Faults {
                 rule: rule.spec.clone(),
                 source: if admin.contains(&rule.spec.name) {
                     "admin"
+                } else if cluster.contains(&rule.spec.name) {
+                    "kubernetes"
                 } else {
                     "config"
                 }
@@ -209,11 +222,14 @@ impl Faults {
 
     fn rebuild(&self) {
         let admin = lock(&self.from_admin).clone();
+        let cluster = lock(&self.from_cluster).clone();
+        let overridden = |r: &FaultRule, by: &[FaultRule]| by.iter().any(|a| a.name == r.name);
         let mut specs: Vec<FaultRule> = lock(&self.from_config)
             .iter()
-            .filter(|r| !admin.iter().any(|a| a.name == r.name))
+            .filter(|r| !overridden(r, &admin) && !overridden(r, &cluster))
             .cloned()
             .collect();
+        specs.extend(cluster.into_iter().filter(|r| !overridden(r, &admin)));
         specs.extend(admin);
         let mut counters = lock(&self.counters);
         let rules = specs
@@ -392,4 +408,51 @@ impl Drop for ActiveSlot {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rule(name: &str, service: &str) -> FaultRule {
+        parse_rules(&format!(
+            "name: {name}\nmatch: {{service: {service}}}\nabort: {{http_status: 503}}\n"
+        ))
+        .unwrap()
+        .remove(0)
+    }
+
+    fn sources(faults: &Faults) -> Vec<(String, String, Option<String>)> {
+        faults
+            .list()
+            .into_iter()
+            .map(|r| (r.rule.name, r.source, r.rule.matches.service))
+            .collect()
+    }
+
+    #[test]
+    fn cluster_rules_sit_between_config_and_admin_rules() {
+        let faults = Faults::new(vec![rule("a", "from-config"), rule("b", "from-config")], 10);
+        faults.set_cluster_rules(vec![rule("b", "from-cluster"), rule("c", "from-cluster")]);
+        faults.set(vec![rule("c", "from-admin")]);
+        let s = |a: &str, b: &str, c: &str| (a.to_owned(), b.to_owned(), Some(c.to_owned()));
+        assert_eq!(
+            sources(&faults),
+            [
+                s("a", "config", "from-config"),
+                s("b", "kubernetes", "from-cluster"),
+                s("c", "admin", "from-admin"),
+            ]
+        );
+        // The next set from the cluster replaces the previous one whole.
+        faults.set_cluster_rules(Vec::new());
+        assert_eq!(
+            sources(&faults),
+            [
+                s("a", "config", "from-config"),
+                s("b", "config", "from-config"),
+                s("c", "admin", "from-admin"),
+            ]
+        );
+    }
 }

@@ -1,7 +1,8 @@
 //! The fault rule model, as written in the config file or given to `shunt faults set`.
 
-use std::{collections::BTreeMap, fmt, net::SocketAddr, time::Duration};
+use std::{borrow::Cow, collections::BTreeMap, fmt, net::SocketAddr, time::Duration};
 
+use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
 use serde::{Deserialize, Deserializer, Serialize, Serializer, de};
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -22,7 +23,8 @@ pub struct FaultRule {
     pub header_control: bool,
 }
 
-#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+/// Which streams and connections a rule applies to.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct FaultMatch {
     /// A Service name.
@@ -48,6 +50,21 @@ pub enum PathMatch {
     Prefix { prefix: String },
 }
 
+/// A string or `{prefix: …}`: Kubernetes' structural schemas cannot say "one of these two
+/// types", so the API server accepts any value here and shunt validates it.
+impl JsonSchema for PathMatch {
+    fn schema_name() -> Cow<'static, str> {
+        "PathMatch".into()
+    }
+
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        json_schema!({
+            "description": "The request path: exact (`/pkg.Service/Method`) or `{prefix: /pkg.Service/}`.",
+            "x-kubernetes-preserve-unknown-fields": true
+        })
+    }
+}
+
 impl PathMatch {
     pub fn matches(&self, path: &str) -> bool {
         match self {
@@ -57,16 +74,20 @@ impl PathMatch {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+/// Hold matching streams before they go upstream.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DelayFault {
+    /// How long, e.g. `3s` or `250ms`.
     #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub fixed: Duration,
     #[serde(default)]
     pub percentage: Percentage,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+/// Answer matching streams with an error instead of sending them upstream.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AbortFault {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -77,7 +98,8 @@ pub struct AbortFault {
     pub percentage: Percentage,
 }
 
-#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+/// Faults for connections forwarded as opaque TCP or TLS.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TcpFault {
     /// Held this long before the upstream is dialled.
@@ -86,6 +108,7 @@ pub struct TcpFault {
         with = "humantime_serde",
         skip_serializing_if = "Option::is_none"
     )]
+    #[schemars(with = "Option<String>")]
     pub connect_delay: Option<Duration>,
     /// This share of connections is reset right after detection.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -107,6 +130,21 @@ impl Percentage {
     /// Whether this request is in the share.
     pub fn roll(self) -> bool {
         self.0 >= 100.0 || (self.0 > 0.0 && fastrand::f64() * 100.0 < self.0)
+    }
+}
+
+impl JsonSchema for Percentage {
+    fn schema_name() -> Cow<'static, str> {
+        "Percentage".into()
+    }
+
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        json_schema!({
+            "description": "A share of requests, 0 to 100 (decimals allowed); 100 when omitted.",
+            "type": "number",
+            "minimum": 0,
+            "maximum": 100
+        })
     }
 }
 
@@ -160,6 +198,19 @@ impl fmt::Display for GrpcCode {
 impl Serialize for GrpcCode {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         serializer.collect_str(self)
+    }
+}
+
+impl JsonSchema for GrpcCode {
+    fn schema_name() -> Cow<'static, str> {
+        "GrpcCode".into()
+    }
+
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        json_schema!({
+            "description": "A gRPC status: its name (`UNAVAILABLE`) or number (14).",
+            "x-kubernetes-int-or-string": true
+        })
     }
 }
 

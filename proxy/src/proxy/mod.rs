@@ -25,7 +25,7 @@ use crate::{
     http2,
     inpod::{Netns, connect_from},
     net::{canonical, from_raw, to_raw},
-    route::Routes,
+    route::{DiscoveredServices, Route, Routes, ServiceSummary},
     state::{ConnGuard, ConnTable, ProxyCounters, StreamLog},
     telemetry::Telemetry,
     workers::{WorkerId, Workers},
@@ -86,6 +86,8 @@ pub struct Proxy {
     pub counters: Arc<ProxyCounters>,
     pub mark: u32,
     pub settings: ArcSwap<Settings>,
+    /// Services from Kubernetes; the configuration's own take precedence.
+    pub discovered: DiscoveredServices,
     pub faults: Arc<Faults>,
     pub streams: Arc<StreamLog>,
     pub telemetry: Arc<Telemetry>,
@@ -93,6 +95,25 @@ pub struct Proxy {
     pub workers: Workers,
     /// The kernel fast path for `forwarding: sockmap`, or why this kernel lacks it.
     pub sockmap: Result<Arc<Sockmap>, String>,
+}
+
+impl Proxy {
+    /// Where a connection to `original_dst` goes: a Service of the configuration, else one
+    /// discovered, else the destination itself.
+    pub fn route(&self, settings: &Settings, original_dst: SocketAddr) -> Route {
+        let service = settings.routes.lookup(original_dst);
+        match service.or_else(|| self.discovered.lookup(original_dst)) {
+            Some(service) => Route::Service(service),
+            None => Route::Direct(original_dst),
+        }
+    }
+
+    /// Every Service, the configuration's first.
+    pub fn service_summaries(&self) -> Vec<ServiceSummary> {
+        let mut services = self.settings.load().routes.summaries();
+        services.extend(self.discovered.summaries());
+        services
+    }
 }
 
 /// The pod a listener belongs to.
@@ -195,7 +216,7 @@ async fn handle(
         return;
     };
     let settings = proxy.settings.load_full();
-    let route = settings.routes.route(original_dst);
+    let route = proxy.route(&settings, original_dst);
     tracing::debug!(pod = %pod.name, client = %peer, %original_dst, service = route.service_name(), "intercepted");
     let mut guard = proxy
         .conns

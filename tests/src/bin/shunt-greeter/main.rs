@@ -1,8 +1,9 @@
 //! A tonic gRPC greeter, server and client, with hand-written prost messages (no protoc).
 //!
 //! `serve --name N --listen ADDR` answers `/helloworld.Greeter/SayHello` with `N`;
-//! `call --to ADDR --count C` makes C unary calls on ONE channel (one HTTP/2 connection) and
-//! prints `{"ok": n, "by_backend": {...}, "errors": {...}, "first_error": ...}`;
+//! `call --to HOST:PORT --count C` makes C unary calls on ONE channel (one HTTP/2 connection)
+//! and prints `{"ok": n, "by_backend": {...}, "errors": {...}, "first_error": ...}`; with
+//! `--every 2s` it calls for ever instead, one line per call (`deploy/example`'s client);
 //! `load --to ADDR[,ADDR…] --connections C --streams M --seconds S [--rate R]` is the benchmark's
 //! load generator: closed-loop (C channels × M calls in flight each) or, with `--rate`, open-loop
 //! at R calls/s; prints calls, calls/s, p50/p99 and the split by backend as JSON.
@@ -71,10 +72,14 @@ enum Cmd {
         listen: SocketAddr,
     },
     Call {
+        /// `address:port` or `name:port` (resolved by the system's resolver).
         #[arg(long)]
-        to: SocketAddr,
+        to: String,
         #[arg(long, default_value_t = 1)]
         count: usize,
+        /// Call for ever, once per this interval (e.g. `2s`), printing each call.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        every: Option<std::time::Duration>,
     },
     Load(load::LoadArgs),
 }
@@ -83,7 +88,12 @@ enum Cmd {
 async fn main() {
     let result = match Cli::parse().command {
         Cmd::Serve { name, listen } => serve(name, listen).await,
-        Cmd::Call { to, count } => call(to, count).await,
+        Cmd::Call {
+            to,
+            every: Some(every),
+            ..
+        } => call_every(to, every).await,
+        Cmd::Call { to, count, .. } => call(to, count).await,
         Cmd::Load(args) => load::run(args).await,
     };
     if let Err(e) = result {
@@ -101,11 +111,35 @@ async fn serve(name: String, listen: SocketAddr) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn call(to: SocketAddr, count: usize) -> anyhow::Result<()> {
+async fn connect(to: &str) -> anyhow::Result<GrpcClient> {
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{to}"))?
         .connect()
         .await?;
-    let mut grpc = tonic::client::Grpc::new(channel);
+    Ok(tonic::client::Grpc::new(channel))
+}
+
+/// One line per call for ever, on one channel: who answered and how long it took.
+async fn call_every(to: String, every: std::time::Duration) -> anyhow::Result<()> {
+    let mut grpc = connect(&to).await?;
+    let mut ticks = tokio::time::interval(every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let started = std::time::Instant::now();
+        let result = say_hello(&mut grpc).await;
+        let ms = started.elapsed().as_millis();
+        let line = match result {
+            Ok(backend) => serde_json::json!({"to": to, "backend": backend, "ms": ms}),
+            Err(status) => serde_json::json!({
+                "to": to, "error": format!("{:?}", status.code()), "message": status.message(), "ms": ms,
+            }),
+        };
+        println!("{line}");
+    }
+}
+
+async fn call(to: String, count: usize) -> anyhow::Result<()> {
+    let mut grpc = connect(&to).await?;
     let mut by_backend: HashMap<String, usize> = HashMap::new();
     let mut errors: HashMap<String, usize> = HashMap::new();
     let mut first_error = None;

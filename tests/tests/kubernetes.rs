@@ -1,0 +1,532 @@
+//! Kubernetes mode against a mock API server speaking real list/watch JSON
+//! (`shunt_tests::kube_api`), with real enrollment: sandbox pods whose processes sit in
+//! cgroups named the way the kubelet names them, found by shunt through `/proc`, and real
+//! clients whose connections are intercepted (or not). Run as root.
+
+use std::{
+    collections::BTreeSet,
+    net::{IpAddr, SocketAddr},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail, ensure};
+use serde_json::{Value, json};
+use shunt_tests::{
+    daemon::{Daemon, Options},
+    grpc,
+    kube_api::MockApi,
+    probe,
+    sandbox::{Pod, Sandbox},
+};
+
+const NODE: &str = "node-a";
+const NS: &str = "demo";
+const WAIT: Duration = Duration::from_secs(30);
+
+/// How the kubelet named the pod's cgroup.
+#[derive(Clone, Copy)]
+enum Driver {
+    Cgroupfs,
+    Systemd,
+}
+
+/// A Kubernetes pod backed by a sandbox pod: a process in its network namespace and in a
+/// cgroup that names its UID.
+struct KubePod<'a> {
+    pod: &'a Pod,
+    uid: String,
+    node: &'a str,
+    annotations: Value,
+}
+
+impl<'a> KubePod<'a> {
+    fn new(sandbox: &Sandbox, pod: &'a Pod, driver: Driver) -> anyhow::Result<KubePod<'a>> {
+        let seed = u32::from_str_radix(sandbox.id(), 16).unwrap_or(0);
+        let index = pod.ipv4.octets()[3];
+        let uid = format!("{seed:08x}-0000-4000-8000-{index:012x}");
+        let cgroup = match driver {
+            Driver::Cgroupfs => format!("kubepods/besteffort/pod{uid}"),
+            Driver::Systemd => format!(
+                "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{}.slice",
+                uid.replace('-', "_")
+            ),
+        };
+        let mut sleep = Command::new("sleep");
+        sleep.arg("300");
+        sandbox.spawn_in_pod_cgroup(pod, &cgroup, sleep)?;
+        Ok(KubePod {
+            pod,
+            uid,
+            node: NODE,
+            annotations: json!({}),
+        })
+    }
+
+    fn object(&self) -> Value {
+        json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"namespace": NS, "name": self.pod.name, "uid": self.uid,
+                         "annotations": self.annotations},
+            "spec": {"nodeName": self.node, "containers": [{"name": "main", "image": "app"}]},
+            "status": {"phase": "Running", "podIP": self.pod.ipv4.to_string()},
+        })
+    }
+}
+
+fn namespace(labelled: bool) -> Value {
+    let labels = if labelled {
+        json!({"shunt.io/intercept": "enabled"})
+    } else {
+        json!({})
+    };
+    json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS, "labels": labels}})
+}
+
+fn service(name: &str, vip: SocketAddr) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"namespace": NS, "name": name},
+        "spec": {"clusterIP": vip.ip().to_string(), "clusterIPs": [vip.ip().to_string()],
+                 "ports": [{"name": "grpc", "port": vip.port(), "targetPort": "grpc", "protocol": "TCP"}]},
+    })
+}
+
+/// An endpoint: its pod, and its `ready`, `serving`, `terminating` conditions.
+type Ep<'a> = (&'a Pod, bool, bool, bool);
+
+fn slice(service: &str, port: u16, endpoints: &[Ep<'_>]) -> Value {
+    let endpoints: Vec<Value> = endpoints
+        .iter()
+        .map(|(pod, ready, serving, terminating)| {
+            json!({"addresses": [pod.ipv4.to_string()],
+                   "conditions": {"ready": ready, "serving": serving, "terminating": terminating}})
+        })
+        .collect();
+    json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"namespace": NS, "name": format!("{service}-x1"),
+                     "labels": {"kubernetes.io/service-name": service}},
+        "addressType": "IPv4",
+        "ports": [{"name": "grpc", "port": port, "protocol": "TCP"}],
+        "endpoints": endpoints,
+    })
+}
+
+fn ready(pod: &Pod) -> Ep<'_> {
+    (pod, true, true, false)
+}
+
+/// A virtual address no interface has, unique per sandbox.
+fn vip(sandbox: &Sandbox, port: u16) -> SocketAddr {
+    let seed = u32::from_str_radix(sandbox.id(), 16).unwrap_or(0);
+    SocketAddr::new(
+        IpAddr::from([10, 96, (seed % 250) as u8, 10 + (seed / 250 % 200) as u8]),
+        port,
+    )
+}
+
+fn start<'a>(sandbox: &'a Sandbox, api: &MockApi) -> anyhow::Result<Daemon<'a>> {
+    let kubeconfig = api.write_kubeconfig(&sandbox.scratch_dir("kube")?)?;
+    let daemon = Daemon::start(
+        sandbox,
+        &[],
+        &Options {
+            kubernetes: true,
+            extra_yaml: format!(
+                "kubernetes:\n  node_name: {NODE}\n  kubeconfig: {}\n",
+                kubeconfig.display()
+            ),
+            ..Options::default()
+        },
+    )?;
+    eventually(&daemon, "every watch synced", || connected(&daemon))?;
+    Ok(daemon)
+}
+
+fn connected(daemon: &Daemon) -> anyhow::Result<bool> {
+    let status = daemon.ctl_json(&["status"])?;
+    ensure!(status["kubernetes"]["node"] == NODE, "{status}");
+    Ok(status["kubernetes"]["connected"] == true)
+}
+
+/// Polls `check` until it holds (at most 30 s); the error shows the daemon's log.
+fn eventually(
+    daemon: &Daemon,
+    what: &str,
+    mut check: impl FnMut() -> anyhow::Result<bool>,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let last = check();
+        if matches!(last, Ok(true)) {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "not so after {WAIT:?}: {what} (last check: {last:?}); shunt's log:\n{}",
+                daemon.log_text()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn enrolled(daemon: &Daemon) -> anyhow::Result<BTreeSet<String>> {
+    let pods = daemon.ctl_json(&["pods"])?;
+    Ok(pods
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p["name"].as_str().map(str::to_owned))
+        .collect())
+}
+
+fn names(list: &[&str]) -> BTreeSet<String> {
+    list.iter().map(|s| (*s).to_owned()).collect()
+}
+
+/// The endpoints `shunt services` lists for `vip`.
+fn endpoints(daemon: &Daemon, vip: SocketAddr) -> anyhow::Result<BTreeSet<String>> {
+    let services = daemon.ctl_json(&["services"])?;
+    let service = services
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|s| s["vip"] == vip.to_string())
+        .with_context(|| format!("no Service at {vip}: {services}"))?;
+    Ok(service["endpoints"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e["addr"].as_str().map(str::to_owned))
+        .collect())
+}
+
+fn addrs(pods: &[&Pod], port: u16) -> BTreeSet<String> {
+    pods.iter()
+        .map(|p| SocketAddr::new(p.ipv4.into(), port).to_string())
+        .collect()
+}
+
+/// One connection from `pod` to `to`: `Ok(true)` if shunt intercepted it and the server got
+/// it from the pod's own address, `Ok(false)` if it failed (the address is virtual).
+fn intercepted(sandbox: &Sandbox, pod: &Pod, to: SocketAddr) -> anyhow::Result<bool> {
+    let seen = probe::connect(sandbox, pod, to, 1)?.remove(0);
+    if seen.error.is_some() {
+        ensure!(!seen.was_redirected(), "redirected yet failed: {seen:?}");
+        return Ok(false);
+    }
+    ensure!(
+        seen.was_redirected(),
+        "reached {to} without shunt: {seen:?}"
+    );
+    ensure!(
+        seen.server_saw_ip() == Some(IpAddr::V4(pod.ipv4)),
+        "the server saw {seen:?}"
+    );
+    Ok(true)
+}
+
+#[test]
+fn a_labelled_namespace_enrolls_this_nodes_pods_until_the_label_goes() -> anyhow::Result<()> {
+    let sandbox = Sandbox::new()?;
+    let api = MockApi::start()?;
+    let backend = sandbox.add_pod("backend")?;
+    let app = sandbox.add_pod("app")?;
+    let app2 = sandbox.add_pod("app2")?;
+    let elsewhere = sandbox.add_pod("elsewhere")?;
+    let opted_out = sandbox.add_pod("opted-out")?;
+    probe::serve(
+        &sandbox,
+        &backend,
+        SocketAddr::new(backend.ipv4.into(), 8080),
+    )?;
+    let vip = vip(&sandbox, 80);
+
+    // Both cgroup naming schemes, a pod of another node and one that opted out, each with
+    // a live process shunt could find.
+    api.apply(KubePod::new(&sandbox, &app, Driver::Cgroupfs)?.object())?;
+    api.apply(KubePod::new(&sandbox, &app2, Driver::Systemd)?.object())?;
+    let mut other = KubePod::new(&sandbox, &elsewhere, Driver::Cgroupfs)?;
+    other.node = "node-b";
+    api.apply(other.object())?;
+    let mut optout = KubePod::new(&sandbox, &opted_out, Driver::Systemd)?;
+    optout.annotations = json!({"shunt.io/intercept": "disabled"});
+    api.apply(optout.object())?;
+    api.apply(namespace(false))?;
+    api.apply(service("backend", vip))?;
+    api.apply(slice("backend", 8080, &[ready(&backend)]))?;
+
+    let daemon = start(&sandbox, &api)?;
+    ensure!(enrolled(&daemon)?.is_empty());
+    ensure!(!intercepted(&sandbox, &app, vip)?, "not enrolled yet");
+
+    api.apply(namespace(true))?;
+    eventually(&daemon, "demo/app and demo/app2 enrolled", || {
+        Ok(enrolled(&daemon)? == names(&["demo/app", "demo/app2"]))
+    })?;
+    ensure!(intercepted(&sandbox, &app, vip)?);
+    ensure!(intercepted(&sandbox, &app2, vip)?);
+    ensure!(!intercepted(&sandbox, &opted_out, vip)?);
+    ensure!(!intercepted(&sandbox, &elsewhere, vip)?);
+    // The pods shunt watches are only this node's.
+    ensure!(api.requests("GET /api/v1/pods") > 0);
+
+    api.apply(namespace(false))?;
+    eventually(&daemon, "nothing enrolled", || {
+        Ok(enrolled(&daemon)?.is_empty())
+    })?;
+    ensure!(!intercepted(&sandbox, &app, vip)?, "unenrolled");
+    Ok(())
+}
+
+/// A labelled namespace with an enrolled client pod and Service `greeter` in front of
+/// tonic greeters in `backends` (the slice lists the first); returns its virtual address.
+fn greeter_service<'a>(
+    sandbox: &'a Sandbox,
+    api: &MockApi,
+    client: &Pod,
+    backends: &[&Pod],
+) -> anyhow::Result<(Daemon<'a>, SocketAddr)> {
+    for b in backends {
+        grpc::tonic_serve(sandbox, b, &b.name, 50051)?;
+    }
+    let vip = vip(sandbox, 50051);
+    api.apply(namespace(true))?;
+    api.apply(KubePod::new(sandbox, client, Driver::Cgroupfs)?.object())?;
+    api.apply(service("greeter", vip))?;
+    api.apply(slice("greeter", 50051, &[ready(backends[0])]))?;
+    let daemon = start(sandbox, api)?;
+    eventually(&daemon, "the client enrolled", || {
+        Ok(enrolled(&daemon)?.contains("demo/client"))
+    })?;
+    Ok((daemon, vip))
+}
+
+#[test]
+fn endpoint_slice_updates_change_the_rotation() -> anyhow::Result<()> {
+    let sandbox = Sandbox::new()?;
+    let api = MockApi::start()?;
+    let client = sandbox.add_pod("client")?;
+    let b1 = sandbox.add_pod("b1")?;
+    let b2 = sandbox.add_pod("b2")?;
+    let b3 = sandbox.add_pod("b3")?;
+    let (daemon, vip) = greeter_service(&sandbox, &api, &client, &[&b1, &b2, &b3])?;
+
+    let steps: [(Vec<Ep<'_>>, Vec<&Pod>, &str); 5] = [
+        (vec![ready(&b1), ready(&b2)], vec![&b1, &b2], "two ready"),
+        (
+            vec![ready(&b1), ready(&b2), ready(&b3)],
+            vec![&b1, &b2, &b3],
+            "b3 added",
+        ),
+        (
+            vec![ready(&b1), (&b2, false, false, false), ready(&b3)],
+            vec![&b1, &b3],
+            "b2 not ready",
+        ),
+        (
+            vec![(&b1, false, true, true), ready(&b3)],
+            vec![&b3],
+            "b1 terminating, b2 removed",
+        ),
+        (
+            vec![(&b1, false, true, true)],
+            vec![&b1],
+            "only a terminating one left, still serving",
+        ),
+    ];
+    for (slice_endpoints, expected, what) in steps {
+        api.apply(slice("greeter", 50051, &slice_endpoints))?;
+        let wanted = addrs(&expected, 50051);
+        eventually(&daemon, what, || Ok(endpoints(&daemon, vip)? == wanted))?;
+        let calls = grpc::tonic_call(&sandbox, &client, vip, 30)?;
+        let backends: BTreeSet<String> = calls.by_backend.keys().cloned().collect();
+        let expected_names: BTreeSet<String> = expected.iter().map(|p| p.name.clone()).collect();
+        ensure!(calls.ok == 30, "{what}: {calls:?}");
+        ensure!(backends == expected_names, "{what}: {calls:?}");
+        // Spread over each of them, not just touched.
+        calls
+            .check_even(30, expected.len(), 0.35)
+            .with_context(|| what.to_owned())?;
+    }
+    Ok(())
+}
+
+/// The backends of the calls a `shunt-greeter call --every` client printed to `log` so far.
+fn answered_by(log: &std::path::Path) -> Vec<String> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .map(|call| call["backend"].as_str().unwrap_or("(failed)").to_owned())
+        .collect()
+}
+
+#[test]
+fn an_open_connection_sends_its_next_calls_to_the_new_endpoints() -> anyhow::Result<()> {
+    let sandbox = Sandbox::new()?;
+    let api = MockApi::start()?;
+    let client = sandbox.add_pod("client")?;
+    let b1 = sandbox.add_pod("b1")?;
+    let b2 = sandbox.add_pod("b2")?;
+    let (daemon, vip) = greeter_service(&sandbox, &api, &client, &[&b1, &b2])?;
+
+    // One channel, one HTTP/2 connection, a call every 100 ms for the whole test.
+    let log = sandbox.scratch_dir("calls")?.join("calls.jsonl");
+    let mut caller = Command::new(shunt_tests::greeter_bin());
+    caller
+        .args(["call", "--to", &vip.to_string(), "--every", "100ms"])
+        .stdout(std::fs::File::create(&log)?);
+    sandbox.spawn_in_pod(&client, caller)?;
+    eventually(&daemon, "calls answered by b1", || {
+        Ok(answered_by(&log).iter().filter(|b| *b == "b1").count() >= 3)
+    })?;
+
+    api.apply(slice("greeter", 50051, &[ready(&b2)]))?;
+    let before = answered_by(&log).len();
+    eventually(
+        &daemon,
+        "the same connection's calls answered by b2",
+        || {
+            let calls = answered_by(&log);
+            Ok(calls.len() > before + 3 && calls[calls.len() - 3..].iter().all(|b| b == "b2"))
+        },
+    )?;
+    let calls = answered_by(&log);
+    ensure!(!calls.contains(&"(failed)".to_owned()), "{calls:?}");
+    // Still the one connection the client opened at the start.
+    let conns = daemon.ctl_json(&["conns"])?;
+    let to_vip: Vec<&Value> = conns
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|c| c["original_dst"] == vip.to_string())
+        .collect();
+    ensure!(to_vip.len() == 1, "{conns}");
+    ensure!(
+        daemon
+            .ctl_json(&["conns", "--closed"])?
+            .as_array()
+            .is_none_or(|c| c.iter().all(|c| c["original_dst"] != vip.to_string()))
+    );
+    Ok(())
+}
+
+fn fault(name: &str, spec: Value) -> Value {
+    json!({
+        "apiVersion": "shunt.io/v1alpha1", "kind": "FaultInjection",
+        "metadata": {"namespace": NS, "name": name},
+        "spec": spec,
+    })
+}
+
+fn rule_names(daemon: &Daemon) -> anyhow::Result<Vec<(String, String)>> {
+    let rules = daemon.ctl_json(&["faults", "list"])?;
+    Ok(rules
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|r| {
+            (
+                r["rule"]["name"].as_str().unwrap_or_default().to_owned(),
+                r["source"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect())
+}
+
+#[test]
+fn fault_injection_resources_become_rules_or_report_their_error() -> anyhow::Result<()> {
+    let sandbox = Sandbox::new()?;
+    let api = MockApi::start()?;
+    let client = sandbox.add_pod("client")?;
+    let greeter = sandbox.add_pod("greeter")?;
+    let (daemon, vip) = greeter_service(&sandbox, &api, &client, &[&greeter])?;
+    ensure!(grpc::tonic_call(&sandbox, &client, vip, 3)?.ok == 3);
+
+    let abort = json!({"match": {"service": "greeter", "path": "/helloworld.Greeter/SayHello"},
+                       "abort": {"grpc_status": "UNAVAILABLE", "percentage": 100}});
+    api.apply(fault("abort-all", abort))?;
+    let accepted = api.wait_for("FaultInjection", NS, "abort-all", WAIT, |o| {
+        o["status"]["state"] == "Accepted"
+    })?;
+    ensure!(accepted["status"]["observedGeneration"] == 1, "{accepted}");
+    ensure!(
+        rule_names(&daemon)? == [("demo/abort-all".to_owned(), "kubernetes".to_owned())],
+        "{:?}",
+        rule_names(&daemon)
+    );
+    let calls = grpc::tonic_call(&sandbox, &client, vip, 5)?;
+    ensure!(
+        calls.ok == 0 && calls.errors.get("Unavailable") == Some(&5),
+        "{calls:?}"
+    );
+
+    // Invalid: the error, field named, in its status; the rules stay as they were.
+    api.apply(fault(
+        "broken",
+        json!({"match": {"service": "greeter"}, "delay": {"fixed": "soon"}}),
+    ))?;
+    let broken = api.wait_for("FaultInjection", NS, "broken", WAIT, |o| {
+        o["status"]["state"] == "Invalid"
+    })?;
+    let message = broken["status"]["message"].as_str().unwrap_or_default();
+    ensure!(message.contains("spec.delay.fixed"), "{broken}");
+    ensure!(rule_names(&daemon)?.len() == 1, "{:?}", rule_names(&daemon));
+
+    // An accepted resource edited into an invalid one keeps its last accepted spec.
+    api.apply(fault(
+        "abort-all",
+        json!({"match": {"service": "greeter"}, "abort": {"grpc_status": 14, "http_status": 503}}),
+    ))?;
+    let edited = api.wait_for("FaultInjection", NS, "abort-all", WAIT, |o| {
+        o["status"]["state"] == "Invalid" && o["status"]["observedGeneration"] == 2
+    })?;
+    ensure!(
+        edited["status"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("spec.abort") && m.contains("stays in force")),
+        "{edited}"
+    );
+    ensure!(grpc::tonic_call(&sandbox, &client, vip, 2)?.ok == 0);
+
+    ensure!(api.delete("FaultInjection", NS, "abort-all"));
+    eventually(&daemon, "no rule left", || {
+        Ok(rule_names(&daemon)?.is_empty())
+    })?;
+    ensure!(grpc::tonic_call(&sandbox, &client, vip, 3)?.ok == 3);
+    Ok(())
+}
+
+#[test]
+fn a_lost_api_connection_keeps_the_state_and_catches_up() -> anyhow::Result<()> {
+    let sandbox = Sandbox::new()?;
+    let api = MockApi::start()?;
+    let client = sandbox.add_pod("client")?;
+    let greeter = sandbox.add_pod("greeter")?;
+    let (daemon, vip) = greeter_service(&sandbox, &api, &client, &[&greeter])?;
+
+    api.set_down(true);
+    eventually(&daemon, "the watches failing", || Ok(!connected(&daemon)?))?;
+    let status = daemon.ctl(&["status"])?;
+    ensure!(status.contains("last known state kept"), "{status}");
+    // A change made while shunt cannot see it.
+    api.apply(namespace(false))?;
+    std::thread::sleep(Duration::from_secs(2));
+    ensure!(enrolled(&daemon)? == names(&["demo/client"]));
+    ensure!(endpoints(&daemon, vip)? == addrs(&[&greeter], 50051));
+    let calls = grpc::tonic_call(&sandbox, &client, vip, 3)?;
+    ensure!(
+        calls.ok == 3,
+        "still served while the API is away: {calls:?}"
+    );
+
+    api.set_down(false);
+    eventually(&daemon, "the watches back", || connected(&daemon))?;
+    eventually(&daemon, "the missed change applied", || {
+        Ok(enrolled(&daemon)?.is_empty())
+    })?;
+    Ok(())
+}
