@@ -33,6 +33,8 @@ const SANDBOX_PACKAGES: &[&str] = &[
     "dnsmasq-base",
     "python3",
     "python3-pip",
+    // libFuzzer (C++) is compiled by `libfuzzer-sys` for the fuzz step of the test suite.
+    "g++",
 ];
 
 /// Python's grpcio, the independent gRPC implementation the tests talk to.
