@@ -229,6 +229,29 @@ impl<'a> Daemon<'a> {
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
+
+    /// Polls `check` until it holds (at most 30 s); the error shows the daemon's log.
+    pub fn eventually(
+        &self,
+        what: &str,
+        mut check: impl FnMut() -> anyhow::Result<bool>,
+    ) -> anyhow::Result<()> {
+        const WAIT: Duration = Duration::from_secs(30);
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let last = check();
+            if matches!(last, Ok(true)) {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "not so after {WAIT:?}: {what} (last check: {last:?}); shunt's log:\n{}",
+                    self.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
 }
 
 impl Drop for Daemon<'_> {

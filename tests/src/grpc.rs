@@ -148,6 +148,32 @@ pub fn call_in_background(
     Ok(Background { pid, out })
 }
 
+/// Starts a tonic client in `pod` that calls `to` every 100 ms on one channel (one HTTP/2
+/// connection) until killed, printing a JSON line per call to `log`; see [`answered_by`].
+pub fn call_every_100ms(
+    sandbox: &Sandbox,
+    pod: &Pod,
+    to: SocketAddr,
+    log: &std::path::Path,
+) -> anyhow::Result<u32> {
+    let mut caller = Command::new(crate::greeter_bin());
+    caller
+        .args(["call", "--to", &to.to_string(), "--every", "100ms"])
+        .stdout(std::fs::File::create(log)?);
+    sandbox.spawn_in_pod(pod, caller)
+}
+
+/// The backends of the calls a [`call_every_100ms`] client printed to `log` so far;
+/// `(failed)` for a call that failed.
+pub fn answered_by(log: &std::path::Path) -> Vec<String> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .map(|call| call["backend"].as_str().unwrap_or("(failed)").to_owned())
+        .collect()
+}
+
 pub struct Background {
     pid: u32,
     out: PathBuf,

@@ -106,6 +106,43 @@ fn scale_out_by_reload_sends_new_streams_to_new_endpoints() -> anyhow::Result<()
 }
 
 #[test]
+fn a_reload_moves_an_open_connections_next_calls_to_the_new_endpoints() -> anyhow::Result<()> {
+    let sandbox = Sandbox::new()?;
+    let client = sandbox.add_pod("client")?;
+    let mut endpoints = Vec::new();
+    for name in ["old", "new"] {
+        let pod = sandbox.add_pod(name)?;
+        grpc::tonic_serve(&sandbox, &pod, name, PORT)?;
+        endpoints.push(SocketAddr::new(pod.ipv4.into(), PORT));
+    }
+    let daemon = Daemon::start(&sandbox, &[&client], &service(&endpoints[..1]))?;
+
+    // One channel, so one HTTP/2 connection, calling every 100 ms across the reload.
+    let log = sandbox.scratch_dir("calls")?.join("calls.jsonl");
+    grpc::call_every_100ms(&sandbox, &client, vip(), &log)?;
+    daemon.eventually("calls answered by old", || {
+        Ok(grpc::answered_by(&log).len() >= 3)
+    })?;
+
+    let before = grpc::answered_by(&log).len();
+    daemon.rewrite_config(&[&client], &service(&endpoints[1..]))?;
+    daemon.ctl(&["reload"])?;
+    daemon.eventually("the same connection's calls answered by new", || {
+        let calls = grpc::answered_by(&log);
+        Ok(calls.len() > before + 3 && calls[calls.len() - 3..].iter().all(|b| b == "new"))
+    })?;
+    let calls = grpc::answered_by(&log);
+    ensure!(calls[..before].iter().all(|b| b == "old"), "{calls:?}");
+    ensure!(!calls.contains(&"(failed)".to_owned()), "{calls:?}");
+    assert_eq!(
+        daemon.counter("proxy", "verdict_h2")?,
+        1,
+        "one client connection"
+    );
+    Ok(())
+}
+
+#[test]
 fn h2load_with_grpc_headers_completes_without_errors() -> anyhow::Result<()> {
     let (sandbox, client, endpoints) = greeters(3)?;
     let _daemon = Daemon::start(&sandbox, &[&client], &service(&endpoints))?;

@@ -7,10 +7,10 @@ use std::{
     collections::BTreeSet,
     net::{IpAddr, SocketAddr},
     process::Command,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-use anyhow::{Context, bail, ensure};
+use anyhow::{Context, ensure};
 use serde_json::{Value, json};
 use shunt_tests::{
     daemon::{Daemon, Options},
@@ -140,7 +140,7 @@ fn start<'a>(sandbox: &'a Sandbox, api: &MockApi) -> anyhow::Result<Daemon<'a>> 
             ..Options::default()
         },
     )?;
-    eventually(&daemon, "every watch synced", || connected(&daemon))?;
+    daemon.eventually("every watch synced", || connected(&daemon))?;
     Ok(daemon)
 }
 
@@ -148,28 +148,6 @@ fn connected(daemon: &Daemon) -> anyhow::Result<bool> {
     let status = daemon.ctl_json(&["status"])?;
     ensure!(status["kubernetes"]["node"] == NODE, "{status}");
     Ok(status["kubernetes"]["connected"] == true)
-}
-
-/// Polls `check` until it holds (at most 30 s); the error shows the daemon's log.
-fn eventually(
-    daemon: &Daemon,
-    what: &str,
-    mut check: impl FnMut() -> anyhow::Result<bool>,
-) -> anyhow::Result<()> {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let last = check();
-        if matches!(last, Ok(true)) {
-            return Ok(());
-        }
-        if Instant::now() >= deadline {
-            bail!(
-                "not so after {WAIT:?}: {what} (last check: {last:?}); shunt's log:\n{}",
-                daemon.log_text()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 fn enrolled(daemon: &Daemon) -> anyhow::Result<BTreeSet<String>> {
@@ -263,7 +241,7 @@ fn a_labelled_namespace_enrolls_this_nodes_pods_until_the_label_goes() -> anyhow
     ensure!(!intercepted(&sandbox, &app, vip)?, "not enrolled yet");
 
     api.apply(namespace(true))?;
-    eventually(&daemon, "demo/app and demo/app2 enrolled", || {
+    daemon.eventually("demo/app and demo/app2 enrolled", || {
         Ok(enrolled(&daemon)? == names(&["demo/app", "demo/app2"]))
     })?;
     ensure!(intercepted(&sandbox, &app, vip)?);
@@ -274,9 +252,7 @@ fn a_labelled_namespace_enrolls_this_nodes_pods_until_the_label_goes() -> anyhow
     ensure!(api.requests("GET /api/v1/pods") > 0);
 
     api.apply(namespace(false))?;
-    eventually(&daemon, "nothing enrolled", || {
-        Ok(enrolled(&daemon)?.is_empty())
-    })?;
+    daemon.eventually("nothing enrolled", || Ok(enrolled(&daemon)?.is_empty()))?;
     ensure!(!intercepted(&sandbox, &app, vip)?, "unenrolled");
     Ok(())
 }
@@ -298,7 +274,7 @@ fn greeter_service<'a>(
     api.apply(service("greeter", vip))?;
     api.apply(slice("greeter", 50051, &[ready(backends[0])]))?;
     let daemon = start(sandbox, api)?;
-    eventually(&daemon, "the client enrolled", || {
+    daemon.eventually("the client enrolled", || {
         Ok(enrolled(&daemon)?.contains("demo/client"))
     })?;
     Ok((daemon, vip))
@@ -340,7 +316,7 @@ fn endpoint_slice_updates_change_the_rotation() -> anyhow::Result<()> {
     for (slice_endpoints, expected, what) in steps {
         api.apply(slice("greeter", 50051, &slice_endpoints))?;
         let wanted = addrs(&expected, 50051);
-        eventually(&daemon, what, || Ok(endpoints(&daemon, vip)? == wanted))?;
+        daemon.eventually(what, || Ok(endpoints(&daemon, vip)? == wanted))?;
         let calls = grpc::tonic_call(&sandbox, &client, vip, 30)?;
         let backends: BTreeSet<String> = calls.by_backend.keys().cloned().collect();
         let expected_names: BTreeSet<String> = expected.iter().map(|p| p.name.clone()).collect();
@@ -354,16 +330,6 @@ fn endpoint_slice_updates_change_the_rotation() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The backends of the calls a `shunt-greeter call --every` client printed to `log` so far.
-fn answered_by(log: &std::path::Path) -> Vec<String> {
-    std::fs::read_to_string(log)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
-        .map(|call| call["backend"].as_str().unwrap_or("(failed)").to_owned())
-        .collect()
-}
-
 #[test]
 fn an_open_connection_sends_its_next_calls_to_the_new_endpoints() -> anyhow::Result<()> {
     let sandbox = Sandbox::new()?;
@@ -375,26 +341,22 @@ fn an_open_connection_sends_its_next_calls_to_the_new_endpoints() -> anyhow::Res
 
     // One channel, one HTTP/2 connection, a call every 100 ms for the whole test.
     let log = sandbox.scratch_dir("calls")?.join("calls.jsonl");
-    let mut caller = Command::new(shunt_tests::greeter_bin());
-    caller
-        .args(["call", "--to", &vip.to_string(), "--every", "100ms"])
-        .stdout(std::fs::File::create(&log)?);
-    sandbox.spawn_in_pod(&client, caller)?;
-    eventually(&daemon, "calls answered by b1", || {
-        Ok(answered_by(&log).iter().filter(|b| *b == "b1").count() >= 3)
+    grpc::call_every_100ms(&sandbox, &client, vip, &log)?;
+    daemon.eventually("calls answered by b1", || {
+        Ok(grpc::answered_by(&log)
+            .iter()
+            .filter(|b| *b == "b1")
+            .count()
+            >= 3)
     })?;
 
     api.apply(slice("greeter", 50051, &[ready(&b2)]))?;
-    let before = answered_by(&log).len();
-    eventually(
-        &daemon,
-        "the same connection's calls answered by b2",
-        || {
-            let calls = answered_by(&log);
-            Ok(calls.len() > before + 3 && calls[calls.len() - 3..].iter().all(|b| b == "b2"))
-        },
-    )?;
-    let calls = answered_by(&log);
+    let before = grpc::answered_by(&log).len();
+    daemon.eventually("the same connection's calls answered by b2", || {
+        let calls = grpc::answered_by(&log);
+        Ok(calls.len() > before + 3 && calls[calls.len() - 3..].iter().all(|b| b == "b2"))
+    })?;
+    let calls = grpc::answered_by(&log);
     ensure!(!calls.contains(&"(failed)".to_owned()), "{calls:?}");
     // Still the one connection the client opened at the start.
     let conns = daemon.ctl_json(&["conns"])?;
@@ -493,9 +455,7 @@ fn fault_injection_resources_become_rules_or_report_their_error() -> anyhow::Res
     ensure!(grpc::tonic_call(&sandbox, &client, vip, 2)?.ok == 0);
 
     ensure!(api.delete("FaultInjection", NS, "abort-all"));
-    eventually(&daemon, "no rule left", || {
-        Ok(rule_names(&daemon)?.is_empty())
-    })?;
+    daemon.eventually("no rule left", || Ok(rule_names(&daemon)?.is_empty()))?;
     ensure!(grpc::tonic_call(&sandbox, &client, vip, 3)?.ok == 3);
     Ok(())
 }
@@ -509,7 +469,7 @@ fn a_lost_api_connection_keeps_the_state_and_catches_up() -> anyhow::Result<()> 
     let (daemon, vip) = greeter_service(&sandbox, &api, &client, &[&greeter])?;
 
     api.set_down(true);
-    eventually(&daemon, "the watches failing", || Ok(!connected(&daemon)?))?;
+    daemon.eventually("the watches failing", || Ok(!connected(&daemon)?))?;
     let status = daemon.ctl(&["status"])?;
     ensure!(status.contains("last known state kept"), "{status}");
     // A change made while shunt cannot see it.
@@ -524,8 +484,8 @@ fn a_lost_api_connection_keeps_the_state_and_catches_up() -> anyhow::Result<()> 
     );
 
     api.set_down(false);
-    eventually(&daemon, "the watches back", || connected(&daemon))?;
-    eventually(&daemon, "the missed change applied", || {
+    daemon.eventually("the watches back", || connected(&daemon))?;
+    daemon.eventually("the missed change applied", || {
         Ok(enrolled(&daemon)?.is_empty())
     })?;
     Ok(())

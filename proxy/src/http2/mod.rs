@@ -52,9 +52,14 @@ pub struct StreamBytes {
     pub response: Arc<AtomicU64>,
 }
 
+/// Where a stream to a destination goes under the routes in force now.
+pub type RouteLookup = Arc<dyn Fn(SocketAddr) -> Route + Send + Sync>;
+
 /// What the streams of one client connection share.
 pub struct Downstream {
-    pub route: Route,
+    /// Looked up for every stream, not once per connection: a gRPC connection lives for
+    /// days, and a reload that changes its Service's endpoints must reach it.
+    pub routes: RouteLookup,
     pub pool: Arc<Pool>,
     pub counters: Arc<ProxyCounters>,
     pub bytes: StreamBytes,
@@ -120,10 +125,11 @@ async fn proxy_stream(
     downstream: Arc<Downstream>,
 ) {
     let grpc = is_grpc(&request);
+    let route = (downstream.routes)(downstream.original_dst);
     let mut record = StreamRecord::new(
         downstream.pod.to_string(),
         downstream.original_dst,
-        downstream.route.service_name().map(str::to_owned),
+        route.service_name().map(str::to_owned),
     );
     record.method = request.method().to_string();
     record.path = request.uri().path().to_owned();
@@ -137,7 +143,7 @@ async fn proxy_stream(
     record.request_id = request_id(request.headers());
     let mut recording = Recording::start(downstream.streams.clone(), record);
     let target = fault::Target {
-        service: downstream.route.service_name(),
+        service: route.service_name(),
         original_dst: downstream.original_dst,
         pod: &downstream.pod,
     };
@@ -174,7 +180,7 @@ async fn proxy_stream(
             return;
         }
     }
-    let (upstream, mut lease, _in_use) = match lease(&downstream).await {
+    let (upstream, mut lease, _in_use) = match lease(&downstream, &route).await {
         Ok(leased) => leased,
         Err((flag, message)) => {
             ProxyCounters::inc(&downstream.counters.h2_unavailable);
@@ -239,8 +245,9 @@ fn record_unavailable(recording: &mut Recording, grpc: bool) {
 /// The error is Envoy's response flag (`UH`: no endpoints, `UF`: none reachable) and why.
 async fn lease(
     downstream: &Downstream,
+    route: &Route,
 ) -> Result<(SocketAddr, pool::Lease, Option<InUse>), (&'static str, String)> {
-    match &downstream.route {
+    match route {
         Route::Direct(addr) => downstream
             .pool
             .lease(*addr)

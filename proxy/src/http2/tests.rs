@@ -172,8 +172,9 @@ async fn proxy_service(
             let Ok((mut client, _)) = listener.accept().await else {
                 return;
             };
+            let current = route.clone();
             let downstream = Downstream {
-                route: route.clone(),
+                routes: Arc::new(move |_| current.clone()),
                 pool: shared.clone(),
                 counters: Arc::new(ProxyCounters::default()),
                 bytes: StreamBytes {

@@ -277,8 +277,9 @@ async fn handle(
                 let _ = pool.adopt(dialed.upstream, dialed.stream).await;
             });
         }
+        let lookup = proxy.clone();
         let downstream = http2::Downstream {
-            route: route.clone(),
+            routes: Arc::new(move |dst| lookup.route(&lookup.settings.load(), dst)),
             pool: pod.upstreams(worker).clone(),
             counters: proxy.counters.clone(),
             shutdown: proxy.shutdown.clone(),
