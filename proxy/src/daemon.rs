@@ -2,7 +2,10 @@
 
 use std::{
     path::{Path, PathBuf},
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Instant,
 };
 
@@ -15,6 +18,7 @@ use crate::{
     bpf::{Datapath, DatapathConfig},
     config::{Config, ConfigError},
     fault::Faults,
+    handoff::{self, Origin},
     inpod::Enrollments,
     k8s,
     proxy::{Proxy, Settings},
@@ -26,8 +30,25 @@ use crate::{
 pub async fn run(config_path: &Path, kubernetes: bool) -> anyhow::Result<()> {
     let config = Config::load(config_path)?;
     let started = Instant::now();
+    let socket_path = config.admin.socket.clone();
+    // A daemon already serving: take its work over (an upgrade or restart) rather than
+    // refuse to start. It keeps serving until this one has adopted its listeners.
+    let mut taken = match handoff::running_daemon(&socket_path).await {
+        true => Some(handoff::take(&socket_path).await.with_context(|| {
+            format!(
+                "a daemon is serving {}; taking over from it",
+                socket_path.display()
+            )
+        })?),
+        false => None,
+    };
+    let handed = taken.as_ref().map(|t| (t.from_pid, t.listener_count()));
+    let inherited = taken
+        .as_mut()
+        .map(|t| std::mem::take(&mut t.telemetry))
+        .unwrap_or_default();
     // First, so `/live` answers (and `/ready` says "starting") while the rest comes up.
-    let telemetry = Telemetry::start(&config.telemetry)?;
+    let telemetry = Telemetry::start(&config.telemetry, inherited)?;
     raise_fd_limit();
     let intercept = &config.intercept;
 
@@ -40,6 +61,7 @@ pub async fn run(config_path: &Path, kubernetes: bool) -> anyhow::Result<()> {
             fail_mode: intercept.fail_mode,
             exclude_cidrs: intercept.exclude_cidrs.clone(),
             exclude_ports: intercept.exclude_ports.clone(),
+            taking_over: taken.is_some(),
         },
         current_log_level(),
     )
@@ -82,31 +104,50 @@ pub async fn run(config_path: &Path, kubernetes: bool) -> anyhow::Result<()> {
         intercept.listen_port,
     ));
 
+    // Handed-over listeners accept from here on, alongside the old daemon's copies.
+    if let Some(taken) = taken.as_mut() {
+        enrollments.adopt(std::mem::take(&mut taken.pods));
+    }
     // One pod failing to enroll must not keep the others from being served.
     for (i, pod) in config.pods.iter().enumerate() {
-        if let Err(e) = enrollments.enroll(&pod.name, &pod.netns) {
+        if let Err(e) = enrollments.enroll(&pod.name, &pod.netns, Origin::Config) {
             tracing::error!("pods[{i}]: {e}; skipping this pod");
         }
     }
     // In Kubernetes mode the pods' controller prunes once it has the cluster's view, so a
     // restart does not drop enrollments it is about to make again.
     let controllers = match kubernetes {
-        true => Some(
-            k8s::start(&config.kubernetes, enrollments.clone(), proxy.clone())
-                .await
-                .context("starting Kubernetes mode")?,
-        ),
+        true => {
+            enrollments.release_unclaimed(&[Origin::Config]);
+            Some(
+                k8s::start(&config.kubernetes, enrollments.clone(), proxy.clone())
+                    .await
+                    .context("starting Kubernetes mode")?,
+            )
+        }
         false => {
+            enrollments.release_unclaimed(&[Origin::Config, Origin::Kubernetes]);
             enrollments.prune_stale();
             None
         }
     };
     let kubernetes = controllers.as_ref().map(|c| c.health.clone());
 
+    if let (Some(taken), Some((pid, listeners))) = (taken, handed) {
+        taken
+            .finish()
+            .await
+            .with_context(|| format!("completing the takeover from pid {pid}"))?;
+        tracing::info!(
+            pid,
+            listeners,
+            "took over {listeners} listeners from pid {pid}"
+        );
+    }
     let (commands, mut command_rx) = mpsc::channel(4);
-    let socket_path = config.admin.socket.clone();
     let admin_listener = admin::bind(&socket_path).await?;
     let configs = Arc::new(Configs::new(config_path, config));
+    let handing_off = Arc::new(AtomicBool::new(false));
     let admin_ctx = Arc::new(AdminContext {
         configs: configs.clone(),
         proxy: proxy.clone(),
@@ -117,8 +158,9 @@ pub async fn run(config_path: &Path, kubernetes: bool) -> anyhow::Result<()> {
         counters,
         commands,
         kubernetes: kubernetes.clone(),
+        handing_off: handing_off.clone(),
     });
-    tokio::spawn(admin::serve(admin_listener, admin_ctx));
+    let admin_task = tokio::spawn(admin::serve(admin_listener, admin_ctx));
     telemetry.serve_metrics(proxy.clone(), datapath.clone(), enrollments.clone());
     let watches = kubernetes.clone();
     telemetry.health().set_ready(move || {
@@ -153,32 +195,69 @@ pub async fn run(config_path: &Path, kubernetes: bool) -> anyhow::Result<()> {
     let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())?;
     let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt())?;
     let mut sighup = tokio::signal::unix::signal(SignalKind::hangup())?;
-    loop {
+    let successor = loop {
         tokio::select! {
             _ = sigterm.recv() => {
                 tracing::info!("SIGTERM: stopping (programs stay pinned; fail mode applies)");
-                break;
+                break None;
             }
             _ = sigint.recv() => {
                 tracing::info!("SIGINT: stopping (programs stay pinned; fail mode applies)");
-                break;
+                break None;
             }
             _ = sighup.recv() => {
                 // Errors are logged by `reload`; the running configuration stays.
                 let _ = configs.reload(&proxy);
             }
-            Some(Command::Uninstall) = command_rx.recv() => {
-                tracing::info!("uninstalled: stopping");
-                break;
-            }
+            Some(command) = command_rx.recv() => match command {
+                Command::Uninstall => {
+                    tracing::info!("uninstalled: stopping");
+                    break None;
+                }
+                Command::HandOff(request) => {
+                    let offered = enrollments.offer();
+                    let listeners: usize = offered.iter().map(|p| p.fds.len()).sum();
+                    match handoff::give::give(request.socket, offered, telemetry.offer_listeners()).await {
+                        Ok(adopted) => {
+                            tracing::info!(
+                                pid = adopted.pid,
+                                "pid {} adopted {listeners} pod listeners: handing over",
+                                adopted.pid
+                            );
+                            break Some(adopted);
+                        }
+                        Err(e) => {
+                            tracing::error!(pid = request.pid, "handoff failed, carrying on serving: {e}");
+                            handing_off.store(false, Ordering::Release);
+                        }
+                    }
+                }
+            },
         }
-    }
-    // New connections go direct (or are refused) from here; established ones get
-    // `drain_timeout` to finish, HTTP/2 ones told so with GOAWAY.
+    };
+    // New connections go direct (or are refused) from here, or to the daemon taking over;
+    // established ones get `drain_timeout` to finish, HTTP/2 ones told so with GOAWAY.
     telemetry.health().set_stopping();
     drop(controllers);
     enrollments.close_all();
+    let handed_over = successor.is_some();
+    if let Some(successor) = successor {
+        // Enrollments and pins are the new daemon's now: only this process's copies go.
+        let pid = successor.pid;
+        telemetry.close_listeners();
+        admin_task.abort();
+        let _ = std::fs::remove_file(&socket_path);
+        if let Err(e) = successor.release().await {
+            tracing::warn!(pid, "telling the new daemon the admin socket is free: {e}");
+        }
+        tracing::info!(pid, "handed over to pid {pid}");
+    }
     let _ = stop_connections.send(true);
+    tracing::info!(
+        connections = conns.len(),
+        "draining {} connections",
+        conns.len()
+    );
     let deadline = Instant::now() + configs.in_force().intercept.drain_timeout;
     while conns.len() > 0 && Instant::now() < deadline {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
@@ -188,8 +267,20 @@ pub async fn run(config_path: &Path, kubernetes: bool) -> anyhow::Result<()> {
             connections = conns.len(),
             "drain timeout passed; closing the rest"
         );
+    } else {
+        tracing::info!("drained");
     }
-    let _ = std::fs::remove_file(&socket_path);
+    if !handed_over {
+        let _ = std::fs::remove_file(&socket_path);
+    } else if kubernetes.is_some() {
+        // A container that exits is restarted by the kubelet, and would take the node's work
+        // back from its successor: stay, idle, until the pod is deleted.
+        tracing::info!("handed over and drained; waiting for SIGTERM");
+        tokio::select! {
+            _ = sigterm.recv() => {}
+            _ = sigint.recv() => {}
+        }
+    }
     Ok(())
 }
 

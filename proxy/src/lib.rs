@@ -11,6 +11,7 @@ pub mod ctl;
 pub mod daemon;
 mod discovery;
 pub mod fault;
+pub mod handoff;
 mod http2;
 pub mod inpod;
 pub mod k8s;

@@ -74,6 +74,12 @@ def serve(name: str, addr: str, events: str = "") -> None:
     def say_hello(request, context):
         return reply
 
+    def drip(request, context):
+        count, every_ms = (int(x) for x in decode_string_field(request).split(":"))
+        for i in range(count):
+            time.sleep(every_ms / 1000)
+            yield encode_string_field(f"{name}-{i}")
+
     def fail(request, context):
         context.abort(grpc.StatusCode.UNAVAILABLE, "asked to fail")
 
@@ -91,6 +97,7 @@ def serve(name: str, addr: str, events: str = "") -> None:
             "Spray": grpc.unary_stream_rpc_method_handler(spray),
             "Chat": grpc.stream_stream_rpc_method_handler(chat),
             "Hold": grpc.unary_stream_rpc_method_handler(hold),
+            "Drip": grpc.unary_stream_rpc_method_handler(drip),
         },
     )
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
@@ -113,6 +120,56 @@ def call(addr: str, count: int, method: str = "SayHello") -> None:
                 first_error = first_error or e.details()
     ok = sum(by_backend.values())
     print(json.dumps({"ok": ok, "by_backend": by_backend, "errors": errors, "first_error": first_error}))
+
+
+def steady(addr: str, drip_count: int, drip_ms: int, started: str) -> None:
+    """Unary calls back to back on one channel, and a fresh channel (a new connection) every
+    tenth call, for as long as one server-streaming call of `drip_count` messages lasts.
+    Touches `started` once the stream's first message has arrived."""
+    import threading
+
+    path = "/helloworld.Greeter/"
+    drip = {"received": 0, "error": None}
+    done = threading.Event()
+
+    def stream():
+        try:
+            with grpc.insecure_channel(addr) as channel:
+                call = channel.unary_stream(path + "Drip")
+                for _ in call(encode_string_field(f"{drip_count}:{drip_ms}"), timeout=300):
+                    drip["received"] += 1
+                    if drip["received"] == 1:
+                        open(started, "w").close()
+        except grpc.RpcError as e:
+            drip["error"] = f"{e.code().name}: {e.details()}"
+        finally:
+            done.set()
+
+    by_backend, errors, first_error = {}, {}, None
+
+    def one(say_hello):
+        nonlocal first_error
+        try:
+            name = decode_string_field(say_hello(encode_string_field("probe"), timeout=10))
+            by_backend[name] = by_backend.get(name, 0) + 1
+        except grpc.RpcError as e:
+            errors[e.code().name] = errors.get(e.code().name, 0) + 1
+            first_error = first_error or e.details()
+
+    threading.Thread(target=stream, daemon=True).start()
+    calls = 0
+    with grpc.insecure_channel(addr) as channel:
+        say_hello = channel.unary_unary(path + "SayHello")
+        while not done.is_set() and calls < 200_000:
+            calls += 1
+            if calls % 10 == 0:
+                with grpc.insecure_channel(addr) as fresh:
+                    one(fresh.unary_unary(path + "SayHello"))
+            else:
+                one(say_hello)
+    ok = sum(by_backend.values())
+    print(json.dumps({"ok": ok, "calls": calls, "by_backend": by_backend, "errors": errors,
+                      "first_error": first_error, "drip": drip}))
 
 
 def semantics(addr: str) -> None:
@@ -151,6 +208,8 @@ def semantics(addr: str) -> None:
 if __name__ == "__main__":
     if sys.argv[1] == "serve":
         serve(*sys.argv[2:5])
+    elif sys.argv[1] == "steady":
+        steady(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5])
     elif sys.argv[1] == "semantics":
         semantics(sys.argv[2])
     elif sys.argv[1] == "call":

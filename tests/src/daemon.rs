@@ -30,6 +30,8 @@ pub struct Options {
     pub log: Option<&'static str>,
     /// Write the access log to [`Daemon::access_log`] (off by default, as in production).
     pub access_log: bool,
+    /// Attach to this cgroup instead of the sandbox's.
+    pub cgroup: Option<PathBuf>,
 }
 
 pub struct Daemon<'a> {
@@ -43,6 +45,10 @@ pub struct Daemon<'a> {
     log_level: &'static str,
     kubernetes: bool,
     pid: Option<u32>,
+    /// Whether dropping this daemon removes the pins: not once a successor has taken over.
+    owns_pins: bool,
+    /// How many daemons took over before this one (names its log).
+    generation: u32,
 }
 
 impl<'a> Daemon<'a> {
@@ -65,6 +71,8 @@ impl<'a> Daemon<'a> {
             log_level: options.log.unwrap_or("debug"),
             kubernetes: options.kubernetes,
             pid: None,
+            owns_pins: true,
+            generation: 0,
         };
         std::fs::write(&daemon.config, daemon.render_config(pods, options))
             .context("writing the daemon's config")?;
@@ -76,7 +84,8 @@ impl<'a> Daemon<'a> {
     fn render_config(&self, pods: &[&Pod], options: &Options) -> String {
         let mut yaml = String::new();
         let _ = writeln!(yaml, "intercept:");
-        let _ = writeln!(yaml, "  cgroup: {}", self.sandbox.cgroup().display());
+        let cgroup = options.cgroup.as_deref().unwrap_or(self.sandbox.cgroup());
+        let _ = writeln!(yaml, "  cgroup: {}", cgroup.display());
         let _ = writeln!(yaml, "  pin_dir: {}", self.pin_dir.display());
         let _ = writeln!(yaml, "  fail_mode: {}", options.fail_mode.unwrap_or("open"));
         let _ = writeln!(
@@ -123,6 +132,32 @@ impl<'a> Daemon<'a> {
         Ok(conns.as_array().cloned().unwrap_or_default())
     }
 
+    /// Starts a second `shunt run` with the same configuration while this one runs: it takes
+    /// this one's work over. Returns once the new daemon answers on the admin socket; this
+    /// one then drains and exits by itself ([`Daemon::wait_exit`]), leaving the pins to the
+    /// new one.
+    pub fn start_successor(&mut self) -> anyhow::Result<Daemon<'a>> {
+        let generation = self.generation + 1;
+        let mut next = Daemon {
+            sandbox: self.sandbox,
+            config: self.config.clone(),
+            socket: self.socket.clone(),
+            pin_dir: self.pin_dir.clone(),
+            log: self.log.with_file_name(format!("shunt-{generation}.log")),
+            access_log: self.access_log.clone(),
+            log_level: self.log_level,
+            kubernetes: self.kubernetes,
+            pid: None,
+            // Until it has taken over, the pins stay this one's.
+            owns_pins: false,
+            generation,
+        };
+        next.launch()?;
+        next.owns_pins = true;
+        self.owns_pins = false;
+        Ok(next)
+    }
+
     /// Starts (or restarts) the process with the same config and pins.
     pub fn launch(&mut self) -> anyhow::Result<()> {
         let log = std::fs::OpenOptions::new()
@@ -144,7 +179,11 @@ impl<'a> Daemon<'a> {
         self.pid = Some(pid);
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
-            if self.ctl(&["status"]).is_ok() {
+            // This process answering, not one it is taking over from.
+            let answering = self
+                .ctl_json(&["status"])
+                .is_ok_and(|status| status["pid"].as_u64() == Some(u64::from(pid)));
+            if answering {
                 return Ok(());
             }
             if !self.sandbox.is_running(pid) {
@@ -266,7 +305,7 @@ impl Drop for Daemon<'_> {
             }
             self.sandbox.kill(pid);
         }
-        if self.pin_dir.exists() {
+        if self.owns_pins && self.pin_dir.exists() {
             let _ = Command::new(crate::shunt_bin())
                 .args(["uninstall", "--pin-dir"])
                 .arg(&self.pin_dir)

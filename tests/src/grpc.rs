@@ -217,3 +217,88 @@ fn parse(stdout: &str) -> anyhow::Result<Calls> {
     serde_json::from_str(stdout.trim())
         .with_context(|| format!("greeter client printed {stdout:?}"))
 }
+
+/// What [`steady_in_background`] saw.
+#[derive(Debug, Deserialize)]
+pub struct Steady {
+    pub ok: usize,
+    pub calls: usize,
+    pub by_backend: HashMap<String, usize>,
+    pub errors: HashMap<String, usize>,
+    pub first_error: Option<String>,
+    pub drip: Drip,
+}
+
+/// The long-lived server-streaming call of [`Steady`].
+#[derive(Debug, Deserialize)]
+pub struct Drip {
+    pub received: usize,
+    pub error: Option<String>,
+}
+
+/// A steady load from `pod`: unary calls back to back on one channel, a fresh channel (a new
+/// connection) every tenth call, for as long as a server-streaming call of `messages`
+/// messages, one every `every_ms`, lasts. Returns once the stream's first message has
+/// arrived (at most 30 s).
+pub fn steady_in_background(
+    sandbox: &Sandbox,
+    pod: &Pod,
+    to: SocketAddr,
+    messages: usize,
+    every_ms: u64,
+) -> anyhow::Result<SteadyLoad> {
+    let dir = sandbox.scratch_dir("grpc")?;
+    let out = dir.join("steady.json");
+    let started = dir.join("steady.started");
+    let mut cmd = Command::new("python3");
+    cmd.arg(script())
+        .args([
+            "steady",
+            &to.to_string(),
+            &messages.to_string(),
+            &every_ms.to_string(),
+        ])
+        .arg(&started)
+        .stdout(std::fs::File::create(&out)?);
+    let pid = sandbox.spawn_in_pod(pod, cmd)?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !started.exists() {
+        if !sandbox.is_running(pid) {
+            anyhow::bail!(
+                "the steady load ended before its stream started: {}",
+                std::fs::read_to_string(&out).unwrap_or_default()
+            );
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the steady load's stream did not start within 30s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(SteadyLoad { pid, out })
+}
+
+pub struct SteadyLoad {
+    pid: u32,
+    out: PathBuf,
+}
+
+impl SteadyLoad {
+    pub fn is_running(&self, sandbox: &Sandbox) -> bool {
+        sandbox.is_running(self.pid)
+    }
+
+    /// Waits (at most `timeout`) for the stream to end and the load with it.
+    pub fn finish(self, sandbox: &Sandbox, timeout: Duration) -> anyhow::Result<Steady> {
+        let deadline = std::time::Instant::now() + timeout;
+        while sandbox.is_running(self.pid) {
+            if std::time::Instant::now() >= deadline {
+                sandbox.kill(self.pid);
+                anyhow::bail!("the steady load did not finish within {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let text = std::fs::read_to_string(&self.out)?;
+        serde_json::from_str(text.trim()).with_context(|| format!("steady load printed {text:?}"))
+    }
+}

@@ -206,21 +206,27 @@ fn intercepted(sandbox: &Sandbox, pod: &Pod, to: SocketAddr) -> anyhow::Result<b
     Ok(true)
 }
 
+/// A pod `backend` with a probe server on port 8080, and the virtual address port 80 of a
+/// Service in front of it gets.
+fn probe_backend(sandbox: &Sandbox) -> anyhow::Result<(Pod, SocketAddr)> {
+    let backend = sandbox.add_pod("backend")?;
+    probe::serve(
+        sandbox,
+        &backend,
+        SocketAddr::new(backend.ipv4.into(), 8080),
+    )?;
+    Ok((backend, vip(sandbox, 80)))
+}
+
 #[test]
 fn a_labelled_namespace_enrolls_this_nodes_pods_until_the_label_goes() -> anyhow::Result<()> {
     let sandbox = Sandbox::new()?;
     let api = MockApi::start()?;
-    let backend = sandbox.add_pod("backend")?;
+    let (backend, vip) = probe_backend(&sandbox)?;
     let app = sandbox.add_pod("app")?;
     let app2 = sandbox.add_pod("app2")?;
     let elsewhere = sandbox.add_pod("elsewhere")?;
     let opted_out = sandbox.add_pod("opted-out")?;
-    probe::serve(
-        &sandbox,
-        &backend,
-        SocketAddr::new(backend.ipv4.into(), 8080),
-    )?;
-    let vip = vip(&sandbox, 80);
 
     // Both cgroup naming schemes, a pod of another node and one that opted out, each with
     // a live process shunt could find.
@@ -488,5 +494,58 @@ fn a_lost_api_connection_keeps_the_state_and_catches_up() -> anyhow::Result<()> 
     daemon.eventually("the missed change applied", || {
         Ok(enrolled(&daemon)?.is_empty())
     })?;
+    Ok(())
+}
+
+#[test]
+fn a_new_daemon_takes_over_the_enrolled_pods_and_the_old_one_waits_for_sigterm()
+-> anyhow::Result<()> {
+    let sandbox = Sandbox::new()?;
+    let api = MockApi::start()?;
+    let (backend, vip) = probe_backend(&sandbox)?;
+    let app = sandbox.add_pod("app")?;
+    api.apply(KubePod::new(&sandbox, &app, Driver::Cgroupfs)?.object())?;
+    api.apply(namespace(true))?;
+    api.apply(service("backend", vip))?;
+    api.apply(slice("backend", 8080, &[ready(&backend)]))?;
+    let mut old = start(&sandbox, &api)?;
+    eventually(&old, "demo/app enrolled", || {
+        Ok(enrolled(&old)? == names(&["demo/app"]))
+    })?;
+    eventually(&old, "the Service known and demo/app intercepted", || {
+        intercepted(&sandbox, &app, vip)
+    })?;
+
+    let new = old.start_successor()?;
+    eventually(&new, "every watch synced", || connected(&new))?;
+    // Until its Services are discovered the new daemon dials the original destination.
+    eventually(&new, "the Service's endpoints known", || {
+        Ok(endpoints(&new, vip)? == addrs(&[&backend], 8080))
+    })?;
+    // The controller claimed the handed-over pod: same listeners, never unenrolled.
+    eventually(&new, "demo/app enrolled", || {
+        Ok(enrolled(&new)? == names(&["demo/app"]))
+    })?;
+    let log = new.log_text();
+    ensure!(log.contains("took over"), "{log}");
+    ensure!(!log.contains("unenrolled"), "{log}");
+    ensure!(
+        intercepted(&sandbox, &app, vip)?,
+        "not intercepted after the takeover; new log:\n{}\nold log:\n{}",
+        new.log_text(),
+        old.log_text()
+    );
+    ensure!(new.counter("proxy", "accepted")? >= 1);
+    // Drained, the old daemon stays until its pod is deleted (SIGTERM, on drop), so the
+    // kubelet would not restart it into taking the node back.
+    eventually(&old, "the old daemon drained", || {
+        Ok(old.log_text().contains("waiting for SIGTERM"))
+    })?;
+    ensure!(old.is_running());
+    ensure!(
+        intercepted(&sandbox, &app, vip)?,
+        "not intercepted once the old daemon drained; new log:\n{}",
+        new.log_text()
+    );
     Ok(())
 }

@@ -22,6 +22,7 @@ use super::api::{
 use crate::{
     bpf::{self, Datapath},
     daemon::Configs,
+    handoff::{HandoffAccepted, HandoffRequest, Origin},
     inpod::Enrollments,
     logging,
     proxy::Proxy,
@@ -36,6 +37,8 @@ const MAX_BODY: usize = 64 * 1024;
 pub enum Command {
     /// Remove every pin and stop.
     Uninstall,
+    /// A new daemon asks to take over: send it the listeners over its rendezvous socket.
+    HandOff(HandoffRequest),
 }
 
 pub struct AdminContext {
@@ -49,6 +52,8 @@ pub struct AdminContext {
     pub commands: mpsc::Sender<Command>,
     /// The API watches' state, in Kubernetes mode.
     pub kubernetes: Option<Arc<crate::k8s::Health>>,
+    /// Set while a handoff is under way (one at a time); cleared if it fails.
+    pub handing_off: Arc<std::sync::atomic::AtomicBool>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -117,7 +122,7 @@ async fn route(req: Request<Incoming>, ctx: &AdminContext) -> Reply {
         (&Method::GET, "/status") => json(StatusCode::OK, &status(ctx)),
         (&Method::GET, "/pods") => json(StatusCode::OK, &ctx.enrollments.list()),
         (&Method::POST, "/pods") => match body::<EnrollRequest>(req).await {
-            Ok(r) => match ctx.enrollments.enroll(&r.name, &r.netns) {
+            Ok(r) => match ctx.enrollments.enroll(&r.name, &r.netns, Origin::Operator) {
                 Ok(summary) => json(StatusCode::CREATED, &summary),
                 Err(e) => error(StatusCode::CONFLICT, e.to_string()),
             },
@@ -184,6 +189,10 @@ async fn route(req: Request<Incoming>, ctx: &AdminContext) -> Reply {
         }
         (&Method::GET, "/stats") => json(StatusCode::OK, &stats(ctx)),
         (&Method::POST, "/uninstall") => uninstall(ctx).await,
+        (&Method::POST, "/handoff") => match body::<HandoffRequest>(req).await {
+            Ok(request) => hand_off(ctx, request).await,
+            Err(reply) => reply,
+        },
         _ => error(
             StatusCode::NOT_FOUND,
             format!("no such endpoint: {method} {path}"),
@@ -255,6 +264,30 @@ async fn uninstall(ctx: &AdminContext) -> Reply {
         }
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
+}
+
+async fn hand_off(ctx: &AdminContext, request: HandoffRequest) -> Reply {
+    use std::sync::atomic::Ordering;
+    if ctx.handing_off.swap(true, Ordering::AcqRel) {
+        return error(
+            StatusCode::CONFLICT,
+            "a handoff to another daemon is already under way".into(),
+        );
+    }
+    tracing::info!(pid = request.pid, "a new daemon asks to take over");
+    if ctx.commands.send(Command::HandOff(request)).await.is_err() {
+        ctx.handing_off.store(false, Ordering::Release);
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the daemon is stopping".into(),
+        );
+    }
+    json(
+        StatusCode::ACCEPTED,
+        &HandoffAccepted {
+            pid: std::process::id(),
+        },
+    )
 }
 
 async fn body<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Result<T, Reply> {

@@ -95,6 +95,9 @@ pub struct DatapathConfig {
     pub fail_mode: FailMode,
     pub exclude_cidrs: Vec<IpNet>,
     pub exclude_ports: Vec<u16>,
+    /// A running daemon is handing over to this one: its connections are live, so the
+    /// sockmap entries they use are not stale.
+    pub taking_over: bool,
 }
 
 /// Whether the links were created now or taken over from a previous daemon.
@@ -179,10 +182,13 @@ impl Datapath {
             })?;
         let mut sockmap_peers: HashMap<MapData, u64, SockmapPeer> =
             HashMap::try_from(Map::HashMap(peers_data)).map_err(map_err(maps::SOCKMAP_PEERS))?;
-        // Entries of a previous daemon's connections: their sockets closed with it.
-        let stale: Vec<u64> = sockmap_peers.keys().filter_map(Result::ok).collect();
-        for cookie in stale {
-            let _ = sockmap_peers.remove(&cookie);
+        // Entries of a previous daemon's connections: their sockets closed with it (unless it
+        // is handing over and still drains them).
+        if !cfg.taking_over {
+            let stale: Vec<u64> = sockmap_peers.keys().filter_map(Result::ok).collect();
+            for cookie in stale {
+                let _ = sockmap_peers.remove(&cookie);
+            }
         }
         let sockmap = attach_sockmap(&mut ebpf, &cfg.pin_dir, peers_fd)
             .map(Arc::new)
@@ -218,10 +224,9 @@ impl Datapath {
             })?
             .try_into()
             .map_err(map_err(maps::EXCLUDED_CIDRS))?;
-        let stale: Vec<_> = cidrs.keys().filter_map(Result::ok).collect();
-        for key in stale {
-            cidrs.remove(&key).map_err(map_err(maps::EXCLUDED_CIDRS))?;
-        }
+        // New entries first, then the ones no longer configured: a daemon taking over from
+        // a running one never leaves the programs without their exclusions.
+        let mut wanted = Vec::new();
         for net in &cfg.exclude_cidrs {
             let (addr, prefix) = match net {
                 IpNet::V4(n) => (to_raw(n.network().into()), 96 + u32::from(n.prefix_len())),
@@ -230,6 +235,15 @@ impl Datapath {
             cidrs
                 .insert(&Key::new(prefix, addr), 1, 0)
                 .map_err(map_err(maps::EXCLUDED_CIDRS))?;
+            wanted.push((prefix, addr));
+        }
+        let stale: Vec<_> = cidrs
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !wanted.contains(&(k.prefix_len(), k.data())))
+            .collect();
+        for key in stale {
+            cidrs.remove(&key).map_err(map_err(maps::EXCLUDED_CIDRS))?;
         }
 
         let mut ports: HashMap<&mut MapData, u16, u8> = self
@@ -241,14 +255,18 @@ impl Datapath {
             })?
             .try_into()
             .map_err(map_err(maps::EXCLUDED_PORTS))?;
-        let stale: Vec<_> = ports.keys().filter_map(Result::ok).collect();
-        for port in stale {
-            ports.remove(&port).map_err(map_err(maps::EXCLUDED_PORTS))?;
-        }
         for port in &cfg.exclude_ports {
             ports
                 .insert(port, 1, 0)
                 .map_err(map_err(maps::EXCLUDED_PORTS))?;
+        }
+        let stale: Vec<_> = ports
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|p| !cfg.exclude_ports.contains(p))
+            .collect();
+        for port in stale {
+            ports.remove(&port).map_err(map_err(maps::EXCLUDED_PORTS))?;
         }
 
         let mut config: Array<&mut MapData, InterceptConfig> = self

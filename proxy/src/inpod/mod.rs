@@ -9,12 +9,13 @@ mod sockets;
 use std::{
     collections::BTreeMap,
     net::SocketAddr,
+    os::fd::{AsFd, OwnedFd},
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
 };
 
 use serde::{Deserialize, Serialize};
-use tokio::task::AbortHandle;
+use tokio::{net::TcpListener, task::AbortHandle};
 
 pub use netns::{Netns, init_host_netns};
 pub use sockets::connect_from;
@@ -22,6 +23,7 @@ pub use sockets::connect_from;
 use crate::{
     bpf::{BpfError, Datapath},
     config::listener_addrs,
+    handoff::{AdoptedPod, Message, Origin, give::OfferedPod},
     proxy::{PodContext, Proxy, serve},
 };
 
@@ -60,7 +62,10 @@ pub struct PodSummary {
 
 struct Enrolled {
     ctx: Arc<PodContext>,
-    listeners: Vec<SocketAddr>,
+    origin: Origin,
+    /// Handed over by the daemon before this one and not enrolled again here yet.
+    unclaimed: bool,
+    listeners: Vec<(SocketAddr, Arc<TcpListener>)>,
     accept_tasks: Vec<AbortHandle>,
 }
 
@@ -91,12 +96,15 @@ impl Enrollments {
     }
 
     /// Opens the pod's listeners and starts intercepting its new connections. Must be called
-    /// from within the runtime.
-    pub fn enroll(&self, name: &str, netns_path: &Path) -> Result<PodSummary, EnrollError> {
+    /// from within the runtime. A pod of the same name handed over by the previous daemon,
+    /// in the same network namespace, is taken as it is: its listeners never closed.
+    pub fn enroll(
+        &self,
+        name: &str,
+        netns_path: &Path,
+        origin: Origin,
+    ) -> Result<PodSummary, EnrollError> {
         let mut pods = lock(&self.pods);
-        if pods.contains_key(name) {
-            return Err(EnrollError::AlreadyEnrolled(name.to_owned()));
-        }
         let netns_err = |source| EnrollError::Netns {
             name: name.to_owned(),
             path: netns_path.to_owned(),
@@ -104,25 +112,149 @@ impl Enrollments {
         };
         let netns = Netns::open(netns_path).map_err(netns_err)?;
         let netns_cookie = netns.cookie().map_err(netns_err)?;
+        if let Some(pod) = pods.get_mut(name).filter(|p| p.unclaimed) {
+            if pod.ctx.netns_cookie == netns_cookie {
+                pod.unclaimed = false;
+                pod.origin = origin;
+                return Ok(summarize(pod));
+            }
+            // The pod's namespace was recreated meanwhile: the adopted one is stale.
+            self.remove(&mut pods, name)?;
+        }
+        if pods.contains_key(name) {
+            return Err(EnrollError::AlreadyEnrolled(name.to_owned()));
+        }
         if let Some(other) = pods.values().find(|p| p.ctx.netns_cookie == netns_cookie) {
             return Err(EnrollError::SameNetns {
                 name: name.to_owned(),
                 other: other.ctx.name.clone(),
             });
         }
-        let ctx = Arc::new(PodContext::new(name, netns, netns_cookie, &self.proxy));
+        let enrolled = self.start(name, netns, netns_cookie, origin, Vec::new())?;
+        let summary = summarize(&enrolled);
+        pods.insert(name.to_owned(), enrolled);
+        tracing::info!(pod = name, netns = %netns_path.display(), netns_cookie, "enrolled");
+        Ok(summary)
+    }
 
+    /// Takes over pods a previous daemon handed over, with their listening sockets, and
+    /// accepts on them at once. Each stays unclaimed until enrolled again here (from the
+    /// configuration, the Kubernetes controller or `shunt enroll`); see
+    /// [`Enrollments::release_unclaimed`]. Returns the number of listeners adopted.
+    pub fn adopt(&self, handed: Vec<AdoptedPod>) -> usize {
+        let mut adopted = 0;
+        let mut pods = lock(&self.pods);
+        for pod in handed {
+            let netns = match Netns::open(&pod.netns) {
+                Ok(netns) => netns,
+                Err(e) => {
+                    tracing::info!(pod = pod.name, netns = %pod.netns.display(), "not adopted: {e}");
+                    continue;
+                }
+            };
+            if netns.cookie().ok() != Some(pod.netns_cookie) || pods.contains_key(&pod.name) {
+                tracing::info!(pod = pod.name, "not adopted: its network namespace changed");
+                continue;
+            }
+            let count = pod.listeners.len();
+            match self.start(
+                &pod.name,
+                netns,
+                pod.netns_cookie,
+                pod.origin,
+                pod.listeners,
+            ) {
+                Ok(mut enrolled) => {
+                    enrolled.unclaimed = true;
+                    adopted += count;
+                    pods.insert(pod.name, enrolled);
+                }
+                Err(e) => tracing::warn!("not adopted: {e}"),
+            }
+        }
+        adopted
+    }
+
+    /// Unenrolls the pods handed over from `origins` that were not enrolled again here: the
+    /// configuration no longer lists them, or Kubernetes no longer wants them intercepted.
+    /// Other unclaimed pods (`shunt enroll`ed ones) are kept as this daemon's own.
+    pub fn release_unclaimed(&self, origins: &[Origin]) {
+        let mut pods = lock(&self.pods);
+        let stale: Vec<String> = pods
+            .iter()
+            .filter(|(_, p)| p.unclaimed && origins.contains(&p.origin))
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in stale {
+            match self.remove(&mut pods, &name) {
+                Ok(()) => {
+                    tracing::info!(pod = name, "handed over but no longer wanted: unenrolled")
+                }
+                Err(e) => tracing::warn!("{e}"),
+            }
+        }
+        for pod in pods.values_mut().filter(|p| p.unclaimed) {
+            if !origins.contains(&pod.origin) {
+                pod.unclaimed = false;
+            }
+        }
+    }
+
+    /// Duplicates of every pod's listening sockets, for a new daemon taking over.
+    pub fn offer(&self) -> Vec<OfferedPod> {
+        lock(&self.pods)
+            .values()
+            .filter_map(|p| {
+                let fds = p
+                    .listeners
+                    .iter()
+                    .map(|(_, l)| l.as_fd().try_clone_to_owned())
+                    .collect::<std::io::Result<Vec<_>>>()
+                    .inspect_err(|e| tracing::warn!(pod = p.ctx.name, "not handed over: {e}"))
+                    .ok()?;
+                Some(OfferedPod {
+                    message: Message::Pod {
+                        name: p.ctx.name.clone(),
+                        netns: p.ctx.netns.path().to_owned(),
+                        netns_cookie: p.ctx.netns_cookie,
+                        origin: p.origin,
+                        listeners: p.listeners.iter().map(|(a, _)| *a).collect(),
+                    },
+                    fds,
+                })
+            })
+            .collect()
+    }
+
+    /// Opens (or adopts) the listeners and enrolls the cookie, listeners first.
+    fn start(
+        &self,
+        name: &str,
+        netns: Netns,
+        netns_cookie: u64,
+        origin: Origin,
+        mut handed: Vec<(SocketAddr, OwnedFd)>,
+    ) -> Result<Enrolled, EnrollError> {
+        let ctx = Arc::new(PodContext::new(name, netns, netns_cookie, &self.proxy));
         let mut enrolled = Enrolled {
             ctx: ctx.clone(),
+            origin,
+            unclaimed: false,
             listeners: Vec::new(),
             accept_tasks: Vec::new(),
         };
         for addr in listener_addrs(self.listen_port) {
-            match sockets::listen_in(&ctx.netns, addr) {
+            let listener = match handed.iter().position(|(a, _)| *a == addr) {
+                Some(i) => sockets::adopt(handed.swap_remove(i).1, addr),
+                None => sockets::listen_in(&ctx.netns, addr),
+            };
+            match listener {
                 Ok(listener) => {
-                    let task = tokio::spawn(serve(listener, ctx.clone(), self.proxy.clone()));
+                    let listener = Arc::new(listener);
+                    let task =
+                        tokio::spawn(serve(listener.clone(), ctx.clone(), self.proxy.clone()));
                     enrolled.accept_tasks.push(task.abort_handle());
-                    enrolled.listeners.push(addr);
+                    enrolled.listeners.push((addr, listener));
                 }
                 // A pod without IPv6 has no [::1]; its IPv6 connects then simply go direct.
                 Err(e) if addr.is_ipv6() => {
@@ -146,15 +278,10 @@ impl Enrollments {
                 name: name.to_owned(),
                 source: Box::new(source),
             })?;
-        let summary = summarize(&enrolled);
-        pods.insert(name.to_owned(), enrolled);
-        tracing::info!(pod = name, netns = %netns_path.display(), netns_cookie, "enrolled");
-        Ok(summary)
+        Ok(enrolled)
     }
 
-    /// Stops intercepting the pod's new connections; its established ones carry on.
-    pub fn unenroll(&self, name: &str) -> Result<(), EnrollError> {
-        let mut pods = lock(&self.pods);
+    fn remove(&self, pods: &mut BTreeMap<String, Enrolled>, name: &str) -> Result<(), EnrollError> {
         let enrolled = pods
             .get(name)
             .ok_or_else(|| EnrollError::NotEnrolled(name.to_owned()))?;
@@ -165,6 +292,12 @@ impl Enrollments {
                 source: Box::new(source),
             })?;
         pods.remove(name);
+        Ok(())
+    }
+
+    /// Stops intercepting the pod's new connections; its established ones carry on.
+    pub fn unenroll(&self, name: &str) -> Result<(), EnrollError> {
+        self.remove(&mut lock(&self.pods), name)?;
         tracing::info!(pod = name, "unenrolled");
         Ok(())
     }
@@ -202,7 +335,7 @@ fn summarize(p: &Enrolled) -> PodSummary {
         name: p.ctx.name.clone(),
         netns: p.ctx.netns.path().to_owned(),
         netns_cookie: p.ctx.netns_cookie,
-        listeners: p.listeners.clone(),
+        listeners: p.listeners.iter().map(|(addr, _)| *addr).collect(),
     }
 }
 

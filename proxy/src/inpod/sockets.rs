@@ -36,3 +36,16 @@ pub async fn connect_from(netns: &Netns, mark: u32, addr: SocketAddr) -> io::Res
     let socket = TcpSocket::from_std_stream(std::net::TcpStream::from(socket));
     socket.connect(addr).await
 }
+
+/// Takes a listening socket handed over by the previous daemon, checking it is what it is
+/// said to be.
+pub fn adopt(fd: std::os::fd::OwnedFd, addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = Socket::from(fd);
+    if !socket.is_listener()? || socket.local_addr()?.as_socket() != Some(addr) {
+        return Err(io::Error::other(format!(
+            "the handed-over socket is not a listener on {addr}"
+        )));
+    }
+    socket.set_nonblocking(true)?;
+    TcpListener::from_std(socket.into())
+}

@@ -21,7 +21,10 @@ use super::{
     Health, INTERCEPT_ANNOTATION, INTERCEPT_DISABLED, INTERCEPT_ENABLED, INTERCEPT_LABEL, cgroup,
     watch::{Watched, settle},
 };
-use crate::inpod::{EnrollError, Enrollments};
+use crate::{
+    handoff::Origin,
+    inpod::{EnrollError, Enrollments},
+};
 
 /// How often pods whose processes could not be found yet are looked for again.
 const RETRY: Duration = Duration::from_secs(2);
@@ -177,7 +180,7 @@ impl Enroller {
                 Some(_) => self.unenroll(name),
                 None => {}
             }
-            match self.enrollments.enroll(name, &path) {
+            match self.enrollments.enroll(name, &path, Origin::Kubernetes) {
                 Ok(_) => {
                     self.reported.remove(name);
                     self.mine.insert(
@@ -253,7 +256,11 @@ pub async fn run(client: Client, mut enroller: Enroller, health: Arc<Health>) {
         );
         pending = enroller.reconcile(&desired);
         if !pruned {
-            // Kernel-side enrollments of an earlier daemon that no pod accounts for now.
+            // Pods the daemon before this one intercepted and Kubernetes no longer wants,
+            // then kernel-side enrollments of an earlier daemon no pod accounts for now.
+            enroller
+                .enrollments
+                .release_unclaimed(&[Origin::Kubernetes]);
             enroller.enrollments.prune_stale();
             pruned = true;
         }

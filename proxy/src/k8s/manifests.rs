@@ -196,7 +196,7 @@ fn the_configmap_is_a_valid_configuration_and_the_daemonset_uses_it() {
 
     let daemonset: DaemonSet =
         serde_json::from_value(documents(&deploy.join("daemonset.yaml")).remove(0)).unwrap();
-    let pod = daemonset.spec.unwrap().template.spec.unwrap();
+    let pod = daemonset.clone().spec.unwrap().template.spec.unwrap();
     let volume = pod
         .volumes
         .iter()
@@ -209,14 +209,11 @@ fn the_configmap_is_a_valid_configuration_and_the_daemonset_uses_it() {
     );
     let container = &pod.containers[0];
     assert!(container.args.iter().flatten().any(|a| a == "--kubernetes"));
-    let health_port = container
-        .ports
-        .iter()
-        .flatten()
-        .find(|p| p.name.as_deref() == Some("health"));
-    assert_eq!(
-        health_port.map(|p| p.container_port),
-        Some(i32::from(health.port()))
+    // With the host's network, a declared container port is a host port, and the scheduler
+    // would keep the new pod of a rolling update off the node while the old one holds it.
+    assert!(
+        container.ports.as_ref().is_none_or(Vec::is_empty),
+        "no declared ports: they would keep old and new pods from overlapping"
     );
     // The pod shares the node's network namespace: a probe reaches a loopback listener only
     // when it is sent to loopback.
@@ -229,7 +226,25 @@ fn the_configmap_is_a_valid_configuration_and_the_daemonset_uses_it() {
         if health.ip().is_loopback() {
             assert_eq!(get.host.as_deref(), Some("127.0.0.1"), "{kind} probe host");
         }
+        assert_eq!(
+            get.port,
+            k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(i32::from(
+                health.port()
+            )),
+            "{kind} probe port"
+        );
     }
+    // A new daemon takes over from the running one on its node (see README, Upgrades): the
+    // update surges, so the old pod is only deleted once the new one is ready.
+    let rolling = daemonset
+        .spec
+        .as_ref()
+        .and_then(|s| s.update_strategy.as_ref())
+        .and_then(|u| u.rolling_update.as_ref())
+        .expect("a rolling update strategy");
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    assert_eq!(rolling.max_surge, Some(IntOrString::Int(1)));
+    assert_eq!(rolling.max_unavailable, Some(IntOrString::Int(0)));
     assert_eq!(pod.host_network, Some(true));
     assert_eq!(pod.host_pid, Some(true));
 }

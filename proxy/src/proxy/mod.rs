@@ -161,7 +161,7 @@ impl PodContext {
 
 /// Accepts until the task is aborted (on unenroll or shutdown); established connections
 /// live in their own tasks and are unaffected.
-pub async fn serve(listener: TcpListener, pod: Arc<PodContext>, proxy: Arc<Proxy>) {
+pub async fn serve(listener: Arc<TcpListener>, pod: Arc<PodContext>, proxy: Arc<Proxy>) {
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {

@@ -18,6 +18,7 @@ mod server;
 use std::{
     io,
     net::SocketAddr,
+    os::fd::OwnedFd,
     path::PathBuf,
     sync::{Arc, Mutex},
     time::{Duration, SystemTime},
@@ -30,6 +31,7 @@ use self::{access_log::Entry, collect::Sources, metrics::Metrics, server::Served
 use crate::{
     bpf::Datapath,
     config,
+    handoff::TelemetryListener,
     inpod::Enrollments,
     proxy::{Proxy, sniff::Verdict},
     state::{ConnRecord, Observer, StreamRecord},
@@ -65,14 +67,18 @@ pub struct Telemetry {
     access_log: Option<access_log::Sender>,
     health: Arc<Health>,
     served: Arc<Served>,
+    listeners: Arc<server::Listeners>,
     pub addresses: Addresses,
 }
 
 impl Telemetry {
-    /// Opens the listeners and the access log and starts their threads. `/live` answers
-    /// from here on; `/ready` once [`Health::set_ready`] is called, `/metrics` once
-    /// [`Telemetry::serve_metrics`] is.
-    pub fn start(config: &config::Telemetry) -> Result<Arc<Telemetry>, TelemetryError> {
+    /// Opens the listeners (or takes those a previous daemon handed over) and the access log
+    /// and starts their threads. `/live` answers from here on; `/ready` once
+    /// [`Health::set_ready`] is called, `/metrics` once [`Telemetry::serve_metrics`] is.
+    pub fn start(
+        config: &config::Telemetry,
+        inherited: Vec<(TelemetryListener, OwnedFd)>,
+    ) -> Result<Arc<Telemetry>, TelemetryError> {
         let metrics = Metrics::default();
         let access_log = access_log::start(
             &config.access_log,
@@ -82,7 +88,7 @@ impl Telemetry {
         )?;
         let health = Arc::new(Health::default());
         let served = Arc::new(Served::new(health.clone()));
-        let addresses = server::start(config, served.clone())?;
+        let (addresses, listeners) = server::start(config, served.clone(), inherited)?;
         for (what, addr) in [("metrics", addresses.metrics), ("health", addresses.health)] {
             if let Some(addr) = addr.filter(|a| !a.ip().is_loopback()) {
                 tracing::warn!(%addr, "{what} endpoint reachable beyond this node, as configured");
@@ -93,6 +99,7 @@ impl Telemetry {
             access_log,
             health,
             served,
+            listeners,
             addresses,
         }))
     }
@@ -110,6 +117,16 @@ impl Telemetry {
             enrollments,
         };
         self.served.install(self.metrics.registry(sources));
+    }
+
+    /// Duplicates of the metrics and health listeners, for a new daemon taking over.
+    pub fn offer_listeners(&self) -> Vec<(TelemetryListener, OwnedFd)> {
+        self.listeners.offer()
+    }
+
+    /// Stops serving the metrics and health listeners: a new daemon serves them now.
+    pub fn close_listeners(&self) {
+        self.listeners.close();
     }
 
     pub fn health(&self) -> &Health {

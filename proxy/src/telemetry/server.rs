@@ -3,7 +3,8 @@
 
 use std::{
     convert::Infallible,
-    sync::{Arc, OnceLock},
+    os::fd::{AsFd, OwnedFd},
+    sync::{Arc, Mutex, OnceLock},
     time::Duration,
 };
 
@@ -12,10 +13,13 @@ use http_body_util::Full;
 use hyper::{Method, Request, Response, StatusCode, body::Incoming, header, service::service_fn};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::{encoding, registry::Registry};
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, watch};
 
 use super::{Addresses, Health, TelemetryError};
-use crate::config::{self, Listen};
+use crate::{
+    config::{self, Listen},
+    handoff::{TelemetryListener, TelemetryRole},
+};
 
 /// Scrapers and probers at once; more wait. Bounds what a misbehaving client can take.
 const MAX_CONNECTIONS: usize = 32;
@@ -49,11 +53,44 @@ enum Role {
     Health,
 }
 
-/// Binds the configured listeners (so a taken port fails start-up, naming the field) and
-/// serves them on a new thread.
-pub fn start(config: &config::Telemetry, served: Arc<Served>) -> Result<Addresses, TelemetryError> {
+/// The listening sockets as bound, kept so a new daemon can be handed them, and the switch
+/// that stops serving them.
+pub struct Listeners {
+    held: Mutex<Vec<(TelemetryListener, OwnedFd)>>,
+    stop: watch::Sender<bool>,
+}
+
+impl Listeners {
+    /// Duplicates of the listeners, for a new daemon taking over.
+    pub fn offer(&self) -> Vec<(TelemetryListener, OwnedFd)> {
+        lock(&self.held)
+            .iter()
+            .filter_map(|(l, fd)| Some((*l, fd.try_clone().ok()?)))
+            .collect()
+    }
+
+    /// Stops accepting and closes this process's copies (a new daemon serves them now).
+    pub fn close(&self) {
+        let _ = self.stop.send(true);
+        lock(&self.held).clear();
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Binds the configured listeners (so a taken port fails start-up, naming the field), or
+/// takes the ones a previous daemon handed over for the same configured address, and serves
+/// them on a new thread.
+pub fn start(
+    config: &config::Telemetry,
+    served: Arc<Served>,
+    mut inherited: Vec<(TelemetryListener, OwnedFd)>,
+) -> Result<(Addresses, Arc<Listeners>), TelemetryError> {
     let mut listeners = Vec::new();
     let mut addresses = Addresses::default();
+    let mut held = Vec::new();
     for (field, listen, role) in [
         ("metrics", config.metrics, Role::Metrics),
         ("health", config.health, Role::Health),
@@ -64,17 +101,37 @@ pub fn start(config: &config::Telemetry, served: Arc<Served>) -> Result<Addresse
             addr,
             source,
         };
-        let listener = std::net::TcpListener::bind(addr).map_err(listen_err)?;
+        let described = TelemetryListener {
+            role: match role {
+                Role::Metrics => TelemetryRole::Metrics,
+                Role::Health => TelemetryRole::Health,
+            },
+            configured: addr,
+        };
+        let same = |l: &TelemetryListener| l.role == described.role && l.configured == addr;
+        let listener = match inherited.iter().position(|(l, _)| same(l)) {
+            Some(i) => std::net::TcpListener::from(inherited.swap_remove(i).1),
+            None => std::net::TcpListener::bind(addr).map_err(listen_err)?,
+        };
         listener.set_nonblocking(true).map_err(listen_err)?;
         let bound = listener.local_addr().map_err(listen_err)?;
         match role {
             Role::Metrics => addresses.metrics = Some(bound),
             Role::Health => addresses.health = Some(bound),
         }
+        held.push((
+            described,
+            listener.as_fd().try_clone_to_owned().map_err(listen_err)?,
+        ));
         listeners.push((listener, role));
     }
+    let (stop, stopped) = watch::channel(false);
+    let handle = Arc::new(Listeners {
+        held: Mutex::new(held),
+        stop,
+    });
     if listeners.is_empty() {
-        return Ok(addresses);
+        return Ok((addresses, handle));
     }
     let thread_err = |source| TelemetryError::Thread {
         what: "telemetry",
@@ -93,7 +150,14 @@ pub fn start(config: &config::Telemetry, served: Arc<Served>) -> Result<Addresse
                 for (listener, role) in listeners {
                     match tokio::net::TcpListener::from_std(listener) {
                         Ok(listener) => {
-                            tasks.spawn(serve(listener, role, served.clone(), limit.clone()));
+                            let stopped = stopped.clone();
+                            tasks.spawn(serve(
+                                listener,
+                                role,
+                                served.clone(),
+                                limit.clone(),
+                                stopped,
+                            ));
                         }
                         Err(e) => tracing::error!("telemetry listener: {e}"),
                     }
@@ -102,7 +166,7 @@ pub fn start(config: &config::Telemetry, served: Arc<Served>) -> Result<Addresse
             });
         })
         .map_err(thread_err)?;
-    Ok(addresses)
+    Ok((addresses, handle))
 }
 
 async fn serve(
@@ -110,12 +174,21 @@ async fn serve(
     role: Role,
     served: Arc<Served>,
     limit: Arc<Semaphore>,
+    mut stopped: watch::Receiver<bool>,
 ) {
     loop {
-        let Ok(permit) = limit.clone().acquire_owned().await else {
-            return;
+        let permit = tokio::select! {
+            _ = stopped.wait_for(|&s| s) => return,
+            permit = limit.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => return,
+            },
         };
-        let stream = match listener.accept().await {
+        let accepted = tokio::select! {
+            _ = stopped.wait_for(|&s| s) => return,
+            accepted = listener.accept() => accepted,
+        };
+        let stream = match accepted {
             Ok((stream, _)) => stream,
             Err(e) => {
                 tracing::warn!("telemetry accept failed: {e}");
