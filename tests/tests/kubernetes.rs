@@ -509,21 +509,21 @@ fn a_new_daemon_takes_over_the_enrolled_pods_and_the_old_one_waits_for_sigterm()
     api.apply(service("backend", vip))?;
     api.apply(slice("backend", 8080, &[ready(&backend)]))?;
     let mut old = start(&sandbox, &api)?;
-    eventually(&old, "demo/app enrolled", || {
+    old.eventually("demo/app enrolled", || {
         Ok(enrolled(&old)? == names(&["demo/app"]))
     })?;
-    eventually(&old, "the Service known and demo/app intercepted", || {
+    old.eventually("the Service known and demo/app intercepted", || {
         intercepted(&sandbox, &app, vip)
     })?;
 
     let new = old.start_successor()?;
-    eventually(&new, "every watch synced", || connected(&new))?;
+    new.eventually("every watch synced", || connected(&new))?;
     // Until its Services are discovered the new daemon dials the original destination.
-    eventually(&new, "the Service's endpoints known", || {
+    new.eventually("the Service's endpoints known", || {
         Ok(endpoints(&new, vip)? == addrs(&[&backend], 8080))
     })?;
     // The controller claimed the handed-over pod: same listeners, never unenrolled.
-    eventually(&new, "demo/app enrolled", || {
+    new.eventually("demo/app enrolled", || {
         Ok(enrolled(&new)? == names(&["demo/app"]))
     })?;
     let log = new.log_text();
@@ -538,7 +538,7 @@ fn a_new_daemon_takes_over_the_enrolled_pods_and_the_old_one_waits_for_sigterm()
     ensure!(new.counter("proxy", "accepted")? >= 1);
     // Drained, the old daemon stays until its pod is deleted (SIGTERM, on drop), so the
     // kubelet would not restart it into taking the node back.
-    eventually(&old, "the old daemon drained", || {
+    old.eventually("the old daemon drained", || {
         Ok(old.log_text().contains("waiting for SIGTERM"))
     })?;
     ensure!(old.is_running());
