@@ -68,7 +68,40 @@ pub struct Config {
     /// Settings of Kubernetes mode (`shunt run --kubernetes`).
     #[serde(default)]
     pub kubernetes: Kubernetes,
+    /// Bounds on what clients can make the daemon hold.
+    #[serde(default)]
+    pub limits: Limits,
 }
+
+/// Bounds on connections and buffers, so a flood, a slow client or one busy pod cannot take
+/// the node's proxy down with it. All apply to new connections after a reload.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Proxied connections open at once on the node; over it, new ones are reset at once.
+    pub max_connections: usize,
+    /// Proxied connections open at once from one pod, so one pod cannot starve the others.
+    pub max_connections_per_pod: usize,
+    /// Bytes of each direction's buffer when bytes are copied through userspace
+    /// (`forwarding: copy`, or splice without a pipe).
+    pub copy_buffer: usize,
+}
+
+pub const DEFAULT_MAX_CONNECTIONS: usize = 65_536;
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_connections_per_pod: DEFAULT_MAX_CONNECTIONS / 4,
+            copy_buffer: 32 << 10,
+        }
+    }
+}
+
+/// Smallest and largest `limits.copy_buffer`: below a page, copying costs too many system
+/// calls; above, idle memory per connection grows with no gain in throughput.
+const COPY_BUFFER_RANGE: std::ops::RangeInclusive<usize> = 4096..=(16 << 20);
 
 /// Kubernetes mode: where the API is and how pods are found on this node.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -111,6 +144,20 @@ pub struct Http2 {
     /// How long a PONG may take before the connection is given up.
     #[serde(with = "humantime_serde")]
     pub keepalive_timeout: Duration,
+    /// Streams one client connection may have open at once (`SETTINGS_MAX_CONCURRENT_STREAMS`);
+    /// a client opening more gets `REFUSED_STREAM` for the extra ones.
+    pub max_concurrent_streams: u32,
+    /// Largest request header block accepted (`SETTINGS_MAX_HEADER_LIST_SIZE`, bytes as HTTP/2
+    /// counts them); a larger one gets 431 and that stream is refused.
+    pub max_header_list_size: u32,
+    /// Time a client connection detected as HTTP/2 has to complete its first request's
+    /// headers; one that has not (a slowloris client) gets GOAWAY and is closed.
+    #[serde(with = "humantime_serde")]
+    pub header_timeout: Duration,
+    /// A client connection with no open stream for this long gets GOAWAY and is closed;
+    /// `0s`: never.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
 }
 
 impl Default for Http2 {
@@ -119,6 +166,10 @@ impl Default for Http2 {
             downstream_keepalive_interval: Duration::ZERO,
             upstream_keepalive_interval: Duration::ZERO,
             keepalive_timeout: Duration::from_secs(20),
+            max_concurrent_streams: 1024,
+            max_header_list_size: 64 << 10,
+            header_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(3600),
         }
     }
 }
@@ -431,6 +482,7 @@ impl Config {
                 );
             }
         }
+        self.validate_limits()?;
         let telemetry = &self.telemetry;
         if let (Listen::On(metrics), Listen::On(health)) = (telemetry.metrics, telemetry.health)
             && metrics == health
@@ -497,6 +549,45 @@ impl Config {
                     );
                 }
             }
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    fn validate_limits(&self) -> Result<(), (String, String)> {
+        let bad = |field: &str, message: String| Err((field.to_string(), message));
+        let limits = &self.limits;
+        if limits.max_connections == 0 {
+            return bad("limits.max_connections", "must be at least 1".into());
+        }
+        if limits.max_connections_per_pod == 0 {
+            return bad(
+                "limits.max_connections_per_pod",
+                "must be at least 1".into(),
+            );
+        }
+        if !COPY_BUFFER_RANGE.contains(&limits.copy_buffer) {
+            return bad(
+                "limits.copy_buffer",
+                format!(
+                    "must be between {} and {} bytes",
+                    COPY_BUFFER_RANGE.start(),
+                    COPY_BUFFER_RANGE.end()
+                ),
+            );
+        }
+        let http2 = &self.http2;
+        if http2.max_concurrent_streams == 0 {
+            return bad("http2.max_concurrent_streams", "must be at least 1".into());
+        }
+        // Below this, ordinary gRPC metadata (authority, path, content-type, user-agent,
+        // grpc-timeout, a trace id) would not fit.
+        if http2.max_header_list_size < 1024 {
+            return bad("http2.max_header_list_size", "must be at least 1024".into());
+        }
+        if http2.header_timeout.is_zero() {
+            return bad("http2.header_timeout", "must be longer than 0s".into());
         }
         Ok(())
     }
@@ -734,6 +825,64 @@ mod tests {
             reloaded.needs_restart(&running),
             ["intercept.listen_port", "telemetry"]
         );
+    }
+
+    #[test]
+    fn limits_have_production_defaults_and_parse() {
+        let c = Config::parse("{}").unwrap();
+        assert_eq!(c.limits.max_connections, DEFAULT_MAX_CONNECTIONS);
+        assert!(c.limits.max_connections_per_pod < c.limits.max_connections);
+        assert_eq!(c.limits.copy_buffer, 32 << 10);
+        assert_eq!(c.http2.max_concurrent_streams, 1024);
+        assert_eq!(c.http2.max_header_list_size, 64 << 10);
+        assert_eq!(c.http2.header_timeout, Duration::from_secs(10));
+        assert_eq!(c.http2.idle_timeout, Duration::from_secs(3600));
+        let c = Config::parse(
+            "limits:\n  max_connections: 100\n  max_connections_per_pod: 10\n  copy_buffer: 8192\nhttp2:\n  max_concurrent_streams: 4\n  max_header_list_size: 2048\n  header_timeout: 2s\n  idle_timeout: 0s\n",
+        )
+        .unwrap();
+        assert_eq!(c.limits.max_connections, 100);
+        assert_eq!(c.limits.max_connections_per_pod, 10);
+        assert_eq!(c.limits.copy_buffer, 8192);
+        assert_eq!(c.http2.max_concurrent_streams, 4);
+        assert_eq!(c.http2.max_header_list_size, 2048);
+        assert_eq!(c.http2.header_timeout, Duration::from_secs(2));
+        assert!(c.http2.idle_timeout.is_zero());
+        // Limits apply to new connections on reload: no restart needed.
+        assert!(c.needs_restart(&Config::default()).is_empty());
+    }
+
+    #[test]
+    fn bad_limits_are_named() {
+        for (yaml, field) in [
+            ("limits:\n  max_connections: 0\n", "limits.max_connections"),
+            ("limits:\n  max_connections: -1\n", "limits.max_connections"),
+            (
+                "limits:\n  max_connections: lots\n",
+                "limits.max_connections",
+            ),
+            (
+                "limits:\n  max_connections_per_pod: 0\n",
+                "limits.max_connections_per_pod",
+            ),
+            ("limits:\n  copy_buffer: 100\n", "limits.copy_buffer"),
+            ("limits:\n  copy_buffer: 1000000000\n", "limits.copy_buffer"),
+            ("limits:\n  max_conections: 5\n", "limits.max_conections"),
+            (
+                "http2:\n  max_concurrent_streams: 0\n",
+                "http2.max_concurrent_streams",
+            ),
+            (
+                "http2:\n  max_header_list_size: 100\n",
+                "http2.max_header_list_size",
+            ),
+            ("http2:\n  header_timeout: 0s\n", "http2.header_timeout"),
+            ("http2:\n  idle_timeout: whenever\n", "http2.idle_timeout"),
+        ] {
+            let (named, msg) = err(yaml);
+            assert_eq!(named, field, "{yaml}: {msg}");
+            assert!(!msg.is_empty());
+        }
     }
 
     #[test]

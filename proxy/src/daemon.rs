@@ -50,6 +50,7 @@ pub async fn run(config_path: &Path, kubernetes: bool) -> anyhow::Result<()> {
     // First, so `/live` answers (and `/ready` says "starting") while the rest comes up.
     let telemetry = Telemetry::start(&config.telemetry, inherited)?;
     raise_fd_limit();
+    check_fd_limit(config.limits.max_connections);
     let intercept = &config.intercept;
 
     let datapath = Datapath::install(
@@ -96,6 +97,7 @@ pub async fn run(config_path: &Path, kubernetes: bool) -> anyhow::Result<()> {
         mark: intercept.mark,
         settings: ArcSwap::from_pointee(Settings::new(&config)),
         discovered: Default::default(),
+        admission: Default::default(),
     });
     let datapath = Arc::new(Mutex::new(datapath));
     let enrollments = Arc::new(Enrollments::new(
@@ -375,5 +377,28 @@ fn raise_fd_limit() {
     match raised {
         Ok(limit) => tracing::debug!(from = soft, to = limit, "raised the open-file limit"),
         Err(e) => tracing::warn!(soft, hard, "could not raise the open-file limit: {e}"),
+    }
+}
+
+/// Each connection within `limits.max_connections` needs two descriptors, and one more
+/// while it is refused; when the descriptor limit is lower than that, `accept()` starts
+/// failing (and clients wait in the backlog) before the limit can refuse them cleanly.
+fn check_fd_limit(max_connections: usize) {
+    use nix::sys::resource::{Resource, getrlimit};
+    /// Listeners, pooled pipes, admin and telemetry sockets, the BPF objects.
+    const RESERVE: u64 = 1024;
+    let Ok((soft, _)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return;
+    };
+    let needed = (max_connections as u64)
+        .saturating_mul(2)
+        .saturating_add(RESERVE);
+    if soft < needed {
+        tracing::warn!(
+            open_file_limit = soft,
+            needed,
+            "limits.max_connections ({max_connections}) needs more descriptors than the open-file \
+             limit allows: accept() may fail before the limit refuses connections"
+        );
     }
 }

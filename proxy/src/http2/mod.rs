@@ -6,6 +6,7 @@
 //! HTTP/2 to this layer: headers, trailers and resets pass through as they are.
 
 mod keepalive;
+mod limits;
 mod pool;
 mod prefixed;
 mod stream;
@@ -25,9 +26,11 @@ use tokio::net::TcpStream;
 
 pub use self::{
     keepalive::Keepalive,
+    limits::Limits,
     pool::{Connector, Pool},
 };
 use self::{
+    limits::{Closing, StreamsOpen},
     prefixed::Prefixed,
     stream::{Ended, Observed},
 };
@@ -42,8 +45,6 @@ use crate::{
 pub const STREAM_WINDOW: u32 = 1 << 20;
 pub const CONNECTION_WINDOW: u32 = 4 << 20;
 pub const MAX_FRAME: u32 = 64 << 10;
-const MAX_CONCURRENT_STREAMS: u32 = 1024;
-const MAX_HEADER_LIST: u32 = 64 << 10;
 
 /// Bytes of one client connection's streams, both directions.
 #[derive(Clone)]
@@ -75,37 +76,65 @@ pub struct Downstream {
     pub client: SocketAddr,
     /// Where each stream's record goes when it ends.
     pub streams: Arc<StreamLog>,
+    /// Streams and headers the client may send, and the timeouts of a connection without.
+    pub limits: Limits,
 }
 
-/// Serves one client connection; `prefix` is what detection already read from it.
+/// Serves one client connection; `prefix` is what detection already read from it. Returns
+/// why the connection ended (a close reason, as connection records show it).
 pub async fn serve(
     client: TcpStream,
     prefix: Vec<u8>,
     downstream: Downstream,
-) -> Result<(), h2::Error> {
+) -> Result<&'static str, h2::Error> {
+    let limits = downstream.limits;
     let io = Prefixed::new(prefix, client);
-    let mut connection = h2::server::Builder::new()
+    let handshake = h2::server::Builder::new()
         .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME)
-        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
-        .max_header_list_size(MAX_HEADER_LIST)
-        .handshake::<_, Bytes>(io)
-        .await?;
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        .max_header_list_size(limits.max_header_list_size)
+        .handshake::<_, Bytes>(io);
+    let header_deadline = tokio::time::Instant::now() + limits.header_timeout;
+    let Ok(handshake) = tokio::time::timeout_at(header_deadline, handshake).await else {
+        ProxyCounters::inc(&downstream.counters.h2_header_timeouts);
+        return Ok(Closing::HeaderTimeout.reason());
+    };
+    let mut connection = handshake?;
     let mut shutdown = downstream.shutdown.clone();
     let lost = keepalive::lost(connection.ping_pong(), downstream.keepalive);
     tokio::pin!(lost);
+    let open = StreamsOpen::default();
+    // Until the first request: its headers' deadline; then, while idle, the idle timeout's.
+    let timer = tokio::time::sleep_until(header_deadline);
+    tokio::pin!(timer);
+    let mut first_request = false;
     let downstream = Arc::new(downstream);
     let mut draining = false;
-    loop {
+    let closing = loop {
+        let timer_armed = !first_request || !limits.idle_timeout.is_zero();
         tokio::select! {
             // The client stopped answering PINGs: give the connection up.
-            () = &mut lost => return Ok(()),
+            () = &mut lost => return Ok("keepalive-timeout"),
             accepted = connection.accept() => {
-                let Some(accepted) = accepted else { return Ok(()) };
+                let Some(accepted) = accepted else { return Ok("eof") };
                 let (request, respond) = accepted?;
+                if !first_request {
+                    first_request = true;
+                    timer.as_mut().reset(tokio::time::Instant::now() + limits.idle_timeout);
+                }
                 ProxyCounters::inc(&downstream.counters.h2_streams);
-                tokio::spawn(proxy_stream(request, respond, downstream.clone()));
+                tokio::spawn(proxy_stream(request, respond, downstream.clone(), open.enter()));
+            }
+            () = &mut timer, if timer_armed => {
+                if !first_request {
+                    break Closing::HeaderTimeout;
+                }
+                match open.idle_until(limits.idle_timeout) {
+                    Some(later) => timer.as_mut().reset(later),
+                    None => break Closing::IdleTimeout,
+                }
             }
             // GOAWAY: the client opens no new streams here; those in flight finish, then
             // `accept` returns None.
@@ -116,13 +145,18 @@ pub async fn serve(
                 }
             }
         }
-    }
+    };
+    ProxyCounters::inc(closing.counter(&downstream.counters));
+    tracing::debug!(client = %downstream.client, "closing HTTP/2 connection: {}", closing.reason());
+    closing.close(&mut connection).await;
+    Ok(closing.reason())
 }
 
 async fn proxy_stream(
     request: Request<RecvStream>,
     mut respond: SendResponse<Bytes>,
     downstream: Arc<Downstream>,
+    _open: limits::StreamGuard,
 ) {
     let grpc = is_grpc(&request);
     let route = (downstream.routes)(downstream.original_dst);

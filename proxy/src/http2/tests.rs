@@ -189,6 +189,7 @@ async fn proxy_service(
                 original_dst: VIP.parse().unwrap(),
                 client: "127.0.0.1:40000".parse().unwrap(),
                 streams: streams.clone(),
+                limits: Limits::from(&crate::config::Http2::default()),
             };
             tokio::spawn(async move {
                 // As detection does: the preface has been read before the proxy takes over.
@@ -429,7 +430,8 @@ async fn an_oversized_header_list_is_refused_without_harming_other_streams() {
     let (addr, _) = proxy(vec![backend("a", None, noop()).await]).await;
     let mut sender = client(addr).await;
     let mut request = grpc_request("/echo");
-    let big = "x".repeat(MAX_HEADER_LIST as usize + 1024);
+    let limit = crate::config::Http2::default().max_header_list_size;
+    let big = "x".repeat(limit as usize + 1024);
     request.headers_mut().insert("x-big", big.parse().unwrap());
     let refused = async {
         let mut ready = sender.clone().ready().await?;

@@ -138,7 +138,7 @@ mod tests {
 
     use super::*;
     use crate::proxy::{
-        forward::{Forwarding, Meters, forward},
+        forward::{Forwarding, How, Meters, forward},
         sniff::{H2_PREFACE, tests::client_hello},
     };
 
@@ -395,7 +395,8 @@ mod tests {
                 let Some(Ok(dialed)) = detected.dialed else { panic!("dial result lost") };
                 let (up, down) = (AtomicU64::new(0), AtomicU64::new(0));
                 let meters = Meters { from_client: &up, to_client: &down };
-                let forwarding = forward(client, dialed.stream, &detected.prefix, meters, Duration::ZERO, Forwarding::Splice);
+                let how = How { mode: Forwarding::Splice, idle_timeout: Duration::ZERO, copy_buffer: 32 << 10 };
+                let forwarding = forward(client, dialed.stream, &detected.prefix, meters, how);
                 let receiving = async {
                     let mut received = Vec::new();
                     server.read_to_end(&mut received).await.unwrap();

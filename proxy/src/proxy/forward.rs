@@ -15,6 +15,8 @@ use tokio::{io::Interest, net::TcpStream, time::Instant};
 
 use super::splice::{SpliceEnd, shutdown_write, splice_until_eof};
 
+/// `limits.copy_buffer`'s default, for callers without a configuration.
+#[cfg(test)]
 const BUFFER: usize = 32 * 1024;
 
 /// How a forwarded connection ended.
@@ -117,16 +119,29 @@ pub struct Meters<'a> {
     pub to_client: &'a AtomicU64,
 }
 
+/// How one connection's bytes move: the mode, the idle timeout (zero: none) and the size of
+/// each direction's buffer when bytes are copied.
+#[derive(Debug, Clone, Copy)]
+pub struct How {
+    pub mode: Forwarding,
+    pub idle_timeout: Duration,
+    pub copy_buffer: usize,
+}
+
 /// Forwards until both directions are done. `prefix` (bytes already read from the client) is
-/// sent upstream first. A zero `idle_timeout` disables it.
+/// sent upstream first.
 pub async fn forward(
     client: TcpStream,
     upstream: TcpStream,
     prefix: &[u8],
     meters: Meters<'_>,
-    idle_timeout: Duration,
-    mode: Forwarding,
+    how: How,
 ) -> Closed {
+    let How {
+        mode,
+        idle_timeout,
+        copy_buffer,
+    } = how;
     let started = Instant::now();
     let last_activity = AtomicU64::new(0);
     let activity = Activity {
@@ -139,9 +154,16 @@ pub async fn forward(
         prefix,
         meters.from_client,
         &activity,
-        mode,
+        (mode, copy_buffer),
     );
-    let to_client = direction(&upstream, &client, &[], meters.to_client, &activity, mode);
+    let to_client = direction(
+        &upstream,
+        &client,
+        &[],
+        meters.to_client,
+        &activity,
+        (mode, copy_buffer),
+    );
     tokio::pin!(to_upstream, to_client);
     let idle = idle_watch(idle_timeout, &activity);
     tokio::pin!(idle);
@@ -230,7 +252,7 @@ async fn direction(
     prefix: &[u8],
     meter: &AtomicU64,
     activity: &Activity<'_>,
-    mode: Forwarding,
+    (mode, copy_buffer): (Forwarding, usize),
 ) -> Result<(), End> {
     write_all(to, prefix).await.map_err(End::Write)?;
     meter.fetch_add(prefix.len() as u64, Ordering::Relaxed);
@@ -247,10 +269,10 @@ async fn direction(
             // Out of pipes (descriptor limit): copying still works, and nothing was lost.
             Err(SpliceEnd::NoPipe(e)) => {
                 tracing::debug!("no pipe for splice ({e}); copying instead");
-                copy_until_eof(from, to, count).await?;
+                copy_until_eof(from, to, copy_buffer, count).await?;
             }
         },
-        Forwarding::Copy => copy_until_eof(from, to, count).await?,
+        Forwarding::Copy => copy_until_eof(from, to, copy_buffer, count).await?,
     }
     shutdown_write(to);
     Ok(())
@@ -259,9 +281,10 @@ async fn direction(
 async fn copy_until_eof(
     from: &TcpStream,
     to: &TcpStream,
+    buffer: usize,
     mut count: impl FnMut(usize),
 ) -> Result<(), End> {
-    let mut buf = vec![0u8; BUFFER];
+    let mut buf = vec![0u8; buffer];
     loop {
         from.readable().await.map_err(End::Read)?;
         let n = match from.try_read(&mut buf) {
@@ -337,7 +360,12 @@ mod tests {
                 from_client: &from_client,
                 to_client: &to_client,
             };
-            let closed = forward(client, upstream, &prefix, meters, idle, mode).await;
+            let how = How {
+                mode,
+                idle_timeout: idle,
+                copy_buffer: BUFFER,
+            };
+            let closed = forward(client, upstream, &prefix, meters, how).await;
             (closed, from_client.into_inner(), to_client.into_inner())
         })
     }
@@ -548,7 +576,12 @@ mod tests {
                         from_client: &up,
                         to_client: &down,
                     };
-                    let closed = forward(client, upstream, &[], meters, Duration::ZERO, mode).await;
+                    let how = How {
+                        mode,
+                        idle_timeout: Duration::ZERO,
+                        copy_buffer: BUFFER,
+                    };
+                    let closed = forward(client, upstream, &[], meters, how).await;
                     assert_eq!(closed, Closed::Eof);
                     assert_eq!((up.into_inner(), down.into_inner()), (bytes, bytes));
                     thread_cpu_seconds() - started

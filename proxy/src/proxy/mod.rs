@@ -2,6 +2,7 @@
 //! destination → route → detect → forward. Each stage hands the connection to the next;
 //! none calls back.
 
+pub mod admission;
 mod detect;
 mod dial;
 mod forward;
@@ -19,7 +20,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::{
     bpf::{OriginalDstTable, Sockmap},
-    config::Config,
+    config::{Config, Limits},
     discovery,
     fault::{self, Faults},
     http2,
@@ -32,8 +33,9 @@ use crate::{
 };
 
 use self::{
+    admission::{Admission, Backoff, OpenCount, Permit, Refused},
     dial::dial,
-    forward::{Meters, forward, reset},
+    forward::{How, Meters, forward, reset},
     sniff::Verdict,
 };
 
@@ -49,6 +51,10 @@ pub struct Settings {
     /// HTTP/2 PINGs toward clients, and toward upstreams (new pods' pools).
     pub downstream_keepalive: http2::Keepalive,
     pub upstream_keepalive: http2::Keepalive,
+    /// Connection counts and buffer sizes.
+    pub limits: Limits,
+    /// What HTTP/2 clients may open and how long they may take.
+    pub http2_limits: http2::Limits,
     /// Keeps the DNS Services' endpoints current while these settings are in force.
     _discovery: discovery::Watchers,
 }
@@ -73,6 +79,8 @@ impl Settings {
                 interval: config.http2.upstream_keepalive_interval,
                 timeout: config.http2.keepalive_timeout,
             },
+            limits: config.limits.clone(),
+            http2_limits: http2::Limits::from(&config.http2),
         }
     }
 }
@@ -95,6 +103,8 @@ pub struct Proxy {
     pub workers: Workers,
     /// The kernel fast path for `forwarding: sockmap`, or why this kernel lacks it.
     pub sockmap: Result<Arc<Sockmap>, String>,
+    /// Connections open on the node, against `limits.max_connections`.
+    pub admission: Admission,
 }
 
 impl Proxy {
@@ -124,6 +134,8 @@ pub struct PodContext {
     /// This pod's upstream HTTP/2 connections, opened from inside its netns: one pool per
     /// worker, so a stream and the upstream connection it uses run on the same thread.
     upstreams: Vec<Arc<http2::Pool>>,
+    /// Connections open from this pod, against `limits.max_connections_per_pod`.
+    pub open: OpenCount,
 }
 
 impl PodContext {
@@ -150,6 +162,7 @@ impl PodContext {
                     ))
                 })
                 .collect(),
+            open: OpenCount::default(),
         }
     }
 
@@ -160,29 +173,81 @@ impl PodContext {
 }
 
 /// Accepts until the task is aborted (on unenroll or shutdown); established connections
-/// live in their own tasks and are unaffected.
+/// live in their own tasks and are unaffected. Never stops on its own: over a limit the
+/// connection is refused and the loop goes on; when `accept()` fails (out of descriptors or
+/// memory) it waits a little and tries again, so it neither spins nor gives up.
 pub async fn serve(listener: Arc<TcpListener>, pod: Arc<PodContext>, proxy: Arc<Proxy>) {
+    let mut backoff = Backoff::default();
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
+                backoff.succeeded();
                 ProxyCounters::inc(&proxy.counters.accepted);
-                // A proxy must not add Nagle's delay to small writes (HTTP/2 frames, RPCs);
-                // the upstream side is set the same way when dialled.
-                let _ = stream.set_nodelay(true);
-                hand_to_worker(stream, canonical(peer), &pod, &proxy);
+                let peer = canonical(peer);
+                let limits = &proxy.settings.load().limits;
+                match admission::admit(&proxy.admission.open, &pod.open, limits) {
+                    Ok(permit) => {
+                        // A proxy must not add Nagle's delay to small writes (HTTP/2
+                        // frames, RPCs); the upstream side is set the same way when dialled.
+                        let _ = stream.set_nodelay(true);
+                        hand_to_worker(stream, peer, permit, &pod, &proxy);
+                    }
+                    Err(refused) => refuse(stream, peer, refused, limits, &pod, &proxy),
+                }
             }
             Err(e) => {
-                // Typically EMFILE/ENFILE: back off briefly instead of spinning.
                 ProxyCounters::inc(&proxy.counters.accept_errors);
-                tracing::warn!(pod = %pod.name, "accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                let wait = backoff.failed();
+                if let Some(held_back) = proxy.admission.accept_errors.ready() {
+                    tracing::warn!(pod = %pod.name, retry_in = ?wait, held_back, "accept failed: {e}");
+                }
+                tokio::time::sleep(wait).await;
             }
         }
     }
 }
 
+/// Resets a connection over a limit (see `admission`), and forgets its original destination
+/// so the kernel's table does not fill with entries nobody will read.
+fn refuse(
+    stream: TcpStream,
+    peer: SocketAddr,
+    refused: Refused,
+    limits: &Limits,
+    pod: &PodContext,
+    proxy: &Proxy,
+) {
+    reset(&stream);
+    drop(stream);
+    let _ = proxy.dst_table.take(&client_key(pod, peer));
+    let counters = &proxy.counters;
+    let (counter, max) = match refused {
+        Refused::Node => (&counters.refused_node_limit, limits.max_connections),
+        Refused::Pod => (&counters.refused_pod_limit, limits.max_connections_per_pod),
+    };
+    ProxyCounters::inc(counter);
+    if let Some(held_back) = proxy.admission.refusals.ready() {
+        tracing::warn!(
+            pod = %pod.name,
+            %peer,
+            limit = refused.field(),
+            max,
+            node_open = proxy.admission.open.get(),
+            pod_open = pod.open.get(),
+            held_back,
+            "connection refused (reset): limit reached"
+        );
+    }
+}
+
 /// Moves an accepted connection to the next worker, which runs it from here on.
-fn hand_to_worker(stream: TcpStream, peer: SocketAddr, pod: &Arc<PodContext>, proxy: &Arc<Proxy>) {
+fn hand_to_worker(
+    stream: TcpStream,
+    peer: SocketAddr,
+    permit: Permit,
+    pod: &Arc<PodContext>,
+    proxy: &Arc<Proxy>,
+) {
     // Re-registered with the worker's reactor on arrival.
     let stream = match stream.into_std() {
         Ok(stream) => stream,
@@ -196,7 +261,10 @@ fn hand_to_worker(stream: TcpStream, peer: SocketAddr, pod: &Arc<PodContext>, pr
         .workers
         .dispatch(move |worker| match TcpStream::from_std(stream) {
             Ok(client) => {
-                tokio::spawn(handle(client, peer, worker, pod, task_proxy));
+                tokio::spawn(async move {
+                    handle(client, peer, worker, pod, task_proxy).await;
+                    drop(permit);
+                });
             }
             Err(e) => tracing::warn!(pod = %pod.name, %peer, "taking the connection over: {e}"),
         });
@@ -293,9 +361,15 @@ async fn handle(
                 request: guard.bytes_from_client.clone(),
                 response: guard.bytes_to_client.clone(),
             },
+            limits: settings.http2_limits,
         };
         let reason = match http2::serve(client, detected.prefix, downstream).await {
-            Ok(()) => "eof".to_string(),
+            Ok(reason) => {
+                if reason == "idle-timeout" {
+                    guard.flag("SI");
+                }
+                reason.to_string()
+            }
             Err(e) => format!("h2: {e}"),
         };
         add_bytes(counters, &guard);
@@ -377,7 +451,11 @@ async fn forward_opaque(
         from_client: &guard.bytes_from_client,
         to_client: &guard.bytes_to_client,
     };
-    let idle = settings.idle_timeout;
+    let how = |mode| How {
+        mode,
+        idle_timeout: settings.idle_timeout,
+        copy_buffer: settings.limits.copy_buffer,
+    };
     let splice_instead = |why: &str| {
         ProxyCounters::inc(&proxy.counters.sockmap_fallbacks);
         tracing::debug!("sockmap: spliced instead: {why}");
@@ -393,7 +471,7 @@ async fn forward_opaque(
                 prefix,
                 meters,
                 &guard.kernel_bytes,
-                idle,
+                settings.idle_timeout,
             )
             .await;
             match outcome {
@@ -403,25 +481,18 @@ async fn forward_opaque(
                 }
                 sockmap::Outcome::Fallback(f) => {
                     splice_instead(&f.reason);
-                    forward(
-                        f.client,
-                        f.upstream,
-                        &f.prefix,
-                        meters,
-                        idle,
-                        Forwarding::Splice,
-                    )
-                    .await
+                    let how = how(Forwarding::Splice);
+                    forward(f.client, f.upstream, &f.prefix, meters, how).await
                 }
             }
         }
         (Forwarding::Sockmap, Err(why)) => {
             splice_instead(why);
-            forward(client, upstream, prefix, meters, idle, Forwarding::Splice).await
+            forward(client, upstream, prefix, meters, how(Forwarding::Splice)).await
         }
         (mode, _) => {
             guard.set_forwarding(mode.as_str());
-            forward(client, upstream, prefix, meters, idle, mode).await
+            forward(client, upstream, prefix, meters, how(mode)).await
         }
     }
 }
@@ -444,19 +515,23 @@ fn identify(
     client: &TcpStream,
     peer: SocketAddr,
 ) -> Option<SocketAddr> {
-    let key = ClientKey {
-        netns_cookie: pod.netns_cookie,
-        addr: to_raw(peer.ip()),
-        port: peer.port(),
-        _pad: [0; 6],
-    };
-    match proxy.dst_table.take(&key) {
+    match proxy.dst_table.take(&client_key(pod, peer)) {
         Ok(Some(dst)) => Some(SocketAddr::new(from_raw(dst.addr), dst.port)),
         Ok(None) => netfilter_original_dst(client),
         Err(e) => {
             tracing::warn!(pod = %pod.name, %peer, "reading the original destination: {e}");
             None
         }
+    }
+}
+
+/// How the programs key a connection's original destination.
+fn client_key(pod: &PodContext, peer: SocketAddr) -> ClientKey {
+    ClientKey {
+        netns_cookie: pod.netns_cookie,
+        addr: to_raw(peer.ip()),
+        port: peer.port(),
+        _pad: [0; 6],
     }
 }
 

@@ -39,8 +39,13 @@ counters! {
     bytes_from_clients,
     /// Bytes proxied from upstreams to clients.
     bytes_to_clients,
-    /// accept() errors (e.g. out of file descriptors).
+    /// accept() errors (e.g. out of file descriptors); the accept loop backs off and retries.
     accept_errors,
+    /// Connections reset on accept because `limits.max_connections` were open on the node.
+    refused_node_limit,
+    /// Connections reset on accept because `limits.max_connections_per_pod` were open from
+    /// their pod.
+    refused_pod_limit,
     /// Detection verdicts.
     verdict_h2,
     verdict_tls,
@@ -65,6 +70,11 @@ counters! {
     h2_unavailable,
     /// HTTP/2 streams ended by a reset from either side.
     h2_stream_resets,
+    /// HTTP/2 client connections closed for not completing a request within
+    /// `http2.header_timeout`.
+    h2_header_timeouts,
+    /// HTTP/2 client connections closed after `http2.idle_timeout` without a stream.
+    h2_idle_timeouts,
 }
 
 impl ProxyCounters {

@@ -124,12 +124,34 @@ impl NodeCollector {
             (
                 "accept_errors",
                 "accept_errors",
-                "accept() failures on in-pod listeners.",
+                "accept() failures on in-pod listeners (e.g. out of file descriptors); the listener backs off and retries.",
+            ),
+            (
+                "h2_header_timeouts",
+                "http2_header_timeouts",
+                "HTTP/2 client connections closed for not completing a request within http2.header_timeout.",
+            ),
+            (
+                "h2_idle_timeouts",
+                "http2_idle_timeouts",
+                "HTTP/2 client connections closed after http2.idle_timeout without a stream.",
             ),
         ] {
             let value = counters.get(name).copied().unwrap_or(0);
             single(encoder, metric, help, None, ConstCounter::new(value))?;
         }
+        let refused =
+            [("node", "refused_node_limit"), ("pod", "refused_pod_limit")].map(|(limit, name)| {
+                let value = counters.get(name).copied().unwrap_or(0);
+                ([("limit", limit.to_owned())], ConstCounter::new(value))
+            });
+        family(
+            encoder,
+            "connections_refused",
+            "Connections reset on accept because a limit was reached: node (limits.max_connections) or pod (limits.max_connections_per_pod).",
+            None,
+            refused,
+        )?;
         single(
             encoder,
             "pods_enrolled",

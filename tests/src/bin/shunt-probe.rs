@@ -5,7 +5,8 @@
 //! application saw (`getpeername()`, local address) and what the server saw. `send` writes
 //! raw bytes (garbage, truncated handshakes, a trickle) and reports how the connection ended.
 //! `hold` opens many connections and keeps them idle; `sink` accepts them and never answers
-//! (the benchmark's memory-per-idle-connection figure).
+//! (the benchmark's memory-per-idle-connection figure). `flood`, `slowloris` and `h2` push
+//! on shunt's limits (`pressure.rs`).
 
 use std::{
     fs::OpenOptions,
@@ -16,6 +17,9 @@ use std::{
 };
 
 use clap::{Args, Parser, Subcommand};
+
+#[path = "shunt-probe/pressure.rs"]
+mod pressure;
 use serde_json::json;
 
 #[derive(Parser)]
@@ -42,6 +46,15 @@ enum Cmd {
         #[arg(long)]
         listen: SocketAddr,
     },
+    /// Open `count` echo connections one after the other, report which were served, hold
+    /// the served ones and exchange again on them when told.
+    Flood(pressure::FloodArgs),
+    /// Open `count` connections that send a head and then dribble, never finishing; report
+    /// how many the server closed.
+    Slowloris(pressure::SlowlorisArgs),
+    /// Raw HTTP/2: open more streams at once than allowed, optionally one with an oversized
+    /// header; report refusals and completed calls.
+    H2(pressure::H2Args),
 }
 
 #[derive(Args)]
@@ -131,6 +144,9 @@ fn main() {
         Cmd::Send(args) => send(&args),
         Cmd::Hold(args) => hold(&args),
         Cmd::Sink { listen } => sink(listen),
+        Cmd::Flood(args) => pressure::flood(&args),
+        Cmd::Slowloris(args) => pressure::slowloris(&args),
+        Cmd::H2(args) => pressure::h2(&args),
     };
     if let Err(e) = result {
         eprintln!("shunt-probe: {e}");

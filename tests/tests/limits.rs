@@ -1,0 +1,390 @@
+//! Bounded resources under pressure, with real sockets: slowloris clients are closed by the
+//! timeouts, a connection flood is refused over the limits while connections within them keep
+//! working, descriptor exhaustion neither kills nor spins the daemon, and HTTP/2 clients
+//! that break the stream and header limits are refused for that stream only. Run as root.
+
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail, ensure};
+use serde_json::Value;
+use shunt_tests::{
+    daemon::{Daemon, Options},
+    grpc, probe,
+    sandbox::{Pod, Sandbox},
+};
+
+const VIP: &str = "10.96.0.10";
+const GRPC_PORT: u16 = 50051;
+const ECHO_PORT: u16 = 7000;
+
+fn vip() -> SocketAddr {
+    SocketAddr::new(VIP.parse().expect("valid VIP"), GRPC_PORT)
+}
+
+fn service_yaml(endpoint: SocketAddr) -> String {
+    format!(
+        "services:\n  - name: greeter\n    vip: '{}'\n    endpoints: ['{endpoint}']\n",
+        vip()
+    )
+}
+
+/// A client pod and a tonic greeter (shunt-greeter) behind the VIP.
+fn greeter() -> anyhow::Result<(Sandbox, Pod, SocketAddr)> {
+    let sandbox = Sandbox::new()?;
+    let client = sandbox.add_pod("client")?;
+    let backend = sandbox.add_pod("greeter")?;
+    grpc::tonic_serve(&sandbox, &backend, "greeter", GRPC_PORT)?;
+    Ok((
+        sandbox,
+        client,
+        SocketAddr::new(backend.ipv4.into(), GRPC_PORT),
+    ))
+}
+
+/// `shunt-probe ARGS…` in `pod` in the background, its JSON lines going to a scratch file.
+struct Background {
+    pid: u32,
+    out: PathBuf,
+}
+
+fn spawn_probe(
+    sandbox: &Sandbox,
+    pod: &Pod,
+    name: &str,
+    args: &[&str],
+) -> anyhow::Result<Background> {
+    let out = sandbox.scratch_dir("limits")?.join(format!("{name}.json"));
+    let mut cmd = Command::new(shunt_tests::probe_bin());
+    cmd.args(args).stdout(std::fs::File::create(&out)?);
+    let pid = sandbox.spawn_in_pod(pod, cmd)?;
+    Ok(Background { pid, out })
+}
+
+impl Background {
+    /// Waits (bounded) until the probe has printed `n` lines and returns the `n`th.
+    fn line(&self, sandbox: &Sandbox, n: usize, within: Duration) -> anyhow::Result<Value> {
+        let deadline = Instant::now() + within;
+        loop {
+            let text = std::fs::read_to_string(&self.out).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            if lines.len() >= n {
+                return serde_json::from_str(lines[n - 1])
+                    .with_context(|| format!("probe printed {:?}", lines[n - 1]));
+            }
+            if !sandbox.is_running(self.pid) || Instant::now() >= deadline {
+                bail!("probe printed {} of {n} lines: {text:?}", lines.len());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// Polls `check` until it holds or `within` passes.
+fn eventually(
+    within: Duration,
+    mut check: impl FnMut() -> anyhow::Result<bool>,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + within;
+    loop {
+        if check()? {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!("condition not met within {within:?}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn outcome(line: &Value, kind: &str) -> u64 {
+    line["outcomes"][kind].as_u64().unwrap_or(0)
+}
+
+/// An echo connection from `pod` to `to` is served now.
+fn echo_works(sandbox: &Sandbox, pod: &Pod, to: SocketAddr) -> anyhow::Result<bool> {
+    let seen = probe::connect_with(sandbox, pod, to, 1, &["--timeout-ms", "3000"])?;
+    Ok(seen[0].error.is_none())
+}
+
+const PREFACE_HEX: &str = "505249202a20485454502f322e300d0a0d0a534d0d0a0d0a";
+const EMPTY_SETTINGS_HEX: &str = "000000040000000000";
+
+#[test]
+fn slowloris_clients_are_closed_by_the_timeouts_while_grpc_is_served() -> anyhow::Result<()> {
+    let (sandbox, client, endpoint) = greeter()?;
+    let options = Options {
+        intercept_yaml: "  detect_timeout: 1s\n  idle_timeout: 3s\n".into(),
+        extra_yaml: format!("{}http2:\n  header_timeout: 2s\n", service_yaml(endpoint)),
+        ..Options::default()
+    };
+    let daemon = Daemon::start(&sandbox, &[&client], &options)?;
+    let to = vip().to_string();
+    // A valid preface and SETTINGS, then a HEADERS frame announcing 200 bytes of header
+    // block that arrive one every 300 ms: HTTP/2 to detection, never a request.
+    let headers = format!("{PREFACE_HEX}{EMPTY_SETTINGS_HEX}0000c8010400000001");
+    let trickle = "00".repeat(200);
+    let slowloris = |name, head: &str, trickle: &[&str]| {
+        let mut args = vec!["slowloris", "--to", &to, "--count", "20", "--seconds", "40"];
+        args.extend(["--hex", head]);
+        args.extend(trickle);
+        spawn_probe(&sandbox, &client, name, &args)
+    };
+    let dribbling = slowloris(
+        "dribbling",
+        &headers,
+        &["--trickle-hex", &trickle, "--trickle-ms", "300"],
+    )?;
+    // Half a preface, then silence: forwarded as opaque when detection times out, and
+    // closed by the idle timeout.
+    let stalled = slowloris("stalled", &PREFACE_HEX[..32], &[])?;
+    eventually(Duration::from_secs(20), || {
+        Ok(daemon.counter("proxy", "accepted")? >= 40)
+    })?;
+    // Meanwhile a well-behaved client is served in full.
+    let calls = grpc::tonic_call(&sandbox, &client, vip(), 200)?;
+    ensure!(calls.ok == 200, "{calls:?}");
+
+    let dribbled = dribbling.line(&sandbox, 1, Duration::from_secs(60))?;
+    let stalled = stalled.line(&sandbox, 1, Duration::from_secs(60))?;
+    for (what, seen) in [("dribbling", &dribbled), ("stalled", &stalled)] {
+        ensure!(seen["still_open"] == 0, "{what}: {seen}");
+        let closed: u64 = seen["closed"]
+            .as_object()
+            .map(|ends| ends.values().filter_map(Value::as_u64).sum())
+            .unwrap_or(0);
+        ensure!(closed == 20, "{what}: {seen}");
+    }
+    assert_eq!(daemon.counter("proxy", "h2_header_timeouts")?, 20);
+    assert_eq!(daemon.counter("proxy", "verdict_timeout")?, 20);
+    assert_eq!(daemon.counter("proxy", "idle_timeouts")?, 20);
+    // The gRPC client's one connection is HTTP/2 too, and was not closed by any of this.
+    assert_eq!(daemon.counter("proxy", "verdict_h2")?, 21);
+    Ok(())
+}
+
+#[test]
+fn a_flood_over_the_limits_is_reset_and_what_is_within_keeps_working() -> anyhow::Result<()> {
+    let sandbox = Sandbox::new()?;
+    let (a, b) = (sandbox.add_pod("flood-a")?, sandbox.add_pod("flood-b")?);
+    let backend = sandbox.add_pod("echo")?;
+    let echo = SocketAddr::new(backend.ipv4.into(), ECHO_PORT);
+    probe::serve(&sandbox, &backend, echo)?;
+    let options = Options {
+        extra_yaml: "limits:\n  max_connections: 12\n  max_connections_per_pod: 8\n".into(),
+        ..Options::default()
+    };
+    let daemon = Daemon::start(&sandbox, &[&a, &b], &options)?;
+    let go = sandbox.scratch_dir("limits")?.join("go");
+    let flood = |pod: &Pod, count: &str| {
+        let args = [
+            "flood",
+            "--to",
+            &echo.to_string(),
+            "--count",
+            count,
+            "--go",
+            go.to_str().unwrap_or_default(),
+        ];
+        spawn_probe(&sandbox, pod, &format!("flood-{}", pod.name), &args)
+    };
+    // Pod a: 20 connections, 8 within its pod limit.
+    let flood_a = flood(&a, "20")?;
+    served_and_refused(&sandbox, &flood_a, 8, 12)?;
+    // Pod b: its own limit leaves room, but the node has only 4 places left.
+    let flood_b = flood(&b, "10")?;
+    served_and_refused(&sandbox, &flood_b, 4, 6)?;
+    assert_eq!(daemon.counter("proxy", "refused_pod_limit")?, 12);
+    assert_eq!(daemon.counter("proxy", "refused_node_limit")?, 6);
+    let metrics = shunt_tests::telemetry::scrape(daemon.telemetry_addr("metrics")?)?;
+    let refused = |limit| metrics.sum("shunt_connections_refused_total", &[("limit", limit)]);
+    ensure!(
+        refused("pod") == 12.0 && refused("node") == 6.0,
+        "{metrics:?}"
+    );
+    // The connections within the limits still move bytes.
+    std::fs::write(&go, "")?;
+    let again_a = flood_a.line(&sandbox, 2, Duration::from_secs(30))?;
+    let again_b = flood_b.line(&sandbox, 2, Duration::from_secs(30))?;
+    ensure!(outcome(&again_a, "served") == 8, "{again_a}");
+    ensure!(outcome(&again_b, "served") == 4, "{again_b}");
+    // The flood is over (the probes have exited): new connections are served again, from
+    // both pods.
+    eventually(Duration::from_secs(20), || echo_works(&sandbox, &a, echo))?;
+    eventually(Duration::from_secs(20), || echo_works(&sandbox, &b, echo))?;
+    Ok(())
+}
+
+/// The flood's connections: `served` echoed, `refused` were refused at once (a reset, or
+/// its EOF), and none was left waiting.
+fn served_and_refused(
+    sandbox: &Sandbox,
+    flood: &Background,
+    served: u64,
+    refused: u64,
+) -> anyhow::Result<()> {
+    let opened = flood.line(sandbox, 1, Duration::from_secs(60))?;
+    ensure!(outcome(&opened, "served") == served, "{opened}");
+    ensure!(
+        outcome(&opened, "reset") + outcome(&opened, "eof") == refused,
+        "{opened}"
+    );
+    Ok(())
+}
+
+/// The lowest descriptor number `pid` does not use: with the open-file limit set to it,
+/// the process cannot open one more.
+fn lowest_free_fd(pid: u32) -> anyhow::Result<u64> {
+    let mut used: Vec<u64> = std::fs::read_dir(format!("/proc/{pid}/fd"))?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    used.sort_unstable();
+    Ok(used
+        .iter()
+        .enumerate()
+        .find(|(i, fd)| *i as u64 != **fd)
+        .map_or(used.len() as u64, |(i, _)| i as u64))
+}
+
+fn set_fd_limit(pid: u32, soft: u64) -> anyhow::Result<()> {
+    let mut old = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: prlimit reads `new` and writes `old`, both valid for the call.
+    let got = unsafe { libc::prlimit(pid as i32, libc::RLIMIT_NOFILE, std::ptr::null(), &mut old) };
+    ensure!(got == 0, "prlimit: {}", std::io::Error::last_os_error());
+    let new = libc::rlimit {
+        rlim_cur: soft,
+        rlim_max: old.rlim_max,
+    };
+    // SAFETY: as above.
+    let set = unsafe { libc::prlimit(pid as i32, libc::RLIMIT_NOFILE, &new, std::ptr::null_mut()) };
+    ensure!(set == 0, "prlimit: {}", std::io::Error::last_os_error());
+    Ok(())
+}
+
+#[test]
+fn out_of_descriptors_the_daemon_lives_on_and_recovers() -> anyhow::Result<()> {
+    let sandbox = Sandbox::new()?;
+    let client = sandbox.add_pod("client")?;
+    let backend = sandbox.add_pod("echo")?;
+    let echo = SocketAddr::new(backend.ipv4.into(), ECHO_PORT);
+    probe::serve(&sandbox, &backend, echo)?;
+    let daemon = Daemon::start(&sandbox, &[&client], &Options::default())?;
+    let pid = daemon.pid()?;
+    let go = sandbox.scratch_dir("limits")?.join("go");
+    let go_arg = go.to_str().unwrap_or_default().to_owned();
+    let echo_arg = echo.to_string();
+    let held = spawn_probe(
+        &sandbox,
+        &client,
+        "held",
+        &["flood", "--to", &echo_arg, "--count", "5", "--go", &go_arg],
+    )?;
+    let opened = held.line(&sandbox, 1, Duration::from_secs(60))?;
+    ensure!(outcome(&opened, "served") == 5, "{opened}");
+    ensure!(daemon.counter("proxy", "accept_errors")? == 0);
+
+    // Not one descriptor more: accept() fails, and so would a dial or a new pipe.
+    set_fd_limit(pid, lowest_free_fd(pid)?)?;
+    let waiting = spawn_probe(
+        &sandbox,
+        &client,
+        "waiting",
+        &[
+            "flood",
+            "--to",
+            &echo_arg,
+            "--count",
+            "3",
+            "--timeout-ms",
+            "2000",
+            "--seconds",
+            "0",
+        ],
+    )?;
+    let starved = waiting.line(&sandbox, 1, Duration::from_secs(60))?;
+    ensure!(outcome(&starved, "served") == 0, "{starved}");
+    ensure!(
+        daemon.is_running(),
+        "the daemon died: {}",
+        daemon.log_text()
+    );
+    // The connections it already had still move bytes (a pipe it cannot make is copied
+    // around), all the while.
+    std::fs::write(&go, "")?;
+    let again = held.line(&sandbox, 2, Duration::from_secs(30))?;
+    ensure!(outcome(&again, "served") == 5, "{again}");
+    ensure!(
+        daemon.is_running(),
+        "the daemon died: {}",
+        daemon.log_text()
+    );
+
+    // The held connections have closed (the probe exited): descriptors are back, and new
+    // connections are served without anyone touching the limit.
+    eventually(Duration::from_secs(30), || {
+        echo_works(&sandbox, &client, echo)
+    })?;
+    let errors = daemon.counter("proxy", "accept_errors")?;
+    // Failed accepts were retried with a backoff, not in a busy loop.
+    ensure!((1..1000).contains(&errors), "accept_errors = {errors}");
+    ensure!(
+        daemon.log_text().contains("accept failed"),
+        "no accept failure logged: {}",
+        daemon.log_text()
+    );
+    Ok(())
+}
+
+fn h2_probe(sandbox: &Sandbox, pod: &Pod, args: &[&str]) -> anyhow::Result<Value> {
+    let mut cmd = Command::new(shunt_tests::probe_bin());
+    cmd.args(["h2", "--to", &vip().to_string()]).args(args);
+    let out = sandbox.run_in_pod(pod, cmd, Duration::from_secs(60))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success(),
+        "h2 probe failed: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(stdout.trim()).with_context(|| format!("h2 probe printed {stdout:?}"))
+}
+
+#[test]
+fn http2_streams_over_the_limit_and_oversized_headers_are_refused_alone() -> anyhow::Result<()> {
+    let (sandbox, client, endpoint) = greeter()?;
+    let options = Options {
+        extra_yaml: format!(
+            "{}http2:\n  max_concurrent_streams: 4\n  max_header_list_size: 2048\n",
+            service_yaml(endpoint)
+        ),
+        ..Options::default()
+    };
+    let daemon = Daemon::start(&sandbox, &[&client], &options)?;
+    // Ten requests at once on one connection: four are served, six refused.
+    let many = h2_probe(&sandbox, &client, &["--streams", "10"])?;
+    ensure!(many["refused"] == 6, "{many}");
+    ensure!(many["completed_ok"] == 4, "{many}");
+    ensure!(many["other_resets"] == serde_json::json!([]), "{many}");
+    ensure!(many["goaway"].is_null(), "{many}");
+    // A header block over 2 KiB: that request gets 431 (and h2's reset of the rest of
+    // it), the others on the connection are served.
+    let big = h2_probe(
+        &sandbox,
+        &client,
+        &["--streams", "3", "--big-header", "4096"],
+    )?;
+    ensure!(big["rejected"] == serde_json::json!([1]), "{big}");
+    ensure!(big["completed_ok"] == 2, "{big}");
+    ensure!(big["refused"] == 0, "{big}");
+    // Other clients never noticed.
+    let calls = grpc::tonic_call(&sandbox, &client, vip(), 100)?;
+    ensure!(calls.ok == 100, "{calls:?}");
+    ensure!(daemon.is_running());
+    Ok(())
+}
