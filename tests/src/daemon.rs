@@ -160,22 +160,7 @@ impl<'a> Daemon<'a> {
 
     /// Starts (or restarts) the process with the same config and pins.
     pub fn launch(&mut self) -> anyhow::Result<()> {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .context("opening the daemon's log")?;
-        let mut cmd = Command::new(crate::shunt_bin());
-        cmd.arg("run")
-            .arg("--config")
-            .arg(&self.config)
-            .args(self.kubernetes.then_some("--kubernetes"))
-            .env("SHUNT_LOG", self.log_level)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log);
-        // In the sandbox cgroup, so its own upstream sockets meet the programs it attached.
-        let pid = self.sandbox.spawn_in_host(cmd)?;
+        let pid = self.spawn_process()?;
         self.pid = Some(pid);
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
@@ -200,6 +185,58 @@ impl<'a> Daemon<'a> {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Starts `shunt run` with this config, its output appended to the log, without waiting.
+    fn spawn_process(&self) -> anyhow::Result<u32> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .context("opening the daemon's log")?;
+        let mut cmd = Command::new(crate::shunt_bin());
+        cmd.arg("run")
+            .arg("--config")
+            .arg(&self.config)
+            .args(self.kubernetes.then_some("--kubernetes"))
+            .env("SHUNT_LOG", self.log_level)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        // In the sandbox cgroup, so its own upstream sockets meet the programs it attached.
+        self.sandbox.spawn_in_host(cmd)
+    }
+
+    /// Starts a second `shunt run` with the same config while this one runs (an upgrade in
+    /// place) and returns its pid without waiting; [`Daemon::adopt`] makes it this handle's
+    /// process once the first has gone.
+    pub fn spawn_successor(&self) -> anyhow::Result<u32> {
+        self.spawn_process()
+    }
+
+    /// Makes `pid` (from [`Daemon::spawn_successor`]) the process this handle drives; the
+    /// previous one is reaped (killed, if it has not exited yet).
+    pub fn adopt(&mut self, pid: u32) {
+        if let Some(old) = self.pid.replace(pid) {
+            self.sandbox.kill(old);
+        }
+    }
+
+    /// `SIGTERM`, then waits at most `timeout` for the process to exit (a clean stop: it
+    /// drains); killed if it has not. Returns whether it exited by itself.
+    pub fn terminate(&mut self, timeout: Duration) -> bool {
+        let Some(pid) = self.pid.take() else {
+            return true;
+        };
+        // SAFETY: kill has no memory-safety preconditions.
+        unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + timeout;
+        while self.sandbox.is_running(pid) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let exited = !self.sandbox.is_running(pid);
+        self.sandbox.kill(pid);
+        exited
     }
 
     /// `kill -9`: no chance to clean up, as after a crash.
@@ -295,16 +332,8 @@ impl<'a> Daemon<'a> {
 
 impl Drop for Daemon<'_> {
     fn drop(&mut self) {
-        if let Some(pid) = self.pid.take() {
-            // SIGTERM first: a clean stop is part of what is tested.
-            // SAFETY: kill has no memory-safety preconditions.
-            unsafe { libc::kill(pid as i32, libc::SIGTERM) };
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while self.sandbox.is_running(pid) && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            self.sandbox.kill(pid);
-        }
+        // SIGTERM first: a clean stop is part of what is tested.
+        self.terminate(Duration::from_secs(5));
         if self.owns_pins && self.pin_dir.exists() {
             let _ = Command::new(crate::shunt_bin())
                 .args(["uninstall", "--pin-dir"])

@@ -2,7 +2,8 @@
 //!
 //! [`sandbox`] builds "pods" out of network namespaces on one machine, as root, and removes
 //! everything it made when dropped; [`daemon`] runs `shunt run` inside a sandbox; [`probe`]
-//! drives the `shunt-probe` test peer; [`demo`] is what `cargo xtask demo` shows;
+//! drives the `shunt-probe` test peer; [`demo`] is what `cargo xtask demo` shows; [`soak`] is
+//! what `cargo xtask soak` runs;
 //! [`kube_api`] stands in for the Kubernetes API server.
 
 pub mod bench;
@@ -14,6 +15,7 @@ pub mod iptables;
 pub mod kube_api;
 pub mod probe;
 pub mod sandbox;
+pub mod soak;
 pub mod telemetry;
 pub mod tls;
 pub mod web;

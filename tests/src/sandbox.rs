@@ -330,10 +330,17 @@ fn enter_on_exec(cmd: &mut Command, netns: Option<File>, cgroup: &Path) -> anyho
             .into_encoded_bytes(),
     )
     .context("cgroup path contains NUL")?;
-    // SAFETY: the closure only makes async-signal-safe calls (setns, open, write, close)
-    // on data prepared before fork.
+    // SAFETY: the closure only makes async-signal-safe calls (sigprocmask, setns, open,
+    // write, close) on data prepared before fork.
     unsafe {
         cmd.pre_exec(move || {
+            // The mask is inherited across exec: a tool that blocks SIGINT/SIGTERM to wait
+            // for them on a thread (`interrupts`) would start daemons deaf to SIGTERM.
+            let mut none: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut none);
+            if libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut()) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
             if let Some(netns) = &netns
                 && libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) != 0
             {

@@ -49,6 +49,16 @@ enum Task {
     Demo,
     /// Write deploy/crd.yaml, the FaultInjection CustomResourceDefinition, from the Rust types.
     Crd,
+    /// Run shunt under mixed traffic, endpoint churn, fault rules and a restart (as root);
+    /// fails on unexpected errors, RSS growth or leaks; writes bench/results/soak.json.
+    Soak {
+        /// How long traffic runs, in minutes (fractions allowed).
+        #[arg(long, default_value_t = 10.0, conflicts_with = "seconds")]
+        minutes: f64,
+        /// How long traffic runs, in seconds (instead of --minutes).
+        #[arg(long)]
+        seconds: Option<f64>,
+    },
     /// Measure shunt against the direct path in the sandbox (as root); writes
     /// bench/results/results.{json,md}.
     Bench {
@@ -73,6 +83,15 @@ fn main() {
         Task::Demo => setup::run().and_then(|()| demo()),
         Task::Fuzz { seconds, targets } => setup::run().and_then(|()| fuzz(seconds, targets)),
         Task::Crd => setup::run().and_then(|()| crd()),
+        Task::Soak { minutes, seconds } => setup::run()
+            .and_then(|()| {
+                run::require_root("the soak creates network namespaces, a cgroup and BPF programs")
+            })
+            .and_then(|()| build())
+            .and_then(|()| {
+                let out = workspace_root().join("bench/results");
+                soak(seconds.unwrap_or(minutes * 60.0), &out)
+            }),
         Task::Bench { quick, peers } => setup::run()
             .and_then(|()| if peers { setup::peers() } else { Ok(()) })
             .and_then(|()| bench(quick, peers)),
@@ -85,6 +104,8 @@ fn main() {
 
 /// Each fuzz target's share of `cargo xtask test`.
 const FUZZ_SECONDS_IN_TEST: u64 = 60;
+/// The soak's length in `cargo xtask test` (`cargo xtask soak` runs 10 minutes).
+const SOAK_SECONDS_IN_TEST: f64 = 60.0;
 
 fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -158,6 +179,11 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
     )?;
     step.done();
 
+    let step = Step::start(format!("soaking for {SOAK_SECONDS_IN_TEST}s"));
+    // Its report goes under target/: bench/results keeps the full run's.
+    soak(SOAK_SECONDS_IN_TEST, &workspace_root().join("target/soak"))?;
+    step.done();
+
     fuzz(FUZZ_SECONDS_IN_TEST, Vec::new())?;
     println!("all checks passed");
     Ok(())
@@ -204,6 +230,19 @@ fn demo() -> anyhow::Result<()> {
         "the demo failed ({status}); its output above says where"
     );
     Ok(())
+}
+
+/// Runs the built `shunt-soak` for `seconds` of traffic; its report goes into `out`.
+fn soak(seconds: f64, out: &Path) -> anyhow::Result<()> {
+    let mut cmd = std::process::Command::new(release_bin("shunt-soak"));
+    cmd.env("SHUNT_BIN", release_bin("shunt"))
+        .env("SHUNT_PROBE_BIN", release_bin("shunt-probe"))
+        .env("SHUNT_GREETER_BIN", release_bin("shunt-greeter"))
+        .arg("--seconds")
+        .arg(seconds.to_string())
+        .arg("--out")
+        .arg(out);
+    run::status(&mut cmd)
 }
 
 fn bench(quick: bool, peers: bool) -> anyhow::Result<()> {

@@ -7,7 +7,7 @@ mod grpc;
 mod idle;
 mod passthrough;
 pub mod peers;
-mod process;
+pub mod process;
 pub mod report;
 
 pub use process::cpu_seconds;
@@ -92,7 +92,7 @@ pub fn run_all(plan: &Plan, out_dir: &Path) -> anyhow::Result<Results> {
 }
 
 /// Today's date (UTC) as YYYY-MM-DD.
-fn today() -> String {
+pub fn today() -> String {
     std::process::Command::new("date")
         .args(["-u", "+%F"])
         .output()

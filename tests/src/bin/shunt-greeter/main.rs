@@ -1,12 +1,16 @@
 //! A tonic gRPC greeter, server and client, with hand-written prost messages (no protoc).
 //!
-//! `serve --name N --listen ADDR` answers `/helloworld.Greeter/SayHello` with `N`;
+//! `serve --name N --listen ADDR` answers `/helloworld.Greeter/SayHello` with `N`, and
+//! `/helloworld.Greeter/SayHelloStream` (server streaming) with [`STREAM_REPLIES`] replies
+//! `N #0`, `N #1`, … [`STREAM_INTERVAL`] apart;
 //! `call --to HOST:PORT --count C` makes C unary calls on ONE channel (one HTTP/2 connection)
 //! and prints `{"ok": n, "by_backend": {...}, "errors": {...}, "first_error": ...}`; with
 //! `--every 2s` it calls for ever instead, one line per call (`deploy/example`'s client);
 //! `load --to ADDR[,ADDR…] --connections C --streams M --seconds S [--rate R]` is the benchmark's
 //! load generator: closed-loop (C channels × M calls in flight each) or, with `--rate`, open-loop
-//! at R calls/s; prints calls, calls/s, p50/p99 and the split by backend as JSON.
+//! at R calls/s; prints calls, calls/s, p50/p99 and the split by backend as JSON;
+//! `soak --to ADDR --seconds S --rate R --streams N` is the soak's gRPC workload: unary calls at
+//! R/s and N server streams at a time, one JSON line of outcomes per second.
 
 use std::{
     collections::HashMap,
@@ -19,6 +23,7 @@ use std::{
 };
 
 mod load;
+mod soak;
 
 use clap::{Parser, Subcommand};
 use http::uri::PathAndQuery;
@@ -38,6 +43,10 @@ struct HelloReply {
 }
 
 const SAY_HELLO: &str = "/helloworld.Greeter/SayHello";
+const SAY_HELLO_STREAM: &str = "/helloworld.Greeter/SayHelloStream";
+/// Replies per SayHelloStream call, and the pause before each.
+const STREAM_REPLIES: usize = 10;
+const STREAM_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
 
 type GrpcClient = tonic::client::Grpc<tonic::transport::Channel>;
 
@@ -82,6 +91,7 @@ enum Cmd {
         every: Option<std::time::Duration>,
     },
     Load(load::LoadArgs),
+    Soak(soak::SoakArgs),
 }
 
 #[tokio::main]
@@ -95,6 +105,7 @@ async fn main() {
         } => call_every(to, every).await,
         Cmd::Call { to, count, .. } => call(to, count).await,
         Cmd::Load(args) => load::run(args).await,
+        Cmd::Soak(args) => soak::run(args).await,
     };
     if let Err(e) = result {
         eprintln!("shunt-greeter: {e:#}");
@@ -184,12 +195,13 @@ impl tower::Service<http::Request<Body>> for Greeter {
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
         let name = self.name.clone();
         Box::pin(async move {
-            if request.uri().path() != SAY_HELLO {
-                return Ok(Status::unimplemented(request.uri().path().to_owned()).into_http());
-            }
             let mut grpc =
                 tonic::server::Grpc::new(ProstCodec::<HelloReply, HelloRequest>::default());
-            Ok(grpc.unary(SayHello(name), request).await)
+            match request.uri().path() {
+                SAY_HELLO => Ok(grpc.unary(SayHello(name), request).await),
+                SAY_HELLO_STREAM => Ok(grpc.server_streaming(SayHelloStream(name), request).await),
+                other => Ok(Status::unimplemented(other.to_owned()).into_http()),
+            }
         })
     }
 }
@@ -203,5 +215,31 @@ impl tonic::server::UnaryService<HelloRequest> for SayHello {
     fn call(&mut self, _: Request<HelloRequest>) -> Self::Future {
         let message = self.0.to_string();
         Box::pin(async move { Ok(Response::new(HelloReply { message })) })
+    }
+}
+
+struct SayHelloStream(Arc<str>);
+
+type ReplyStream = Pin<Box<dyn futures::Stream<Item = Result<HelloReply, Status>> + Send>>;
+
+impl tonic::server::ServerStreamingService<HelloRequest> for SayHelloStream {
+    type Response = HelloReply;
+    type ResponseStream = ReplyStream;
+    type Future = BoxFuture<Result<Response<ReplyStream>, Status>>;
+
+    fn call(&mut self, _: Request<HelloRequest>) -> Self::Future {
+        let name = self.0.clone();
+        let replies = futures::stream::unfold(0, move |i| {
+            let name = name.clone();
+            async move {
+                if i == STREAM_REPLIES {
+                    return None;
+                }
+                tokio::time::sleep(STREAM_INTERVAL).await;
+                let message = format!("{name} #{i}");
+                Some((Ok(HelloReply { message }), i + 1))
+            }
+        });
+        Box::pin(async move { Ok(Response::new(Box::pin(replies) as ReplyStream)) })
     }
 }

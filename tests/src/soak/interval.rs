@@ -1,0 +1,48 @@
+//! What `shunt-greeter soak` prints once a second (one JSON line) and the soak reads back.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// shunt's `grpc-message` on an injected abort.
+const FAULT_MESSAGE: &str = "fault injected";
+/// The key of a unary call aborted by the soak's fault rule (`RESOURCE_EXHAUSTED`).
+pub const FAULTED: &str = "unary ResourceExhausted (fault injected)";
+
+/// The gRPC workload's outcomes over one interval.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct GrpcInterval {
+    pub unary_ok: u64,
+    pub streams_ok: u64,
+    pub stream_replies: u64,
+    /// Unary calls the client's HTTP/2 connection dropped before sending them (it closed on
+    /// GOAWAY with the request still queued), retried once as gRPC's transparent retry does.
+    #[serde(default)]
+    pub unary_unsent_retried: u64,
+    /// Unary calls by the backend that answered.
+    pub by_backend: BTreeMap<String, u64>,
+    /// Failures keyed `<call> <code>`, with ` (fault injected)` when shunt's fault rule made it.
+    pub errors: BTreeMap<String, u64>,
+    /// The first message seen for each key in this interval.
+    pub messages: BTreeMap<String, String>,
+    /// When the interval ended (Unix milliseconds).
+    #[serde(default)]
+    pub t_ms: u64,
+    /// The workload's last line.
+    #[serde(default)]
+    pub last: bool,
+}
+
+impl GrpcInterval {
+    /// Counts a failed `call` (`unary`, `stream`) with its status `code` and `message`.
+    pub fn error(&mut self, call: &str, code: &str, message: &str) {
+        let key = match message == FAULT_MESSAGE {
+            true => format!("{call} {code} ({FAULT_MESSAGE})"),
+            false => format!("{call} {code}"),
+        };
+        *self.errors.entry(key.clone()).or_default() += 1;
+        self.messages
+            .entry(key)
+            .or_insert_with(|| message.chars().take(200).collect());
+    }
+}
