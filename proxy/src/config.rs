@@ -247,6 +247,15 @@ pub enum Listen {
     On(SocketAddr),
 }
 
+impl Listen {
+    pub fn port(&self) -> Option<u16> {
+        match self {
+            Listen::Off => None,
+            Listen::On(addr) => Some(addr.port()),
+        }
+    }
+}
+
 impl TryFrom<String> for Listen {
     type Error = String;
 
@@ -400,12 +409,15 @@ pub struct PodConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct Admin {
     pub socket: PathBuf,
+    /// A group (name or number) whose members may use the admin socket besides root.
+    pub group: Option<String>,
 }
 
 impl Default for Admin {
     fn default() -> Self {
         Self {
             socket: PathBuf::from(DEFAULT_ADMIN_SOCKET),
+            group: None,
         }
     }
 }
@@ -464,6 +476,12 @@ impl Config {
             }
             // Whether the namespace exists is checked when the pod is enrolled: a pod that
             // has gone is skipped, not a reason to refuse the whole configuration.
+        }
+        if self.admin.group.as_deref() == Some("") {
+            return bad(
+                "admin.group",
+                "must not be empty (leave it out for root only)",
+            );
         }
         if self.kubernetes.node_name.as_deref() == Some("") {
             return bad("kubernetes.node_name", "must not be empty");
@@ -641,6 +659,7 @@ impl Config {
         field!("intercept.workers", intercept.workers);
         field!("pods", pods);
         field!("admin.socket", admin.socket);
+        field!("admin.group", admin.group);
         field!("telemetry", telemetry);
         field!("kubernetes", kubernetes);
         changed

@@ -14,23 +14,56 @@ use arc_swap::ArcSwap;
 use tokio::{signal::unix::SignalKind, sync::mpsc};
 
 use crate::{
-    admin::server::{self as admin, AdminContext, Command},
+    admin::{
+        access::Access,
+        server::{self as admin, AdminContext, Command},
+    },
     bpf::{Datapath, DatapathConfig},
     config::{Config, ConfigError},
     fault::Faults,
     handoff::{self, Origin},
     inpod::Enrollments,
-    k8s,
+    k8s, privileges,
     proxy::{Proxy, Settings},
     state::{ConnTable, ProxyCounters, StreamLog},
     telemetry::Telemetry,
     workers::Workers,
 };
 
-pub async fn run(config_path: &Path, kubernetes: bool) -> anyhow::Result<()> {
+/// A daemon ready to start: its configuration read, limits raised, privileges reduced.
+pub struct Prepared {
+    config_path: PathBuf,
+    config: Config,
+    kubernetes: bool,
+}
+
+/// What `shunt run` does before the process has any thread other than the caller: capability
+/// sets are per thread, and each thread inherits its creator's, so reducing them here
+/// reduces them for every thread the daemon will ever run.
+pub fn prepare(config_path: &Path, kubernetes: bool) -> anyhow::Result<Prepared> {
     let config = Config::load(config_path)?;
+    // Needs CAP_SYS_RESOURCE, which is not kept: limits are the process's, not a thread's.
+    raise_fd_limit();
+    check_fd_limit(config.limits.max_connections);
+    privileges::restrict_to(&privileges::Needs::for_config(&config, kubernetes))?;
+    Ok(Prepared {
+        config_path: config_path.to_owned(),
+        config,
+        kubernetes,
+    })
+}
+
+pub async fn run(prepared: Prepared) -> anyhow::Result<()> {
+    let Prepared {
+        config_path,
+        config,
+        kubernetes,
+    } = prepared;
+    let config_path = config_path.as_path();
     let started = Instant::now();
     let socket_path = config.admin.socket.clone();
+    // Before taking over: a group that does not resolve must not stop the running daemon.
+    let admin_access = Access::new(config.admin.group.as_deref())?;
     // A daemon already serving: take its work over (an upgrade or restart) rather than
     // refuse to start. It keeps serving until this one has adopted its listeners.
     let mut taken = match handoff::running_daemon(&socket_path).await {
@@ -49,8 +82,6 @@ pub async fn run(config_path: &Path, kubernetes: bool) -> anyhow::Result<()> {
         .unwrap_or_default();
     // First, so `/live` answers (and `/ready` says "starting") while the rest comes up.
     let telemetry = Telemetry::start(&config.telemetry, inherited)?;
-    raise_fd_limit();
-    check_fd_limit(config.limits.max_connections);
     let intercept = &config.intercept;
 
     let datapath = Datapath::install(
@@ -147,7 +178,7 @@ pub async fn run(config_path: &Path, kubernetes: bool) -> anyhow::Result<()> {
         );
     }
     let (commands, mut command_rx) = mpsc::channel(4);
-    let admin_listener = admin::bind(&socket_path).await?;
+    let admin_listener = admin::bind(&socket_path, &admin_access).await?;
     let configs = Arc::new(Configs::new(config_path, config));
     let handing_off = Arc::new(AtomicBool::new(false));
     let admin_ctx = Arc::new(AdminContext {
@@ -162,7 +193,7 @@ pub async fn run(config_path: &Path, kubernetes: bool) -> anyhow::Result<()> {
         kubernetes: kubernetes.clone(),
         handing_off: handing_off.clone(),
     });
-    let admin_task = tokio::spawn(admin::serve(admin_listener, admin_ctx));
+    let admin_task = tokio::spawn(admin::serve(admin_listener, admin_access, admin_ctx));
     telemetry.serve_metrics(proxy.clone(), datapath.clone(), enrollments.clone());
     let watches = kubernetes.clone();
     telemetry.health().set_ready(move || {

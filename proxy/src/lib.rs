@@ -3,7 +3,7 @@
 //! See ARCHITECTURE.md for the data path and how the modules fit together. The library exists
 //! for the `shunt` binary and the fuzz targets (`fuzz/`); it is not a stable API.
 
-mod admin;
+pub mod admin;
 mod bpf;
 pub mod cli;
 pub mod config;
@@ -17,6 +17,7 @@ pub mod inpod;
 pub mod k8s;
 pub mod logging;
 mod net;
+pub mod privileges;
 pub mod proxy;
 mod route;
 mod state;

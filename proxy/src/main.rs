@@ -16,6 +16,17 @@ fn main() -> std::process::ExitCode {
         eprintln!("error: reading this process's network namespace: {e}");
         return std::process::ExitCode::FAILURE;
     }
+    // Before any thread starts: what it leaves the daemon is what every thread inherits.
+    let daemon = match &cli.command {
+        Command::Run { config, kubernetes } => match daemon::prepare(config, *kubernetes) {
+            Ok(prepared) => Some(prepared),
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                return std::process::ExitCode::FAILURE;
+            }
+        },
+        _ => None,
+    };
     // The daemon's connections run on their own worker threads (`workers.rs`); this runtime
     // has only the control plane and the CLI's requests, which one thread serves.
     let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -29,10 +40,10 @@ fn main() -> std::process::ExitCode {
         }
     };
     let result = runtime.block_on(async {
-        match cli.command {
-            Command::Run { config, kubernetes } => daemon::run(&config, kubernetes).await,
-            Command::Crd => k8s::print_crd(),
-            command => ctl::run(command, &cli.admin_socket, cli.output).await,
+        match (daemon, cli.command) {
+            (Some(prepared), _) => daemon::run(prepared).await,
+            (None, Command::Crd) => k8s::print_crd(),
+            (None, command) => ctl::run(command, &cli.admin_socket, cli.output).await,
         }
     });
     match result {

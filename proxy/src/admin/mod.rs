@@ -1,6 +1,10 @@
-//! The admin channel: JSON over HTTP/1.1 on a root-only unix socket. The daemon serves it
-//! (`server`), the CLI talks to it (`client`), and `api` holds the shapes both agree on.
+//! The admin channel: JSON over HTTP/1.1 on a unix socket for root (and `admin.group`). The
+//! daemon serves it (`server`) to the peers `access` admits, parsing each request
+//! (`request`) before acting; the CLI talks to it (`client`); `api` holds the shapes both
+//! agree on.
 
+pub mod access;
 pub mod api;
 pub mod client;
+pub mod request;
 pub mod server;

@@ -1,8 +1,7 @@
-//! Serves the admin API on a unix socket readable and writable by root only.
+//! Serves the admin API on a unix socket, to root and `admin.group` only (see `access`).
 
 use std::{
     convert::Infallible,
-    os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::Instant,
@@ -10,14 +9,15 @@ use std::{
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
-use hyper::{Method, Request, Response, StatusCode, body::Incoming, service::service_fn};
+use hyper::{Request, Response, StatusCode, body::Incoming, service::service_fn};
 use hyper_util::rt::TokioIo;
 use serde::Serialize;
 use tokio::{net::UnixListener, sync::mpsc};
 
-use super::api::{
-    EnrollRequest, ErrorBody, FaultsRequest, FaultsSet, LogFilter, Reloaded, Stats, Status,
-    Uninstalled,
+use super::{
+    access::Access,
+    api::{ErrorBody, FaultsSet, LogFilter, Reloaded, Stats, Status, Uninstalled},
+    request::AdminRequest,
 };
 use crate::{
     bpf::{self, Datapath},
@@ -60,6 +60,8 @@ pub struct AdminContext {
 pub enum AdminError {
     #[error("another shunt daemon is already serving {0}")]
     InUse(PathBuf),
+    #[error("admin.group: no group {0} on this host")]
+    NoSuchGroup(String),
     #[error("admin socket {path}: {source}")]
     Io {
         path: PathBuf,
@@ -68,7 +70,7 @@ pub enum AdminError {
 }
 
 /// Binds the socket (replacing a stale file left by a dead daemon, never a live one).
-pub async fn bind(path: &Path) -> Result<UnixListener, AdminError> {
+pub async fn bind(path: &Path, access: &Access) -> Result<UnixListener, AdminError> {
     let io_err = |source| AdminError::Io {
         path: path.to_owned(),
         source,
@@ -83,11 +85,11 @@ pub async fn bind(path: &Path) -> Result<UnixListener, AdminError> {
         std::fs::remove_file(path).map_err(io_err)?;
     }
     let listener = UnixListener::bind(path).map_err(io_err)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io_err)?;
+    access.apply(path).map_err(io_err)?;
     Ok(listener)
 }
 
-pub async fn serve(listener: UnixListener, ctx: Arc<AdminContext>) {
+pub async fn serve(listener: UnixListener, access: Access, ctx: Arc<AdminContext>) {
     loop {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
@@ -97,11 +99,20 @@ pub async fn serve(listener: UnixListener, ctx: Arc<AdminContext>) {
                 continue;
             }
         };
+        let peer = Peer {
+            refused: access.check(&stream).err(),
+            root: stream.peer_cred().is_ok_and(|cred| cred.uid() == 0),
+        };
+        if let Some(why) = &peer.refused {
+            tracing::warn!("admin connection refused: {why}");
+        }
         let ctx = ctx.clone();
+        let peer = Arc::new(peer);
         tokio::spawn(async move {
             let service = service_fn(move |req| {
                 let ctx = ctx.clone();
-                async move { Ok::<_, Infallible>(route(req, &ctx).await) }
+                let peer = peer.clone();
+                async move { Ok::<_, Infallible>(answer(req, &peer, &ctx).await) }
             });
             if let Err(e) = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
@@ -113,45 +124,66 @@ pub async fn serve(listener: UnixListener, ctx: Arc<AdminContext>) {
     }
 }
 
+/// Who is on the other end of an admin connection.
+struct Peer {
+    /// Why it may not use the API at all, if it may not.
+    refused: Option<String>,
+    root: bool,
+}
+
 type Reply = Response<Full<Bytes>>;
 
-async fn route(req: Request<Incoming>, ctx: &AdminContext) -> Reply {
+/// Reads the request, parses it, and only then acts: nothing is done for a request that
+/// does not parse.
+async fn answer(req: Request<Incoming>, peer: &Peer, ctx: &AdminContext) -> Reply {
+    if let Some(why) = &peer.refused {
+        return error(StatusCode::FORBIDDEN, why.clone());
+    }
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
-    match (&method, path.as_str()) {
-        (&Method::GET, "/status") => json(StatusCode::OK, &status(ctx)),
-        (&Method::GET, "/pods") => json(StatusCode::OK, &ctx.enrollments.list()),
-        (&Method::POST, "/pods") => match body::<EnrollRequest>(req).await {
-            Ok(r) => match ctx.enrollments.enroll(&r.name, &r.netns, Origin::Operator) {
+    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+        Ok(body) => body.to_bytes(),
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("reading request: {e}")),
+    };
+    match AdminRequest::parse(&method, &path, &body) {
+        Ok(AdminRequest::HandOff(_)) if !peer.root => error(
+            StatusCode::FORBIDDEN,
+            "only root may take over the daemon: it hands over every listener".into(),
+        ),
+        Ok(request) => execute(request, ctx).await,
+        Err(e) => error(e.status(), e.to_string()),
+    }
+}
+
+async fn execute(request: AdminRequest, ctx: &AdminContext) -> Reply {
+    match request {
+        AdminRequest::Status => json(StatusCode::OK, &status(ctx)),
+        AdminRequest::Pods => json(StatusCode::OK, &ctx.enrollments.list()),
+        AdminRequest::Enroll(r) => {
+            match ctx.enrollments.enroll(&r.name, &r.netns, Origin::Operator) {
                 Ok(summary) => json(StatusCode::CREATED, &summary),
                 Err(e) => error(StatusCode::CONFLICT, e.to_string()),
-            },
-            Err(reply) => reply,
-        },
-        (&Method::DELETE, p) if p.starts_with("/pods/") => {
-            match ctx.enrollments.unenroll(&p["/pods/".len()..]) {
-                Ok(()) => json(StatusCode::OK, &serde_json::json!({})),
-                Err(e) => error(StatusCode::NOT_FOUND, e.to_string()),
             }
         }
-        (&Method::GET, "/conns") => json(StatusCode::OK, &ctx.conns.live()),
-        (&Method::GET, "/conns/closed") => json(StatusCode::OK, &ctx.conns.closed()),
-        (&Method::GET, "/services") => json(StatusCode::OK, &ctx.proxy.service_summaries()),
-        (&Method::GET, "/config") => json(StatusCode::OK, &ctx.configs.in_force()),
-        (&Method::GET, "/log-level") => json(
+        AdminRequest::Unenroll(name) => match ctx.enrollments.unenroll(&name) {
+            Ok(()) => json(StatusCode::OK, &serde_json::json!({})),
+            Err(e) => error(StatusCode::NOT_FOUND, e.to_string()),
+        },
+        AdminRequest::Conns => json(StatusCode::OK, &ctx.conns.live()),
+        AdminRequest::ClosedConns => json(StatusCode::OK, &ctx.conns.closed()),
+        AdminRequest::Services => json(StatusCode::OK, &ctx.proxy.service_summaries()),
+        AdminRequest::Config => json(StatusCode::OK, &ctx.configs.in_force()),
+        AdminRequest::LogLevel => json(
             StatusCode::OK,
             &LogFilter {
                 filter: logging::current(),
             },
         ),
-        (&Method::PUT, "/log-level") => match body::<LogFilter>(req).await {
-            Ok(request) => match logging::set(&request.filter) {
-                Ok(filter) => json(StatusCode::OK, &LogFilter { filter }),
-                Err(e) => error(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()),
-            },
-            Err(reply) => reply,
+        AdminRequest::SetLogLevel(request) => match logging::set(&request.filter) {
+            Ok(filter) => json(StatusCode::OK, &LogFilter { filter }),
+            Err(e) => error(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()),
         },
-        (&Method::POST, "/reload") => match ctx.configs.reload(&ctx.proxy) {
+        AdminRequest::Reload => match ctx.configs.reload(&ctx.proxy) {
             Ok((config, restart_needed)) => json(
                 StatusCode::OK,
                 &Reloaded {
@@ -161,42 +193,25 @@ async fn route(req: Request<Incoming>, ctx: &AdminContext) -> Reply {
             ),
             Err(e) => error(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()),
         },
-        (&Method::GET, "/streams") => json(StatusCode::OK, &ctx.proxy.streams.recent()),
-        (&Method::GET, "/faults") => json(StatusCode::OK, &ctx.proxy.faults.list()),
-        (&Method::POST, "/faults") => match body::<FaultsRequest>(req).await {
-            Ok(request) => match crate::fault::parse_rules(&request.rules) {
-                Ok(rules) => {
-                    let set = rules.iter().map(|r| r.name.clone()).collect();
-                    ctx.proxy.faults.set(rules);
-                    tracing::info!(rules = ?set, "fault rules set");
-                    json(StatusCode::OK, &FaultsSet { set })
-                }
-                Err((field, message)) => error(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    format!("{field}: {message}"),
-                ),
-            },
-            Err(reply) => reply,
-        },
-        (&Method::DELETE, p) if p.starts_with("/faults/") => {
-            let name = &p["/faults/".len()..];
-            if ctx.proxy.faults.clear(name) {
+        AdminRequest::Streams => json(StatusCode::OK, &ctx.proxy.streams.recent()),
+        AdminRequest::Faults => json(StatusCode::OK, &ctx.proxy.faults.list()),
+        AdminRequest::SetFaults(rules) => {
+            let set: Vec<String> = rules.iter().map(|r| r.name.clone()).collect();
+            ctx.proxy.faults.set(rules);
+            tracing::info!(rules = ?set, "fault rules set");
+            json(StatusCode::OK, &FaultsSet { set })
+        }
+        AdminRequest::ClearFault(name) => {
+            if ctx.proxy.faults.clear(&name) {
                 tracing::info!(rule = name, "fault rule cleared");
                 json(StatusCode::OK, &serde_json::json!({}))
             } else {
                 error(StatusCode::NOT_FOUND, format!("no fault rule {name:?}"))
             }
         }
-        (&Method::GET, "/stats") => json(StatusCode::OK, &stats(ctx)),
-        (&Method::POST, "/uninstall") => uninstall(ctx).await,
-        (&Method::POST, "/handoff") => match body::<HandoffRequest>(req).await {
-            Ok(request) => hand_off(ctx, request).await,
-            Err(reply) => reply,
-        },
-        _ => error(
-            StatusCode::NOT_FOUND,
-            format!("no such endpoint: {method} {path}"),
-        ),
+        AdminRequest::Stats => json(StatusCode::OK, &stats(ctx)),
+        AdminRequest::Uninstall => uninstall(ctx).await,
+        AdminRequest::HandOff(request) => hand_off(ctx, request).await,
     }
 }
 
@@ -288,16 +303,6 @@ async fn hand_off(ctx: &AdminContext, request: HandoffRequest) -> Reply {
             pid: std::process::id(),
         },
     )
-}
-
-async fn body<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Result<T, Reply> {
-    let bytes = Limited::new(req.into_body(), MAX_BODY)
-        .collect()
-        .await
-        .map_err(|e| error(StatusCode::BAD_REQUEST, format!("reading request: {e}")))?
-        .to_bytes();
-    serde_json::from_slice(&bytes)
-        .map_err(|e| error(StatusCode::BAD_REQUEST, format!("invalid request: {e}")))
 }
 
 fn json<T: Serialize>(status: StatusCode, value: &T) -> Reply {
