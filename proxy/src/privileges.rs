@@ -54,7 +54,12 @@ impl Needs {
             config.telemetry.metrics.port(),
             config.telemetry.health.port(),
         ];
-        if ports.into_iter().flatten().any(|port| port < 1024) {
+        // Port 0 asks the kernel for a free port, never a privileged one.
+        if ports
+            .into_iter()
+            .flatten()
+            .any(|port| (1..1024).contains(&port))
+        {
             required.push((
                 Capability::CAP_NET_BIND_SERVICE,
                 "to listen on a port below 1024",

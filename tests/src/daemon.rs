@@ -32,6 +32,8 @@ pub struct Options {
     pub access_log: bool,
     /// Attach to this cgroup instead of the sandbox's.
     pub cgroup: Option<PathBuf>,
+    /// `admin.group`: who besides root may use the admin socket.
+    pub admin_group: Option<String>,
 }
 
 pub struct Daemon<'a> {
@@ -106,6 +108,9 @@ impl<'a> Daemon<'a> {
             );
         }
         let _ = writeln!(yaml, "admin:\n  socket: {}", self.socket.display());
+        if let Some(group) = &options.admin_group {
+            let _ = writeln!(yaml, "  group: '{group}'");
+        }
         // Port 0: daemons of tests running side by side never compete for 15020/15021.
         let access_log = if options.access_log {
             self.access_log.display().to_string()
