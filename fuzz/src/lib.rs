@@ -3,6 +3,7 @@
 //! run. Each check must hold for *any* input: no panic, and the property stated.
 
 use shunt::{
+    admin::request::AdminRequest,
     config::Config,
     fault::{ABORT_GRPC_HEADER, ABORT_HTTP_HEADER, DELAY_HEADER, Faults, Target, parse_rules},
     proxy::sniff::{Sniffed, sniff},
@@ -72,6 +73,26 @@ pub fn fault_headers(data: &[u8]) {
         }
     }
     let _ = faults.for_stream(&target(), "/helloworld.Greeter/SayHello", &headers);
+}
+
+/// An admin API request: a `METHOD PATH` line, then the body. Whatever a client sends is
+/// parsed into a request or refused with a client error (4xx) that says why; nothing panics.
+pub fn admin_api(data: &[u8]) {
+    let (head, body) = match data.iter().position(|&b| b == b'\n') {
+        Some(at) => (&data[..at], &data[at + 1..]),
+        None => (data, &[][..]),
+    };
+    let mut words = head.split(|&b| b == b' ');
+    let Ok(method) = http::Method::from_bytes(words.next().unwrap_or_default()) else {
+        return;
+    };
+    let Ok(path) = std::str::from_utf8(words.next().unwrap_or_default()) else {
+        return;
+    };
+    if let Err(e) = AdminRequest::parse(&method, path, body) {
+        assert!(e.status().is_client_error(), "{e} answered {}", e.status());
+        assert!(!e.to_string().is_empty(), "an error must say why");
+    }
 }
 
 fn target() -> Target<'static> {

@@ -46,3 +46,8 @@ fn fault_rule_inputs() {
 fn fault_header_inputs() {
     replay("fault_headers", checks::fault_headers);
 }
+
+#[test]
+fn admin_api_inputs() {
+    replay("admin_api", checks::admin_api);
+}
