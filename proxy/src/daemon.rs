@@ -62,6 +62,7 @@ pub async fn run(config_path: &Path, kubernetes: bool) -> anyhow::Result<()> {
             fail_mode: intercept.fail_mode,
             exclude_cidrs: intercept.exclude_cidrs.clone(),
             exclude_ports: intercept.exclude_ports.clone(),
+            local_fast_path: intercept.local_fast_path,
             taking_over: taken.is_some(),
         },
         current_log_level(),
@@ -71,6 +72,7 @@ pub async fn run(config_path: &Path, kubernetes: bool) -> anyhow::Result<()> {
         cgroup = %datapath.cgroup.display(),
         pin_dir = %datapath.pin_dir.display(),
         attachment = %datapath.attachment,
+        local_fast_path = %datapath.local_fast_path,
         "programs attached"
     );
 
