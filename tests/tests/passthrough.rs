@@ -869,7 +869,10 @@ fn local_fast_path_carries_an_opaque_connection() -> anyhow::Result<()> {
     for conn in &closed {
         assert_eq!(conn["close_reason"], "eof", "{conn}");
         // splice reads only the TCP receive queue, not what the fast path queued.
-        assert_eq!(conn["forwarding"], "copy (local fast path; splice)", "{conn}");
+        assert_eq!(
+            conn["forwarding"], "copy (local fast path; splice)",
+            "{conn}"
+        );
     }
     let large = closed
         .iter()
