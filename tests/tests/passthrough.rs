@@ -406,6 +406,12 @@ print(sent)
 /// control reaches the client through shunt, whatever moves the bytes. (The kernel queues
 /// redirected skbs for a slow destination without limit; shunt pauses such a source.)
 fn a_slow_reader_holds_the_writer_back(forwarding: &str) -> anyhow::Result<()> {
+    slow_reader(&forwarding_yaml(forwarding), forwarding)
+}
+
+/// [`a_slow_reader_holds_the_writer_back`] with these `intercept:` lines; the connection is
+/// listed with `forwarding`.
+fn slow_reader(intercept_yaml: &str, forwarding: &str) -> anyhow::Result<()> {
     let sandbox = Sandbox::new()?;
     let client = sandbox.add_pod("client")?;
     let backend = sandbox.add_pod("backend")?;
@@ -417,7 +423,7 @@ fn a_slow_reader_holds_the_writer_back(forwarding: &str) -> anyhow::Result<()> {
     let pid = sandbox.spawn_in_pod(&backend, server)?;
     probe::wait_listening(&sandbox, &backend, 9000, pid)?;
     let options = Options {
-        intercept_yaml: forwarding_yaml(forwarding),
+        intercept_yaml: intercept_yaml.to_owned(),
         ..Options::default()
     };
     let daemon = Daemon::start(&sandbox, &[&client], &options)?;
@@ -939,4 +945,15 @@ fn local_fast_path_is_off_by_default() -> anyhow::Result<()> {
     assert_eq!(daemon.counter("ebpf", "local_fast_path_joined")?, 0);
     assert_eq!(daemon.counter("ebpf", "local_fast_path_redirected")?, 0);
     Ok(())
+}
+
+/// The fast path hands the client's messages to shunt's socket without TCP's receive window;
+/// a slow upstream should still hold the client back. On Linux 6.18 it does not: what the
+/// `sk_msg` redirect queues is bounded only by the node's TCP memory, and the writer's
+/// `send()` fails with ENOMEM once that is exhausted. Kept, ignored, as the measure of the
+/// limitation that keeps the fast path off by default.
+#[test]
+#[ignore = "the kernel's sk_msg ingress redirect has no flow control: the writer gets ENOMEM"]
+fn local_fast_path_a_slow_reader_holds_the_writer_back() -> anyhow::Result<()> {
+    slow_reader(LOCAL_FAST_PATH, "copy (local fast path; splice)")
 }
