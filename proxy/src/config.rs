@@ -731,6 +731,18 @@ mod tests {
     }
 
     #[test]
+    fn local_fast_path_is_off_by_default_named_when_malformed_and_needs_a_restart() {
+        let off = Config::parse("{}").unwrap();
+        assert!(!off.intercept.local_fast_path);
+        let on = Config::parse("intercept:\n  local_fast_path: true\n").unwrap();
+        assert!(on.intercept.local_fast_path);
+        assert_eq!(on.needs_restart(&off), vec!["intercept.local_fast_path"]);
+        let (field, msg) = err("intercept:\n  local_fast_path: sometimes\n");
+        assert_eq!(field, "intercept.local_fast_path");
+        assert!(msg.contains("bool"), "{msg}");
+    }
+
+    #[test]
     fn missing_netns_is_left_to_enrollment() {
         // A pod that has gone is skipped when enrolling, not a reason to refuse the config.
         let config =

@@ -281,6 +281,22 @@ mod tests {
     }
 
     #[test]
+    fn a_local_tuple_reversed_is_the_peers_key() {
+        let app = LocalTuple {
+            netns_cookie: 7,
+            local_addr: map_v4(u32::from_ne_bytes([127, 0, 0, 1])),
+            remote_addr: map_v4(u32::from_ne_bytes([127, 0, 0, 1])),
+            local_port: 40000,
+            remote_port: 15001,
+            _pad: 0,
+        };
+        let shunt = app.reversed();
+        assert_eq!((shunt.local_port, shunt.remote_port), (15001, 40000));
+        assert_eq!(shunt.netns_cookie, 7);
+        assert_eq!(shunt.reversed(), app);
+    }
+
+    #[test]
     fn v4_mapping_round_trips() {
         let ip = u32::from_ne_bytes([10, 1, 2, 3]);
         let mapped = map_v4(ip);

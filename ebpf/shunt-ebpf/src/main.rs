@@ -470,15 +470,16 @@ pub fn shunt_sk_msg(ctx: SkMsgContext) -> u32 {
     };
     // SAFETY: helper valid in sk_msg programs.
     let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.msg as *mut c_void) };
-    // Keyed as the peer sees itself: our remote end is its local end.
-    let mut peer = LocalTuple {
+    let me = LocalTuple {
         netns_cookie,
-        local_addr: remote_addr,
-        remote_addr: local_addr,
-        local_port: remote_port(read_word(&md.remote_port)),
-        remote_port: read_word(&md.local_port) as u16,
+        local_addr,
+        remote_addr,
+        local_port: read_word(&md.local_port) as u16,
+        remote_port: remote_port(read_word(&md.remote_port)),
         _pad: 0,
     };
+    // Keyed as the peer sees itself: our remote end is its local end.
+    let mut peer = me.reversed();
     // The helper returns SK_PASS once it has set the target, SK_DROP when the peer is not in
     // the map; the program's own SK_PASS then sends the message the ordinary way.
     if LOCAL_SOCKS.redirect_msg(&ctx, &mut peer, BPF_F_INGRESS as u64) == sk_action::SK_PASS as _ {
