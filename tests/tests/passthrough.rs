@@ -14,7 +14,7 @@ use shunt_tests::{
     daemon::{Daemon, Options},
     probe::{self, Seen},
     sandbox::{Pod, Sandbox},
-    tls,
+    telemetry, tls,
 };
 
 const VIP: &str = "10.96.0.10";
@@ -890,8 +890,21 @@ fn local_fast_path_carries_an_opaque_connection() -> anyhow::Result<()> {
         "{large}"
     );
     assert!(daemon.counter("ebpf", "local_fast_path_joined")? >= 4);
-    assert!(daemon.counter("ebpf", "local_fast_path_redirected")? > 0);
-    fast_path_sockets_become(&daemon, 0)
+    let redirected = daemon.counter("ebpf", "local_fast_path_redirected")?;
+    assert!(redirected > 0);
+    fast_path_sockets_become(&daemon, 0)?;
+    // The same in /metrics, which promtool accepts.
+    let metrics = daemon.telemetry_addr("metrics")?;
+    let scrape = telemetry::scrape(metrics)?;
+    assert!(
+        scrape.sum(
+            "shunt_ebpf_local_fast_path_messages_total",
+            &[("path", "redirected")]
+        ) >= redirected as f64
+    );
+    assert!(scrape.has("shunt_ebpf_local_fast_path_sockets"));
+    let (_, text) = telemetry::http_get(metrics, "/metrics", "*/*")?;
+    telemetry::promtool_check(&text)
 }
 
 #[test]
