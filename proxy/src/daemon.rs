@@ -15,7 +15,7 @@ use tokio::{signal::unix::SignalKind, sync::mpsc};
 
 use crate::{
     admin::server::{self as admin, AdminContext, Command},
-    bpf::{Datapath, DatapathConfig, LocalFastPath},
+    bpf::{Datapath, DatapathConfig},
     config::{Config, ConfigError},
     fault::Faults,
     handoff::{self, Origin},
@@ -94,7 +94,7 @@ pub async fn run(config_path: &Path, kubernetes: bool) -> anyhow::Result<()> {
         shutdown,
         dst_table: datapath.original_dst_table()?,
         sockmap: datapath.sockmap(),
-        local_fast_path: datapath.local_fast_path == LocalFastPath::On,
+        local_fast_path: datapath.local_fast_path_in_use(),
         conns: conns.clone(),
         counters: counters.clone(),
         mark: intercept.mark,

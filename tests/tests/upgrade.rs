@@ -435,3 +435,60 @@ fn the_local_fast_path_survives_an_upgrade() -> anyhow::Result<()> {
         || Ok(new.ctl_json(&["status"])?["local_fast_path_sockets"] == 0),
     )
 }
+
+/// Turning the fast path off across a handoff: the new daemon does not put new sockets on it,
+/// but while sockets the old one put there are open (some may wait in the shared accept
+/// queues), it copies rather than splices what it accepts, so none is spliced while its
+/// bytes wait where splice cannot read them.
+#[test]
+fn turning_the_local_fast_path_off_across_an_upgrade() -> anyhow::Result<()> {
+    let (sandbox, client, server) = echo_service()?;
+    let off = options(TCP_PORT, &[server], "25s");
+    let mut on = off.clone();
+    on.intercept_yaml.push_str("  local_fast_path: true\n");
+    let mut old = Daemon::start(&sandbox, &[&client], &on)?;
+    let to = vip(TCP_PORT).to_string();
+    let trickle = Background::start(
+        &sandbox,
+        &client,
+        "trickle",
+        &[
+            "send",
+            "--to",
+            &to,
+            "--random",
+            "30",
+            "--trickle-ms",
+            "150",
+            "--timeout-ms",
+            "60000",
+        ],
+    )?;
+    wait_for(
+        "the connection on the fast path",
+        Duration::from_secs(30),
+        || Ok(old.ctl_json(&["status"])?["local_fast_path_sockets"] == 2),
+    )?;
+
+    old.rewrite_config(&[&client], &off)?;
+    let new = old.start_successor()?;
+    assert_eq!(new.ctl_json(&["status"])?["local_fast_path"], "off");
+    let seen = probe::connect(&sandbox, &client, vip(TCP_PORT), 1)?.remove(0);
+    seen.ok()?;
+    let trickled = trickle.finish(&sandbox, Duration::from_secs(60))?;
+    assert_eq!(trickled["error"], serde_json::Value::Null, "{trickled}");
+    assert_eq!(trickled["end"], "eof", "{trickled}");
+    old.wait_exit(Duration::from_secs(60))?;
+    let closed = new.closed_conns()?;
+    let conn = closed.first().context("the new daemon's connection")?;
+    assert_eq!(
+        conn["forwarding"], "copy (local fast path; splice)",
+        "{conn}"
+    );
+    // Its sockets never joined: the old daemon's were the only ones.
+    wait_for(
+        "the fast path map to empty",
+        Duration::from_secs(10),
+        || Ok(new.ctl_json(&["status"])?["local_fast_path_sockets"] == 0),
+    )
+}

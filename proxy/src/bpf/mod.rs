@@ -383,6 +383,13 @@ impl Datapath {
         counters
     }
 
+    /// Whether accepted sockets may be on the local fast path: it is on, or a daemon handing
+    /// over had it on and sockets it put there are still open, some maybe still waiting in
+    /// the listeners' accept queues. Asked after `configure`, so no socket joins later.
+    pub fn local_fast_path_in_use(&self) -> bool {
+        self.local_fast_path == LocalFastPath::On || self.local_fast_path_sockets() > 0
+    }
+
     /// Sockets in `LOCAL_SOCKS` now: two per open app ↔ listener connection on the fast path
     /// (the kernel removes a socket when it closes).
     pub fn local_fast_path_sockets(&self) -> u64 {

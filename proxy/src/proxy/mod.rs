@@ -103,7 +103,8 @@ pub struct Proxy {
     pub workers: Workers,
     /// The kernel fast path for `forwarding: sockmap`, or why this kernel lacks it.
     pub sockmap: Result<Arc<Sockmap>, String>,
-    /// `intercept.local_fast_path` is in force: client sockets may be on it, and then what
+    /// `intercept.local_fast_path` is in force, or was in the daemon this one took over from
+    /// and its sockets are still open: client sockets may be on it, and then what
     /// the application sends waits in the socket's sk_msg queue, which only `recv` reads
     /// (`splice` and the sockmap verdict read the TCP receive queue), so opaque bytes are
     /// copied.
