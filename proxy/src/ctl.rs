@@ -42,7 +42,7 @@ pub async fn run(command: Command, socket: &Path, output: Output) -> anyhow::Res
             let s: Status = client.get("/status").await?;
             print(output, &s, || {
                 format!(
-                    "shunt {} (pid {}), up {}s\nprograms: attached to {} ({}), pinned under {}\nlisteners: port {} in each pod, fail mode {}\npods: {}  connections: {}  services: {}  fault rules: {}\n",
+                    "shunt {} (pid {}), up {}s\nprograms: attached to {} ({}), pinned under {}\nlisteners: port {} in each pod, fail mode {}\nlocal fast path: {} ({} sockets)\npods: {}  connections: {}  services: {}  fault rules: {}\n",
                     s.version,
                     s.pid,
                     s.uptime_secs,
@@ -51,6 +51,8 @@ pub async fn run(command: Command, socket: &Path, output: Output) -> anyhow::Res
                     s.pin_dir.display(),
                     s.listen_port,
                     s.fail_mode,
+                    s.local_fast_path,
+                    s.local_fast_path_sockets,
                     s.pods,
                     s.connections,
                     s.services,

@@ -93,6 +93,7 @@ pub async fn run(prepared: Prepared) -> anyhow::Result<()> {
             fail_mode: intercept.fail_mode,
             exclude_cidrs: intercept.exclude_cidrs.clone(),
             exclude_ports: intercept.exclude_ports.clone(),
+            local_fast_path: intercept.local_fast_path,
             taking_over: taken.is_some(),
         },
         current_log_level(),
@@ -102,6 +103,7 @@ pub async fn run(prepared: Prepared) -> anyhow::Result<()> {
         cgroup = %datapath.cgroup.display(),
         pin_dir = %datapath.pin_dir.display(),
         attachment = %datapath.attachment,
+        local_fast_path = %datapath.local_fast_path,
         "programs attached"
     );
 
@@ -123,6 +125,7 @@ pub async fn run(prepared: Prepared) -> anyhow::Result<()> {
         shutdown,
         dst_table: datapath.original_dst_table()?,
         sockmap: datapath.sockmap(),
+        local_fast_path: datapath.local_fast_path_in_use(),
         conns: conns.clone(),
         counters: counters.clone(),
         mark: intercept.mark,

@@ -333,3 +333,26 @@ fn grpc_streaming_deadlines_and_cancellation_pass_through() -> anyhow::Result<()
     assert!(daemon.counter("proxy", "h2_stream_resets")? >= 1);
     Ok(())
 }
+
+/// With `intercept.local_fast_path`, the gRPC client's bytes reach shunt through the
+/// `sk_msg` redirect instead of loopback TCP, and calls on one channel still spread per
+/// stream; the client connection's two sockets leave the map when it closes.
+#[test]
+fn local_fast_path_keeps_grpc_calls_balanced_per_stream() -> anyhow::Result<()> {
+    let (sandbox, client, endpoints) = greeters(3)?;
+    let options = Options {
+        intercept_yaml: "  local_fast_path: true\n".into(),
+        ..service(&endpoints)
+    };
+    let daemon = Daemon::start(&sandbox, &[&client], &options)?;
+    assert_eq!(daemon.ctl_json(&["status"])?["local_fast_path"], "on");
+    let calls = grpc::tonic_call(&sandbox, &client, vip(), 3000)?;
+    calls.check_even(3000, 3, 0.05)?;
+    assert_eq!(daemon.counter("proxy", "verdict_h2")?, 1);
+    // Both ends joined, and the calls travelled over the redirect (thousands of messages).
+    assert!(daemon.counter("ebpf", "local_fast_path_joined")? >= 2);
+    assert!(daemon.counter("ebpf", "local_fast_path_redirected")? > 1000);
+    daemon.eventually("the fast path map to empty", || {
+        Ok(daemon.counter("ebpf", "local_fast_path_sockets")? == 0)
+    })
+}

@@ -14,7 +14,7 @@ use shunt_tests::{
     daemon::{Daemon, Options},
     probe::{self, Seen},
     sandbox::{Pod, Sandbox},
-    tls,
+    telemetry, tls,
 };
 
 const VIP: &str = "10.96.0.10";
@@ -406,6 +406,12 @@ print(sent)
 /// control reaches the client through shunt, whatever moves the bytes. (The kernel queues
 /// redirected skbs for a slow destination without limit; shunt pauses such a source.)
 fn a_slow_reader_holds_the_writer_back(forwarding: &str) -> anyhow::Result<()> {
+    slow_reader(&forwarding_yaml(forwarding), forwarding)
+}
+
+/// [`a_slow_reader_holds_the_writer_back`] with these `intercept:` lines; the connection is
+/// listed with `forwarding`.
+fn slow_reader(intercept_yaml: &str, forwarding: &str) -> anyhow::Result<()> {
     let sandbox = Sandbox::new()?;
     let client = sandbox.add_pod("client")?;
     let backend = sandbox.add_pod("backend")?;
@@ -417,7 +423,7 @@ fn a_slow_reader_holds_the_writer_back(forwarding: &str) -> anyhow::Result<()> {
     let pid = sandbox.spawn_in_pod(&backend, server)?;
     probe::wait_listening(&sandbox, &backend, 9000, pid)?;
     let options = Options {
-        intercept_yaml: forwarding_yaml(forwarding),
+        intercept_yaml: intercept_yaml.to_owned(),
         ..Options::default()
     };
     let daemon = Daemon::start(&sandbox, &[&client], &options)?;
@@ -807,3 +813,160 @@ per_forwarding_mode!(
     bad_input_is_handled_without_harming_others,
     connections_are_spread_round_robin_and_fail_over,
 );
+
+/// `intercept.local_fast_path` for every test below that turns it on.
+const LOCAL_FAST_PATH: &str = "  local_fast_path: true\n";
+
+/// Waits until shunt reports `n` sockets on the local fast path.
+fn fast_path_sockets_become(daemon: &Daemon, n: u64) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = daemon.ctl_json(&["status"])?;
+        let sockets = status["local_fast_path_sockets"].as_u64();
+        if sockets == Some(n) {
+            // The metric reads the same map.
+            assert_eq!(daemon.counter("ebpf", "local_fast_path_sockets")?, n);
+            return Ok(());
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "local fast path sockets: {sockets:?}, expected {n}: {status}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// With the fast path on, the bytes between the client and shunt's in-pod socket skip the
+/// loopback TCP stack: both sockets are in the map while the connection is open (and leave
+/// it when it closes), the kernel redirected messages, and a large payload still comes back
+/// byte for byte (the probe compares it).
+#[test]
+fn local_fast_path_carries_an_opaque_connection() -> anyhow::Result<()> {
+    let setup = setup(1, 8080)?;
+    let eps = endpoints(&setup, 8080);
+    let daemon = Daemon::start(
+        &setup.sandbox,
+        &[&setup.client],
+        &with_service(80, &eps, LOCAL_FAST_PATH),
+    )?;
+    assert_eq!(daemon.ctl_json(&["status"])?["local_fast_path"], "on");
+    fast_path_sockets_become(&daemon, 0)?;
+
+    let held = probe::connect_held(
+        &setup.sandbox,
+        &setup.client,
+        vip(80),
+        Duration::from_secs(2),
+    )?;
+    // The client's socket and the one shunt accepted; never the upstream socket.
+    fast_path_sockets_become(&daemon, 2)?;
+    let seen = held.finish(&setup.sandbox)?;
+    assert_eq!(seen.echo.as_deref(), Some("hello"), "{seen:?}");
+    fast_path_sockets_become(&daemon, 0)?;
+
+    let seen = probe_connect(
+        &setup.sandbox,
+        &setup.client,
+        vip(80),
+        &["--payload-bytes", "16777216"],
+    )?;
+    assert_eq!(seen.payload_echoed, Some(true), "{seen:?}");
+    let closed = closed_conns(&daemon, 2)?;
+    for conn in &closed {
+        assert_eq!(conn["close_reason"], "eof", "{conn}");
+        // splice reads only the TCP receive queue, not what the fast path queued.
+        assert_eq!(
+            conn["forwarding"], "copy (local fast path; splice)",
+            "{conn}"
+        );
+    }
+    let large = closed
+        .iter()
+        .find(|c| c["bytes_from_client"].as_u64() > Some(16_777_216))
+        .context("the large connection's record")?;
+    assert_eq!(
+        large["bytes_from_client"],
+        16_777_216 + "hello\n".len() as u64,
+        "{large}"
+    );
+    assert!(daemon.counter("ebpf", "local_fast_path_joined")? >= 4);
+    let redirected = daemon.counter("ebpf", "local_fast_path_redirected")?;
+    assert!(redirected > 0);
+    fast_path_sockets_become(&daemon, 0)?;
+    // The same in /metrics, which promtool accepts.
+    let metrics = daemon.telemetry_addr("metrics")?;
+    let scrape = telemetry::scrape(metrics)?;
+    assert!(
+        scrape.sum(
+            "shunt_ebpf_local_fast_path_messages_total",
+            &[("path", "redirected")]
+        ) >= redirected as f64
+    );
+    assert!(scrape.has("shunt_ebpf_local_fast_path_sockets"));
+    let (_, text) = telemetry::http_get(metrics, "/metrics", "*/*")?;
+    telemetry::promtool_check(&text)
+}
+
+#[test]
+fn local_fast_path_passes_tls_through() -> anyhow::Result<()> {
+    let sandbox = Sandbox::new()?;
+    let client = sandbox.add_pod("client")?;
+    let backend = sandbox.add_pod("backend")?;
+    let (cert, key) = tls::self_signed(&sandbox.scratch_dir("tls")?, "greeter.test")?;
+    tls::serve(&sandbox, &backend, 8443, &cert, &key)?;
+    let endpoint = SocketAddr::new(backend.ipv4.into(), 8443);
+    let daemon = Daemon::start(
+        &sandbox,
+        &[&client],
+        &with_service(443, &[endpoint], LOCAL_FAST_PATH),
+    )?;
+    let out = tls::connect(&sandbox, &client, vip(443), "greeter.test", &cert)?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(out.status.success(), "s_client failed: {stderr}");
+    assert!(stderr.contains("Verification: OK"), "{stderr}");
+    let closed = closed_conns(&daemon, 1)?;
+    assert_eq!(closed[0]["verdict"], "tls", "{}", closed[0]);
+    assert_eq!(closed[0]["sni"], "greeter.test", "{}", closed[0]);
+    assert!(daemon.counter("ebpf", "local_fast_path_redirected")? > 0);
+    fast_path_sockets_become(&daemon, 0)
+}
+
+/// Off (the default), no socket ever joins the map, and status says so.
+#[test]
+fn local_fast_path_is_off_by_default() -> anyhow::Result<()> {
+    let setup = setup(1, 8080)?;
+    let eps = endpoints(&setup, 8080);
+    let daemon = Daemon::start(
+        &setup.sandbox,
+        &[&setup.client],
+        &with_service(80, &eps, ""),
+    )?;
+    assert_eq!(daemon.ctl_json(&["status"])?["local_fast_path"], "off");
+    let held = probe::connect_held(
+        &setup.sandbox,
+        &setup.client,
+        vip(80),
+        Duration::from_millis(500),
+    )?;
+    let deadline = Instant::now() + Duration::from_millis(400);
+    while Instant::now() < deadline {
+        fast_path_sockets_become(&daemon, 0)?;
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let seen = held.finish(&setup.sandbox)?;
+    assert_eq!(seen.echo.as_deref(), Some("hello"), "{seen:?}");
+    assert_eq!(daemon.counter("ebpf", "local_fast_path_joined")?, 0);
+    assert_eq!(daemon.counter("ebpf", "local_fast_path_redirected")?, 0);
+    Ok(())
+}
+
+/// The fast path hands the client's messages to shunt's socket without TCP's receive window;
+/// a slow upstream should still hold the client back. On Linux 6.18 it does not: what the
+/// `sk_msg` redirect queues is bounded only by the node's TCP memory, and the writer's
+/// `send()` fails with ENOMEM once that is exhausted. Kept, ignored, as the measure of the
+/// limitation that keeps the fast path off by default.
+#[test]
+#[ignore = "the kernel's sk_msg ingress redirect has no flow control: the writer gets ENOMEM"]
+fn local_fast_path_a_slow_reader_holds_the_writer_back() -> anyhow::Result<()> {
+    slow_reader(LOCAL_FAST_PATH, "copy (local fast path; splice)")
+}

@@ -362,9 +362,24 @@ fn fail_closed_refuses_while_down() -> anyhow::Result<()> {
 
 #[test]
 fn uninstall_leaves_no_program_link_or_pin() -> anyhow::Result<()> {
+    uninstall_removes_everything(&Options::default(), 0)
+}
+
+/// With the local fast path on, its `sk_msg` program is pinned too, and goes as well.
+#[test]
+fn uninstall_with_the_local_fast_path_leaves_nothing() -> anyhow::Result<()> {
+    let options = Options {
+        intercept_yaml: "  local_fast_path: true\n".into(),
+        ..Options::default()
+    };
+    uninstall_removes_everything(&options, 1)
+}
+
+/// `extra_programs`: pinned programs beyond the cgroup ones and the sockmap verdict.
+fn uninstall_removes_everything(options: &Options, extra_programs: usize) -> anyhow::Result<()> {
     let sandbox = Sandbox::new()?;
     let client = sandbox.add_pod("client")?;
-    let mut daemon = Daemon::start(&sandbox, &[&client], &Options::default())?;
+    let mut daemon = Daemon::start(&sandbox, &[&client], options)?;
 
     let mut ids = Vec::new();
     for kind in ["progs", "links", "maps"] {
@@ -383,8 +398,13 @@ fn uninstall_leaves_no_program_link_or_pin() -> anyhow::Result<()> {
         }
     }
     // Five cgroup programs with their links plus the sockmap stream verdict (attached to its
-    // map, no link); seven maps plus the three sockmap ones.
-    assert_eq!(ids.len(), 6 + 5 + 10, "programs, links, maps: {ids:?}");
+    // map, no link) and, with the local fast path, its sk_msg program (likewise); seven maps
+    // plus the three sockmap ones and the fast path's sockhash (always there, empty when off).
+    assert_eq!(
+        ids.len(),
+        6 + extra_programs + 5 + 11,
+        "programs, links, maps: {ids:?}"
+    );
     assert_eq!(attached_programs(&sandbox)?.len(), 5);
 
     daemon.ctl(&["uninstall"])?;

@@ -368,3 +368,127 @@ fn a_successor_that_dies_during_the_handoff_leaves_the_running_daemon_serving() 
     assert!(next.counter("proxy", "accepted")? >= 3);
     Ok(())
 }
+
+/// With `intercept.local_fast_path`, a connection on the fast path crosses a handoff intact
+/// (its sockets stay in the pinned map, the kernel keeps redirecting), the new daemon attaches
+/// its own `sk_msg` program to that map, and its new connections use the fast path too.
+#[test]
+fn the_local_fast_path_survives_an_upgrade() -> anyhow::Result<()> {
+    let (sandbox, client, server) = echo_service()?;
+    let mut opts = options(TCP_PORT, &[server], "25s");
+    opts.intercept_yaml.push_str("  local_fast_path: true\n");
+    let mut old = Daemon::start(&sandbox, &[&client], &opts)?;
+    let to = vip(TCP_PORT).to_string();
+    // 30 bytes, one every 150 ms, then the echo: about 4.5 s, across the handoff.
+    let trickle = Background::start(
+        &sandbox,
+        &client,
+        "trickle",
+        &[
+            "send",
+            "--to",
+            &to,
+            "--random",
+            "30",
+            "--trickle-ms",
+            "150",
+            "--timeout-ms",
+            "60000",
+        ],
+    )?;
+    wait_for(
+        "the connection on the fast path",
+        Duration::from_secs(30),
+        || Ok(old.ctl_json(&["status"])?["local_fast_path_sockets"] == 2),
+    )?;
+
+    let new = old.start_successor()?;
+    ensure!(
+        sandbox.is_running(trickle.pid),
+        "the trickle ended before the handoff completed: nothing crossed it"
+    );
+    let status = new.ctl_json(&["status"])?;
+    assert_eq!(status["local_fast_path"], "on", "{status}");
+    let trickled = trickle.finish(&sandbox, Duration::from_secs(60))?;
+    assert_eq!(trickled["error"], serde_json::Value::Null, "{trickled}");
+    assert_eq!(trickled["end"], "eof", "{trickled}");
+    assert!(
+        trickled["received"].as_u64().is_some_and(|n| n > 30),
+        "the echo did not come back whole: {trickled}"
+    );
+    old.wait_exit(Duration::from_secs(60))?;
+
+    // The counters live in the pinned map the two daemons share.
+    let before = new.counter("ebpf", "local_fast_path_redirected")?;
+    let held = probe::connect_held(&sandbox, &client, vip(TCP_PORT), Duration::from_secs(1))?;
+    wait_for(
+        "a new connection on the fast path",
+        Duration::from_secs(10),
+        || Ok(new.ctl_json(&["status"])?["local_fast_path_sockets"] == 2),
+    )?;
+    let seen = held.finish(&sandbox)?;
+    assert_eq!(seen.echo.as_deref(), Some("hello"), "{seen:?}");
+    assert!(new.counter("ebpf", "local_fast_path_redirected")? > before);
+    wait_for(
+        "the fast path map to empty",
+        Duration::from_secs(10),
+        || Ok(new.ctl_json(&["status"])?["local_fast_path_sockets"] == 0),
+    )
+}
+
+/// Turning the fast path off across a handoff: the new daemon does not put new sockets on it,
+/// but while sockets the old one put there are open (some may wait in the shared accept
+/// queues), it copies rather than splices what it accepts, so none is spliced while its
+/// bytes wait where splice cannot read them.
+#[test]
+fn turning_the_local_fast_path_off_across_an_upgrade() -> anyhow::Result<()> {
+    let (sandbox, client, server) = echo_service()?;
+    let off = options(TCP_PORT, &[server], "25s");
+    let mut on = off.clone();
+    on.intercept_yaml.push_str("  local_fast_path: true\n");
+    let mut old = Daemon::start(&sandbox, &[&client], &on)?;
+    let to = vip(TCP_PORT).to_string();
+    let trickle = Background::start(
+        &sandbox,
+        &client,
+        "trickle",
+        &[
+            "send",
+            "--to",
+            &to,
+            "--random",
+            "30",
+            "--trickle-ms",
+            "150",
+            "--timeout-ms",
+            "60000",
+        ],
+    )?;
+    wait_for(
+        "the connection on the fast path",
+        Duration::from_secs(30),
+        || Ok(old.ctl_json(&["status"])?["local_fast_path_sockets"] == 2),
+    )?;
+
+    old.rewrite_config(&[&client], &off)?;
+    let new = old.start_successor()?;
+    assert_eq!(new.ctl_json(&["status"])?["local_fast_path"], "off");
+    let seen = probe::connect(&sandbox, &client, vip(TCP_PORT), 1)?.remove(0);
+    seen.ok()?;
+    let trickled = trickle.finish(&sandbox, Duration::from_secs(60))?;
+    assert_eq!(trickled["error"], serde_json::Value::Null, "{trickled}");
+    assert_eq!(trickled["end"], "eof", "{trickled}");
+    old.wait_exit(Duration::from_secs(60))?;
+    let closed = new.closed_conns()?;
+    let conn = closed.first().context("the new daemon's connection")?;
+    assert_eq!(
+        conn["forwarding"], "copy (local fast path; splice)",
+        "{conn}"
+    );
+    // Its sockets never joined: the old daemon's were the only ones.
+    wait_for(
+        "the fast path map to empty",
+        Duration::from_secs(10),
+        || Ok(new.ctl_json(&["status"])?["local_fast_path_sockets"] == 0),
+    )
+}

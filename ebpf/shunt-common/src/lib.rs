@@ -23,6 +23,9 @@ pub mod maps {
     pub const SOCKMAP_TARGETS: &str = "SM_TARGETS";
     /// Socket cookie → its peer's cookie and the bytes redirected from it.
     pub const SOCKMAP_PEERS: &str = "SM_PEERS";
+    /// Both ends of every app ↔ in-pod listener connection (`intercept.local_fast_path`),
+    /// keyed by [`LocalTuple`]; the `sk_msg` program is attached to it.
+    pub const LOCAL_SOCKS: &str = "LOCAL_SOCKS";
 
     pub const ENROLLED_CAPACITY: u32 = 4096;
     pub const EXCLUDED_CIDRS_CAPACITY: u32 = 1024;
@@ -32,6 +35,9 @@ pub mod maps {
     pub const DST_CAPACITY: u32 = 65536;
     /// Sockets in each sockmap (two per connection): past it, new connections are spliced.
     pub const SOCKMAP_CAPACITY: u32 = 65536;
+    /// Sockets on the local fast path (two per connection): past it, connections take the
+    /// TCP path.
+    pub const LOCAL_SOCKS_CAPACITY: u32 = 65536;
 }
 
 /// Program names (also their ELF section symbols). Kernel program names are limited to 15
@@ -46,6 +52,8 @@ pub mod programs {
     /// The `sk_skb/stream_verdict` program of `forwarding: sockmap`, attached to
     /// `SM_SOURCES` rather than to the cgroup.
     pub const SOCKMAP_VERDICT: &str = "shunt_sk_verdict";
+    /// The `sk_msg` program of `intercept.local_fast_path`, attached to `LOCAL_SOCKS`.
+    pub const LOCAL_FAST_PATH: &str = "shunt_sk_msg";
 }
 
 pub const FAIL_OPEN: u8 = 0;
@@ -60,7 +68,10 @@ pub struct InterceptConfig {
     pub listen_port: u16,
     /// [`FAIL_OPEN`] or [`FAIL_CLOSED`].
     pub fail_mode: u8,
-    pub _pad: u8,
+    /// 1: sock_ops puts both ends of app ↔ listener connections into `LOCAL_SOCKS`
+    /// (`intercept.local_fast_path`). Takes what was a padding byte, so the value keeps its
+    /// size and a daemon taking over re-uses the pinned `CONFIG` map as it is.
+    pub local_fast_path: u8,
     /// `SO_MARK` carried by the proxy's own sockets; those are never redirected.
     pub mark: u32,
 }
@@ -101,6 +112,38 @@ pub struct SockmapPeer {
     pub bytes: u64,
 }
 
+/// A local TCP socket as both ends of a connection inside one network namespace see it:
+/// its own address and port and its peer's. The peer's key is this one with the two
+/// swapped, which is how the `sk_msg` program finds where to send a message.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct LocalTuple {
+    /// The same loopback tuple can exist in several pods at once.
+    pub netns_cookie: u64,
+    pub local_addr: RawAddr,
+    pub remote_addr: RawAddr,
+    /// Host byte order.
+    pub local_port: u16,
+    /// Host byte order.
+    pub remote_port: u16,
+    pub _pad: u32,
+}
+
+impl LocalTuple {
+    /// The key of the socket at the other end.
+    #[inline(always)]
+    pub const fn reversed(&self) -> LocalTuple {
+        LocalTuple {
+            netns_cookie: self.netns_cookie,
+            local_addr: self.remote_addr,
+            remote_addr: self.local_addr,
+            local_port: self.remote_port,
+            remote_port: self.local_port,
+            _pad: 0,
+        }
+    }
+}
+
 /// Key of the excluded-CIDR LPM trie: an IPv4 CIDR `a.b.c.d/n` is stored as
 /// `::ffff:a.b.c.d/(96 + n)`.
 pub type CidrKeyData = RawAddr;
@@ -134,10 +177,18 @@ pub enum Counter {
     SockmapRedirected,
     /// The stream verdict found no peer for a socket and passed its bytes to userspace.
     SockmapNoPeer,
+    /// sock_ops put a socket on the local fast path (`LOCAL_SOCKS`).
+    LocalFastPathJoined,
+    /// sock_ops could not add a socket to `LOCAL_SOCKS` (map full, socket not eligible).
+    LocalFastPathJoinFailed,
+    /// The `sk_msg` program moved a message straight into the peer socket's receive queue.
+    LocalFastPathRedirected,
+    /// The `sk_msg` program found no peer (not established yet, or gone): TCP took it.
+    LocalFastPathNoPeer,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 15;
+    pub const COUNT: u32 = 19;
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::Redirected,
         Counter::RedirectedNoListener,
@@ -154,6 +205,10 @@ impl Counter {
         Counter::SkipMapFull,
         Counter::SockmapRedirected,
         Counter::SockmapNoPeer,
+        Counter::LocalFastPathJoined,
+        Counter::LocalFastPathJoinFailed,
+        Counter::LocalFastPathRedirected,
+        Counter::LocalFastPathNoPeer,
     ];
 
     /// Stable name, used in the admin API and metrics.
@@ -174,6 +229,10 @@ impl Counter {
             Counter::SkipMapFull => "skip_map_full",
             Counter::SockmapRedirected => "sockmap_redirected",
             Counter::SockmapNoPeer => "sockmap_no_peer",
+            Counter::LocalFastPathJoined => "local_fast_path_joined",
+            Counter::LocalFastPathJoinFailed => "local_fast_path_join_failed",
+            Counter::LocalFastPathRedirected => "local_fast_path_redirected",
+            Counter::LocalFastPathNoPeer => "local_fast_path_no_peer",
         }
     }
 }
@@ -198,6 +257,7 @@ mod user {
     unsafe impl aya::Pod for super::OriginalDst {}
     unsafe impl aya::Pod for super::ClientKey {}
     unsafe impl aya::Pod for super::SockmapPeer {}
+    unsafe impl aya::Pod for super::LocalTuple {}
 }
 
 #[cfg(test)]
@@ -210,6 +270,7 @@ mod tests {
         assert_eq!(core::mem::size_of::<OriginalDst>(), 24);
         assert_eq!(core::mem::size_of::<ClientKey>(), 32);
         assert_eq!(core::mem::size_of::<SockmapPeer>(), 16);
+        assert_eq!(core::mem::size_of::<LocalTuple>(), 48);
     }
 
     #[test]
@@ -217,6 +278,22 @@ mod tests {
         for (i, c) in Counter::ALL.iter().enumerate() {
             assert_eq!(*c as usize, i, "{} out of place", c.name());
         }
+    }
+
+    #[test]
+    fn a_local_tuple_reversed_is_the_peers_key() {
+        let app = LocalTuple {
+            netns_cookie: 7,
+            local_addr: map_v4(u32::from_ne_bytes([127, 0, 0, 1])),
+            remote_addr: map_v4(u32::from_ne_bytes([127, 0, 0, 1])),
+            local_port: 40000,
+            remote_port: 15001,
+            _pad: 0,
+        };
+        let shunt = app.reversed();
+        assert_eq!((shunt.local_port, shunt.remote_port), (15001, 40000));
+        assert_eq!(shunt.netns_cookie, 7);
+        assert_eq!(shunt.reversed(), app);
     }
 
     #[test]

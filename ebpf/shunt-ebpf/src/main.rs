@@ -12,6 +12,10 @@
 //!   a source socket receives goes straight to the egress of its peer socket, so passthrough
 //!   bytes never reach userspace. Userspace decides which sockets are sources and when (see
 //!   `proxy/src/proxy/sockmap.rs` for the ordering this relies on).
+//! * `intercept.local_fast_path`: sock_ops also puts both ends of every app ↔ in-pod listener
+//!   connection into the `LOCAL_SOCKS` sockhash once they are established, and the `sk_msg`
+//!   program attached to it hands every message one end sends straight to the other end's
+//!   receive queue (`BPF_F_INGRESS`), skipping the TCP/IP stack of the loopback hop.
 #![no_std]
 #![no_main]
 
@@ -19,21 +23,22 @@ use core::{ffi::c_void, mem};
 
 use aya_ebpf::{
     bindings::{
-        BPF_F_CURRENT_NETNS, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_F_CURRENT_NETNS, BPF_F_INGRESS, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
         BPF_SOCK_OPS_TCP_CONNECT_CB, SO_MARK, SOL_SOCKET, bpf_sock_tuple, sk_action,
     },
     helpers::{
         bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_getsockopt, bpf_sk_lookup_tcp,
         bpf_sk_release,
     },
-    macros::{cgroup_sock_addr, map, sock_ops, stream_verdict},
+    macros::{cgroup_sock_addr, map, sk_msg, sock_ops, stream_verdict},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash, lpm_trie::Key},
-    programs::{SkBuffContext, SockAddrContext, SockOpsContext},
+    programs::{SkBuffContext, SkMsgContext, SockAddrContext, SockOpsContext},
 };
 use aya_log_ebpf::debug;
 use shunt_common::{
-    ClientKey, Counter, FAIL_CLOSED, InterceptConfig, OriginalDst, RawAddr, SockmapPeer,
-    is_v4_mapped, map_v4, maps::*,
+    ClientKey, Counter, FAIL_CLOSED, InterceptConfig, LocalTuple, OriginalDst, RawAddr,
+    SockmapPeer, is_v4_mapped, map_v4, maps::*,
 };
 
 const AF_INET: u32 = 2;
@@ -80,6 +85,12 @@ static SOCKMAP_TARGETS: SockHash<u64> = SockHash::pinned(SOCKMAP_CAPACITY, 0);
 /// Socket cookie → peer's cookie and bytes redirected so far.
 #[map(name = "SM_PEERS")]
 static SOCKMAP_PEERS: HashMap<u64, SockmapPeer> = HashMap::pinned(SOCKMAP_CAPACITY, 0);
+
+/// Both ends of app ↔ in-pod listener connections (`intercept.local_fast_path`), keyed by
+/// netns cookie and the socket's own view of its tuple; the `sk_msg` program is attached here.
+/// The kernel drops a socket from it when the socket closes.
+#[map(name = "LOCAL_SOCKS")]
+static LOCAL_SOCKS: SockHash<LocalTuple> = SockHash::pinned(LOCAL_SOCKS_CAPACITY, 0);
 
 #[inline(always)]
 fn count(counter: Counter) {
@@ -297,6 +308,8 @@ fn words_to_bytes(addr: &RawAddr) -> [u8; 16] {
 pub fn shunt_sock_ops(ctx: SockOpsContext) -> u32 {
     match ctx.op() {
         BPF_SOCK_OPS_TCP_CONNECT_CB => on_connect(&ctx),
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => on_established(&ctx, false),
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => on_established(&ctx, true),
         BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == TCP_CLOSE => {
             // SAFETY: helper valid in sock_ops programs.
             let cookie = unsafe { bpf_get_socket_cookie(ctx.ops as *mut c_void) };
@@ -348,6 +361,133 @@ fn on_connect(ctx: &SockOpsContext) {
         "recorded original destination for client port {}",
         ctx.local_port()
     );
+}
+
+/// An address from a socket context as four words, IPv4 mapped. A dual-stack socket talking
+/// IPv4 holds the mapped address in its IPv6 fields; a zero there means only the IPv4 one
+/// is filled in.
+#[inline(always)]
+fn mapped(family: u32, ip4: u32, ip6: RawAddr) -> Option<RawAddr> {
+    match family {
+        AF_INET => Some(map_v4(ip4)),
+        AF_INET6 if ip6 == [0; 4] => Some(map_v4(ip4)),
+        AF_INET6 => Some(ip6),
+        _ => None,
+    }
+}
+
+/// sock_ops and sk_msg store the remote port in network byte order in the upper 16 bits.
+#[inline(always)]
+fn remote_port(raw: u32) -> u16 {
+    u16::from_be((raw >> 16) as u16)
+}
+
+/// `intercept.local_fast_path`: at `ACTIVE_ESTABLISHED` the application's socket joins
+/// `LOCAL_SOCKS` if connect() redirected it to the listener (it has an original destination);
+/// at `PASSIVE_ESTABLISHED` the socket shunt will accept joins if its local end is the
+/// listener of an enrolled pod. Nothing else is ever added, so the `sk_msg` program only runs
+/// on these connections.
+#[inline(always)]
+fn on_established(ctx: &SockOpsContext, passive: bool) {
+    let Some(cfg) = config() else { return };
+    if cfg.local_fast_path == 0 {
+        return;
+    }
+    // SAFETY: helpers valid in sock_ops programs.
+    let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.ops as *mut c_void) };
+    let local_port = ctx.local_port() as u16;
+    if passive {
+        // SAFETY: plain read of a hash map value.
+        if local_port != cfg.listen_port || unsafe { ENROLLED.get(netns_cookie) }.is_none() {
+            return;
+        }
+    } else {
+        // SAFETY: helper valid in sock_ops programs.
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.ops as *mut c_void) };
+        // SAFETY: plain read of a hash map value.
+        if unsafe { DST_BY_SOCKET.get(cookie) }.is_none() {
+            return;
+        }
+    }
+    let family = ctx.family();
+    let (Some(local_addr), Some(remote_addr)) = (
+        mapped(family, ctx.local_ip4(), ctx.local_ip6()),
+        mapped(family, ctx.remote_ip4(), ctx.remote_ip6()),
+    ) else {
+        return;
+    };
+    // The listener is on loopback; anything else on that port is not shunt's.
+    if passive && !is_loopback(&local_addr) {
+        return;
+    }
+    let mut key = LocalTuple {
+        netns_cookie,
+        local_addr,
+        remote_addr,
+        local_port,
+        remote_port: remote_port(ctx.remote_port()),
+        _pad: 0,
+    };
+    // SAFETY: the context pointer is valid for the duration of the program.
+    let ops = unsafe { &mut *ctx.ops };
+    match LOCAL_SOCKS.update(&mut key, ops, 0) {
+        Ok(()) => count(Counter::LocalFastPathJoined),
+        Err(_) => count(Counter::LocalFastPathJoinFailed),
+    }
+}
+
+/// Reads a context word with one 4-byte load: the verifier accepts nothing wider on the
+/// `sk_msg_md` address fields, and LLVM may merge plain copies of the arrays.
+#[inline(always)]
+fn read_word(word: &u32) -> u32 {
+    // SAFETY: a reference to a context field is valid to read.
+    unsafe { core::ptr::read_volatile(word) }
+}
+
+#[inline(always)]
+fn read_addr(words: &[u32; 4]) -> RawAddr {
+    [
+        read_word(&words[0]),
+        read_word(&words[1]),
+        read_word(&words[2]),
+        read_word(&words[3]),
+    ]
+}
+
+/// `intercept.local_fast_path`: every message a socket in `LOCAL_SOCKS` sends goes straight
+/// into its peer's receive queue (`BPF_F_INGRESS`) when the peer is in the map too; otherwise
+/// (the listener side has not been established yet, or is gone) it takes the ordinary TCP
+/// path. Returning `SK_PASS` without a redirect target is that ordinary path.
+#[sk_msg]
+pub fn shunt_sk_msg(ctx: SkMsgContext) -> u32 {
+    // SAFETY: the context pointer is valid for the duration of the program.
+    let md = unsafe { &*ctx.msg };
+    let family = read_word(&md.family);
+    let local = mapped(family, read_word(&md.local_ip4), read_addr(&md.local_ip6));
+    let remote = mapped(family, read_word(&md.remote_ip4), read_addr(&md.remote_ip6));
+    let (Some(local_addr), Some(remote_addr)) = (local, remote) else {
+        return sk_action::SK_PASS;
+    };
+    // SAFETY: helper valid in sk_msg programs.
+    let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.msg as *mut c_void) };
+    let me = LocalTuple {
+        netns_cookie,
+        local_addr,
+        remote_addr,
+        local_port: read_word(&md.local_port) as u16,
+        remote_port: remote_port(read_word(&md.remote_port)),
+        _pad: 0,
+    };
+    // Keyed as the peer sees itself: our remote end is its local end.
+    let mut peer = me.reversed();
+    // The helper returns SK_PASS once it has set the target, SK_DROP when the peer is not in
+    // the map; the program's own SK_PASS then sends the message the ordinary way.
+    if LOCAL_SOCKS.redirect_msg(&ctx, &mut peer, BPF_F_INGRESS as u64) == sk_action::SK_PASS as _ {
+        count(Counter::LocalFastPathRedirected);
+    } else {
+        count(Counter::LocalFastPathNoPeer);
+    }
+    sk_action::SK_PASS
 }
 
 #[inline(always)]

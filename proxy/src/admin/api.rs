@@ -24,6 +24,13 @@ pub struct Status {
     pub attachment: Attachment,
     pub listen_port: u16,
     pub fail_mode: FailMode,
+    /// `intercept.local_fast_path`: `off`, `on`, or `unavailable (<why>)` when the kernel
+    /// refused the program and connections take the TCP path.
+    #[serde(default)]
+    pub local_fast_path: String,
+    /// Sockets on the local fast path now (two per open connection).
+    #[serde(default)]
+    pub local_fast_path_sockets: u64,
     pub pods: usize,
     pub connections: usize,
     pub services: usize,

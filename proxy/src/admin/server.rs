@@ -234,6 +234,8 @@ fn status(ctx: &AdminContext) -> Status {
         attachment: datapath.attachment,
         listen_port: running.intercept.listen_port,
         fail_mode: running.intercept.fail_mode,
+        local_fast_path: datapath.local_fast_path.to_string(),
+        local_fast_path_sockets: datapath.local_fast_path_sockets(),
         pods: ctx.enrollments.list().len(),
         connections: ctx.conns.len(),
         services: ctx.proxy.settings.load().routes.len() + ctx.proxy.discovered.len(),

@@ -25,8 +25,8 @@ use aya::{
 };
 use ipnet::IpNet;
 use shunt_common::{
-    ClientKey, Counter, FAIL_CLOSED, FAIL_OPEN, InterceptConfig, OriginalDst, RawAddr, SockmapPeer,
-    maps, programs,
+    ClientKey, Counter, FAIL_CLOSED, FAIL_OPEN, InterceptConfig, LocalTuple, OriginalDst, RawAddr,
+    SockmapPeer, maps, programs,
 };
 
 pub use fs::cgroup2_mount;
@@ -95,6 +95,9 @@ pub struct DatapathConfig {
     pub fail_mode: FailMode,
     pub exclude_cidrs: Vec<IpNet>,
     pub exclude_ports: Vec<u16>,
+    /// `intercept.local_fast_path`: attach the `sk_msg` program and have sock_ops put app ↔
+    /// listener sockets into `LOCAL_SOCKS`.
+    pub local_fast_path: bool,
     /// A running daemon is handing over to this one: its connections are live, so the
     /// sockmap entries they use are not stale.
     pub taking_over: bool,
@@ -128,6 +131,10 @@ pub struct Datapath {
     sockmap_peers: HashMap<MapData, u64, SockmapPeer>,
     /// The kernel fast path of `forwarding: sockmap`, or why this kernel cannot have it.
     sockmap: Result<Arc<Sockmap>, String>,
+    /// Both ends of app ↔ listener connections on the local fast path.
+    local_socks: SockHash<MapData, LocalTuple>,
+    /// `intercept.local_fast_path` as in force: off, on, or why the kernel refused it.
+    pub local_fast_path: LocalFastPath,
     pub cgroup: PathBuf,
     pub pin_dir: PathBuf,
     pub attachment: Attachment,
@@ -197,12 +204,30 @@ impl Datapath {
                 e.to_string()
             });
 
+        let local_socks: SockHash<MapData, LocalTuple> = take_map(&mut ebpf, maps::LOCAL_SOCKS)?;
+        let local_fast_path = if cfg.local_fast_path {
+            match attach_local_fast_path(&mut ebpf, &cfg.pin_dir, &local_socks) {
+                Ok(()) => LocalFastPath::On,
+                Err(e) => {
+                    tracing::warn!(
+                        "intercept.local_fast_path: the kernel refused the sk_msg program, \
+                         connections take the TCP path: {e}"
+                    );
+                    LocalFastPath::Unavailable(e.to_string())
+                }
+            }
+        } else {
+            LocalFastPath::Off
+        };
+
         let mut datapath = Datapath {
             enrolled: take_map(&mut ebpf, maps::ENROLLED)?,
             dst_by_client: take_map_data(&mut ebpf, maps::DST_BY_CLIENT)?,
             counters: take_map(&mut ebpf, maps::COUNTERS)?,
             sockmap_peers,
             sockmap,
+            local_socks,
+            local_fast_path,
             _ebpf: ebpf,
             cgroup,
             pin_dir: cfg.pin_dir.clone(),
@@ -284,7 +309,9 @@ impl Datapath {
                 FailMode::Open => FAIL_OPEN,
                 FailMode::Closed => FAIL_CLOSED,
             },
-            _pad: 0,
+            // Only with the program attached: a socket in the map without it would gain
+            // nothing and still pay for the sockmap's hooks.
+            local_fast_path: u8::from(self.local_fast_path == LocalFastPath::On),
             mark: cfg.mark,
         };
         config.set(0, value, 0).map_err(map_err(maps::CONFIG))
@@ -352,8 +379,65 @@ impl Datapath {
             .collect();
         let sockets = self.sockmap_peers.keys().filter(Result::is_ok).count();
         counters.insert("sockmap_sockets", sockets as u64);
+        counters.insert("local_fast_path_sockets", self.local_fast_path_sockets());
         counters
     }
+
+    /// Whether accepted sockets may be on the local fast path: it is on, or a daemon handing
+    /// over had it on and sockets it put there are still open, some maybe still waiting in
+    /// the listeners' accept queues. Asked after `configure`, so no socket joins later.
+    pub fn local_fast_path_in_use(&self) -> bool {
+        self.local_fast_path == LocalFastPath::On || self.local_fast_path_sockets() > 0
+    }
+
+    /// Sockets in `LOCAL_SOCKS` now: two per open app ↔ listener connection on the fast path
+    /// (the kernel removes a socket when it closes).
+    pub fn local_fast_path_sockets(&self) -> u64 {
+        self.local_socks.keys().filter(Result::is_ok).count() as u64
+    }
+}
+
+/// Whether `intercept.local_fast_path` is in force.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LocalFastPath {
+    Off,
+    On,
+    /// Configured, but the kernel refused the program: connections take the TCP path.
+    Unavailable(String),
+}
+
+impl std::fmt::Display for LocalFastPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LocalFastPath::Off => f.write_str("off"),
+            LocalFastPath::On => f.write_str("on"),
+            LocalFastPath::Unavailable(why) => write!(f, "unavailable ({why})"),
+        }
+    }
+}
+
+/// Loads the `sk_msg` program, attaches it to `LOCAL_SOCKS` and pins it. Attaching replaces
+/// whatever program a previous daemon left on the pinned map; sockets already in the map keep
+/// the program they joined with. When a daemon that handed over exits, its detach names its
+/// own program, which is no longer the attached one, so the kernel leaves ours in place.
+fn attach_local_fast_path(
+    ebpf: &mut Ebpf,
+    pin_dir: &Path,
+    local_socks: &SockHash<MapData, LocalTuple>,
+) -> Result<(), BpfError> {
+    let name = programs::LOCAL_FAST_PATH;
+    let Some(Program::SkMsg(program)) = ebpf.program_mut(name) else {
+        return Err(BpfError::Program {
+            name,
+            message: "missing from the object".into(),
+        });
+    };
+    load(program.load(), name)?;
+    program.attach(local_socks.fd()).map_err(prog_err(name))?;
+    let prog_pin = pin_dir.join("progs").join(name);
+    let _ = std::fs::remove_file(&prog_pin);
+    program.pin(&prog_pin).map_err(prog_err(name))?;
+    Ok(())
 }
 
 /// Loads the stream verdict, attaches it to `SM_SOURCES` and pins it. The attachment is the

@@ -103,6 +103,12 @@ pub struct Proxy {
     pub workers: Workers,
     /// The kernel fast path for `forwarding: sockmap`, or why this kernel lacks it.
     pub sockmap: Result<Arc<Sockmap>, String>,
+    /// `intercept.local_fast_path` is in force, or was in the daemon this one took over from
+    /// and its sockets are still open: client sockets may be on it, and then what
+    /// the application sends waits in the socket's sk_msg queue, which only `recv` reads
+    /// (`splice` and the sockmap verdict read the TCP receive queue), so opaque bytes are
+    /// copied.
+    pub local_fast_path: bool,
     /// Connections open on the node, against `limits.max_connections`.
     pub admission: Admission,
 }
@@ -461,6 +467,13 @@ async fn forward_opaque(
         tracing::debug!("sockmap: spliced instead: {why}");
         guard.set_forwarding(format!("splice (sockmap: {why})"));
     };
+    if proxy.local_fast_path && settings.forwarding != Forwarding::Copy {
+        guard.set_forwarding(format!(
+            "copy (local fast path; {})",
+            settings.forwarding.as_str()
+        ));
+        return forward(client, upstream, prefix, meters, how(Forwarding::Copy)).await;
+    }
     match (settings.forwarding, &proxy.sockmap) {
         (Forwarding::Sockmap, Ok(sockmap)) => {
             guard.set_forwarding(Forwarding::Sockmap.as_str());

@@ -261,6 +261,24 @@ impl NodeCollector {
             "getpeername() calls answered with the original destination.",
             None,
             ConstCounter::new(get("peername_rewritten")),
+        )?;
+        single(
+            encoder,
+            "ebpf_local_fast_path_sockets",
+            "Sockets on the local fast path (intercept.local_fast_path) now, two per open connection.",
+            None,
+            ConstGauge::new(get("local_fast_path_sockets")),
+        )?;
+        family(
+            encoder,
+            "ebpf_local_fast_path_messages",
+            "Messages sent on local fast path sockets, by how they travelled: redirected into the peer socket, or over TCP when the peer was not (yet) in the map.",
+            None,
+            [
+                ("redirected", get("local_fast_path_redirected")),
+                ("tcp", get("local_fast_path_no_peer")),
+            ]
+            .map(|(path, n)| ([("path", path.to_owned())], ConstCounter::new(n))),
         )
     }
 }

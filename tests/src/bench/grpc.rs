@@ -25,19 +25,19 @@ const CONNECTIONS: usize = 2;
 const STREAMS: usize = 16;
 
 /// One target: where the client connects from and to, and the proxy process (if any).
-struct Target<'a> {
-    name: String,
-    pod: &'a Pod,
-    to: Vec<SocketAddr>,
-    proxy_pid: Option<u32>,
+pub(super) struct Target<'a> {
+    pub(super) name: String,
+    pub(super) pod: &'a Pod,
+    pub(super) to: Vec<SocketAddr>,
+    pub(super) proxy_pid: Option<u32>,
 }
 
 #[derive(Deserialize)]
-struct LoadReport {
-    ok: u64,
-    calls_per_second: f64,
-    p50_us: f64,
-    p99_us: f64,
+pub(super) struct LoadReport {
+    pub(super) ok: u64,
+    pub(super) calls_per_second: f64,
+    pub(super) p50_us: f64,
+    pub(super) p99_us: f64,
     by_backend: std::collections::BTreeMap<String, u64>,
     errors: std::collections::BTreeMap<String, u64>,
     first_error: Option<String>,
@@ -213,7 +213,7 @@ fn measure(
     Ok(())
 }
 
-fn load(
+pub(super) fn load(
     sandbox: &Sandbox,
     target: &Target<'_>,
     plan: &Plan,
@@ -320,7 +320,7 @@ fn mean_of_some(values: &[f64]) -> f64 {
     }
 }
 
-fn mean(values: &[f64]) -> f64 {
+pub(super) fn mean(values: &[f64]) -> f64 {
     values.iter().sum::<f64>() / values.len().max(1) as f64
 }
 

@@ -3,6 +3,7 @@
 //! results are printed as they come and written as JSON and markdown.
 
 mod connections;
+mod fast_path;
 mod grpc;
 mod idle;
 mod passthrough;
@@ -48,11 +49,12 @@ impl Plan {
 
 type Workload = fn(&Plan) -> anyhow::Result<Section>;
 
-const WORKLOADS: [(&str, Workload); 4] = [
+const WORKLOADS: [(&str, Workload); 5] = [
     ("unary gRPC", grpc::unary),
     ("TCP passthrough (iperf3)", passthrough::iperf3),
     ("connection setup", connections::setup_rates),
     ("memory per idle connection", idle::memory_per_connection),
+    ("local fast path", fast_path::on_and_off),
 ];
 
 /// Runs every workload, printing progress and each table, then writes `results.json` and

@@ -20,13 +20,13 @@ const VIP: &str = "10.96.0.20";
 const IPERF_PORT: u16 = 5201;
 
 /// One measured run of one target.
-struct Sample {
-    bits_per_second: f64,
+pub(super) struct Sample {
+    pub(super) bits_per_second: f64,
     /// The proxy's CPU seconds during the run (0 for the direct path).
-    proxy_cpu_seconds: f64,
+    pub(super) proxy_cpu_seconds: f64,
     /// The machine's busy CPU seconds during the run.
-    machine_cpu_seconds: f64,
-    bytes: f64,
+    pub(super) machine_cpu_seconds: f64,
+    pub(super) bytes: f64,
 }
 
 pub fn iperf3(plan: &Plan) -> anyhow::Result<Section> {
@@ -174,7 +174,7 @@ pub fn iperf3(plan: &Plan) -> anyhow::Result<Section> {
     Ok(section)
 }
 
-fn run(
+pub(super) fn run(
     sandbox: &Sandbox,
     pod: &Pod,
     host: &str,
