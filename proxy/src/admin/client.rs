@@ -16,7 +16,9 @@ pub enum ClientError {
         "the shunt daemon is not running (nothing listens on {0}); start it with `shunt run --config FILE`"
     )]
     NotRunning(PathBuf),
-    #[error("cannot open the admin socket {0}: permission denied (it is root-only: run as root)")]
+    #[error(
+        "cannot open the admin socket {0}: permission denied (run as root, or as a member of the daemon's admin.group)"
+    )]
     PermissionDenied(PathBuf),
     #[error("admin socket {path}: {source}")]
     Io {
