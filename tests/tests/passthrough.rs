@@ -162,6 +162,17 @@ fn endpoints(setup: &Setup, port: u16) -> Vec<SocketAddr> {
 fn tls_passes_through_untouched_and_is_recorded_with_its_sni(
     forwarding: &str,
 ) -> anyhow::Result<()> {
+    tls_passes_through(&forwarding_yaml(forwarding), |daemon, conn| {
+        forwarded_as(daemon, forwarding, &[conn])
+    })
+}
+
+/// TLS through a Service under `intercept_yaml`: the certificate verifies against the name,
+/// and the connection's record has the verdict, SNI and ALPN; `then` checks the rest.
+fn tls_passes_through(
+    intercept_yaml: &str,
+    then: impl FnOnce(&Daemon, &serde_json::Value) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
     let sandbox = Sandbox::new()?;
     let client = sandbox.add_pod("client")?;
     let backend = sandbox.add_pod("backend")?;
@@ -171,7 +182,7 @@ fn tls_passes_through_untouched_and_is_recorded_with_its_sni(
     let daemon = Daemon::start(
         &sandbox,
         &[&client],
-        &with_service(443, &[endpoint], &forwarding_yaml(forwarding)),
+        &with_service(443, &[endpoint], intercept_yaml),
     )?;
 
     let out = tls::connect(&sandbox, &client, vip(443), "greeter.test", &cert)?;
@@ -192,7 +203,7 @@ fn tls_passes_through_untouched_and_is_recorded_with_its_sni(
     assert_eq!(conn["service"], "backend");
     assert_eq!(conn["upstream"], endpoint.to_string());
     assert_eq!(daemon.counter("proxy", "verdict_tls")?, 1);
-    forwarded_as(&daemon, forwarding, &[conn])
+    then(&daemon, conn)
 }
 
 /// Also proves that bytes queued on the upstream socket before it joined the sockmaps (the
@@ -890,26 +901,10 @@ fn local_fast_path_carries_an_opaque_connection() -> anyhow::Result<()> {
 
 #[test]
 fn local_fast_path_passes_tls_through() -> anyhow::Result<()> {
-    let sandbox = Sandbox::new()?;
-    let client = sandbox.add_pod("client")?;
-    let backend = sandbox.add_pod("backend")?;
-    let (cert, key) = tls::self_signed(&sandbox.scratch_dir("tls")?, "greeter.test")?;
-    tls::serve(&sandbox, &backend, 8443, &cert, &key)?;
-    let endpoint = SocketAddr::new(backend.ipv4.into(), 8443);
-    let daemon = Daemon::start(
-        &sandbox,
-        &[&client],
-        &with_service(443, &[endpoint], LOCAL_FAST_PATH),
-    )?;
-    let out = tls::connect(&sandbox, &client, vip(443), "greeter.test", &cert)?;
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    ensure!(out.status.success(), "s_client failed: {stderr}");
-    assert!(stderr.contains("Verification: OK"), "{stderr}");
-    let closed = closed_conns(&daemon, 1)?;
-    assert_eq!(closed[0]["verdict"], "tls", "{}", closed[0]);
-    assert_eq!(closed[0]["sni"], "greeter.test", "{}", closed[0]);
-    assert!(daemon.counter("ebpf", "local_fast_path_redirected")? > 0);
-    fast_path_sockets_become(&daemon, 0)
+    tls_passes_through(LOCAL_FAST_PATH, |daemon, _| {
+        assert!(daemon.counter("ebpf", "local_fast_path_redirected")? > 0);
+        fast_path_sockets_become(daemon, 0)
+    })
 }
 
 /// Off (the default), no socket ever joins the map, and status says so.
