@@ -1,11 +1,22 @@
 //! Command-line interface: `shunt run` starts the daemon; every other command talks to a
 //! running daemon through the admin socket.
+//!
+//! A command given a configuration (`--config`) talks to the daemon that configuration
+//! names (`admin.socket`) and cleans the pins it names (`intercept.pin_dir`), so a command
+//! meant for one of several daemons on a machine never reaches another.
 
-use std::path::PathBuf;
+use std::{
+    ffi::OsString,
+    path::{Path, PathBuf},
+};
 
 use clap::{Parser, Subcommand, ValueEnum};
 
-use crate::config::DEFAULT_ADMIN_SOCKET;
+use crate::config::{Config, DEFAULT_ADMIN_SOCKET};
+
+/// The environment variable naming the admin socket when neither `--admin-socket` nor
+/// `--config` does.
+pub const ADMIN_SOCKET_ENV: &str = "SHUNT_ADMIN_SOCKET";
 
 #[derive(Debug, Parser)]
 #[command(
@@ -14,14 +25,45 @@ use crate::config::DEFAULT_ADMIN_SOCKET;
     about = "eBPF transparent proxy: per-stream gRPC balancing without sidecars"
 )]
 pub struct Cli {
-    /// The daemon's admin socket.
-    #[arg(long, global = true, env = "SHUNT_ADMIN_SOCKET", default_value = DEFAULT_ADMIN_SOCKET)]
-    pub admin_socket: PathBuf,
+    /// The daemon's admin socket; wins over the one --config names. Default: the one
+    /// --config names, else $SHUNT_ADMIN_SOCKET, else /run/shunt/admin.sock. Not used by
+    /// `run`, which serves the configuration's.
+    #[arg(long, global = true, value_name = "PATH")]
+    pub admin_socket: Option<PathBuf>,
+    /// YAML configuration file: `run` starts the daemon with it; any other command talks to
+    /// the daemon whose admin socket it names, and `uninstall` cleans the pins it names.
+    #[arg(short, long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
     /// Output format of inspection commands.
     #[arg(short = 'o', long, global = true, value_enum, default_value_t = Output::Table)]
     pub output: Output,
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// The admin socket a command talks to: `--admin-socket` (`flag`), else the one the
+/// configuration given with `--config` names, else `$SHUNT_ADMIN_SOCKET`, else the default.
+pub fn admin_socket(flag: Option<&Path>, config: Option<&Config>) -> PathBuf {
+    choose_admin_socket(flag, config, std::env::var_os(ADMIN_SOCKET_ENV))
+}
+
+/// The variable comes after the configuration: one exported in a shell must not send a
+/// command meant for the daemon of a given configuration to another one.
+fn choose_admin_socket(
+    flag: Option<&Path>,
+    config: Option<&Config>,
+    env: Option<OsString>,
+) -> PathBuf {
+    if let Some(flag) = flag {
+        return flag.to_owned();
+    }
+    if let Some(config) = config {
+        return config.admin.socket.clone();
+    }
+    match env {
+        Some(env) if !env.is_empty() => PathBuf::from(env),
+        _ => PathBuf::from(DEFAULT_ADMIN_SOCKET),
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -32,11 +74,9 @@ pub enum Output {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run the daemon: load and attach the programs, enroll pods, proxy their connections.
+    /// Run the daemon (needs --config): load and attach the programs, enroll pods, proxy
+    /// their connections.
     Run {
-        /// YAML configuration file.
-        #[arg(short, long)]
-        config: PathBuf,
         /// Take pods to intercept, Services and fault rules from the Kubernetes API: pods of
         /// this node in namespaces labelled shunt.io/intercept=enabled.
         #[arg(long)]
@@ -97,15 +137,13 @@ pub enum Command {
     },
     /// The configuration in force, defaults filled in (YAML; JSON with `-o json`).
     Config,
-    /// Detach and remove every program, link and map shunt pinned, and stop a running daemon.
+    /// Detach and remove every program, link and map shunt pinned, and stop the daemon if one
+    /// runs (with --config: the daemon and the pins that configuration names).
     Uninstall {
-        /// Pin directory to clean when no daemon is running (default: from --config, else
-        /// /sys/fs/bpf/shunt).
+        /// Pin directory to clean when no daemon is running (default: the one --config
+        /// names, else /sys/fs/bpf/shunt).
         #[arg(long)]
         pin_dir: Option<PathBuf>,
-        /// Read the pin directory from this configuration.
-        #[arg(short, long)]
-        config: Option<PathBuf>,
     },
 }
 
@@ -141,4 +179,51 @@ pub enum FaultsAction {
     },
     /// Remove a rule.
     Clear { name: String },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_flag_wins_then_the_configuration_then_the_environment() {
+        let config = Config::parse("admin:\n  socket: /tmp/b/admin.sock\n").expect("valid config");
+        let flag = Path::new("/tmp/a/admin.sock");
+        let env = || Some(OsString::from("/tmp/env/admin.sock"));
+        assert_eq!(choose_admin_socket(Some(flag), Some(&config), env()), flag);
+        assert_eq!(
+            choose_admin_socket(None, Some(&config), env()),
+            Path::new("/tmp/b/admin.sock")
+        );
+        assert_eq!(
+            choose_admin_socket(None, None, env()),
+            Path::new("/tmp/env/admin.sock")
+        );
+        assert_eq!(
+            choose_admin_socket(None, None, Some(OsString::new())),
+            Path::new(DEFAULT_ADMIN_SOCKET)
+        );
+        assert_eq!(
+            choose_admin_socket(None, None, None),
+            Path::new(DEFAULT_ADMIN_SOCKET)
+        );
+    }
+
+    #[test]
+    fn config_is_accepted_before_or_after_any_command() {
+        for args in [
+            &["shunt", "--config", "/c.yaml", "uninstall"][..],
+            &["shunt", "uninstall", "-c", "/c.yaml"],
+            &["shunt", "status", "--config", "/c.yaml"],
+            &["shunt", "run", "--config", "/c.yaml", "--kubernetes"],
+        ] {
+            let cli = Cli::try_parse_from(args).expect("parses");
+            assert_eq!(
+                cli.config.as_deref(),
+                Some(Path::new("/c.yaml")),
+                "{args:?}"
+            );
+            assert_eq!(cli.admin_socket, None);
+        }
+    }
 }

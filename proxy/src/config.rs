@@ -75,8 +75,12 @@ pub struct Config {
 
 /// Bounds on connections and buffers, so a flood, a slow client or one busy pod cannot take
 /// the node's proxy down with it. All apply to new connections after a reload.
+///
+/// A connection limit left out of the file is sized to the descriptors the daemon has, at
+/// start and at every reload ([`Limits::sized_to`]); one that is given is kept as given.
+/// Serialized (`shunt config`), the limits show the values in force.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
+#[serde(from = "LimitsFile", into = "LimitsFile")]
 pub struct Limits {
     /// Proxied connections open at once on the node; over it, new ones are reset at once.
     pub max_connections: usize,
@@ -85,17 +89,152 @@ pub struct Limits {
     /// Bytes of each direction's buffer when bytes are copied through userspace
     /// (`forwarding: copy`, or splice without a pipe).
     pub copy_buffer: usize,
+    /// The connection limits as the file gave them; `None`: left to the default.
+    pub configured: ConfiguredLimits,
 }
 
+/// Which connection limits the configuration set itself: only those are promises the daemon
+/// warns about when its descriptors cannot keep them; the others are sized to the descriptors.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ConfiguredLimits {
+    pub max_connections: Option<usize>,
+    pub max_connections_per_pod: Option<usize>,
+}
+
+/// `limits` as written in the file.
+#[derive(Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+struct LimitsFile {
+    max_connections: Option<usize>,
+    max_connections_per_pod: Option<usize>,
+    copy_buffer: usize,
+}
+
+impl Default for LimitsFile {
+    fn default() -> Self {
+        LimitsFile {
+            max_connections: None,
+            max_connections_per_pod: None,
+            copy_buffer: DEFAULT_COPY_BUFFER,
+        }
+    }
+}
+
+impl From<LimitsFile> for Limits {
+    fn from(file: LimitsFile) -> Limits {
+        Limits {
+            max_connections: file.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS),
+            max_connections_per_pod: file
+                .max_connections_per_pod
+                .unwrap_or(DEFAULT_MAX_CONNECTIONS_PER_POD),
+            copy_buffer: file.copy_buffer,
+            configured: ConfiguredLimits {
+                max_connections: file.max_connections,
+                max_connections_per_pod: file.max_connections_per_pod,
+            },
+        }
+    }
+}
+
+impl From<Limits> for LimitsFile {
+    /// The values in force, sized or not: what `shunt config` shows is what is enforced.
+    fn from(limits: Limits) -> LimitsFile {
+        LimitsFile {
+            max_connections: Some(limits.max_connections),
+            max_connections_per_pod: Some(limits.max_connections_per_pod),
+            copy_buffer: limits.copy_buffer,
+        }
+    }
+}
+
+/// `limits.max_connections` when the descriptors allow it.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 65_536;
+/// A quarter of the node's: one pod flooding shunt leaves room for the others.
+pub const DEFAULT_MAX_CONNECTIONS_PER_POD: usize = DEFAULT_MAX_CONNECTIONS / 4;
+const DEFAULT_COPY_BUFFER: usize = 32 << 10;
+
+/// Descriptors each proxied connection holds: the client's socket and the upstream one.
+/// Spliced bytes borrow pooled pipes only while they are in flight, and a pod's HTTP/2
+/// upstream connections are shared by its client connections, so neither adds per
+/// connection: both come out of the reserve.
+pub const DESCRIPTORS_PER_CONNECTION: u64 = 2;
+
+/// Descriptors kept back from the connection limits for everything else: two listeners per
+/// enrolled pod, the pooled splice pipes, the upstream HTTP/2 pools, the socket of each
+/// connection being refused, the admin and telemetry sockets, the access log, the eBPF
+/// programs, maps and links, and the runtime's own. A constant rather than a fraction, so
+/// the sizing is easy to predict: HAProxy reserves a fixed number the same way.
+pub const RESERVED_DESCRIPTORS: u64 = 1024;
+
+/// Connections that `open_files` descriptors serve once the reserve is set aside.
+pub fn connections_served(open_files: u64) -> usize {
+    let served = open_files.saturating_sub(RESERVED_DESCRIPTORS) / DESCRIPTORS_PER_CONNECTION;
+    usize::try_from(served).unwrap_or(usize::MAX)
+}
+
+/// The connection limits sized to a descriptor limit ([`Limits::sized_to`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sizing {
+    /// The limits to enforce.
+    pub limits: Limits,
+    /// Connections the descriptors serve ([`connections_served`]).
+    pub served: usize,
+    /// The configured limits the descriptors cannot serve, by field name, with their values:
+    /// past `served` connections, `accept()` and dials fail before the limit refuses cleanly.
+    pub unserved: Vec<(&'static str, usize)>,
+}
+
+impl Sizing {
+    /// Whether a default limit was lowered to fit the descriptors.
+    pub fn reduced(&self) -> bool {
+        self.limits.configured.max_connections.is_none()
+            && self.limits.max_connections < DEFAULT_MAX_CONNECTIONS
+    }
+}
+
+impl Limits {
+    /// These limits with the connection limits the configuration left out sized to
+    /// `open_files` descriptors (the soft open-file limit), as HAProxy sizes its `maxconn`:
+    /// the node's default becomes at most what the descriptors serve, the pod's default a
+    /// quarter of that. Configured limits stay as given, and those the descriptors cannot
+    /// serve are named. At least one connection stays allowed, whatever the descriptors.
+    pub fn sized_to(&self, open_files: u64) -> Sizing {
+        let served = connections_served(open_files);
+        let node_default = DEFAULT_MAX_CONNECTIONS.min(served);
+        let configured = self.configured;
+        let node = configured.max_connections.unwrap_or(node_default.max(1));
+        let pod = configured
+            .max_connections_per_pod
+            .unwrap_or((node_default / 4).max(1));
+        let mut unserved = Vec::new();
+        if configured.max_connections.is_some_and(|n| n > served) {
+            unserved.push(("limits.max_connections", node));
+        }
+        // A pod limit above a configured node limit is out of reach because of the node
+        // limit, not of the descriptors (and an unserved node limit is named already).
+        let node_caps_pod = configured.max_connections.is_some_and(|n| n < pod);
+        if configured
+            .max_connections_per_pod
+            .is_some_and(|p| p > served)
+            && !node_caps_pod
+        {
+            unserved.push(("limits.max_connections_per_pod", pod));
+        }
+        Sizing {
+            limits: Limits {
+                max_connections: node,
+                max_connections_per_pod: pod,
+                ..self.clone()
+            },
+            served,
+            unserved,
+        }
+    }
+}
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits {
-            max_connections: DEFAULT_MAX_CONNECTIONS,
-            max_connections_per_pod: DEFAULT_MAX_CONNECTIONS / 4,
-            copy_buffer: 32 << 10,
-        }
+        LimitsFile::default().into()
     }
 }
 
@@ -158,6 +297,14 @@ pub struct Http2 {
     /// `0s`: never.
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
+    /// A pooled upstream connection with no stream for this long is closed; `0s`: never
+    /// (idle ones beyond `upstream_max_idle` are closed all the same).
+    #[serde(with = "humantime_serde")]
+    pub upstream_idle_timeout: Duration,
+    /// Idle upstream connections kept per endpoint, per client pod and worker thread; more
+    /// are closed within a second of going idle. One HTTP/2 connection carries
+    /// `SETTINGS_MAX_CONCURRENT_STREAMS` streams, so a few serve any burst.
+    pub upstream_max_idle: u32,
 }
 
 impl Default for Http2 {
@@ -170,6 +317,10 @@ impl Default for Http2 {
             max_header_list_size: 64 << 10,
             header_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(3600),
+            // nginx's upstream `keepalive_timeout`; Envoy's default (1h) suits a sidecar with
+            // a handful of upstreams, not a node proxy holding pools for every pod.
+            upstream_idle_timeout: Duration::from_secs(60),
+            upstream_max_idle: 4,
         }
     }
 }
@@ -874,8 +1025,10 @@ mod tests {
         assert_eq!(c.http2.max_header_list_size, 64 << 10);
         assert_eq!(c.http2.header_timeout, Duration::from_secs(10));
         assert_eq!(c.http2.idle_timeout, Duration::from_secs(3600));
+        assert_eq!(c.http2.upstream_idle_timeout, Duration::from_secs(60));
+        assert_eq!(c.http2.upstream_max_idle, 4);
         let c = Config::parse(
-            "limits:\n  max_connections: 100\n  max_connections_per_pod: 10\n  copy_buffer: 8192\nhttp2:\n  max_concurrent_streams: 4\n  max_header_list_size: 2048\n  header_timeout: 2s\n  idle_timeout: 0s\n",
+            "limits:\n  max_connections: 100\n  max_connections_per_pod: 10\n  copy_buffer: 8192\nhttp2:\n  max_concurrent_streams: 4\n  max_header_list_size: 2048\n  header_timeout: 2s\n  idle_timeout: 0s\n  upstream_idle_timeout: 5s\n  upstream_max_idle: 0\n",
         )
         .unwrap();
         assert_eq!(c.limits.max_connections, 100);
@@ -885,6 +1038,8 @@ mod tests {
         assert_eq!(c.http2.max_header_list_size, 2048);
         assert_eq!(c.http2.header_timeout, Duration::from_secs(2));
         assert!(c.http2.idle_timeout.is_zero());
+        assert_eq!(c.http2.upstream_idle_timeout, Duration::from_secs(5));
+        assert_eq!(c.http2.upstream_max_idle, 0);
         // Limits apply to new connections on reload: no restart needed.
         assert!(c.needs_restart(&Config::default()).is_empty());
     }
@@ -915,6 +1070,14 @@ mod tests {
             ),
             ("http2:\n  header_timeout: 0s\n", "http2.header_timeout"),
             ("http2:\n  idle_timeout: whenever\n", "http2.idle_timeout"),
+            (
+                "http2:\n  upstream_idle_timeout: soon\n",
+                "http2.upstream_idle_timeout",
+            ),
+            (
+                "http2:\n  upstream_max_idle: -1\n",
+                "http2.upstream_max_idle",
+            ),
         ] {
             let (named, msg) = err(yaml);
             assert_eq!(named, field, "{yaml}: {msg}");
@@ -940,5 +1103,125 @@ mod tests {
         let (field, msg) = err("intercept:\n  detect_timeout: soon\n");
         assert_eq!(field, "intercept.detect_timeout");
         assert!(!msg.is_empty());
+    }
+
+    #[test]
+    fn connection_limits_remember_whether_the_file_set_them() {
+        let c = Config::parse("{}").unwrap();
+        assert_eq!(c.limits.configured, ConfiguredLimits::default());
+        assert_eq!(c.limits, Limits::default());
+        // Set to the default's value is still set: a promise the daemon must keep or warn about.
+        let c = Config::parse("limits:\n  max_connections: 65536\n").unwrap();
+        assert_eq!(c.limits.configured.max_connections, Some(65_536));
+        assert_eq!(c.limits.configured.max_connections_per_pod, None);
+        assert_eq!(
+            c.limits.max_connections_per_pod,
+            DEFAULT_MAX_CONNECTIONS_PER_POD
+        );
+    }
+
+    #[test]
+    fn descriptors_serve_two_per_connection_after_the_reserve() {
+        assert_eq!(connections_served(0), 0);
+        assert_eq!(connections_served(RESERVED_DESCRIPTORS), 0);
+        assert_eq!(connections_served(RESERVED_DESCRIPTORS + 1), 0);
+        assert_eq!(connections_served(RESERVED_DESCRIPTORS + 2), 1);
+        // The machine of issue 17: a hard limit of 20,000.
+        assert_eq!(connections_served(20_000), 9_488);
+        // No limit at all (RLIM_INFINITY) is no overflow.
+        assert!(connections_served(u64::MAX) > DEFAULT_MAX_CONNECTIONS);
+    }
+
+    #[test]
+    fn default_connection_limits_are_sized_to_the_descriptors() {
+        let limits = Limits::default();
+        // Enough for the defaults, exactly or more: nothing changes.
+        let exact =
+            DEFAULT_MAX_CONNECTIONS as u64 * DESCRIPTORS_PER_CONNECTION + RESERVED_DESCRIPTORS;
+        for open_files in [exact, 1 << 20, u64::MAX] {
+            let sizing = limits.sized_to(open_files);
+            assert_eq!(sizing.limits, limits, "{open_files}");
+            assert!(!sizing.reduced() && sizing.unserved.is_empty());
+        }
+        // One descriptor short: one connection fewer.
+        let sizing = limits.sized_to(exact - 1);
+        assert_eq!(sizing.limits.max_connections, DEFAULT_MAX_CONNECTIONS - 1);
+        assert_eq!(
+            sizing.limits.max_connections_per_pod,
+            (DEFAULT_MAX_CONNECTIONS - 1) / 4
+        );
+        assert!(sizing.reduced());
+        // 20,000 descriptors: the defaults shrink to fit, without a warning.
+        let sizing = limits.sized_to(20_000);
+        assert_eq!(sizing.served, 9_488);
+        assert_eq!(sizing.limits.max_connections, 9_488);
+        assert_eq!(sizing.limits.max_connections_per_pod, 2_372);
+        assert_eq!(sizing.limits.copy_buffer, limits.copy_buffer);
+        assert!(sizing.reduced() && sizing.unserved.is_empty());
+        // Nothing beyond the reserve: still one connection, never a limit of 0.
+        for open_files in [0, 1024, 1025] {
+            let sizing = limits.sized_to(open_files);
+            assert_eq!(sizing.served, 0);
+            assert_eq!(sizing.limits.max_connections, 1);
+            assert_eq!(sizing.limits.max_connections_per_pod, 1);
+        }
+        // Sizing again (a reload) starts from what the file said, not from the last sizing.
+        let sized = limits.sized_to(20_000).limits;
+        assert_eq!(sized.sized_to(1 << 20).limits, limits);
+    }
+
+    #[test]
+    fn configured_connection_limits_are_kept_and_named_when_unserved() {
+        let limits = |yaml: &str| Config::parse(yaml).unwrap().limits;
+        // The node limit configured beyond 9,488: kept, named; the pod default still sized.
+        let sizing = limits("limits:\n  max_connections: 65536\n").sized_to(20_000);
+        assert_eq!(sizing.limits.max_connections, 65_536);
+        assert_eq!(sizing.limits.max_connections_per_pod, 2_372);
+        assert_eq!(sizing.unserved, [("limits.max_connections", 65_536)]);
+        assert!(!sizing.reduced());
+        // Configured within what the descriptors serve: no warning.
+        let sizing = limits("limits:\n  max_connections: 9488\n  max_connections_per_pod: 9488\n")
+            .sized_to(20_000);
+        assert_eq!(sizing.limits.max_connections, 9_488);
+        assert_eq!(sizing.limits.max_connections_per_pod, 9_488);
+        assert!(sizing.unserved.is_empty());
+        // The pod limit alone beyond them: the sized node default caps it, but it was asked for.
+        let sizing = limits("limits:\n  max_connections_per_pod: 10000\n").sized_to(20_000);
+        assert_eq!(sizing.limits.max_connections, 9_488);
+        assert_eq!(sizing.limits.max_connections_per_pod, 10_000);
+        assert_eq!(
+            sizing.unserved,
+            [("limits.max_connections_per_pod", 10_000)]
+        );
+        // A pod limit above a configured node limit that fits: the node limit's doing.
+        let sizing = limits("limits:\n  max_connections: 1000\n  max_connections_per_pod: 20000\n")
+            .sized_to(20_000);
+        assert!(sizing.unserved.is_empty(), "{:?}", sizing.unserved);
+        // Both beyond, the pod's below the node's: both named.
+        let sizing =
+            limits("limits:\n  max_connections: 30000\n  max_connections_per_pod: 20000\n")
+                .sized_to(20_000);
+        assert_eq!(
+            sizing.unserved,
+            [
+                ("limits.max_connections", 30_000),
+                ("limits.max_connections_per_pod", 20_000)
+            ]
+        );
+    }
+
+    #[test]
+    fn the_configuration_shows_the_connection_limits_in_force() {
+        let mut config = Config::parse("limits:\n  copy_buffer: 8192\n").unwrap();
+        config.limits = config.limits.sized_to(20_000).limits;
+        let yaml = serde_yaml_ng::to_string(&config).unwrap();
+        assert!(yaml.contains("max_connections: 9488\n"), "{yaml}");
+        assert!(yaml.contains("max_connections_per_pod: 2372\n"), "{yaml}");
+        assert!(yaml.contains("copy_buffer: 8192\n"), "{yaml}");
+        // What `shunt config` prints reads back as the same limits.
+        let again = Config::parse(&yaml).unwrap();
+        assert_eq!(again.limits.max_connections, 9_488);
+        assert_eq!(again.limits.max_connections_per_pod, 2_372);
+        assert_eq!(again.limits.copy_buffer, 8192);
     }
 }

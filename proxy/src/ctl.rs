@@ -21,7 +21,14 @@ use crate::{
     telemetry::labels::flags,
 };
 
-pub async fn run(command: Command, socket: &Path, output: Output) -> anyhow::Result<()> {
+/// Runs `command` against the daemon serving `socket`; `config` is the configuration the
+/// command was given (`--config`), whose pins `uninstall` cleans when no daemon runs.
+pub async fn run(
+    command: Command,
+    socket: &Path,
+    config: Option<&Config>,
+    output: Output,
+) -> anyhow::Result<()> {
     let client = AdminClient::new(socket);
     match command {
         Command::Run { .. } | Command::Crd => unreachable!("handled by main"),
@@ -66,11 +73,11 @@ pub async fn run(command: Command, socket: &Path, output: Output) -> anyhow::Res
                     s.ready,
                     s.access_log,
                     s.log_filter
-                ) + &s
-                    .kubernetes
-                    .as_ref()
-                    .map(kubernetes_text)
-                    .unwrap_or_default()
+                ) + &limits_text(&s)
+                    + &s.kubernetes
+                        .as_ref()
+                        .map(kubernetes_text)
+                        .unwrap_or_default()
             });
         }
         Command::Pods => {
@@ -171,35 +178,27 @@ pub async fn run(command: Command, socket: &Path, output: Output) -> anyhow::Res
                 ),
             }
         }
-        Command::Uninstall { pin_dir, config } => {
-            uninstall(&client, pin_dir, config, output).await?
+        Command::Uninstall { pin_dir } => {
+            let pin_dir = pin_dir
+                .or_else(|| config.map(|c| c.intercept.pin_dir.clone()))
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_PIN_DIR));
+            uninstall(&client, &pin_dir, output).await?
         }
     }
     Ok(())
 }
 
-/// Through the daemon when one runs (it also stops); directly on the pins otherwise.
-async fn uninstall(
-    client: &AdminClient,
-    pin_dir: Option<PathBuf>,
-    config: Option<PathBuf>,
-    output: Output,
-) -> anyhow::Result<()> {
+/// Through the daemon when one runs (it removes its pins and stops); directly on the pins
+/// in `pin_dir` otherwise.
+async fn uninstall(client: &AdminClient, pin_dir: &Path, output: Output) -> anyhow::Result<()> {
     let result = match client
         .call::<(), Uninstalled>(Method::POST, "/uninstall", None)
         .await
     {
         Ok(done) => done,
-        Err(ClientError::NotRunning(_)) => {
-            let pin_dir = match (pin_dir, config) {
-                (Some(dir), _) => dir,
-                (None, Some(config)) => Config::load(&config)?.intercept.pin_dir,
-                (None, None) => PathBuf::from(DEFAULT_PIN_DIR),
-            };
-            Uninstalled {
-                removed: bpf::uninstall(&pin_dir)?,
-            }
-        }
+        Err(ClientError::NotRunning(_)) => Uninstalled {
+            removed: bpf::uninstall(pin_dir)?,
+        },
         Err(e) => return Err(e.into()),
     };
     print(output, &result, || {
@@ -220,6 +219,17 @@ fn print<T: Serialize>(output: Output, value: &T, table: impl FnOnce() -> String
         ),
         Output::Table => print!("{}", table()),
     }
+}
+
+/// The connection limits in force and the open-file limit they were sized to.
+fn limits_text(s: &Status) -> String {
+    let open_files = s.open_files.map_or("unknown".into(), |f| {
+        format!("soft {}, hard {}", f.soft, f.hard)
+    });
+    format!(
+        "limits: {} connections, {} per pod  open files: {open_files}\n",
+        s.max_connections, s.max_connections_per_pod
+    )
 }
 
 /// One line for the node, one per API watch that is not in sync.
@@ -383,6 +393,7 @@ fn services_table(services: &[ServiceSummary]) -> String {
         "STREAMS (ACTIVE/TOTAL)",
         "CONNS (ACTIVE/TOTAL)",
         "FAILED",
+        "UPSTREAM H2 CONNS",
     ];
     let mut rows = vec![header.map(String::from).to_vec()];
     for service in services {
@@ -415,6 +426,7 @@ fn services_table(services: &[ServiceSummary]) -> String {
                     endpoint.connections_active, endpoint.connections_total
                 ),
                 endpoint.failed.to_string(),
+                endpoint.upstreams_open.to_string(),
             ]);
         }
     }

@@ -11,6 +11,7 @@ use std::{
 
 use anyhow::Context;
 use arc_swap::ArcSwap;
+use serde::{Deserialize, Serialize};
 use tokio::{signal::unix::SignalKind, sync::mpsc};
 
 use crate::{
@@ -19,7 +20,7 @@ use crate::{
         server::{self as admin, AdminContext, Command},
     },
     bpf::{Datapath, DatapathConfig},
-    config::{Config, ConfigError},
+    config::{Config, ConfigError, DESCRIPTORS_PER_CONNECTION, Limits, RESERVED_DESCRIPTORS},
     fault::Faults,
     handoff::{self, Origin},
     inpod::Enrollments,
@@ -30,7 +31,8 @@ use crate::{
     workers::Workers,
 };
 
-/// A daemon ready to start: its configuration read, limits raised, privileges reduced.
+/// A daemon ready to start: its configuration read, the open-file limit raised and the
+/// connection limits sized to it, privileges reduced.
 pub struct Prepared {
     config_path: PathBuf,
     config: Config,
@@ -41,10 +43,10 @@ pub struct Prepared {
 /// sets are per thread, and each thread inherits its creator's, so reducing them here
 /// reduces them for every thread the daemon will ever run.
 pub fn prepare(config_path: &Path, kubernetes: bool) -> anyhow::Result<Prepared> {
-    let config = Config::load(config_path)?;
+    let mut config = Config::load(config_path)?;
     // Needs CAP_SYS_RESOURCE, which is not kept: limits are the process's, not a thread's.
     raise_fd_limit();
-    check_fd_limit(config.limits.max_connections);
+    config.limits = size_limits(&config.limits);
     privileges::restrict_to(&privileges::Needs::for_config(&config, kubernetes))?;
     Ok(Prepared {
         config_path: config_path.to_owned(),
@@ -349,12 +351,14 @@ impl Configs {
     }
 
     /// Re-reads the file and swaps in what can change at runtime (Services, detection and
-    /// timeout settings, fault rules) for new connections. A configuration with any error
-    /// changes nothing. Returns the new configuration and the changed fields that only a
-    /// restart applies.
+    /// timeout settings, limits sized as at start, fault rules) for new connections. A
+    /// configuration with any error changes nothing. Returns the new configuration and the
+    /// changed fields that only a restart applies.
     pub fn reload(&self, proxy: &Proxy) -> Result<(Config, Vec<&'static str>), ConfigError> {
         match Config::load(&self.path) {
-            Ok(config) => {
+            Ok(mut config) => {
+                // As at start: the limits left out fit the descriptors the daemon has now.
+                config.limits = size_limits(&config.limits);
                 let settings = Settings::new(&config);
                 settings.routes.inherit(&proxy.settings.load().routes);
                 proxy.settings.store(Arc::new(settings));
@@ -392,9 +396,28 @@ fn current_log_level() -> log::LevelFilter {
     }
 }
 
-/// Every proxied connection holds two sockets (and, with splice, two pipes): a node's worth of
-/// connections needs far more descriptors than the usual soft limit of 1024. Raise the limit as
-/// far as the kernel allows (`fs.nr_open`), or at least the soft limit to the hard one.
+/// The process's open-file limit (`RLIMIT_NOFILE`), as `shunt status` and `/metrics` report it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OpenFiles {
+    /// The limit in force: `open()`, `accept()` and `socket()` fail with `EMFILE` beyond it.
+    pub soft: u64,
+    /// How far the soft limit may be raised without `CAP_SYS_RESOURCE`.
+    pub hard: u64,
+}
+
+impl OpenFiles {
+    /// The limit now; `None` if it cannot be read.
+    pub fn now() -> Option<OpenFiles> {
+        use nix::sys::resource::{Resource, getrlimit};
+        let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).ok()?;
+        Some(OpenFiles { soft, hard })
+    }
+}
+
+/// Every proxied connection holds two sockets: a node's worth of connections needs far more
+/// descriptors than the usual soft limit of 1024. As HAProxy and Envoy do, raise the limit
+/// as far as the kernel allows (`fs.nr_open`, with CAP_SYS_RESOURCE), or at least the soft
+/// limit to the hard one; [`size_limits`] then fits the connection limits to what was got.
 fn raise_fd_limit() {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
     let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
@@ -414,25 +437,60 @@ fn raise_fd_limit() {
     }
 }
 
-/// Each connection within `limits.max_connections` needs two descriptors, and one more
-/// while it is refused; when the descriptor limit is lower than that, `accept()` starts
-/// failing (and clients wait in the backlog) before the limit can refuse them cleanly.
-fn check_fd_limit(max_connections: usize) {
-    use nix::sys::resource::{Resource, getrlimit};
-    /// Listeners, pooled pipes, admin and telemetry sockets, the BPF objects.
-    const RESERVE: u64 = 1024;
-    let Ok((soft, _)) = getrlimit(Resource::RLIMIT_NOFILE) else {
-        return;
+/// `limits` with the connection limits the configuration left out sized to the soft
+/// open-file limit (`Limits::sized_to`), said at info level when that lowers them. Only
+/// configured limits the descriptors cannot serve are warned about: past the descriptors,
+/// `accept()` starts failing (and clients wait in the backlog) before the limit can refuse
+/// them cleanly.
+fn size_limits(limits: &Limits) -> Limits {
+    let Some(open_files) = OpenFiles::now() else {
+        tracing::warn!("could not read the open-file limit; connection limits not sized to it");
+        return limits.clone();
     };
-    let needed = (max_connections as u64)
-        .saturating_mul(2)
-        .saturating_add(RESERVE);
-    if soft < needed {
+    let OpenFiles { soft, hard } = open_files;
+    let sizing = limits.sized_to(soft);
+    let (max_connections, max_connections_per_pod) = (
+        sizing.limits.max_connections,
+        sizing.limits.max_connections_per_pod,
+    );
+    if sizing.served == 0 {
         tracing::warn!(
-            open_file_limit = soft,
-            needed,
-            "limits.max_connections ({max_connections}) needs more descriptors than the open-file \
-             limit allows: accept() may fail before the limit refuses connections"
+            open_files_soft = soft,
+            open_files_hard = hard,
+            reserved = RESERVED_DESCRIPTORS,
+            "the open-file limit leaves no descriptors for connections beyond the reserve: \
+             raise the hard limit (e.g. LimitNOFILE=, ulimit -Hn)"
+        );
+    } else if sizing.reduced() {
+        tracing::info!(
+            open_files_soft = soft,
+            open_files_hard = hard,
+            max_connections,
+            max_connections_per_pod,
+            "connection limits sized to the open-file limit ({DESCRIPTORS_PER_CONNECTION} \
+             descriptors per connection, {RESERVED_DESCRIPTORS} reserved); set \
+             limits.max_connections to choose"
         );
     }
+    if let Some(needed) = sizing.unserved.iter().map(|(_, n)| *n as u64).max() {
+        let unserved: Vec<String> = sizing
+            .unserved
+            .iter()
+            .map(|(field, n)| format!("{field} ({n})"))
+            .collect();
+        tracing::warn!(
+            open_files_soft = soft,
+            open_files_hard = hard,
+            served = sizing.served,
+            needed = needed
+                .saturating_mul(DESCRIPTORS_PER_CONNECTION)
+                .saturating_add(RESERVED_DESCRIPTORS),
+            "{} configured beyond the {} connections the open-file limit serves: accept() may \
+             fail before the limit refuses connections; raise the hard limit or lower {}",
+            unserved.join(" and "),
+            sizing.served,
+            if unserved.len() > 1 { "them" } else { "it" }
+        );
+    }
+    sizing.limits
 }

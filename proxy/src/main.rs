@@ -1,9 +1,10 @@
 //! The `shunt` command: the daemon (`shunt run`) and the admin CLI.
 
-use clap::Parser;
+use clap::{CommandFactory, Parser, error::ErrorKind};
 
 use shunt::{
-    cli::{Cli, Command},
+    cli::{self, Cli, Command},
+    config::Config,
     ctl, daemon, inpod, k8s, logging,
 };
 
@@ -17,14 +18,21 @@ fn main() -> std::process::ExitCode {
         return std::process::ExitCode::FAILURE;
     }
     // Before any thread starts: what it leaves the daemon is what every thread inherits.
-    let daemon = match &cli.command {
-        Command::Run { config, kubernetes } => match daemon::prepare(config, *kubernetes) {
+    let daemon = match (&cli.command, &cli.config) {
+        (Command::Run { kubernetes }, Some(config)) => match daemon::prepare(config, *kubernetes) {
             Ok(prepared) => Some(prepared),
             Err(e) => {
                 eprintln!("error: {e:#}");
                 return std::process::ExitCode::FAILURE;
             }
         },
+        // `--config` is global, for every command, so clap cannot require it for one.
+        (Command::Run { .. }, None) => Cli::command()
+            .error(
+                ErrorKind::MissingRequiredArgument,
+                "`shunt run` needs a configuration: --config <FILE>",
+            )
+            .exit(),
         _ => None,
     };
     // The daemon's connections run on their own worker threads (`workers.rs`); this runtime
@@ -43,7 +51,13 @@ fn main() -> std::process::ExitCode {
         match (daemon, cli.command) {
             (Some(prepared), _) => daemon::run(prepared).await,
             (None, Command::Crd) => k8s::print_crd(),
-            (None, command) => ctl::run(command, &cli.admin_socket, cli.output).await,
+            (None, command) => {
+                // The daemon and pins the configuration names, unless --admin-socket says
+                // otherwise.
+                let config = cli.config.as_deref().map(Config::load).transpose()?;
+                let socket = cli::admin_socket(cli.admin_socket.as_deref(), config.as_ref());
+                ctl::run(command, &socket, config.as_ref(), cli.output).await
+            }
         }
     });
     match result {

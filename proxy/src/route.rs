@@ -38,6 +38,10 @@ pub struct Endpoint {
     pub connections: Usage,
     /// Connects to it that failed.
     pub failed: AtomicU64,
+    /// shunt's pooled HTTP/2 connections to it, from every pod and worker. The pools count
+    /// them here but hold the endpoint only weakly, so that they notice when it has left its
+    /// Service and close what they keep open to it.
+    pub upstreams: Usage,
 }
 
 /// How many of something an endpoint has now, and has had.
@@ -55,6 +59,16 @@ impl Usage {
     pub fn total(&self) -> u64 {
         self.total.load(Ordering::Relaxed)
     }
+
+    /// One more, until [`Usage::ended`] is called for it.
+    pub fn started(&self) {
+        self.total.fetch_add(1, Ordering::Relaxed);
+        self.active.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn ended(&self) {
+        self.active.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// One stream or connection on an endpoint; no longer active once dropped.
@@ -65,7 +79,7 @@ pub struct InUse {
 
 impl Drop for InUse {
     fn drop(&mut self) {
-        self.usage().active.fetch_sub(1, Ordering::Relaxed);
+        self.usage().ended();
     }
 }
 
@@ -86,6 +100,7 @@ impl Endpoint {
             streams: Usage::default(),
             connections: Usage::default(),
             failed: AtomicU64::new(0),
+            upstreams: Usage::default(),
         })
     }
 
@@ -104,8 +119,7 @@ impl Endpoint {
             endpoint: self.clone(),
             stream,
         };
-        in_use.usage().total.fetch_add(1, Ordering::Relaxed);
-        in_use.usage().active.fetch_add(1, Ordering::Relaxed);
+        in_use.usage().started();
         in_use
     }
 
@@ -122,6 +136,7 @@ impl Endpoint {
             connections_active: self.connections.active(),
             connections_total: self.connections.total(),
             failed: self.failed.load(Ordering::Relaxed),
+            upstreams_open: self.upstreams.active(),
         }
     }
 }
@@ -420,6 +435,9 @@ pub struct EndpointSummary {
     pub connections_total: u64,
     /// Connects to it that failed.
     pub failed: u64,
+    /// shunt's pooled HTTP/2 connections to it, open now.
+    #[serde(default)]
+    pub upstreams_open: u64,
 }
 
 #[cfg(test)]

@@ -88,6 +88,27 @@ pub fn tonic_serve(sandbox: &Sandbox, pod: &Pod, name: &str, port: u16) -> anyho
     Ok(pid)
 }
 
+/// `n` pods `greeter0…` each serving a tonic greeter named as its pod on `port`; their
+/// addresses, the endpoints of a Service.
+pub fn tonic_greeters(sandbox: &Sandbox, n: usize, port: u16) -> anyhow::Result<Vec<SocketAddr>> {
+    (0..n)
+        .map(|i| {
+            let pod = sandbox.add_pod(&format!("greeter{i}"))?;
+            tonic_serve(sandbox, &pod, &pod.name, port)?;
+            Ok(SocketAddr::new(pod.ipv4.into(), port))
+        })
+        .collect()
+}
+
+/// The `services:` section of a configuration with one Service `greeter` at `vip`.
+pub fn greeter_service_yaml(vip: SocketAddr, endpoints: &[SocketAddr]) -> String {
+    let list: Vec<String> = endpoints.iter().map(|e| format!("'{e}'")).collect();
+    format!(
+        "services:\n  - name: greeter\n    vip: '{vip}'\n    endpoints: [{}]\n",
+        list.join(", ")
+    )
+}
+
 /// Makes `count` SayHello calls with a tonic client on one channel.
 pub fn tonic_call(
     sandbox: &Sandbox,
@@ -301,4 +322,89 @@ impl SteadyLoad {
         let text = std::fs::read_to_string(&self.out)?;
         serde_json::from_str(text.trim()).with_context(|| format!("steady load printed {text:?}"))
     }
+}
+
+/// What a `shunt-greeter churn` run saw: one unary call per connection.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ChurnOutcome {
+    /// Connections whose call succeeded.
+    pub ok: usize,
+    pub by_backend: HashMap<String, usize>,
+    /// Failed connections (connect or call) by gRPC code.
+    pub errors: HashMap<String, usize>,
+    /// The first message for each code in `errors`.
+    #[serde(default)]
+    pub messages: HashMap<String, String>,
+    pub first_error: Option<String>,
+    pub seconds: f64,
+    /// Successful connections per second.
+    pub per_second: f64,
+    /// Sockets the client still held once every connection had been dropped: 0 unless the
+    /// client itself kept connections open.
+    pub sockets_open_at_end: usize,
+}
+
+impl ChurnOutcome {
+    pub fn failed(&self) -> usize {
+        self.errors.values().sum()
+    }
+
+    /// Every one of `count` connections made its call, and the client closed them all.
+    pub fn check_all_ok(&self, count: usize) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.ok == count,
+            "{} of {count} short connections succeeded: {self:?}",
+            self.ok
+        );
+        anyhow::ensure!(
+            self.sockets_open_at_end == 0,
+            "the churn client still held {} sockets at the end",
+            self.sockets_open_at_end
+        );
+        Ok(())
+    }
+}
+
+/// Longest a churn run may take (the client's own bound is its `--seconds`).
+const CHURN_SECONDS: Duration = Duration::from_secs(120);
+
+/// Makes `count` short connections from `pod` to `to`, `concurrency` at a time, each a new
+/// TCP + HTTP/2 connection carrying one SayHello call and then closed (`shunt-greeter
+/// churn`); stops starting new ones after 120 s.
+pub fn churn(
+    sandbox: &Sandbox,
+    pod: &Pod,
+    to: SocketAddr,
+    count: usize,
+    concurrency: usize,
+) -> anyhow::Result<ChurnOutcome> {
+    churn_to(sandbox, pod, &[to], count, concurrency, CHURN_SECONDS)
+}
+
+/// As [`churn`], to several addresses in turn (one per connection) and stopping after
+/// `seconds`.
+pub fn churn_to(
+    sandbox: &Sandbox,
+    pod: &Pod,
+    to: &[SocketAddr],
+    count: usize,
+    concurrency: usize,
+    seconds: Duration,
+) -> anyhow::Result<ChurnOutcome> {
+    let to: Vec<String> = to.iter().map(ToString::to_string).collect();
+    let mut cmd = Command::new(crate::greeter_bin());
+    cmd.args(["churn", "--to", &to.join(",")])
+        .args(["--count", &count.to_string()])
+        .args(["--concurrency", &concurrency.to_string()])
+        .args(["--seconds", &seconds.as_secs_f64().to_string()]);
+    // Connections open when the time runs out still finish (each bounded at 15 s), and the
+    // client waits up to 2 s for their sockets to close.
+    let out = sandbox.run_in_pod(pod, cmd, seconds + Duration::from_secs(60))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    anyhow::ensure!(
+        out.status.success(),
+        "churn client failed: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(stdout.trim()).with_context(|| format!("churn client printed {stdout:?}"))
 }

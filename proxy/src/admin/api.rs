@@ -4,7 +4,7 @@ use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::{bpf::Attachment, config::FailMode};
+use crate::{bpf::Attachment, config::FailMode, daemon::OpenFiles};
 
 pub use crate::{
     fault::RuleSummary,
@@ -44,6 +44,15 @@ pub struct Status {
     pub access_log: String,
     /// The diagnostic log's filter in force.
     pub log_filter: String,
+    /// The daemon's open-file limit now; `None` if it could not be read.
+    #[serde(default)]
+    pub open_files: Option<OpenFiles>,
+    /// `limits.max_connections` and `limits.max_connections_per_pod` in force: as
+    /// configured, or sized to the open-file limit.
+    #[serde(default)]
+    pub max_connections: usize,
+    #[serde(default)]
+    pub max_connections_per_pod: usize,
     /// Kubernetes mode only: the node and the state of each API watch.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kubernetes: Option<KubernetesStatus>,

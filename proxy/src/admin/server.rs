@@ -21,7 +21,7 @@ use super::{
 };
 use crate::{
     bpf::{self, Datapath},
-    daemon::Configs,
+    daemon::{Configs, OpenFiles},
     handoff::{HandoffAccepted, HandoffRequest, Origin},
     inpod::Enrollments,
     logging,
@@ -225,6 +225,7 @@ fn status(ctx: &AdminContext) -> Status {
         .unwrap_or_else(|| "ready".into());
     let datapath = ctx.datapath.lock().unwrap_or_else(|p| p.into_inner());
     let running = ctx.configs.running();
+    let limits = ctx.proxy.settings.load().limits.clone();
     Status {
         version: env!("CARGO_PKG_VERSION").to_owned(),
         pid: std::process::id(),
@@ -245,6 +246,9 @@ fn status(ctx: &AdminContext) -> Status {
         ready,
         access_log: running.telemetry.access_log.clone().into(),
         log_filter: logging::current(),
+        open_files: OpenFiles::now(),
+        max_connections: limits.max_connections,
+        max_connections_per_pod: limits.max_connections_per_pod,
         kubernetes: ctx.kubernetes.as_ref().map(|health| health.summary()),
     }
 }

@@ -27,7 +27,7 @@ use tokio::net::TcpStream;
 pub use self::{
     keepalive::Keepalive,
     limits::Limits,
-    pool::{Connector, Pool},
+    pool::{Connector, Pool, PoolSettings},
 };
 use self::{
     limits::{Closing, StreamsOpen},
@@ -284,14 +284,14 @@ async fn lease(
     match route {
         Route::Direct(addr) => downstream
             .pool
-            .lease(*addr)
+            .lease(*addr, None)
             .await
             .map(|lease| (*addr, lease, None))
             .map_err(|e| ("UF", format!("upstream {addr}: {e}"))),
         Route::Service(service) => {
             let mut last = None;
             for endpoint in service.endpoint_order() {
-                match downstream.pool.lease(endpoint.addr).await {
+                match downstream.pool.lease(endpoint.addr, Some(&endpoint)).await {
                     Ok(lease) => return Ok((endpoint.addr, lease, Some(endpoint.stream()))),
                     Err(e) => {
                         endpoint.failed.fetch_add(1, Ordering::Relaxed);

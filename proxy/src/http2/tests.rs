@@ -163,7 +163,13 @@ async fn proxy_service(
     let streams = Arc::new(StreamLog::default());
     let recorded = streams.clone();
     let connector: Connector = Arc::new(|addr| Box::pin(TcpStream::connect(addr)));
-    let pool = Arc::new(Pool::new(connector, Duration::from_secs(2), KEEPALIVE));
+    let settings = PoolSettings {
+        connect_timeout: Duration::from_secs(2),
+        keepalive: KEEPALIVE,
+        idle_timeout: Duration::from_secs(60),
+        max_idle: 4,
+    };
+    let pool = Arc::new(Pool::new(connector, settings, Arc::default()));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let shared = pool.clone();

@@ -48,9 +48,10 @@ pub struct Settings {
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
     pub forwarding: Forwarding,
-    /// HTTP/2 PINGs toward clients, and toward upstreams (new pods' pools).
+    /// HTTP/2 PINGs toward clients.
     pub downstream_keepalive: http2::Keepalive,
-    pub upstream_keepalive: http2::Keepalive,
+    /// How new pods' upstream pools connect, ping and close idle connections.
+    pub upstream_pool: http2::PoolSettings,
     /// Connection counts and buffer sizes.
     pub limits: Limits,
     /// What HTTP/2 clients may open and how long they may take.
@@ -75,9 +76,14 @@ impl Settings {
                 interval: config.http2.downstream_keepalive_interval,
                 timeout: config.http2.keepalive_timeout,
             },
-            upstream_keepalive: http2::Keepalive {
-                interval: config.http2.upstream_keepalive_interval,
-                timeout: config.http2.keepalive_timeout,
+            upstream_pool: http2::PoolSettings {
+                connect_timeout: intercept.connect_timeout,
+                keepalive: http2::Keepalive {
+                    interval: config.http2.upstream_keepalive_interval,
+                    timeout: config.http2.keepalive_timeout,
+                },
+                idle_timeout: config.http2.upstream_idle_timeout,
+                max_idle: config.http2.upstream_max_idle as usize,
             },
             limits: config.limits.clone(),
             http2_limits: http2::Limits::from(&config.http2),
@@ -153,8 +159,7 @@ impl PodContext {
             let netns = dial_netns.clone();
             Box::pin(async move { connect_from(&netns, mark, addr).await })
         });
-        let settings = proxy.settings.load();
-        let (connect_timeout, keepalive) = (settings.connect_timeout, settings.upstream_keepalive);
+        let pool_settings = proxy.settings.load().upstream_pool;
         PodContext {
             name: name.to_owned(),
             netns,
@@ -163,8 +168,8 @@ impl PodContext {
                 .map(|_| {
                     Arc::new(http2::Pool::new(
                         connector.clone(),
-                        connect_timeout,
-                        keepalive,
+                        pool_settings,
+                        proxy.counters.clone(),
                     ))
                 })
                 .collect(),
@@ -344,17 +349,17 @@ async fn handle(
     tracing::debug!(pod = %pod.name, client = %peer, verdict = detected.verdict.as_str(), sni = detected.hello.as_ref().and_then(|h| h.sni.as_deref()), "detected");
 
     if detected.verdict == Verdict::H2 {
-        // Streams are routed one by one; a connection dialled meanwhile joins the pool.
+        // Streams are routed one by one; a connection dialled meanwhile joins the pool if
+        // the pool needs it, before the first stream looks for one.
+        let pool = pod.upstreams(worker);
         if let Some(Ok(dialed)) = detected.dialed {
-            let pool = pod.upstreams(worker).clone();
-            tokio::spawn(async move {
-                let _ = pool.adopt(dialed.upstream, dialed.stream).await;
-            });
+            pool.adopt(dialed.upstream, dialed.endpoint.as_ref(), dialed.stream)
+                .await;
         }
         let lookup = proxy.clone();
         let downstream = http2::Downstream {
             routes: Arc::new(move |dst| lookup.route(&lookup.settings.load(), dst)),
-            pool: pod.upstreams(worker).clone(),
+            pool: pool.clone(),
             counters: proxy.counters.clone(),
             shutdown: proxy.shutdown.clone(),
             keepalive: settings.downstream_keepalive,

@@ -75,6 +75,18 @@ counters! {
     h2_header_timeouts,
     /// HTTP/2 client connections closed after `http2.idle_timeout` without a stream.
     h2_idle_timeouts,
+    /// Upstream HTTP/2 connections that joined a pool: dialled for a stream, or dialled
+    /// during detection and adopted.
+    h2_upstreams_opened,
+    /// Upstream HTTP/2 connections that ended, for whatever reason.
+    h2_upstreams_closed,
+    /// … of which shunt closed because nothing used them: idle past
+    /// `http2.upstream_idle_timeout`, beyond `http2.upstream_max_idle`, to an endpoint that
+    /// left its Service, or of a pod no longer enrolled.
+    h2_upstreams_retired,
+    /// Connections dialled during detection that the pool did not need (it had room on a
+    /// connection to that endpoint already), closed at once.
+    h2_upstreams_not_adopted,
 }
 
 impl ProxyCounters {

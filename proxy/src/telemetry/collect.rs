@@ -11,7 +11,7 @@ use prometheus_client::{
 };
 
 use super::{labels, process};
-use crate::{bpf::Datapath, inpod::Enrollments, proxy::Proxy};
+use crate::{bpf::Datapath, daemon::OpenFiles, inpod::Enrollments, proxy::Proxy};
 
 /// What the node collector reads.
 pub struct Sources {
@@ -136,6 +136,21 @@ impl NodeCollector {
                 "http2_idle_timeouts",
                 "HTTP/2 client connections closed after http2.idle_timeout without a stream.",
             ),
+            (
+                "h2_upstreams_opened",
+                "upstream_http2_connections_opened",
+                "Upstream HTTP/2 connections that joined a pod's pool (dialled for a stream, or adopted from detection).",
+            ),
+            (
+                "h2_upstreams_retired",
+                "upstream_http2_connections_retired",
+                "Pooled upstream HTTP/2 connections closed by shunt because nothing used them (idle timeout, beyond upstream_max_idle, endpoint or pod gone).",
+            ),
+            (
+                "h2_upstreams_not_adopted",
+                "upstream_http2_connections_not_adopted",
+                "Connections dialled during detection that the pool did not need, closed at once.",
+            ),
         ] {
             let value = counters.get(name).copied().unwrap_or(0);
             single(encoder, metric, help, None, ConstCounter::new(value))?;
@@ -151,6 +166,19 @@ impl NodeCollector {
             "Connections reset on accept because a limit was reached: node (limits.max_connections) or pod (limits.max_connections_per_pod).",
             None,
             refused,
+        )?;
+        // Read apart, so a close counted after its open was read must not underflow.
+        let pooled = counters
+            .get("h2_upstreams_opened")
+            .copied()
+            .unwrap_or(0)
+            .saturating_sub(counters.get("h2_upstreams_closed").copied().unwrap_or(0));
+        single(
+            encoder,
+            "upstream_http2_connections",
+            "Pooled upstream HTTP/2 connections open now, all pods and workers.",
+            None,
+            ConstGauge::new(pooled),
         )?;
         single(
             encoder,
@@ -281,6 +309,32 @@ impl NodeCollector {
             .map(|(path, n)| ([("path", path.to_owned())], ConstCounter::new(n))),
         )
     }
+
+    /// The descriptors the daemon may hold and the connection limits sized to them.
+    fn limits(&self, encoder: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        if let Some(open_files) = OpenFiles::now() {
+            family(
+                encoder,
+                "open_files_limit",
+                "The open-file limit (RLIMIT_NOFILE): soft (in force) and hard (how far it may be raised).",
+                None,
+                [("soft", open_files.soft), ("hard", open_files.hard)]
+                    .map(|(kind, n)| ([("kind", kind.to_owned())], ConstGauge::new(n))),
+            )?;
+        }
+        let limits = &self.sources.proxy.settings.load().limits;
+        family(
+            encoder,
+            "connections_limit",
+            "Connections served at once before new ones are reset: node (limits.max_connections) and pod (limits.max_connections_per_pod), as configured or sized to the open-file limit.",
+            None,
+            [
+                ("node", limits.max_connections),
+                ("pod", limits.max_connections_per_pod),
+            ]
+            .map(|(limit, n)| ([("limit", limit.to_owned())], ConstGauge::new(n as u64))),
+        )
+    }
 }
 
 impl std::fmt::Debug for NodeCollector {
@@ -294,6 +348,7 @@ impl Collector for NodeCollector {
         self.connections(&mut encoder)?;
         self.endpoints(&mut encoder)?;
         self.faults(&mut encoder)?;
+        self.limits(&mut encoder)?;
         self.ebpf(&mut encoder)
     }
 }

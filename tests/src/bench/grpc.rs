@@ -2,7 +2,11 @@
 //! generator is `shunt-greeter load` (closed loop for calls/s, open loop for latency); `h2load`
 //! with gRPC headers cross-checks calls/s.
 
-use std::{net::SocketAddr, process::Command, time::Duration};
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    process::Command,
+    time::Duration,
+};
 
 use anyhow::{Context, ensure};
 use serde::Deserialize;
@@ -19,7 +23,7 @@ use crate::{
     sandbox::{Pod, Sandbox},
 };
 
-const VIP: &str = "10.96.0.30";
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 30);
 const PORT: u16 = 50051;
 const CONNECTIONS: usize = 2;
 const STREAMS: usize = 16;
@@ -39,8 +43,8 @@ pub(super) struct LoadReport {
     pub(super) p50_us: f64,
     pub(super) p99_us: f64,
     by_backend: std::collections::BTreeMap<String, u64>,
-    errors: std::collections::BTreeMap<String, u64>,
-    first_error: Option<String>,
+    pub(super) errors: std::collections::BTreeMap<String, u64>,
+    pub(super) first_error: Option<String>,
 }
 
 #[derive(Default)]
@@ -58,18 +62,9 @@ pub fn unary(plan: &Plan) -> anyhow::Result<Section> {
     let sandbox = Sandbox::new()?;
     let direct = sandbox.add_pod("direct")?;
     let client = sandbox.add_pod("client")?;
-    let mut backends = Vec::new();
-    for i in 0..3 {
-        let pod = sandbox.add_pod(&format!("greeter{i}"))?;
-        grpc::tonic_serve(&sandbox, &pod, &format!("greeter-{i}"), PORT)?;
-        backends.push(SocketAddr::new(pod.ipv4.into(), PORT));
-    }
-    let endpoints: Vec<String> = backends.iter().map(|b| format!("'{b}'")).collect();
+    let backends = grpc::tonic_greeters(&sandbox, 3, PORT)?;
     let options = Options {
-        extra_yaml: format!(
-            "services:\n  - name: greeter\n    vip: '{VIP}:{PORT}'\n    endpoints: [{}]\n",
-            endpoints.join(", ")
-        ),
+        extra_yaml: grpc::greeter_service_yaml(SocketAddr::new(VIP.into(), PORT), &backends),
         log: Some("info"),
         ..Options::default()
     };
@@ -92,7 +87,7 @@ pub fn unary(plan: &Plan) -> anyhow::Result<Section> {
         Target {
             name: "shunt".into(),
             pod: &client,
-            to: vec![format!("{VIP}:{PORT}").parse()?],
+            to: vec![SocketAddr::new(VIP.into(), PORT)],
             proxy_pid: Some(shunt_pid),
         },
     ];
@@ -219,6 +214,25 @@ pub(super) fn load(
     plan: &Plan,
     rate: Option<u32>,
 ) -> anyhow::Result<LoadReport> {
+    let report = load_allowing_errors(sandbox, target, plan, rate)?;
+    ensure!(
+        report.errors.is_empty(),
+        "calls to {} failed: {:?} (first: {:?})",
+        target.name,
+        report.errors,
+        report.first_error
+    );
+    Ok(report)
+}
+
+/// As [`load`], but failed calls are left in the report for the caller to judge: the churn
+/// workload reports them rather than losing the rounds measured so far.
+pub(super) fn load_allowing_errors(
+    sandbox: &Sandbox,
+    target: &Target<'_>,
+    plan: &Plan,
+    rate: Option<u32>,
+) -> anyhow::Result<LoadReport> {
     let to: Vec<String> = target.to.iter().map(ToString::to_string).collect();
     let mut cmd = Command::new(crate::greeter_bin());
     cmd.args([
@@ -247,16 +261,8 @@ pub(super) fn load(
         target.name,
         String::from_utf8_lossy(&out.stderr)
     );
-    let report: LoadReport = serde_json::from_str(stdout.trim())
-        .with_context(|| format!("load generator printed {stdout:?}"))?;
-    ensure!(
-        report.errors.is_empty(),
-        "calls to {} failed: {:?} (first: {:?})",
-        target.name,
-        report.errors,
-        report.first_error
-    );
-    Ok(report)
+    serde_json::from_str(stdout.trim())
+        .with_context(|| format!("load generator printed {stdout:?}"))
 }
 
 /// h2load's calls/s for SayHello with gRPC headers and a framed request body.

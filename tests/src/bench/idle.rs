@@ -21,12 +21,13 @@ use crate::{
 
 pub fn memory_per_connection(plan: &Plan) -> anyhow::Result<Section> {
     crate::require_root()?;
-    // Each proxied connection is two descriptors in shunt; where the hard limit (which an
-    // unprivileged container cannot raise) is lower than that, measure fewer.
+    // Each proxied connection is two descriptors in shunt, which keeps 1024 for itself; where
+    // the hard limit (which an unprivileged container cannot raise) is lower than that,
+    // measure fewer.
     let fd_limit = open_file_limit();
     let count = plan
         .idle_connections
-        .min(u32::try_from(fd_limit.saturating_sub(1000) / 2).unwrap_or(u32::MAX));
+        .min(u32::try_from(fd_limit.saturating_sub(1100) / 2).unwrap_or(u32::MAX));
     let sandbox = Sandbox::new()?;
     let client = sandbox.add_pod("client")?;
     let backend = sandbox.add_pod("backend")?;
@@ -46,8 +47,14 @@ pub fn memory_per_connection(plan: &Plan) -> anyhow::Result<Section> {
         cmd.args(["sink", "--listen", &sink.to_string()]);
         let sink_pid = sandbox.spawn_in_pod(&backend, cmd)?;
         crate::probe::wait_listening(&sandbox, &backend, sink.port(), sink_pid)?;
+        // Left out, the per-pod limit is a quarter of what the descriptors serve: this one
+        // pod needs them all.
+        let limit = count + 16;
         let options = Options {
             intercept_yaml: format!("  forwarding: {forwarding}\n"),
+            extra_yaml: format!(
+                "limits:\n  max_connections: {limit}\n  max_connections_per_pod: {limit}\n"
+            ),
             log: Some("info"),
             ..Options::default()
         };

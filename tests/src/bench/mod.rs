@@ -2,6 +2,7 @@
 //! as the direct path it is compared with, rounds interleaved so drift hits all targets alike;
 //! results are printed as they come and written as JSON and markdown.
 
+mod churn;
 mod connections;
 mod fast_path;
 mod grpc;
@@ -49,8 +50,12 @@ impl Plan {
 
 type Workload = fn(&Plan) -> anyhow::Result<Section>;
 
-const WORKLOADS: [(&str, Workload); 5] = [
+const WORKLOADS: [(&str, Workload); 6] = [
     ("unary gRPC", grpc::unary),
+    (
+        "connection churn, then closed loop",
+        churn::churn_then_closed_loop,
+    ),
     ("TCP passthrough (iperf3)", passthrough::iperf3),
     ("connection setup", connections::setup_rates),
     ("memory per idle connection", idle::memory_per_connection),

@@ -1,5 +1,6 @@
 //! What a proxy process costs, read from `/proc`: CPU time and peak memory of a process and
-//! its descendants (nginx's workers, for one).
+//! its descendants (nginx's workers, for one); and what it holds: open descriptors, and its
+//! established connections to a port as `ss` sees them in a pod's network namespace.
 
 use anyhow::Context;
 
@@ -24,6 +25,40 @@ pub fn tree_peak_rss_mib(pid: u32) -> f64 {
 /// Current resident memory (VmRSS) of one process, in KiB.
 pub fn rss_kib(pid: u32) -> f64 {
     status_kib(pid, "VmRSS:")
+}
+
+/// Open descriptors of one process (`/proc/PID/fd`); 0 if it is gone.
+pub fn fd_count(pid: u32) -> u64 {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count() as u64)
+}
+
+/// Established TCP connections to remote port `port` in `pod`'s network namespace (`ss -tn
+/// state established`). In an enrolled pod the application's own connections go to shunt's
+/// loopback listener, so those to a backend's port are shunt's upstream connections.
+pub fn established_to_port(
+    sandbox: &crate::sandbox::Sandbox,
+    pod: &crate::sandbox::Pod,
+    port: u16,
+) -> anyhow::Result<u64> {
+    let mut ss = std::process::Command::new("ss");
+    ss.args([
+        "-Htn",
+        "state",
+        "established",
+        &format!("( dport = :{port} )"),
+    ]);
+    let out = sandbox.run_in_pod(pod, ss, std::time::Duration::from_secs(30))?;
+    anyhow::ensure!(
+        out.status.success(),
+        "ss in pod {}: {}",
+        pod.name,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(out
+        .stdout
+        .split(|&b| b == b'\n')
+        .filter(|l| !l.is_empty())
+        .count() as u64)
 }
 
 fn status_kib(pid: u32, field: &str) -> f64 {

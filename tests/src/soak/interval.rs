@@ -8,6 +8,18 @@ use serde::{Deserialize, Serialize};
 const FAULT_MESSAGE: &str = "fault injected";
 /// The key of a unary call aborted by the soak's fault rule (`RESOURCE_EXHAUSTED`).
 pub const FAULTED: &str = "unary ResourceExhausted (fault injected)";
+/// The key of a short (churn) connection's call aborted by the fault rule.
+pub const CHURN_FAULTED: &str = "churn ResourceExhausted (fault injected)";
+
+/// The key of a short connection's failure with gRPC `code`. `shunt-greeter churn` reports a
+/// count per code and the first message of each, so a batch's `RESOURCE_EXHAUSTED` counts as
+/// injected when its message is shunt's: nothing else in the soak answers with that code.
+pub fn churn_error_key(code: &str, message: &str) -> String {
+    match code == "ResourceExhausted" && message == FAULT_MESSAGE {
+        true => CHURN_FAULTED.to_owned(),
+        false => format!("churn {code}"),
+    }
+}
 
 /// The gRPC workload's outcomes over one interval.
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -44,5 +56,26 @@ impl GrpcInterval {
         self.messages
             .entry(key)
             .or_insert_with(|| message.chars().take(200).collect());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_shunts_fault_message_makes_a_churn_failure_injected() {
+        assert_eq!(
+            churn_error_key("ResourceExhausted", FAULT_MESSAGE),
+            CHURN_FAULTED
+        );
+        assert_eq!(
+            churn_error_key("ResourceExhausted", "too many"),
+            "churn ResourceExhausted"
+        );
+        assert_eq!(
+            churn_error_key("Unavailable", FAULT_MESSAGE),
+            "churn Unavailable"
+        );
     }
 }

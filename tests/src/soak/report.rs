@@ -6,6 +6,7 @@ use serde::Serialize;
 
 use super::{
     Plan,
+    connection_churn::Window as ChurnWindow,
     restart::Restart,
     samples::{Drained, Sample, Sampler, Segment},
     timeline::Window,
@@ -15,6 +16,8 @@ use crate::bench::report::Machine;
 
 /// RSS may grow at most this much after warm-up.
 pub const RSS_GROWTH_LIMIT_PCT: f64 = 5.0;
+/// Windows of short connections a run has: one per daemon process.
+const CHURN_WINDOWS: usize = 2;
 
 #[derive(Serialize)]
 pub struct Report {
@@ -29,12 +32,22 @@ pub struct Report {
     pub peak_fds: u64,
     pub peak_dst_by_client: Option<u64>,
     pub peak_dst_by_sock: Option<u64>,
+    pub peak_upstream: Option<u64>,
+    /// Each window of short connections, with what shunt held before, at peak and after.
+    pub connection_churn: Vec<ChurnWindow>,
     pub drained: Drained,
     pub windows: Vec<Window>,
     pub samples: Vec<Sample>,
     /// Why it failed; empty when it passed.
     pub failures: Vec<String>,
     pub passed: bool,
+}
+
+/// What shunt held once traffic let up: after each window of short connections, and after
+/// all the traffic stopped.
+pub struct Held {
+    pub connection_churn: Vec<ChurnWindow>,
+    pub drained: Drained,
 }
 
 impl Report {
@@ -44,11 +57,15 @@ impl Report {
         outcomes: Outcomes,
         restart: Restart,
         sampler: &Sampler,
-        drained: Drained,
+        held: Held,
         windows: Vec<Window>,
     ) -> Report {
+        let Held {
+            connection_churn,
+            drained,
+        } = held;
         let rss = sampler.segments();
-        let failures = judge(&outcomes, &restart, &rss, &drained);
+        let failures = judge(&outcomes, &restart, &rss, &connection_churn, &drained);
         Report {
             date: crate::bench::today(),
             machine: Machine::describe(),
@@ -62,6 +79,8 @@ impl Report {
             peak_fds: sampler.peak(|s| Some(s.fds)).unwrap_or(0),
             peak_dst_by_client: sampler.peak(|s| s.dst_by_client),
             peak_dst_by_sock: sampler.peak(|s| s.dst_by_sock),
+            peak_upstream: sampler.peak(|s| s.upstream),
+            connection_churn,
             drained,
             windows,
             samples: sampler.samples().to_vec(),
@@ -88,7 +107,12 @@ impl Report {
         println!("  TLS conns       {} ok", o.ok("tls"));
         println!("  opaque conns    {} ok", o.ok("opaque"));
         println!(
-            "  churn           {} unary calls answered by the removed greeter after the reload",
+            "  short conns     {} ok (one call each), {} faulted (injected, expected)",
+            o.ok("churn"),
+            o.churn_faulted
+        );
+        println!(
+            "  endpoint churn  {} unary calls answered by the removed greeter after the reload",
             o.served_while_removed
         );
         println!("  unexpected      {}", o.unexpected_total());
@@ -125,10 +149,40 @@ impl Report {
                 s.samples
             );
         }
+        for w in &self.connection_churn {
+            let (b, p, a) = (&w.baseline, &w.peak, &w.after);
+            let verdict = match w.settled_after_s {
+                Some(s) => format!("back {s:.1}s after"),
+                None => format!("NOT back after {:.1}s", w.checked_for_s),
+            };
+            println!(
+                "  short conns {:.0}s–{:.0}s (pid {}): {verdict}; upstream conns {} → peak {} → {} (+{} allowed), fds {} → {} → {} (+{}), RSS {:.1} → {:.1} → {:.1} MiB (+{:.0})",
+                w.from_s,
+                w.to_s,
+                w.pid,
+                show(b.upstream),
+                show(p.upstream),
+                show(a.upstream),
+                w.upstream_tolerance,
+                b.fds,
+                p.fds,
+                a.fds,
+                w.fd_tolerance,
+                mib(b.rss_kib),
+                mib(p.rss_kib),
+                mib(a.rss_kib),
+                mib(w.rss_tolerance_kib),
+            );
+        }
         let d = &self.drained;
         println!(
             "  fds             baseline {}, peak {}, after drain {} (tolerance +{})",
             d.fds_baseline, self.peak_fds, d.fds, d.fd_tolerance
+        );
+        println!(
+            "  upstream conns  peak {}, after drain {}",
+            show(self.peak_upstream),
+            show(d.upstream)
         );
         println!(
             "  map entries     DST_BY_CLIENT peak {} → {}, DST_BY_SOCK peak {} → {} after {:.1}s",
@@ -162,6 +216,7 @@ fn judge(
     outcomes: &Outcomes,
     restart: &Restart,
     rss: &[Segment],
+    connection_churn: &[ChurnWindow],
     drained: &Drained,
 ) -> Vec<String> {
     let mut failures = Vec::new();
@@ -186,7 +241,7 @@ fn judge(
         ));
     }
     // Each workload must have run, or "no failures" would prove nothing.
-    for kind in ["unary", "streams", "tls", "opaque"] {
+    for kind in ["unary", "streams", "tls", "opaque", "churn"] {
         if outcomes.ok(kind) == 0 {
             failures.push(format!("no {kind} call or connection succeeded"));
         }
@@ -206,6 +261,33 @@ fn judge(
                 segment.pid, segment.growth_pct
             ));
         }
+    }
+    // One window of short connections per daemon process, each judged: otherwise "back to
+    // baseline" would come from a check that never ran.
+    if connection_churn.len() < CHURN_WINDOWS {
+        failures.push(format!(
+            "{} of {CHURN_WINDOWS} windows of short connections were checked",
+            connection_churn.len()
+        ));
+    }
+    for w in connection_churn.iter().filter(|w| !w.settled()) {
+        failures.push(format!(
+            "{:.1}s after the short connections of {:.0}s–{:.0}s stopped, shunt held {} upstream \
+             connections (before: {}, +{} allowed), {} descriptors (before: {}, +{}), RSS {:.1} MiB \
+             (before: {:.1}, +{:.0})",
+            w.checked_for_s,
+            w.from_s,
+            w.to_s,
+            show(w.after.upstream),
+            show(w.baseline.upstream),
+            w.upstream_tolerance,
+            w.after.fds,
+            w.baseline.fds,
+            w.fd_tolerance,
+            mib(w.after.rss_kib),
+            mib(w.baseline.rss_kib),
+            mib(w.rss_tolerance_kib),
+        ));
     }
     if drained.connections != Some(0) {
         failures.push(format!(

@@ -1,6 +1,7 @@
 //! What the daemon holds, sampled while traffic runs: resident memory (VmRSS), open
-//! descriptors (`/proc/PID/fd`) and the entries of the original-destination maps
-//! (`DST_BY_CLIENT`, `DST_BY_SOCK`, read from their pins with bpftool). Each daemon process
+//! descriptors (`/proc/PID/fd`), upstream connections to the greeters (`ss` in the client
+//! pod's namespace) and the entries of the original-destination maps (`DST_BY_CLIENT`,
+//! `DST_BY_SOCK`, read from their pins with bpftool). Each daemon process
 //! (the restart starts another) is a segment of its own; RSS growth is measured per segment
 //! from the end of its warm-up.
 
@@ -10,7 +11,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::{bench::process::rss_kib, daemon::Daemon};
+use super::sandbox::{GRPC_PORT, SoakSandbox};
+use crate::{
+    bench::process::{established_to_port, fd_count, rss_kib},
+    daemon::Daemon,
+};
 
 /// Descriptors a daemon may hold after the traffic beyond what it held before it: an idle
 /// pooled HTTP/2 connection per greeter (kept for the pod's next call) and empty pipes kept
@@ -27,6 +32,8 @@ pub struct Sample {
     pub pid: u32,
     pub rss_kib: u64,
     pub fds: u64,
+    /// shunt's established connections to the greeters' port (`None`: `ss` failed).
+    pub upstream: Option<u64>,
     pub dst_by_client: Option<u64>,
     pub dst_by_sock: Option<u64>,
 }
@@ -64,6 +71,8 @@ pub struct Drained {
     pub fds_baseline: u64,
     pub fds: u64,
     pub fd_tolerance: u64,
+    /// shunt's upstream connections to the greeters then (idle pooled ones).
+    pub upstream: Option<u64>,
     pub dst_by_client: Option<u64>,
     pub dst_by_sock: Option<u64>,
 }
@@ -94,21 +103,34 @@ impl Sampler {
     }
 
     /// Takes a sample if the interval has passed since the last one.
-    pub fn sample(&mut self, daemon: &Daemon<'_>, t_s: f64) {
+    pub fn sample(&mut self, daemon: &Daemon<'_>, sandbox: &SoakSandbox, t_s: f64) {
         if self.last.is_some_and(|last| last.elapsed() < self.interval) {
             return;
         }
-        let Ok(pid) = daemon.pid() else { return };
-        self.last = Some(Instant::now());
-        self.samples.push(self.read(pid, t_s));
+        self.sample_now(daemon, sandbox, t_s);
     }
 
-    fn read(&self, pid: u32, t_s: f64) -> Sample {
+    /// Takes a sample now (a baseline must not be an interval old) and returns it.
+    pub fn sample_now(
+        &mut self,
+        daemon: &Daemon<'_>,
+        sandbox: &SoakSandbox,
+        t_s: f64,
+    ) -> Option<Sample> {
+        let pid = daemon.pid().ok()?;
+        self.last = Some(Instant::now());
+        let sample = self.read(pid, sandbox, t_s);
+        self.samples.push(sample);
+        Some(sample)
+    }
+
+    fn read(&self, pid: u32, sandbox: &SoakSandbox, t_s: f64) -> Sample {
         Sample {
             t_s,
             pid,
             rss_kib: rss_kib(pid) as u64,
             fds: fd_count(pid),
+            upstream: established_to_port(&sandbox.sandbox, &sandbox.client, GRPC_PORT).ok(),
             dst_by_client: map_entries(&self.maps.join("DST_BY_CLIENT")),
             dst_by_sock: map_entries(&self.maps.join("DST_BY_SOCK")),
         }
@@ -193,6 +215,7 @@ impl Sampler {
     pub fn drain(
         &mut self,
         daemon: &Daemon<'_>,
+        sandbox: &SoakSandbox,
         fds_baseline: u64,
         traffic_started: Instant,
     ) -> anyhow::Result<Drained> {
@@ -203,13 +226,14 @@ impl Sampler {
                 .ctl_json(&["status"])
                 .ok()
                 .and_then(|s| s["connections"].as_u64());
-            let sample = self.read(pid, traffic_started.elapsed().as_secs_f64());
+            let sample = self.read(pid, sandbox, traffic_started.elapsed().as_secs_f64());
             let drained = Drained {
                 seconds: started.elapsed().as_secs_f64(),
                 connections,
                 fds_baseline,
                 fds: sample.fds,
                 fd_tolerance: FD_TOLERANCE,
+                upstream: sample.upstream,
                 dst_by_client: sample.dst_by_client,
                 dst_by_sock: sample.dst_by_sock,
             };
@@ -226,10 +250,6 @@ fn median(values: impl Iterator<Item = u64>) -> u64 {
     let mut values: Vec<u64> = values.collect();
     values.sort_unstable();
     values.get(values.len() / 2).copied().unwrap_or(0)
-}
-
-fn fd_count(pid: u32) -> u64 {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count() as u64)
 }
 
 /// Entries in a pinned map (`bpftool map dump`); `None` if it cannot be read.

@@ -16,6 +16,8 @@ pub enum WindowKind {
     Restart,
     /// The churned endpoint is out of the Service.
     EndpointRemoved,
+    /// The short-connection workload runs.
+    ConnectionChurn,
 }
 
 #[derive(Debug, Clone, Copy, serde::Serialize)]

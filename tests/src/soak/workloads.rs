@@ -1,21 +1,27 @@
 //! The traffic, all from the enrolled client pod to the virtual addresses: the gRPC
 //! workload (`shunt-greeter soak`: unary calls at a steady rate, server streams back to back),
-//! TLS connections (`openssl s_client`, certificate verified, a request answered) and opaque
-//! connections (`shunt-probe connect`: a payload echoed and compared byte for byte). Each
-//! outcome is kept with when it happened and judged at the end against the [`Timeline`].
+//! TLS connections (`openssl s_client`, certificate verified, a request answered), opaque
+//! connections (`shunt-probe connect`: a payload echoed and compared byte for byte) and, while
+//! switched on, short gRPC connections (`shunt-greeter churn`: a new connection per call, in
+//! batches of [`connection_churn::RATE`] a second). Each outcome is kept with when it
+//! happened and judged at the end against the [`Timeline`].
 
 use std::{
     collections::BTreeMap,
     io::Read,
     path::PathBuf,
     process::Command,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
     thread::JoinHandle,
     time::{Duration, Instant},
 };
 
 use super::{
-    interval::{FAULTED, GrpcInterval},
+    connection_churn,
+    interval::{CHURN_FAULTED, FAULTED, GrpcInterval, churn_error_key},
     sandbox::{CHURNED, SoakSandbox, TLS_NAME},
     timeline::{Timeline, WindowKind, now_ms},
 };
@@ -50,10 +56,32 @@ struct Record {
 
 impl Record {
     fn error(&mut self, key: String, message: &str) {
-        *self.errors.entry(key.clone()).or_default() += 1;
+        self.errors_n(key, 1, message);
+    }
+
+    fn errors_n(&mut self, key: String, n: u64, message: &str) {
+        *self.errors.entry(key.clone()).or_default() += n;
         self.messages
             .entry(key)
             .or_insert_with(|| message.chars().take(300).collect());
+    }
+}
+
+/// Switches the short-connection workload on and off, and tells whether a batch is still
+/// running (its connections are not done closing until it ends).
+#[derive(Default)]
+pub struct ChurnSwitch {
+    on: AtomicBool,
+    busy: AtomicBool,
+}
+
+impl ChurnSwitch {
+    pub fn set(&self, on: bool) {
+        self.on.store(on, Ordering::SeqCst);
+    }
+
+    pub fn busy(&self) -> bool {
+        self.busy.load(Ordering::SeqCst)
     }
 }
 
@@ -78,6 +106,8 @@ pub struct Outcomes {
     pub ok: BTreeMap<String, u64>,
     /// Unary calls the fault rule aborted, while it was set.
     pub faulted: u64,
+    /// Calls on short connections the fault rule aborted, while it was set.
+    pub churn_faulted: u64,
     /// Unary calls the churned greeter answered while out of the Service (from a second
     /// after its removal).
     pub served_while_removed: u64,
@@ -104,12 +134,13 @@ impl Outcomes {
 
     pub fn progress_line(&self) -> String {
         format!(
-            "unary {} ok {} faulted, streams {}, tls {}, opaque {}; unexpected {}, restart {}",
+            "unary {} ok {} faulted, streams {}, tls {}, opaque {}, short conns {}; unexpected {}, restart {}",
             self.ok("unary"),
             self.faulted,
             self.ok("streams"),
             self.ok("tls"),
             self.ok("opaque"),
+            self.ok("churn"),
             self.unexpected_total(),
             self.restart_total()
         )
@@ -117,8 +148,12 @@ impl Outcomes {
 }
 
 impl Workloads {
-    /// Starts every workload for `duration`.
-    pub fn start(sandbox: &Arc<SoakSandbox>, duration: Duration) -> anyhow::Result<Workloads> {
+    /// Starts every workload for `duration`; the short-connection one runs while `churn` is on.
+    pub fn start(
+        sandbox: &Arc<SoakSandbox>,
+        duration: Duration,
+        churn: Arc<ChurnSwitch>,
+    ) -> anyhow::Result<Workloads> {
         let records: Records = Arc::default();
         let deadline = Instant::now() + duration;
         let out = sandbox.sandbox.scratch_dir("soak-grpc")?.join("grpc.jsonl");
@@ -149,6 +184,13 @@ impl Workloads {
                     lock(&records).push(record);
                     std::thread::sleep(PAUSE);
                 }
+            }));
+        }
+        {
+            let sandbox = sandbox.clone();
+            let records = records.clone();
+            threads.push(std::thread::spawn(move || {
+                churn_while_on(&sandbox, &churn, &records, deadline);
             }));
         }
         Ok(Workloads {
@@ -211,9 +253,12 @@ fn tally(records: &[Record], timeline: &Timeline) -> Outcomes {
         }
         for (key, &n) in &record.errors {
             let key = key.clone();
-            let bucket = if key == FAULTED {
+            let bucket = if key == FAULTED || key == CHURN_FAULTED {
                 if timeline.overlaps(WindowKind::Fault, when, FAULT_MARGIN, FAULT_MARGIN) {
-                    outcomes.faulted += n;
+                    match key == FAULTED {
+                        true => outcomes.faulted += n,
+                        false => outcomes.churn_faulted += n,
+                    }
                     continue;
                 }
                 format!("{key} outside a fault window")
@@ -386,6 +431,88 @@ fn opaque_connections(sandbox: &SoakSandbox) -> Record {
         record.error(
             "opaque client ended early".into(),
             &format!("{seen} of {OPAQUE_BATCH} connections: {stderr}"),
+        );
+    }
+    record
+}
+
+/// While the switch is on, a batch of short connections a second until `deadline`.
+fn churn_while_on(
+    sandbox: &SoakSandbox,
+    switch: &ChurnSwitch,
+    records: &Records,
+    deadline: Instant,
+) {
+    while Instant::now() < deadline {
+        // Busy before looking at the switch: whoever turns it off and then sees "not busy"
+        // knows no batch started after.
+        switch.busy.store(true, Ordering::SeqCst);
+        if !switch.on.load(Ordering::SeqCst) {
+            switch.busy.store(false, Ordering::SeqCst);
+            std::thread::sleep(Duration::from_millis(100));
+            continue;
+        }
+        let started = Instant::now();
+        let record = churn_batch(sandbox);
+        lock(records).push(record);
+        switch.busy.store(false, Ordering::SeqCst);
+        // One batch a second whatever a batch took: the rate stays bounded.
+        std::thread::sleep(
+            (started + Duration::from_secs(1)).saturating_duration_since(Instant::now()),
+        );
+    }
+}
+
+/// [`connection_churn::RATE`] short connections to the gRPC Service,
+/// [`connection_churn::CONCURRENCY`] at a time, for at most a second: each a new TCP +
+/// HTTP/2 connection, one SayHello, closed.
+fn churn_batch(sandbox: &SoakSandbox) -> Record {
+    let mut record = Record {
+        from_ms: now_ms(),
+        ..Record::default()
+    };
+    let mut cmd = Command::new(crate::greeter_bin());
+    cmd.args(["churn", "--to", &SoakSandbox::grpc_vip().to_string()])
+        .args(["--count", &connection_churn::RATE.to_string()])
+        .args(["--concurrency", &connection_churn::CONCURRENCY.to_string()])
+        .args(["--seconds", "1"]);
+    // The client's own bounds: a second of new connections, 15 s for each, 2 s to close.
+    let outcome = sandbox
+        .sandbox
+        .run_in_pod(&sandbox.client, cmd, Duration::from_secs(30));
+    record.to_ms = now_ms();
+    let out = match outcome {
+        Ok(out) => out,
+        Err(e) => {
+            record.error("churn client did not finish".into(), &format!("{e:#}"));
+            return record;
+        }
+    };
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let parsed = serde_json::from_str::<crate::grpc::ChurnOutcome>(stdout.trim());
+    let churned = match (out.status.success(), parsed) {
+        (true, Ok(churned)) => churned,
+        (_, _) => {
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            record.error(
+                "churn client failed".into(),
+                &format!("{}: {stdout}{stderr}", out.status),
+            );
+            return record;
+        }
+    };
+    record.ok.insert("churn", churned.ok as u64);
+    for (backend, n) in churned.by_backend {
+        *record.by_backend.entry(backend).or_default() += n as u64;
+    }
+    for (code, n) in &churned.errors {
+        let message = churned.messages.get(code).map_or("", String::as_str);
+        record.errors_n(churn_error_key(code, message), *n as u64, message);
+    }
+    if churned.sockets_open_at_end > 0 {
+        record.error(
+            "churn client kept connections open".into(),
+            &format!("{} sockets open after closing", churned.sockets_open_at_end),
         );
     }
     record

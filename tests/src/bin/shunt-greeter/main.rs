@@ -9,6 +9,10 @@
 //! `load --to ADDR[,ADDR…] --connections C --streams M --seconds S [--rate R]` is the benchmark's
 //! load generator: closed-loop (C channels × M calls in flight each) or, with `--rate`, open-loop
 //! at R calls/s; prints calls, calls/s, p50/p99 and the split by backend as JSON;
+//! `churn --to ADDR[,ADDR…] --count N --concurrency C [--seconds S]` makes N short connections,
+//! C at a time, each a new channel (new TCP + HTTP/2 connection) with one SayHello call and
+//! then closed, stopping early after S seconds (default 120); prints one JSON line like `call`
+//! with `seconds`, `per_second` and the sockets still open at the end (0: they all closed);
 //! `soak --to ADDR --seconds S --rate R --streams N` is the soak's gRPC workload: unary calls at
 //! R/s and N server streams at a time, one JSON line of outcomes per second.
 
@@ -22,6 +26,7 @@ use std::{
     task::{Context, Poll},
 };
 
+mod churn;
 mod load;
 mod soak;
 
@@ -91,6 +96,7 @@ enum Cmd {
         every: Option<std::time::Duration>,
     },
     Load(load::LoadArgs),
+    Churn(churn::ChurnArgs),
     Soak(soak::SoakArgs),
 }
 
@@ -105,6 +111,7 @@ async fn main() {
         } => call_every(to, every).await,
         Cmd::Call { to, count, .. } => call(to, count).await,
         Cmd::Load(args) => load::run(args).await,
+        Cmd::Churn(args) => churn::run(args).await,
         Cmd::Soak(args) => soak::run(args).await,
     };
     if let Err(e) = result {

@@ -1,0 +1,270 @@
+//! Commands given a configuration (`--config`) talk to the daemon and the pins that
+//! configuration names, not the default ones: with two daemons side by side, each in its own
+//! sandbox (cgroup, pin directory, admin socket), `shunt uninstall --config` of one stops
+//! that one and removes its pins only, and the other keeps redirecting its pods. Also what
+//! `shunt status` and `/metrics` say about the open-file limit. Run as root.
+
+use std::{
+    ffi::OsStr,
+    net::SocketAddr,
+    path::Path,
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use anyhow::{Context, bail, ensure};
+use serde_json::Value;
+use shunt_tests::{
+    daemon::{Daemon, Options},
+    probe,
+    sandbox::{self, Pod, Sandbox},
+    telemetry,
+};
+
+const PORT: u16 = 8080;
+
+/// A sandbox with a client pod and a probe server in a backend pod; the server's address.
+fn serving_sandbox() -> anyhow::Result<(Sandbox, Pod, SocketAddr)> {
+    let sandbox = Sandbox::new()?;
+    let client = sandbox.add_pod("client")?;
+    let backend = sandbox.add_pod("backend")?;
+    let to = SocketAddr::new(backend.ipv4.into(), PORT);
+    probe::serve(&sandbox, &backend, to)?;
+    Ok((sandbox, client, to))
+}
+
+/// One real connection from `pod` to `to`, which must succeed; whether shunt redirected it.
+fn redirected(sandbox: &Sandbox, pod: &Pod, to: SocketAddr) -> anyhow::Result<bool> {
+    let seen = probe::connect(sandbox, pod, to, 1)?.remove(0);
+    seen.ok()?;
+    Ok(seen.was_redirected())
+}
+
+/// `shunt ARGS…` with only what the arguments say: no `$SHUNT_ADMIN_SOCKET` from the
+/// environment. Its stdout, or an error with its stderr.
+fn shunt<S: AsRef<OsStr>>(args: &[S]) -> anyhow::Result<String> {
+    let shown: Vec<String> = args
+        .iter()
+        .map(|a| a.as_ref().to_string_lossy().into_owned())
+        .collect();
+    let child = Command::new(shunt_tests::shunt_bin())
+        .args(args)
+        .env_remove("SHUNT_ADMIN_SOCKET")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting shunt")?;
+    let out = sandbox::wait_with_timeout(child, Duration::from_secs(20))?;
+    if !out.status.success() {
+        bail!(
+            "shunt {}: {}",
+            shown.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn shunt_json<S: AsRef<OsStr>>(args: &[S]) -> anyhow::Result<Value> {
+    let out = shunt(args)?;
+    serde_json::from_str(&out).with_context(|| format!("shunt printed {out:?}"))
+}
+
+/// Files under a pin directory (programs, links and maps), or none if it has gone.
+fn pins(dir: &Path) -> usize {
+    std::fs::read_dir(dir).map_or(0, |entries| entries.count())
+}
+
+#[test]
+fn uninstall_with_a_config_stops_that_daemon_only() -> anyhow::Result<()> {
+    let (first_sandbox, first_client, first_to) = serving_sandbox()?;
+    let (second_sandbox, second_client, second_to) = serving_sandbox()?;
+    let first = Daemon::start(&first_sandbox, &[&first_client], &Options::default())?;
+    let mut second = Daemon::start(&second_sandbox, &[&second_client], &Options::default())?;
+    ensure!(
+        first.socket != second.socket
+            && first.pin_dir != second.pin_dir
+            && first_sandbox.cgroup() != second_sandbox.cgroup(),
+        "the two daemons must share nothing"
+    );
+    for (sandbox, client, to) in [
+        (&first_sandbox, &first_client, first_to),
+        (&second_sandbox, &second_client, second_to),
+    ] {
+        ensure!(
+            redirected(sandbox, client, to)?,
+            "a pod of {} is not redirected before the uninstall",
+            sandbox.id()
+        );
+    }
+    let first_pins = pins(&first.pin_dir);
+    ensure!(first_pins > 0, "nothing pinned under {:?}", first.pin_dir);
+    ensure!(
+        pins(&second.pin_dir) > 0,
+        "nothing pinned under {:?}",
+        second.pin_dir
+    );
+
+    // Any command given a configuration reaches the daemon it names, before or after the
+    // command; an explicit --admin-socket wins over it.
+    let first_pid = u64::from(first.pid()?);
+    let second_pid = u64::from(second.pid()?);
+    let status = shunt_json(&[
+        OsStr::new("status"),
+        OsStr::new("--config"),
+        first.config.as_os_str(),
+        OsStr::new("-o"),
+        OsStr::new("json"),
+    ])?;
+    ensure!(
+        status["pid"] == first_pid,
+        "status --config FIRST: {status}"
+    );
+    let status = shunt_json(&[
+        OsStr::new("--config"),
+        second.config.as_os_str(),
+        OsStr::new("-o"),
+        OsStr::new("json"),
+        OsStr::new("status"),
+    ])?;
+    ensure!(
+        status["pid"] == second_pid,
+        "--config SECOND status: {status}"
+    );
+    let status = shunt_json(&[
+        OsStr::new("--admin-socket"),
+        first.socket.as_os_str(),
+        OsStr::new("--config"),
+        second.config.as_os_str(),
+        OsStr::new("status"),
+        OsStr::new("-o"),
+        OsStr::new("json"),
+    ])?;
+    ensure!(
+        status["pid"] == first_pid,
+        "--admin-socket FIRST --config SECOND: the flag must win: {status}"
+    );
+
+    let out = shunt(&[
+        OsStr::new("uninstall"),
+        OsStr::new("--config"),
+        second.config.as_os_str(),
+    ])?;
+    ensure!(out.starts_with("removed "), "uninstall printed {out:?}");
+    second
+        .wait_exit(Duration::from_secs(20))
+        .with_context(|| format!("the second daemon's log:\n{}", second.log_text()))?;
+    ensure!(
+        !second.pin_dir.exists(),
+        "{:?} is still there after uninstalling the second daemon",
+        second.pin_dir
+    );
+    // Its programs are gone: its pod's connections go direct.
+    ensure!(
+        !redirected(&second_sandbox, &second_client, second_to)?,
+        "a pod of the uninstalled daemon is still redirected"
+    );
+
+    // The first daemon never heard of it: still running, pins in place, pods redirected.
+    ensure!(
+        first.is_running(),
+        "the first daemon stopped; its log:\n{}",
+        first.log_text()
+    );
+    ensure!(
+        pins(&first.pin_dir) == first_pins,
+        "the first daemon's pins changed: {} of {first_pins} left",
+        pins(&first.pin_dir)
+    );
+    let status = first.ctl_json(&["status"])?;
+    ensure!(status["pid"] == first_pid, "{status}");
+    for _ in 0..3 {
+        ensure!(
+            redirected(&first_sandbox, &first_client, first_to)?,
+            "the first daemon's pod is no longer redirected; its log:\n{}",
+            first.log_text()
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn status_and_metrics_show_the_open_file_limits_and_the_limits_sized_to_them() -> anyhow::Result<()>
+{
+    let sandbox = Sandbox::new()?;
+    let client = sandbox.add_pod("client")?;
+    // The per-pod limit configured, the node's left to be sized.
+    let options = Options {
+        extra_yaml: "limits:\n  max_connections_per_pod: 100\n".into(),
+        ..Options::default()
+    };
+    let daemon = Daemon::start(&sandbox, &[&client], &options)?;
+
+    let status = shunt_json(&[
+        OsStr::new("status"),
+        OsStr::new("--config"),
+        daemon.config.as_os_str(),
+        OsStr::new("-o"),
+        OsStr::new("json"),
+    ])?;
+    let soft = status["open_files"]["soft"]
+        .as_u64()
+        .with_context(|| format!("no soft open-file limit in {status}"))?;
+    let hard = status["open_files"]["hard"]
+        .as_u64()
+        .with_context(|| format!("no hard open-file limit in {status}"))?;
+    // Raised at start-up: the soft limit to the hard one at least (root may go further).
+    ensure!(soft == hard, "soft {soft} not raised to hard {hard}");
+    ensure!(soft > 1024, "open-file limit {soft} not raised");
+    // Two descriptors per connection after a reserve of 1024, at most the default.
+    let sized = ((soft - 1024) / 2).min(65_536);
+    ensure!(
+        status["max_connections"] == sized,
+        "max_connections is not sized to {soft} descriptors ({sized}): {status}"
+    );
+    ensure!(
+        status["max_connections_per_pod"] == 100,
+        "the configured per-pod limit must stay as configured: {status}"
+    );
+
+    let text = shunt(&[
+        OsStr::new("--config"),
+        daemon.config.as_os_str(),
+        OsStr::new("status"),
+    ])?;
+    let line =
+        format!("limits: {sized} connections, 100 per pod  open files: soft {soft}, hard {hard}");
+    ensure!(text.contains(&line), "status text lacks {line:?}:\n{text}");
+    // `shunt config` prints the limits in force.
+    let config = shunt(&[
+        OsStr::new("config"),
+        OsStr::new("--config"),
+        daemon.config.as_os_str(),
+    ])?;
+    ensure!(
+        config.contains(&format!("max_connections: {sized}\n"))
+            && config.contains("max_connections_per_pod: 100\n"),
+        "shunt config does not show the limits in force:\n{config}"
+    );
+
+    let scrape = telemetry::scrape(daemon.telemetry_addr("metrics")?)?;
+    telemetry::promtool_check(&scrape.text)?;
+    for (labels, value) in [(("kind", "soft"), soft), (("kind", "hard"), hard)] {
+        let got = scrape.sum("shunt_open_files_limit", &[labels]);
+        ensure!(
+            got == value as f64,
+            "shunt_open_files_limit{{{}={:?}}} is {got}, not {value}",
+            labels.0,
+            labels.1
+        );
+    }
+    for (limit, value) in [("node", sized), ("pod", 100)] {
+        let got = scrape.sum("shunt_connections_limit", &[("limit", limit)]);
+        ensure!(
+            got == value as f64,
+            "shunt_connections_limit{{limit={limit:?}}} is {got}, not {value}"
+        );
+    }
+    Ok(())
+}
