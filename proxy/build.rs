@@ -6,6 +6,10 @@
 //! We call Debian's cargo and rustc explicitly so that rustup's toolchain (which lacks that
 //! `core`) is never picked up, and give the eBPF build its own target directory so it does not
 //! wait on the lock of the build that runs us.
+//!
+//! `SHUNT_SKIP_EBPF_BUILD=1` skips all of that and embeds an empty object (as aya-build's
+//! `AYA_BUILD_SKIP` does), so the unit tests and clippy run on a machine without the eBPF
+//! toolchain; a daemon built so refuses to start and says why.
 
 use std::{
     env,
@@ -14,6 +18,8 @@ use std::{
 };
 
 const TARGET: &str = "bpfel-unknown-none";
+/// Set (and not `0`): embed no eBPF object.
+const SKIP: &str = "SHUNT_SKIP_EBPF_BUILD";
 
 fn main() {
     let manifest_dir = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("set by cargo"));
@@ -30,11 +36,20 @@ fn main() {
         "cargo:rerun-if-changed={}",
         ebpf_dir.join("Cargo.lock").display()
     );
-    for var in ["SHUNT_BPF_CARGO", "SHUNT_BPF_RUSTC"] {
+    for var in ["SHUNT_BPF_CARGO", "SHUNT_BPF_RUSTC", SKIP] {
         println!("cargo:rerun-if-env-changed={var}");
     }
 
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").expect("set by cargo"));
+    let embedded = out_dir.join("shunt.bpf.o");
+    if env::var(SKIP).is_ok_and(|v| !v.is_empty() && v != "0") {
+        println!(
+            "cargo:warning={SKIP} is set: no eBPF programs embedded; `shunt run` will refuse to start"
+        );
+        std::fs::write(&embedded, b"")
+            .unwrap_or_else(|e| fail(&format!("writing {}: {e}", embedded.display())));
+        return;
+    }
     let target_dir = out_dir.join("ebpf-target");
     let cargo = env::var("SHUNT_BPF_CARGO").unwrap_or_else(|_| "/usr/bin/cargo".into());
     let rustc = env::var("SHUNT_BPF_RUSTC").unwrap_or_else(|_| "/usr/bin/rustc".into());
@@ -82,7 +97,6 @@ fn main() {
         fail(&format!("building the eBPF programs failed ({status})"));
     }
     let object = target_dir.join(TARGET).join("release").join("shunt");
-    let embedded = out_dir.join("shunt.bpf.o");
     std::fs::copy(&object, &embedded)
         .unwrap_or_else(|e| fail(&format!("copying {}: {e}", object.display())));
 }

@@ -27,7 +27,7 @@ use crate::{
     k8s, privileges,
     proxy::{Proxy, Settings},
     state::{ConnTable, ProxyCounters, StreamLog},
-    telemetry::Telemetry,
+    telemetry::{self, Telemetry},
     workers::Workers,
 };
 
@@ -109,10 +109,11 @@ pub async fn run(prepared: Prepared) -> anyhow::Result<()> {
         "programs attached"
     );
 
-    let conns = Arc::new(ConnTable::new(telemetry.clone()));
+    let conns = Arc::new(ConnTable::new(telemetry.observer()));
     let counters = Arc::new(ProxyCounters::default());
     let (stop_connections, shutdown) = tokio::sync::watch::channel(false);
     let faults = Arc::new(Faults::new(config.faults.clone(), config.max_active_faults));
+    let settings = Arc::new(ArcSwap::from_pointee(Settings::new(&config)));
     let workers = match intercept.workers {
         0 => Workers::default_count(),
         n => n,
@@ -121,8 +122,8 @@ pub async fn run(prepared: Prepared) -> anyhow::Result<()> {
     tracing::info!(workers = workers.count(), "worker threads started");
     let proxy = Arc::new(Proxy {
         workers,
-        faults,
-        streams: Arc::new(StreamLog::new(telemetry.clone())),
+        faults: faults.clone(),
+        streams: Arc::new(StreamLog::new(telemetry.observer())),
         telemetry: telemetry.clone(),
         shutdown,
         dst_table: datapath.original_dst_table()?,
@@ -131,7 +132,7 @@ pub async fn run(prepared: Prepared) -> anyhow::Result<()> {
         conns: conns.clone(),
         counters: counters.clone(),
         mark: intercept.mark,
-        settings: ArcSwap::from_pointee(Settings::new(&config)),
+        settings: settings.clone(),
         discovered: Default::default(),
         admission: Default::default(),
     });
@@ -193,13 +194,25 @@ pub async fn run(prepared: Prepared) -> anyhow::Result<()> {
         enrollments: enrollments.clone(),
         datapath: datapath.clone(),
         conns: conns.clone(),
-        counters,
+        counters: counters.clone(),
         commands,
         kubernetes: kubernetes.clone(),
         handing_off: handing_off.clone(),
     });
     let admin_task = tokio::spawn(admin::serve(admin_listener, admin_access, admin_ctx));
-    telemetry.serve_metrics(proxy.clone(), datapath.clone(), enrollments.clone());
+    // Narrow handles, not the proxy: telemetry outlives what it reports on, and must not keep
+    // it alive (the proxy holds telemetry).
+    let ebpf = datapath.clone();
+    let ebpf_counters = move || ebpf.lock().unwrap_or_else(|p| p.into_inner()).counters();
+    let enrolled = Arc::downgrade(&enrollments);
+    telemetry.serve_metrics(telemetry::Sources {
+        conns: conns.clone(),
+        counters,
+        faults,
+        settings,
+        ebpf_counters: Box::new(ebpf_counters),
+        pods_enrolled: Box::new(move || enrolled.upgrade().map_or(0, |e| e.list().len())),
+    });
     let watches = kubernetes.clone();
     telemetry.health().set_ready(move || {
         let missing = datapath
@@ -319,6 +332,10 @@ pub async fn run(prepared: Prepared) -> anyhow::Result<()> {
             _ = sigint.recv() => {}
         }
     }
+    // What outlived the drain is cancelled here, with the worker threads joined, rather than
+    // left to the process's exit; the proxy itself goes when the main runtime drops the
+    // control plane's tasks (nothing else holds it: telemetry reads narrow handles).
+    proxy.workers.shutdown();
     Ok(())
 }
 

@@ -2,6 +2,11 @@
 //!
 //! See ARCHITECTURE.md for the data path and how the modules fit together. The library exists
 //! for the `shunt` binary and the fuzz targets (`fuzz/`); it is not a stable API.
+//!
+//! `unsafe` is denied everywhere but in the `sys` modules (`bpf/sys.rs`, `handoff/sys.rs`,
+//! `inpod/sys.rs`, `proxy/sys.rs`, `telemetry/sys.rs`), which wrap each system call safely.
+
+#![deny(unsafe_code)]
 
 pub mod admin;
 mod bpf;

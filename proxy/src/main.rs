@@ -1,5 +1,7 @@
 //! The `shunt` command: the daemon (`shunt run`) and the admin CLI.
 
+#![forbid(unsafe_code)]
+
 use clap::{CommandFactory, Parser, error::ErrorKind};
 
 use shunt::{

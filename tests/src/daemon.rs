@@ -233,8 +233,7 @@ impl<'a> Daemon<'a> {
         let Some(pid) = self.pid.take() else {
             return true;
         };
-        // SAFETY: kill has no memory-safety preconditions.
-        unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+        let _ = crate::sys::kill(pid as i32, libc::SIGTERM);
         let deadline = Instant::now() + timeout;
         while self.sandbox.is_running(pid) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
@@ -315,23 +314,10 @@ impl<'a> Daemon<'a> {
     pub fn eventually(
         &self,
         what: &str,
-        mut check: impl FnMut() -> anyhow::Result<bool>,
+        check: impl FnMut() -> anyhow::Result<bool>,
     ) -> anyhow::Result<()> {
-        const WAIT: Duration = Duration::from_secs(30);
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let last = check();
-            if matches!(last, Ok(true)) {
-                return Ok(());
-            }
-            if Instant::now() >= deadline {
-                bail!(
-                    "not so after {WAIT:?}: {what} (last check: {last:?}); shunt's log:\n{}",
-                    self.log_text()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        crate::fixture::until(what, Duration::from_secs(30), check)
+            .with_context(|| format!("shunt's log:\n{}", self.log_text()))
     }
 }
 

@@ -100,15 +100,6 @@ pub fn tonic_greeters(sandbox: &Sandbox, n: usize, port: u16) -> anyhow::Result<
         .collect()
 }
 
-/// The `services:` section of a configuration with one Service `greeter` at `vip`.
-pub fn greeter_service_yaml(vip: SocketAddr, endpoints: &[SocketAddr]) -> String {
-    let list: Vec<String> = endpoints.iter().map(|e| format!("'{e}'")).collect();
-    format!(
-        "services:\n  - name: greeter\n    vip: '{vip}'\n    endpoints: [{}]\n",
-        list.join(", ")
-    )
-}
-
 /// Makes `count` SayHello calls with a tonic client on one channel.
 pub fn tonic_call(
     sandbox: &Sandbox,

@@ -9,6 +9,7 @@
 pub mod bench;
 pub mod daemon;
 pub mod demo;
+pub mod fixture;
 pub mod grpc;
 pub mod interrupts;
 pub mod iptables;
@@ -16,6 +17,8 @@ pub mod kube_api;
 pub mod probe;
 pub mod sandbox;
 pub mod soak;
+#[allow(unsafe_code)]
+pub mod sys;
 pub mod telemetry;
 pub mod tls;
 pub mod web;
@@ -48,8 +51,7 @@ fn bin_from_env(var: &str, name: &str) -> PathBuf {
 /// Fails with a clear message unless running as root: the sandbox needs namespaces, cgroups
 /// and BPF.
 pub fn require_root() -> anyhow::Result<()> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
+    if sys::geteuid() != 0 {
         anyhow::bail!("the sandbox needs root (network namespaces, cgroups, BPF): run as root");
     }
     Ok(())

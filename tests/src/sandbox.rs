@@ -12,7 +12,6 @@ use std::{
     fs::File,
     io::Read,
     net::{Ipv4Addr, Ipv6Addr},
-    os::{fd::AsRawFd, unix::process::CommandExt},
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
     sync::{
@@ -330,35 +329,7 @@ fn enter_on_exec(cmd: &mut Command, netns: Option<File>, cgroup: &Path) -> anyho
             .into_encoded_bytes(),
     )
     .context("cgroup path contains NUL")?;
-    // SAFETY: the closure only makes async-signal-safe calls (sigprocmask, setns, open,
-    // write, close) on data prepared before fork.
-    unsafe {
-        cmd.pre_exec(move || {
-            // The mask is inherited across exec: a tool that blocks SIGINT/SIGTERM to wait
-            // for them on a thread (`interrupts`) would start daemons deaf to SIGTERM.
-            let mut none: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut none);
-            if libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut()) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            if let Some(netns) = &netns
-                && libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) != 0
-            {
-                return Err(std::io::Error::last_os_error());
-            }
-            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-            if fd < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            // "0" moves the writing process itself.
-            let written = libc::write(fd, b"0".as_ptr().cast(), 1);
-            libc::close(fd);
-            if written != 1 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    crate::sys::enter_on_exec(cmd, netns, procs);
     Ok(())
 }
 
@@ -431,8 +402,7 @@ fn kill_cgroup(cgroup: &Path) {
     if std::fs::write(cgroup.join("cgroup.kill"), "1").is_err() {
         // Kernels before 5.14 have no cgroup.kill.
         for pid in cgroup_pids(cgroup) {
-            // SAFETY: kill has no memory-safety preconditions.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
+            let _ = crate::sys::kill(pid, libc::SIGKILL);
         }
     }
     let deadline = Instant::now() + Duration::from_secs(5);

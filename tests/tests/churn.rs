@@ -2,27 +2,23 @@
 //! CLIs, cron jobs, misconfigured gRPC clients) must not make shunt hold more and more
 //! upstream connections, descriptors or memory. Run as root.
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 
 use anyhow::Context;
 use shunt_tests::{
     bench::process::{established_to_port, fd_count, rss_kib},
     daemon::{Daemon, Options},
+    fixture::{self, vip},
     grpc,
     sandbox::{Pod, Sandbox},
 };
 
-const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const PORT: u16 = 50051;
 const GREETERS: usize = 3;
 /// The daemon's worker threads: each has its own pool per pod.
 const WORKERS: usize = 2;
 /// `http2.upstream_max_idle` in these tests.
 const MAX_IDLE: usize = 1;
-
-fn vip() -> SocketAddr {
-    SocketAddr::new(VIP.into(), PORT)
-}
 
 /// A client pod and three tonic greeters behind the Service at [`vip`].
 fn greeters(sandbox: &Sandbox) -> anyhow::Result<(Pod, Vec<SocketAddr>)> {
@@ -33,7 +29,7 @@ fn greeters(sandbox: &Sandbox) -> anyhow::Result<(Pod, Vec<SocketAddr>)> {
 fn options(endpoints: &[SocketAddr]) -> Options {
     Options {
         intercept_yaml: format!("  workers: {WORKERS}\n"),
-        extra_yaml: grpc::greeter_service_yaml(vip(), endpoints)
+        extra_yaml: fixture::service_yaml("greeter", vip(PORT), endpoints)
             + &format!("http2:\n  upstream_max_idle: {MAX_IDLE}\n"),
         // Ten thousand connections' debug lines would only slow the daemon down.
         log: Some("info"),
@@ -81,14 +77,14 @@ fn ten_thousand_short_connections_leave_no_upstream_connections_behind() -> anyh
     let kept = (GREETERS * WORKERS * MAX_IDLE) as u64;
 
     // Warm up (pools, allocator, the greeters' own connections), then take the baseline.
-    let warm = grpc::churn(&sandbox, &client, vip(), 300, 8)?;
+    let warm = grpc::churn(&sandbox, &client, vip(PORT), 300, 8)?;
     anyhow::ensure!(warm.ok == 300, "warm-up: {warm:?}");
     daemon.eventually("the pools are down to their idle cap", || {
         Ok(upstream_sockets(&sandbox, &client)? <= kept)
     })?;
     let before = held(&daemon)?;
 
-    let churn = grpc::churn(&sandbox, &client, vip(), 10_000, 8)?;
+    let churn = grpc::churn(&sandbox, &client, vip(PORT), 10_000, 8)?;
     anyhow::ensure!(churn.ok == 10_000, "{churn:?}");
     // Per-stream balancing still spreads them.
     for (backend, served) in &churn.by_backend {
@@ -145,7 +141,7 @@ fn pools_of_an_unenrolled_pod_are_closed() -> anyhow::Result<()> {
     let sandbox = Sandbox::new()?;
     let (client, endpoints) = greeters(&sandbox)?;
     let daemon = Daemon::start(&sandbox, &[&client], &options(&endpoints))?;
-    let calls = grpc::call(&sandbox, &client, vip(), 30)?;
+    let calls = grpc::call(&sandbox, &client, vip(PORT), 30)?;
     calls.check_even(30, GREETERS, 0.5)?;
     anyhow::ensure!(upstream_sockets(&sandbox, &client)? > 0);
     daemon.ctl(&["unenroll", "--name", &client.name])?;

@@ -10,24 +10,17 @@ use std::{
 use anyhow::ensure;
 use shunt_tests::{
     daemon::{Daemon, Options},
+    fixture::{self, vip},
     grpc,
     sandbox::{Pod, Sandbox},
     tls, web,
 };
 
-const VIP: &str = "10.96.0.10";
 const PORT: u16 = 50051;
-
-fn vip(port: u16) -> SocketAddr {
-    SocketAddr::new(VIP.parse().expect("valid VIP"), port)
-}
 
 fn service(name: &str, port: u16, endpoint: SocketAddr, extra: &str) -> Options {
     Options {
-        extra_yaml: format!(
-            "services:\n  - name: {name}\n    vip: '{}'\n    endpoints: ['{endpoint}']\n{extra}",
-            vip(port)
-        ),
+        extra_yaml: fixture::service_yaml(name, vip(port), &[endpoint]) + extra,
         ..Options::default()
     }
 }
@@ -139,7 +132,7 @@ fn an_http_abort_answers_plain_http2_with_the_status() -> anyhow::Result<()> {
         if chaos {
             curl.args(["-H", "x-chaos: on"]);
         }
-        curl.arg(format!("http://{VIP}/index.html"));
+        curl.arg(format!("http://{}/index.html", fixture::VIP));
         let out = sandbox.run_in_pod(&client, curl, Duration::from_secs(20))?;
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     };

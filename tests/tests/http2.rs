@@ -11,26 +11,20 @@ use std::{
 use anyhow::ensure;
 use shunt_tests::{
     daemon::{Daemon, Options},
-    grpc,
+    fixture, grpc,
     sandbox::{Pod, Sandbox},
     web,
 };
 
-const VIP: &str = "10.96.0.10";
 const PORT: u16 = 50051;
 
 fn vip() -> SocketAddr {
-    SocketAddr::new(VIP.parse().expect("valid VIP"), PORT)
+    fixture::vip(PORT)
 }
 
 fn service(endpoints: &[SocketAddr]) -> Options {
-    let list: Vec<String> = endpoints.iter().map(|e| format!("'{e}'")).collect();
     Options {
-        extra_yaml: format!(
-            "services:\n  - name: greeter\n    vip: '{}'\n    endpoints: [{}]\n",
-            vip(),
-            list.join(", ")
-        ),
+        extra_yaml: fixture::service_yaml("greeter", vip(), endpoints),
         ..Options::default()
     }
 }
@@ -173,10 +167,10 @@ fn curl_with_prior_knowledge_reaches_a_plain_http2_server() -> anyhow::Result<()
     let web = sandbox.add_pod("web")?;
     web::serve(&sandbox, &web, 8080, &[("hello.txt", "hello over h2\n")])?;
     let endpoint = SocketAddr::new(web.ipv4.into(), 8080);
-    let mut options = service(&[endpoint]);
-    options.extra_yaml = options
-        .extra_yaml
-        .replace(&format!("{VIP}:{PORT}"), &format!("{VIP}:80"));
+    let options = Options {
+        extra_yaml: fixture::service_yaml("greeter", fixture::vip(80), &[endpoint]),
+        ..Options::default()
+    };
     let daemon = Daemon::start(&sandbox, &[&client], &options)?;
 
     let mut curl = Command::new("curl");
@@ -186,7 +180,7 @@ fn curl_with_prior_knowledge_reaches_a_plain_http2_server() -> anyhow::Result<()
         "-w",
         "\n%{http_version} %{http_code}",
     ])
-    .arg(format!("http://{VIP}/hello.txt"));
+    .arg(format!("http://{}/hello.txt", fixture::VIP));
     let out = sandbox.run_in_pod(&client, curl, Duration::from_secs(20))?;
     let text = String::from_utf8_lossy(&out.stdout);
     ensure!(
@@ -217,8 +211,7 @@ fn sigterm_lets_calls_in_flight_finish() -> anyhow::Result<()> {
     let pid = daemon.ctl_json(&["status"])?["pid"]
         .as_i64()
         .unwrap_or_default() as i32;
-    // SAFETY: kill has no memory-safety preconditions.
-    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let _ = shunt_tests::sys::kill(pid, libc::SIGTERM);
     let calls = slow.finish(&sandbox)?;
     assert_eq!(
         calls.ok, 1,
@@ -290,8 +283,7 @@ fn dns_discovery_follows_the_records_of_a_real_dns_server() -> anyhow::Result<()
         &hosts,
         format!("{}{}", record(&endpoints[0]), record(&endpoints[1])),
     )?;
-    // SAFETY: kill has no memory-safety preconditions.
-    unsafe { libc::kill(dnsmasq_pid as i32, libc::SIGHUP) };
+    let _ = shunt_tests::sys::kill(dnsmasq_pid as i32, libc::SIGHUP);
     let two = wait_for(2)?;
     assert_eq!(two.by_backend.values().sum::<usize>(), 60);
     let services = daemon.ctl_json(&["services"])?;

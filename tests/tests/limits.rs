@@ -14,23 +14,19 @@ use anyhow::{Context, bail, ensure};
 use serde_json::Value;
 use shunt_tests::{
     daemon::{Daemon, Options},
-    grpc, probe,
+    fixture, grpc, probe,
     sandbox::{Pod, Sandbox},
 };
 
-const VIP: &str = "10.96.0.10";
 const GRPC_PORT: u16 = 50051;
 const ECHO_PORT: u16 = 7000;
 
 fn vip() -> SocketAddr {
-    SocketAddr::new(VIP.parse().expect("valid VIP"), GRPC_PORT)
+    fixture::vip(GRPC_PORT)
 }
 
 fn service_yaml(endpoint: SocketAddr) -> String {
-    format!(
-        "services:\n  - name: greeter\n    vip: '{}'\n    endpoints: ['{endpoint}']\n",
-        vip()
-    )
+    fixture::service_yaml("greeter", vip(), &[endpoint])
 }
 
 /// A client pod and a tonic greeter (shunt-greeter) behind the VIP.
@@ -84,23 +80,6 @@ impl Background {
     }
 }
 
-/// Polls `check` until it holds or `within` passes.
-fn eventually(
-    within: Duration,
-    mut check: impl FnMut() -> anyhow::Result<bool>,
-) -> anyhow::Result<()> {
-    let deadline = Instant::now() + within;
-    loop {
-        if check()? {
-            return Ok(());
-        }
-        if Instant::now() >= deadline {
-            bail!("condition not met within {within:?}");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 fn outcome(line: &Value, kind: &str) -> u64 {
     line["outcomes"][kind].as_u64().unwrap_or(0)
 }
@@ -142,7 +121,7 @@ fn slowloris_clients_are_closed_by_the_timeouts_while_grpc_is_served() -> anyhow
     // Half a preface, then silence: forwarded as opaque when detection times out, and
     // closed by the idle timeout.
     let stalled = slowloris("stalled", &PREFACE_HEX[..32], &[])?;
-    eventually(Duration::from_secs(20), || {
+    fixture::until("40 connections accepted", Duration::from_secs(20), || {
         Ok(daemon.counter("proxy", "accepted")? >= 40)
     })?;
     // Meanwhile a well-behaved client is served in full.
@@ -214,8 +193,9 @@ fn a_flood_over_the_limits_is_reset_and_what_is_within_keeps_working() -> anyhow
     ensure!(outcome(&again_b, "served") == 4, "{again_b}");
     // The flood is over (the probes have exited): new connections are served again, from
     // both pods.
-    eventually(Duration::from_secs(20), || echo_works(&sandbox, &a, echo))?;
-    eventually(Duration::from_secs(20), || echo_works(&sandbox, &b, echo))?;
+    let within = Duration::from_secs(20);
+    fixture::until("pod a is served", within, || echo_works(&sandbox, &a, echo))?;
+    fixture::until("pod b is served", within, || echo_works(&sandbox, &b, echo))?;
     Ok(())
 }
 
@@ -251,20 +231,14 @@ fn lowest_free_fd(pid: u32) -> anyhow::Result<u64> {
 }
 
 fn set_fd_limit(pid: u32, soft: u64) -> anyhow::Result<()> {
-    let mut old = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: prlimit reads `new` and writes `old`, both valid for the call.
-    let got = unsafe { libc::prlimit(pid as i32, libc::RLIMIT_NOFILE, std::ptr::null(), &mut old) };
-    ensure!(got == 0, "prlimit: {}", std::io::Error::last_os_error());
+    let old = shunt_tests::sys::open_file_limit_of(pid as i32)
+        .map_err(|e| anyhow::anyhow!("prlimit: {e}"))?;
     let new = libc::rlimit {
         rlim_cur: soft,
         rlim_max: old.rlim_max,
     };
-    // SAFETY: as above.
-    let set = unsafe { libc::prlimit(pid as i32, libc::RLIMIT_NOFILE, &new, std::ptr::null_mut()) };
-    ensure!(set == 0, "prlimit: {}", std::io::Error::last_os_error());
+    shunt_tests::sys::set_open_file_limit_of(pid as i32, new)
+        .map_err(|e| anyhow::anyhow!("prlimit: {e}"))?;
     Ok(())
 }
 
@@ -328,9 +302,11 @@ fn out_of_descriptors_the_daemon_lives_on_and_recovers() -> anyhow::Result<()> {
 
     // The held connections have closed (the probe exited): descriptors are back, and new
     // connections are served without anyone touching the limit.
-    eventually(Duration::from_secs(30), || {
-        echo_works(&sandbox, &client, echo)
-    })?;
+    fixture::until(
+        "new connections are served",
+        Duration::from_secs(30),
+        || echo_works(&sandbox, &client, echo),
+    )?;
     let errors = daemon.counter("proxy", "accept_errors")?;
     // Failed accepts were retried with a backoff, not in a busy loop.
     ensure!((1..1000).contains(&errors), "accept_errors = {errors}");

@@ -6,13 +6,14 @@
 use std::{
     net::SocketAddr,
     process::{Command, Stdio},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use anyhow::{Context, ensure};
 use serde_json::Value;
 use shunt_tests::{
     daemon::{Daemon, Options},
+    fixture::eventually,
     grpc, probe,
     sandbox::Sandbox,
     telemetry::{self, Scrape},
@@ -29,21 +30,6 @@ const M: usize = 3;
 
 fn addr(text: &str) -> SocketAddr {
     text.parse().expect("valid address")
-}
-
-/// Polls `check` every 50 ms until it passes or `timeout` runs out (then its last error).
-fn eventually<T>(
-    timeout: Duration,
-    mut check: impl FnMut() -> anyhow::Result<T>,
-) -> anyhow::Result<T> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        match check() {
-            Ok(value) => return Ok(value),
-            Err(e) if Instant::now() >= deadline => return Err(e),
-            Err(_) => std::thread::sleep(Duration::from_millis(50)),
-        }
-    }
 }
 
 fn array(value: &Value) -> &[Value] {
@@ -133,10 +119,10 @@ faults:
     let h2_connections = 5;
 
     // Everything has ended before anything is counted.
-    eventually(Duration::from_secs(10), || {
+    eventually("every connection ended", Duration::from_secs(10), || {
         let live = daemon.ctl_json(&["conns"])?;
         ensure!(array(&live).is_empty(), "still open: {live}");
-        Ok(())
+        Ok(Some(()))
     })?;
 
     let pods = daemon.ctl_json(&["pods"])?;
@@ -224,15 +210,19 @@ faults:
 
     // The access log: one line per stream and per TLS connection, every field there.
     let expected_lines = upstream_streams + 2 + 1 + M;
-    let lines = eventually(Duration::from_secs(5), || {
-        let lines = telemetry::access_log(&daemon.access_log)?;
-        ensure!(
-            lines.len() == expected_lines,
-            "{} lines: {lines:?}",
-            lines.len()
-        );
-        Ok(lines)
-    })?;
+    let lines = eventually(
+        "every access log line written",
+        Duration::from_secs(5),
+        || {
+            let lines = telemetry::access_log(&daemon.access_log)?;
+            ensure!(
+                lines.len() == expected_lines,
+                "{} lines: {lines:?}",
+                lines.len()
+            );
+            Ok(Some(lines))
+        },
+    )?;
     check_access_log(&lines, &tls_line_names_sni_and_upstream)?;
     assert_eq!(
         scrape_again(&daemon)?.sum("shunt_access_log_lines_total", &[]),
@@ -440,9 +430,9 @@ fn health_log_level_config_and_cli_errors() -> anyhow::Result<()> {
     assert_eq!(daemon.ctl(&["log-level"])?.trim(), "info");
     assert_eq!(daemon.ctl(&["log-level", "debug"])?.trim(), "debug");
     probe::connect(&sandbox, &client, listen, 1)?[0].ok()?;
-    eventually(Duration::from_secs(5), || {
+    eventually("the connection intercepted", Duration::from_secs(5), || {
         ensure!(intercepted(&daemon) == 1, "{}", daemon.log_text());
-        Ok(())
+        Ok(Some(()))
     })?;
     let refused = daemon
         .ctl(&["log-level", "shunt=[oops"])
@@ -470,20 +460,19 @@ fn health_log_level_config_and_cli_errors() -> anyhow::Result<()> {
 
     // Stopping: not ready (load balancers move on) while connections drain; still live.
     let held = probe::connect_held(&sandbox, &client, listen, Duration::from_secs(2))?;
-    eventually(Duration::from_secs(5), || {
+    eventually("one connection open", Duration::from_secs(5), || {
         let live = daemon.ctl_json(&["conns"])?;
         ensure!(array(&live).len() == 1, "{live}");
-        Ok(())
+        Ok(Some(()))
     })?;
-    // SAFETY: kill has no memory-safety preconditions.
-    unsafe { libc::kill(daemon.pid()? as i32, libc::SIGTERM) };
-    eventually(Duration::from_secs(2), || {
+    let _ = shunt_tests::sys::kill(daemon.pid()? as i32, libc::SIGTERM);
+    eventually("/ready says stopping", Duration::from_secs(2), || {
         let (status, body) = telemetry::http_get(health, "/ready", "*/*")?;
         ensure!(
             status == 503 && body.contains("stopping"),
             "{status} {body}"
         );
-        Ok(())
+        Ok(Some(()))
     })?;
     assert_eq!(telemetry::http_get(health, "/live", "*/*")?.0, 200);
     held.finish(&sandbox)?.ok()?;

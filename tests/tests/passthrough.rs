@@ -12,24 +12,14 @@ use std::{
 use anyhow::{Context, bail, ensure};
 use shunt_tests::{
     daemon::{Daemon, Options},
+    fixture::{self, vip},
     probe::{self, Seen},
     sandbox::{Pod, Sandbox},
     telemetry, tls,
 };
 
-const VIP: &str = "10.96.0.10";
-
-fn vip(port: u16) -> SocketAddr {
-    SocketAddr::new(VIP.parse().expect("valid VIP"), port)
-}
-
 fn services_yaml(port: u16, endpoints: &[SocketAddr]) -> String {
-    let list: Vec<String> = endpoints.iter().map(|e| format!("'{e}'")).collect();
-    format!(
-        "services:\n  - name: backend\n    vip: '{}'\n    endpoints: [{}]\n",
-        vip(port),
-        list.join(", ")
-    )
+    fixture::service_yaml("backend", vip(port), endpoints)
 }
 
 fn with_service(port: u16, endpoints: &[SocketAddr], intercept_yaml: &str) -> Options {
@@ -316,7 +306,9 @@ fn iperf3_through_a_service_moves_every_byte(forwarding: &str) -> anyhow::Result
     )?;
 
     let mut iperf = Command::new("iperf3");
-    iperf.args(["-c", VIP, "-p", "5201", "-n", "256M", "-J"]);
+    iperf
+        .args(["-c", &fixture::VIP.to_string()])
+        .args(["-p", "5201", "-n", "256M", "-J"]);
     let out = sandbox.run_in_pod(&client, iperf, Duration::from_secs(60))?;
     ensure!(
         out.status.success(),
@@ -775,8 +767,7 @@ fn reload_swaps_services_and_refuses_a_bad_config() -> anyhow::Result<()> {
     daemon.rewrite_config(&pods, &with_service(80, &eps[..1], ""))?;
     let status = daemon.ctl_json(&["status"])?;
     let pid = status["pid"].as_i64().context("no pid")? as i32;
-    // SAFETY: kill has no memory-safety preconditions.
-    unsafe { libc::kill(pid, libc::SIGHUP) };
+    let _ = shunt_tests::sys::kill(pid, libc::SIGHUP);
     let deadline = Instant::now() + Duration::from_secs(5);
     while server_of(&daemon)? != "backend0" {
         ensure!(Instant::now() < deadline, "SIGHUP did not reload");

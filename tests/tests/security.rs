@@ -14,6 +14,7 @@ use std::{
 use anyhow::Context;
 use shunt_tests::{
     daemon::{Daemon, Options},
+    fixture,
     sandbox::{Pod, Sandbox},
     web,
 };
@@ -308,9 +309,7 @@ fn two_web_servers() -> anyhow::Result<Web> {
 
 fn service(vip: SocketAddr, endpoint: SocketAddr, extra: &str) -> Options {
     Options {
-        extra_yaml: format!(
-            "services:\n  - name: web\n    vip: '{vip}'\n    endpoints: ['{endpoint}']\n{extra}"
-        ),
+        extra_yaml: fixture::service_yaml("web", vip, &[endpoint]) + extra,
         ..Options::default()
     }
 }

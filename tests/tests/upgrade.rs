@@ -12,27 +12,18 @@ use std::{
 use anyhow::{Context, bail, ensure};
 use shunt_tests::{
     daemon::{Daemon, Options},
+    fixture::{self, vip},
     grpc, probe,
     sandbox::{Pod, Sandbox},
     telemetry,
 };
 
-const VIP: &str = "10.96.0.10";
 const GRPC_PORT: u16 = 50051;
 const TCP_PORT: u16 = 7000;
 
-fn vip(port: u16) -> SocketAddr {
-    SocketAddr::new(VIP.parse().expect("valid VIP"), port)
-}
-
 fn options(port: u16, endpoints: &[SocketAddr], drain_timeout: &str) -> Options {
-    let list: Vec<String> = endpoints.iter().map(|e| format!("'{e}'")).collect();
     Options {
-        extra_yaml: format!(
-            "services:\n  - name: backend\n    vip: '{}'\n    endpoints: [{}]\n",
-            vip(port),
-            list.join(", ")
-        ),
+        extra_yaml: fixture::service_yaml("backend", vip(port), endpoints),
         intercept_yaml: format!("  drain_timeout: {drain_timeout}\n"),
         ..Options::default()
     }

@@ -3,6 +3,8 @@
 //! Every task that builds first runs `setup`, which installs what a fresh Debian machine lacks
 //! and costs well under a second when everything is already there.
 
+#![forbid(unsafe_code)]
+
 mod fuzz;
 mod run;
 mod setup;
@@ -154,6 +156,10 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
     ])?;
     step.done();
 
+    let step = Step::start("linting the eBPF crate (Debian's clippy, warnings are errors)");
+    lint_ebpf()?;
+    step.done();
+
     let step = Step::start("running unit and sandbox integration tests");
     let shunt = release_bin("shunt");
     let probe = release_bin("shunt-probe");
@@ -187,6 +193,39 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
     fuzz(FUZZ_SECONDS_IN_TEST, Vec::new())?;
     println!("all checks passed");
     Ok(())
+}
+
+/// Clippy on the kernel programs. They build with Debian's compiler (its `core` for
+/// `bpfel-unknown-none`), so they are checked with the clippy of that same compiler: rustup's
+/// has no `core` for the target. The environment of the cargo that runs us is removed, as
+/// `proxy/build.rs` does for the eBPF build itself.
+fn lint_ebpf() -> anyhow::Result<()> {
+    let root = workspace_root();
+    let mut cmd = std::process::Command::new("/usr/bin/cargo-clippy");
+    cmd.current_dir(root.join("ebpf/shunt-ebpf"))
+        .args([
+            "clippy",
+            "--release",
+            "--locked",
+            "--target",
+            "bpfel-unknown-none",
+            "--target-dir",
+        ])
+        .arg(root.join("target/ebpf-clippy"))
+        .args(["--", "-D", "warnings"]);
+    for (key, _) in std::env::vars_os() {
+        let key = key.to_string_lossy();
+        let ours = key.starts_with("CARGO") && key != "CARGO_HOME";
+        if ours || key.starts_with("RUSTC") || key.starts_with("RUSTFLAGS") {
+            cmd.env_remove(key.as_ref());
+        }
+    }
+    cmd.env("CARGO", "/usr/bin/cargo")
+        .env("RUSTC", "/usr/bin/rustc")
+        // aya-ebpf needs `asm_experimental_arch`; scoped to this check only.
+        .env("RUSTC_BOOTSTRAP", "1")
+        .env("PATH", "/usr/bin:/bin");
+    run::status(&mut cmd)
 }
 
 fn fuzz(seconds: u64, mut targets: Vec<String>) -> anyhow::Result<()> {

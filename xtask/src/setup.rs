@@ -35,6 +35,8 @@ const SANDBOX_PACKAGES: &[&str] = &[
     "python3-pip",
     // libFuzzer (C++) is compiled by `libfuzzer-sys` for the fuzz step of the test suite.
     "g++",
+    // Clippy of the compiler the kernel programs build with, which lints them.
+    "rust-web-clippy",
 ];
 
 /// Python's grpcio, the independent gRPC implementation the tests talk to.

@@ -8,6 +8,7 @@
 
 mod fs;
 mod sockmap;
+#[allow(unsafe_code)]
 mod sys;
 
 use std::{
@@ -51,6 +52,11 @@ pub enum BpfError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(
+        "this shunt was built with SHUNT_SKIP_EBPF_BUILD set and carries no kernel programs: \
+         rebuild it without (`cargo xtask build`)"
+    )]
+    NoObject,
     #[error("loading the eBPF object: {0}")]
     Load(#[from] aya::EbpfError),
     #[error("program {name}: {message}")]
@@ -164,6 +170,9 @@ impl Datapath {
             source,
         })?;
 
+        if OBJECT.is_empty() {
+            return Err(BpfError::NoObject);
+        }
         let level = log_level_for_ebpf(log_level);
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(cfg.pin_dir.join("maps"))
@@ -669,10 +678,7 @@ fn start_ebpf_logger(ebpf: &mut Ebpf) {
             return;
         }
     };
-    // SAFETY: the logger owns its ring buffer fd for as long as the AsyncFd owns the logger.
-    let registered = unsafe {
-        tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
-    };
+    let registered = sys::register_logger(logger);
     let mut logger = match registered {
         Ok(fd) => fd,
         Err(e) => {

@@ -1,5 +1,7 @@
-//! The `bpf(2)` commands aya does not expose publicly, and map element commands on raw
-//! descriptors for the connection tasks (which must not take the datapath's lock).
+//! The `bpf(2)` commands aya does not expose publicly, map element commands on raw
+//! descriptors for the connection tasks (which must not take the datapath's lock), and the
+//! registration of aya-log's reader with tokio. The `unsafe` of `bpf/` lives here only (the
+//! crate denies it elsewhere).
 
 use std::{
     ffi::CString,
@@ -153,4 +155,18 @@ pub fn link_update(link: BorrowedFd<'_>, new_prog: BorrowedFd<'_>) -> io::Result
         old_prog_fd: 0,
     };
     bpf(BPF_LINK_UPDATE, &mut attr).map(drop)
+}
+
+/// Registers aya-log's reader with tokio's reactor (readable interest), so the task that
+/// forwards the programs' log records can wait for its ring buffer.
+pub fn register_logger<T>(
+    logger: aya_log::EbpfLogger<T>,
+) -> io::Result<tokio::io::unix::AsyncFd<aya_log::EbpfLogger<T>>> {
+    // SAFETY: the logger owns its ring buffer fd, which stays open and the same for as long as
+    // the AsyncFd owns the logger.
+    unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+    }
+    // The error's message is its cause's, so nothing is lost.
+    .map_err(io::Error::from)
 }

@@ -15,6 +15,8 @@
 //! channel and carries on serving as if nothing had happened.
 
 pub mod give;
+#[allow(unsafe_code)]
+mod sys;
 pub mod take;
 mod wire;
 

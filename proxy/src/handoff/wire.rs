@@ -3,21 +3,21 @@
 //! block, bounded by the socket's send and receive timeouts; they run on a blocking thread.
 
 use std::{
-    io::{IoSlice, IoSliceMut},
-    os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
+    io::IoSlice,
+    os::fd::{AsFd, AsRawFd, OwnedFd, RawFd},
     path::Path,
     time::Duration,
 };
 
 use nix::sys::{
     socket::{
-        self, AddressFamily, Backlog, ControlMessage, ControlMessageOwned, MsgFlags, SockFlag,
-        SockType, UnixAddr, sockopt,
+        self, AddressFamily, Backlog, ControlMessage, MsgFlags, SockFlag, SockType, UnixAddr,
+        sockopt,
     },
     time::TimeVal,
 };
 
-use super::{HandoffError, Message};
+use super::{HandoffError, Message, sys};
 
 /// The most descriptors one message carries: a pod's listeners, or the telemetry ones.
 pub const MAX_FDS: usize = 8;
@@ -78,10 +78,8 @@ impl Rendezvous {
     /// Waits (at most `timeout`) for the giving daemon to connect.
     pub fn accept(&self, timeout: Duration) -> Result<Channel, HandoffError> {
         with_timeout(&self.fd, timeout)?;
-        let raw = socket::accept4(self.fd.as_raw_fd(), SockFlag::SOCK_CLOEXEC)
+        let fd = sys::accept(self.fd.as_fd())
             .map_err(io("waiting for the running daemon to connect"))?;
-        // SAFETY: accept4 returned a new descriptor that nothing else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
         with_timeout(&fd, timeout)?;
         Ok(Channel { fd })
     }
@@ -117,34 +115,12 @@ impl Channel {
     /// closed the channel.
     pub fn recv(&self) -> Result<Option<(Message, Vec<OwnedFd>)>, HandoffError> {
         let mut body = vec![0u8; MAX_MESSAGE];
-        let mut space = nix::cmsg_space!([RawFd; MAX_FDS]);
-        let (len, fds, truncated) = {
-            let mut iov = [IoSliceMut::new(&mut body)];
-            let msg = socket::recvmsg::<()>(
-                self.fd.as_raw_fd(),
-                &mut iov,
-                Some(&mut space),
-                MsgFlags::MSG_CMSG_CLOEXEC,
-            )
+        let sys::Received {
+            len,
+            fds,
+            truncated,
+        } = sys::recv_with_fds(self.fd.as_fd(), &mut body)
             .map_err(io("receiving from the other daemon"))?;
-            let mut fds = Vec::new();
-            if let Ok(cmsgs) = msg.cmsgs() {
-                for cmsg in cmsgs {
-                    if let ControlMessageOwned::ScmRights(received) = cmsg {
-                        // SAFETY: the kernel installed these descriptors for us alone.
-                        fds.extend(
-                            received
-                                .into_iter()
-                                .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
-                        );
-                    }
-                }
-            }
-            let truncated = msg
-                .flags
-                .intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC);
-            (msg.bytes, fds, truncated)
-        };
         if len == 0 && fds.is_empty() {
             return Ok(None);
         }

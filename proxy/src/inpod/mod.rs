@@ -5,6 +5,8 @@
 
 mod netns;
 mod sockets;
+#[allow(unsafe_code)]
+mod sys;
 
 use std::{
     collections::BTreeMap,

@@ -5,7 +5,7 @@
 use std::{
     fs::File,
     io,
-    os::fd::{AsFd, AsRawFd},
+    os::fd::AsFd,
     path::{Path, PathBuf},
     sync::OnceLock,
 };
@@ -67,21 +67,6 @@ impl Netns {
     }
 }
 
-pub fn netns_cookie_of(socket: &impl AsRawFd) -> io::Result<u64> {
-    let mut cookie: u64 = 0;
-    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-    // SAFETY: valid fd, and a u64 buffer of the advertised length.
-    let ret = unsafe {
-        libc::getsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_NETNS_COOKIE,
-            &mut cookie as *mut u64 as *mut libc::c_void,
-            &mut len,
-        )
-    };
-    if ret != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(cookie)
+pub fn netns_cookie_of(socket: &impl AsFd) -> io::Result<u64> {
+    super::sys::netns_cookie(socket.as_fd())
 }

@@ -626,13 +626,7 @@ mod tests {
     }
 
     fn thread_cpu_seconds() -> f64 {
-        let mut ts = libc::timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        };
-        // SAFETY: a valid clock id and a timespec to write into.
-        unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-        ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9
+        crate::proxy::sys::thread_cpu_seconds()
     }
 
     /// Every case above, once per forwarding mode.

@@ -9,6 +9,8 @@ mod forward;
 pub mod sniff;
 mod sockmap;
 mod splice;
+#[allow(unsafe_code)]
+mod sys;
 
 pub use forward::Forwarding;
 
@@ -99,7 +101,8 @@ pub struct Proxy {
     pub conns: Arc<ConnTable>,
     pub counters: Arc<ProxyCounters>,
     pub mark: u32,
-    pub settings: ArcSwap<Settings>,
+    /// Shared with telemetry, which reports the routes' endpoints and the limits.
+    pub settings: Arc<ArcSwap<Settings>>,
     /// Services from Kubernetes; the configuration's own take precedence.
     pub discovered: DiscoveredServices,
     pub faults: Arc<Faults>,

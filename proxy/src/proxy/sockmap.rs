@@ -39,7 +39,7 @@
 
 use std::{
     io,
-    os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd},
+    os::fd::{AsFd, BorrowedFd, OwnedFd},
     sync::{Arc, atomic::Ordering},
     time::Duration,
 };
@@ -48,7 +48,10 @@ use tokio::{io::unix::AsyncFd, net::TcpStream, time::Instant};
 
 use crate::{bpf::Sockmap, state::KernelBytes};
 
-use super::forward::{Closed, Meters, Side, reset, write_all};
+use super::{
+    forward::{Closed, Meters, Side, reset, write_all},
+    sys::{self, epoll},
+};
 
 /// Catching up with a client before its socket joins: bytes read per round before they are
 /// written out, and the most bytes and time spent before giving up (then it is spliced).
@@ -103,7 +106,7 @@ pub async fn forward(
     let deadline = Instant::now() + CATCH_UP_TIME;
     let mut caught_up = 0;
     loop {
-        let round = catch_up(client.as_raw_fd(), &mut owed, CATCH_UP_ROUND);
+        let round = catch_up(client.as_fd(), &mut owed, CATCH_UP_ROUND);
         if let CatchUp::Eof = round {
             return fallback(client, upstream, owed, "the client had finished sending");
         }
@@ -179,33 +182,21 @@ enum CatchUp {
 
 /// Reads what the client sent since detection into `owed`, until its receive queue is empty
 /// or `round` more bytes were read.
-fn catch_up(fd: RawFd, owed: &mut Vec<u8>, round: usize) -> CatchUp {
+fn catch_up(fd: BorrowedFd<'_>, owed: &mut Vec<u8>, round: usize) -> CatchUp {
     let limit = owed.len() + round;
     let mut chunk = [0u8; 64 * 1024];
     loop {
         if owed.len() >= limit {
             return CatchUp::TooMuch;
         }
-        // SAFETY: the buffer is valid for its length; the fd is open for the call.
-        let n = unsafe {
-            libc::recv(
-                fd,
-                chunk.as_mut_ptr().cast(),
-                chunk.len(),
-                libc::MSG_DONTWAIT,
-            )
-        };
-        match n {
-            0 => return CatchUp::Eof,
-            n if n > 0 => owed.extend_from_slice(&chunk[..n as usize]),
-            _ => {
-                let e = io::Error::last_os_error();
-                match e.kind() {
-                    io::ErrorKind::WouldBlock => return CatchUp::Drained,
-                    io::ErrorKind::Interrupted => {}
-                    _ => return CatchUp::Failed(e),
-                }
-            }
+        match sys::recv(fd, &mut chunk, libc::MSG_DONTWAIT) {
+            Ok(0) => return CatchUp::Eof,
+            Ok(n) => owed.extend_from_slice(&chunk[..n]),
+            Err(e) => match e.kind() {
+                io::ErrorKind::WouldBlock => return CatchUp::Drained,
+                io::ErrorKind::Interrupted => {}
+                _ => return CatchUp::Failed(e),
+            },
         }
     }
 }
@@ -266,12 +257,12 @@ enum Probe {
 impl Pair {
     async fn join(sockmap: &Arc<Sockmap>, client: TcpStream, upstream: TcpStream) -> Joined {
         let prepared = (|| {
-            let cookies = (cookie(&client)?, cookie(&upstream)?);
+            let cookies = (sys::cookie(client.as_fd())?, sys::cookie(upstream.as_fd())?);
             let bases = (
-                sent_or_queued(client.as_raw_fd())?.0,
-                sent_or_queued(upstream.as_raw_fd())?.0,
+                sent_or_queued(client.as_fd())?.0,
+                sent_or_queued(upstream.as_fd())?.0,
             );
-            let epoll = epoll::watch(&[client.as_raw_fd(), upstream.as_raw_fd()])?;
+            let epoll = epoll::watch(&[client.as_fd(), upstream.as_fd()])?;
             io::Result::Ok((cookies, bases, epoll))
         })();
         let ((client_cookie, upstream_cookie), (client_base, upstream_base), epoll) = match prepared
@@ -356,7 +347,7 @@ impl Pair {
         let sm = &self.sockmap;
         let _ = sm.remove_source(self.client.cookie);
         // Taking the client's socket lock waits out a verdict still running on it.
-        let _ = sent_or_queued(self.client.stream.as_raw_fd());
+        let _ = sent_or_queued(self.client.stream.as_fd());
         let mut wait = DRAIN_POLL_FIRST;
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
@@ -386,7 +377,7 @@ impl Pair {
     /// no longer send anything.
     fn drained(&self, from: &Member, to: &Member) -> io::Result<bool> {
         let redirected = self.sockmap.redirected(from.cookie)?;
-        let (sent, state) = sent_or_queued(to.stream.as_raw_fd())?;
+        let (sent, state) = sent_or_queued(to.stream.as_fd())?;
         Ok(state == TCP_CLOSE || sent.wrapping_sub(to.base) >= redirected)
     }
 
@@ -413,7 +404,7 @@ impl Pair {
     /// kernel's queue for `to`.
     fn backlog(&self, from: &Member, to: &Member) -> io::Result<u64> {
         let redirected = self.sockmap.redirected(from.cookie)?;
-        let (sent, _) = sent_or_queued(to.stream.as_raw_fd())?;
+        let (sent, _) = sent_or_queued(to.stream.as_fd())?;
         Ok(redirected.saturating_sub(sent.wrapping_sub(to.base)))
     }
 
@@ -481,7 +472,7 @@ impl<'a> Run<'a> {
             tokio::select! {
                 ready = self.pair.epoll.readable() => match ready {
                     Ok(mut guard) => {
-                        epoll::drain(guard.get_inner().as_raw_fd());
+                        epoll::drain(guard.get_inner().as_fd());
                         guard.clear_ready();
                         self.watch.woken();
                     }
@@ -505,7 +496,7 @@ impl<'a> Run<'a> {
     fn look_at_source(&mut self, i: usize) -> Option<Closed> {
         let member = self.members()[i];
         if self.flows[i] == Flow::Open && !self.watch.paused[i] {
-            return match probe(member.stream.as_raw_fd()) {
+            return match probe(member.stream.as_fd()) {
                 Probe::Pending => None,
                 Probe::Eof => {
                     self.flows[i] = Flow::Draining;
@@ -577,45 +568,33 @@ impl<'a> Run<'a> {
         let mut chunk = [0u8; 64 * 1024];
         loop {
             while !self.tails[i].is_empty() {
-                // SAFETY: the buffer is valid for its length; the fd is open.
-                let n = unsafe {
-                    libc::send(
-                        to.stream.as_raw_fd(),
-                        self.tails[i].as_ptr().cast(),
-                        self.tails[i].len(),
-                        libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-                    )
+                let sent = sys::send(
+                    to.stream.as_fd(),
+                    &self.tails[i],
+                    libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+                );
+                let n = match sent {
+                    Ok(n) => n,
+                    Err(e) => {
+                        return match e.kind() {
+                            io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => Ok(()),
+                            _ => Err(e),
+                        };
+                    }
                 };
-                if n < 0 {
-                    let e = io::Error::last_os_error();
-                    return match e.kind() {
-                        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => Ok(()),
-                        _ => Err(e),
-                    };
-                }
-                self.tails[i].drain(..n as usize);
+                self.tails[i].drain(..n);
                 self.copied[i] += n as u64;
             }
-            // SAFETY: as above.
-            let n = unsafe {
-                libc::recv(
-                    from.stream.as_raw_fd(),
-                    chunk.as_mut_ptr().cast(),
-                    chunk.len(),
-                    libc::MSG_DONTWAIT,
-                )
-            };
-            match n {
-                0 => {
+            match sys::recv(from.stream.as_fd(), &mut chunk, libc::MSG_DONTWAIT) {
+                Ok(0) => {
                     self.flows[i] = Flow::Done;
                     if self.ending.is_none() {
                         shutdown_write(to);
                     }
                     return Ok(());
                 }
-                n if n > 0 => self.tails[i].extend_from_slice(&chunk[..n as usize]),
-                _ => {
-                    let e = io::Error::last_os_error();
+                Ok(n) => self.tails[i].extend_from_slice(&chunk[..n]),
+                Err(e) => {
                     return match e.kind() {
                         io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => Ok(()),
                         // The source's failure: reported by `look_at_source` next time
@@ -664,7 +643,7 @@ impl<'a> Run<'a> {
             if !self.watch.paused[i] && backlog > PAUSE_ABOVE {
                 if sm.remove_source(from.cookie).is_ok() {
                     // Taking the socket lock waits out a verdict still running on it.
-                    let _ = sent_or_queued(from.stream.as_raw_fd());
+                    let _ = sent_or_queued(from.stream.as_fd());
                     self.watch.paused[i] = true;
                     tracing::debug!(side = ?from.side, backlog, "sockmap: source paused");
                 }
@@ -686,8 +665,8 @@ impl<'a> Run<'a> {
         let want = self.watch.resting() || self.flows.contains(&Flow::Userspace);
         if want != self.watch.reading {
             let [c, u] = self.members();
-            let fds = [c.stream.as_raw_fd(), u.stream.as_raw_fd()];
-            if epoll::interest(self.pair.epoll.get_ref().as_raw_fd(), &fds, want).is_ok() {
+            let fds = [c.stream.as_fd(), u.stream.as_fd()];
+            if epoll::interest(self.pair.epoll.get_ref().as_fd(), &fds, want).is_ok() {
                 self.watch.reading = want;
             }
         }
@@ -748,8 +727,7 @@ impl Watch {
 }
 
 fn shutdown_write(member: &Member) {
-    // SAFETY: shutdown has no memory effects; the fd is open.
-    unsafe { libc::shutdown(member.stream.as_raw_fd(), libc::SHUT_WR) };
+    sys::shutdown_write(member.stream.as_fd());
 }
 
 /// The idle timeout over kernel-forwarded bytes: checked four times per timeout, so a
@@ -794,27 +772,15 @@ impl Idle {
 /// Whether the socket has ended, failed, or neither, without consuming anything. On a source
 /// socket this also runs skbs queued before it joined through the verdict (the kernel does
 /// that on every `recv` that finds its receive queue non-empty).
-fn probe(fd: RawFd) -> Probe {
-    let mut byte = 0u8;
-    // SAFETY: a one-byte buffer on the stack; the fd is open for the call.
-    let n = unsafe {
-        libc::recv(
-            fd,
-            (&mut byte as *mut u8).cast(),
-            1,
-            libc::MSG_DONTWAIT | libc::MSG_PEEK,
-        )
-    };
-    match n {
-        0 => Probe::Eof,
-        n if n > 0 => Probe::Data,
-        _ => {
-            let e = io::Error::last_os_error();
-            match e.kind() {
-                io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => Probe::Pending,
-                _ => Probe::Failed(e),
-            }
-        }
+fn probe(fd: BorrowedFd<'_>) -> Probe {
+    let mut byte = [0u8; 1];
+    match sys::recv(fd, &mut byte, libc::MSG_DONTWAIT | libc::MSG_PEEK) {
+        Ok(0) => Probe::Eof,
+        Ok(_) => Probe::Data,
+        Err(e) => match e.kind() {
+            io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => Probe::Pending,
+            _ => Probe::Failed(e),
+        },
     }
 }
 
@@ -822,26 +788,13 @@ fn probe(fd: RawFd) -> Probe {
 /// the initial one: `tcpi_bytes_acked` + `SIOCOUTQ`), and its TCP state. Read in that order,
 /// an ACK landing in between can only make the sum smaller, so a drain is never declared
 /// early.
-fn sent_or_queued(fd: RawFd) -> io::Result<(u64, u8)> {
+fn sent_or_queued(fd: BorrowedFd<'_>) -> io::Result<(u64, u8)> {
     /// `struct tcp_info` up to `tcpi_bytes_acked` (offset 120) and a little beyond.
     const INFO_LEN: usize = 232;
     const BYTES_ACKED: usize = 120;
     let mut info = [0u8; INFO_LEN];
-    let mut len = INFO_LEN as libc::socklen_t;
-    // SAFETY: the buffer and its length are valid for the call.
-    let ret = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::IPPROTO_TCP,
-            libc::TCP_INFO,
-            info.as_mut_ptr().cast(),
-            &mut len,
-        )
-    };
-    if ret != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    if (len as usize) < BYTES_ACKED + 8 {
+    let len = sys::tcp_info(fd, &mut info)?;
+    if len < BYTES_ACKED + 8 {
         return Err(io::Error::new(
             io::ErrorKind::Unsupported,
             "tcp_info has no tcpi_bytes_acked",
@@ -849,99 +802,15 @@ fn sent_or_queued(fd: RawFd) -> io::Result<(u64, u8)> {
     }
     let mut acked = [0u8; 8];
     acked.copy_from_slice(&info[BYTES_ACKED..BYTES_ACKED + 8]);
-    let mut queued: libc::c_int = 0;
-    // SAFETY: TIOCOUTQ (SIOCOUTQ) writes one int.
-    if unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut queued) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
+    let queued = sys::send_queued(fd)?;
     Ok((
         u64::from_ne_bytes(acked) + u64::from(queued.max(0) as u32),
         info[0],
     ))
 }
 
-fn cookie(stream: &TcpStream) -> io::Result<u64> {
-    let mut cookie: u64 = 0;
-    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-    // SAFETY: SO_COOKIE writes one u64.
-    let ret = unsafe {
-        libc::getsockopt(
-            stream.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_COOKIE,
-            (&mut cookie as *mut u64).cast(),
-            &mut len,
-        )
-    };
-    if ret != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(cookie)
-}
-
 fn reset_std(stream: &std::net::TcpStream) {
     let _ = socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO));
-}
-
-/// An epoll set of its own for one connection's two sockets, asking only for `EPOLLRDHUP`
-/// (errors and hang-ups are always reported), edge-triggered: every wake-up is evaluated in
-/// full, so no event needs to be kept.
-mod epoll {
-    use super::*;
-
-    pub fn watch(fds: &[RawFd]) -> io::Result<AsyncFd<OwnedFd>> {
-        // SAFETY: plain syscall; the result is checked.
-        let epfd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
-        if epfd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: a new descriptor we own.
-        let epoll = unsafe { OwnedFd::from_raw_fd(epfd) };
-        for &fd in fds {
-            let mut event = libc::epoll_event {
-                events: (libc::EPOLLRDHUP | libc::EPOLLET) as u32,
-                u64: fd as u64,
-            };
-            // SAFETY: both descriptors are open; the event is valid for the call.
-            if unsafe { libc::epoll_ctl(epfd, libc::EPOLL_CTL_ADD, fd, &mut event) } != 0 {
-                return Err(io::Error::last_os_error());
-            }
-        }
-        // SAFETY: the AsyncFd owns the epoll descriptor for as long as it is registered.
-        unsafe { AsyncFd::register_with_interest(epoll, tokio::io::Interest::READABLE) }
-            .map_err(io::Error::from)
-    }
-
-    /// Sets both sockets' interest: `EPOLLRDHUP`, plus `EPOLLIN` when `reading`.
-    pub fn interest(epfd: RawFd, fds: &[RawFd], reading: bool) -> io::Result<()> {
-        let mut events = (libc::EPOLLRDHUP | libc::EPOLLET) as u32;
-        if reading {
-            events |= libc::EPOLLIN as u32;
-        }
-        for &fd in fds {
-            let mut event = libc::epoll_event {
-                events,
-                u64: fd as u64,
-            };
-            // SAFETY: both descriptors are open; the event is valid for the call.
-            if unsafe { libc::epoll_ctl(epfd, libc::EPOLL_CTL_MOD, fd, &mut event) } != 0 {
-                return Err(io::Error::last_os_error());
-            }
-        }
-        Ok(())
-    }
-
-    /// Empties the ready list (the events themselves are not needed).
-    pub fn drain(epfd: RawFd) {
-        let mut events = [libc::epoll_event { events: 0, u64: 0 }; 4];
-        loop {
-            // SAFETY: the buffer holds `events.len()` entries.
-            let n = unsafe { libc::epoll_wait(epfd, events.as_mut_ptr(), events.len() as i32, 0) };
-            if n < events.len() as i32 {
-                return;
-            }
-        }
-    }
 }
 
 #[cfg(test)]

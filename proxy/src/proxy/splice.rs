@@ -7,7 +7,7 @@
 
 use std::{
     io,
-    os::fd::{AsFd, AsRawFd, OwnedFd},
+    os::fd::{AsFd, OwnedFd},
     sync::Mutex,
 };
 
@@ -108,6 +108,5 @@ pub async fn splice_until_eof(
 
 /// `shutdown(SHUT_WR)`: passes an EOF on without closing the other direction.
 pub fn shutdown_write(stream: &TcpStream) {
-    // SAFETY: the fd is valid for the duration of the call; shutdown has no memory effects.
-    unsafe { libc::shutdown(stream.as_raw_fd(), libc::SHUT_WR) };
+    super::sys::shutdown_write(stream.as_fd());
 }

@@ -1,7 +1,9 @@
 //! Metrics read at scrape time from what the daemon keeps anyway, so the data path pays
 //! nothing for them.
 
-use std::sync::{Arc, Mutex};
+use std::{collections::BTreeMap, sync::Arc};
+
+use arc_swap::ArcSwap;
 
 use prometheus_client::{
     collector::Collector,
@@ -11,13 +13,25 @@ use prometheus_client::{
 };
 
 use super::{labels, process};
-use crate::{bpf::Datapath, daemon::OpenFiles, inpod::Enrollments, proxy::Proxy};
+use crate::{
+    daemon::OpenFiles,
+    fault::Faults,
+    proxy::Settings,
+    state::{ConnTable, ProxyCounters},
+};
 
-/// What the node collector reads.
+/// What the node collector reads: the pieces of state it reports, never their owners. The
+/// registry lives as long as telemetry does, and the proxy holds telemetry, so a handle on
+/// the proxy (or on the enrollments, which hold it) here would keep it alive for ever.
 pub struct Sources {
-    pub proxy: Arc<Proxy>,
-    pub datapath: Arc<Mutex<Datapath>>,
-    pub enrollments: Arc<Enrollments>,
+    pub conns: Arc<ConnTable>,
+    pub counters: Arc<ProxyCounters>,
+    pub faults: Arc<Faults>,
+    pub settings: Arc<ArcSwap<Settings>>,
+    /// The eBPF programs' counters, by name.
+    pub ebpf_counters: Box<dyn Fn() -> BTreeMap<&'static str, u64> + Send + Sync>,
+    /// How many pods are enrolled.
+    pub pods_enrolled: Box<dyn Fn() -> usize + Send + Sync>,
 }
 
 /// Writes one metric family: a descriptor, then one sample per label set.
@@ -61,15 +75,15 @@ impl NodeCollector {
     }
 
     fn connections(&self, encoder: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let proxy = &self.sources.proxy;
+        let sources = &self.sources;
         single(
             encoder,
             "connections_active",
             "Redirected connections open now.",
             None,
-            ConstGauge::new(proxy.conns.len() as u64),
+            ConstGauge::new(sources.conns.len() as u64),
         )?;
-        let totals = proxy.conns.byte_totals();
+        let totals = sources.conns.byte_totals();
         family(
             encoder,
             "transferred",
@@ -93,7 +107,7 @@ impl NodeCollector {
                 })
             }),
         )?;
-        let counters = proxy.counters.snapshot();
+        let counters = sources.counters.snapshot();
         let verdicts = counters.iter().filter_map(|(name, value)| {
             let verdict = name.strip_prefix("verdict_")?.replace('_', "-");
             Some(([("verdict", verdict)], ConstCounter::new(*value)))
@@ -185,12 +199,12 @@ impl NodeCollector {
             "pods_enrolled",
             "Pods whose connections are intercepted.",
             None,
-            ConstGauge::new(self.sources.enrollments.list().len() as u64),
+            ConstGauge::new((self.sources.pods_enrolled)() as u64),
         )
     }
 
     fn endpoints(&self, encoder: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let settings = self.sources.proxy.settings.load();
+        let settings = self.sources.settings.load();
         let samples = settings.routes.services().iter().flat_map(|service| {
             let (in_rotation, draining) = service.endpoint_counts();
             [("in_rotation", in_rotation), ("draining", draining)].map(|(state, n)| {
@@ -213,7 +227,7 @@ impl NodeCollector {
     }
 
     fn faults(&self, encoder: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let counts = self.sources.proxy.faults.counts();
+        let counts = self.sources.faults.counts();
         let injected = counts.iter().flat_map(|c| {
             [
                 ("delay", c.delays),
@@ -247,12 +261,7 @@ impl NodeCollector {
     }
 
     fn ebpf(&self, encoder: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let counters = self
-            .sources
-            .datapath
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .counters();
+        let counters = (self.sources.ebpf_counters)();
         let get = |name: &str| counters.get(name).copied().unwrap_or(0);
         family(
             encoder,
@@ -322,7 +331,7 @@ impl NodeCollector {
                     .map(|(kind, n)| ([("kind", kind.to_owned())], ConstGauge::new(n))),
             )?;
         }
-        let limits = &self.sources.proxy.settings.load().limits;
+        let limits = &self.sources.settings.load().limits;
         family(
             encoder,
             "connections_limit",

@@ -14,26 +14,27 @@ pub mod labels;
 mod metrics;
 mod process;
 mod server;
+#[allow(unsafe_code)]
+mod sys;
 
 use std::{
     io,
     net::SocketAddr,
     os::fd::OwnedFd,
     path::PathBuf,
-    sync::{Arc, Mutex},
+    sync::Arc,
     time::{Duration, SystemTime},
 };
 
 use serde::{Deserialize, Serialize};
 
+pub use self::collect::Sources;
 pub use self::health::Health;
-use self::{access_log::Entry, collect::Sources, metrics::Metrics, server::Served};
+use self::{access_log::Entry, metrics::Metrics, server::Served};
 use crate::{
-    bpf::Datapath,
     config,
     handoff::TelemetryListener,
-    inpod::Enrollments,
-    proxy::{Proxy, sniff::Verdict},
+    proxy::sniff::Verdict,
     state::{ConnRecord, Observer, StreamRecord},
 };
 
@@ -63,8 +64,7 @@ pub struct Addresses {
 }
 
 pub struct Telemetry {
-    metrics: Metrics,
-    access_log: Option<access_log::Sender>,
+    recorder: Arc<Recorder>,
     health: Arc<Health>,
     served: Arc<Served>,
     listeners: Arc<server::Listeners>,
@@ -95,8 +95,10 @@ impl Telemetry {
             }
         }
         Ok(Arc::new(Telemetry {
-            metrics,
-            access_log,
+            recorder: Arc::new(Recorder {
+                metrics,
+                access_log,
+            }),
             health,
             served,
             listeners,
@@ -104,19 +106,16 @@ impl Telemetry {
         }))
     }
 
+    /// What hears of every connection and stream as it ends (the connection table's and
+    /// stream log's [`Observer`]): the metric families and the access log, without the
+    /// registry that reads the connection table, so the two do not keep each other alive.
+    pub fn observer(&self) -> Arc<dyn Observer> {
+        self.recorder.clone()
+    }
+
     /// From now on `/metrics` answers, reading what the daemon keeps at each scrape.
-    pub fn serve_metrics(
-        &self,
-        proxy: Arc<Proxy>,
-        datapath: Arc<Mutex<Datapath>>,
-        enrollments: Arc<Enrollments>,
-    ) {
-        let sources = Sources {
-            proxy,
-            datapath,
-            enrollments,
-        };
-        self.served.install(self.metrics.registry(sources));
+    pub fn serve_metrics(&self, sources: Sources) {
+        self.served.install(self.recorder.metrics.registry(sources));
     }
 
     /// Duplicates of the metrics and health listeners, for a new daemon taking over.
@@ -135,19 +134,27 @@ impl Telemetry {
 
     /// A redirected connection was classified.
     pub fn connection_opened(&self, service: Option<&str>, verdict: Verdict) {
-        self.metrics.connection_opened(service, verdict);
+        self.recorder.metrics.connection_opened(service, verdict);
     }
 
     /// An accepted connection without an original destination: closed, as there is nowhere
     /// to send it (Envoy's `NR`).
     pub fn unrouted(&self, pod: &str, client: SocketAddr) {
-        self.log(Entry::Unrouted {
+        self.recorder.log(Entry::Unrouted {
             at: SystemTime::now(),
             pod: pod.to_owned(),
             client,
         });
     }
+}
 
+/// The metric families the data path updates and the access log it writes to.
+struct Recorder {
+    metrics: Metrics,
+    access_log: Option<access_log::Sender>,
+}
+
+impl Recorder {
     fn log(&self, entry: Entry) {
         if let Some(log) = &self.access_log {
             log.send(entry);
@@ -155,7 +162,7 @@ impl Telemetry {
     }
 }
 
-impl Observer for Telemetry {
+impl Observer for Recorder {
     fn connection_closed(&self, record: &ConnRecord) {
         self.metrics.connection_closed(record);
         // An HTTP/2 connection's streams have lines of their own.
@@ -169,5 +176,84 @@ impl Observer for Telemetry {
         if self.access_log.is_some() {
             self.log(Entry::Stream(Box::new(record.clone())));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{collections::BTreeMap, sync::Weak};
+
+    use arc_swap::ArcSwap;
+
+    use super::*;
+    use crate::{
+        config::{Config, Listen},
+        fault::Faults,
+        proxy::Settings,
+        state::{ConnTable, ProxyCounters},
+    };
+
+    fn sources(
+        conns: &Arc<ConnTable>,
+        faults: &Arc<Faults>,
+        settings: &Arc<ArcSwap<Settings>>,
+    ) -> Sources {
+        Sources {
+            conns: conns.clone(),
+            counters: Arc::new(ProxyCounters::default()),
+            faults: faults.clone(),
+            settings: settings.clone(),
+            ebpf_counters: Box::new(|| BTreeMap::from([("redirected", 7)])),
+            pods_enrolled: Box::new(|| 3),
+        }
+    }
+
+    /// The proxy holds telemetry, and the connection table holds telemetry's observer:
+    /// neither may be held back by the registry, or the daemon could never be taken apart.
+    #[test]
+    fn the_collector_reads_narrow_handles_and_keeps_nothing_alive() {
+        let config = config::Telemetry {
+            metrics: Listen::Off,
+            health: Listen::Off,
+            ..Default::default()
+        };
+        let telemetry = Telemetry::start(&config, Vec::new()).expect("telemetry");
+        let conns = Arc::new(ConnTable::new(telemetry.observer()));
+        let defaults = Config::default();
+        let faults = Arc::new(Faults::new(Vec::new(), defaults.max_active_faults));
+        let settings = Arc::new(ArcSwap::from_pointee(Settings::new(&defaults)));
+
+        // What a scrape shows, read from the handles.
+        let registry = telemetry
+            .recorder
+            .metrics
+            .registry(sources(&conns, &faults, &settings));
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        for line in [
+            "\nshunt_connections_active 0\n",
+            "\nshunt_pods_enrolled 3\n",
+            "shunt_ebpf_redirects_total{listener=\"up\"} 7\n",
+        ] {
+            assert!(text.contains(line), "{line:?} in {text}");
+        }
+        drop(registry);
+
+        telemetry.serve_metrics(sources(&conns, &faults, &settings));
+        let weak: (Weak<Telemetry>, Weak<ConnTable>, Weak<ArcSwap<Settings>>) = (
+            Arc::downgrade(&telemetry),
+            Arc::downgrade(&conns),
+            Arc::downgrade(&settings),
+        );
+        // A stand-in for the proxy, which owns these (it cannot be built without a loaded
+        // BPF object): once it goes, everything goes.
+        let owner = Arc::new((telemetry, conns, faults, settings));
+        drop(owner);
+        assert!(weak.0.upgrade().is_none(), "telemetry was dropped");
+        assert!(
+            weak.1.upgrade().is_none(),
+            "the connection table was dropped"
+        );
+        assert!(weak.2.upgrade().is_none(), "the settings were dropped");
     }
 }

@@ -14,13 +14,7 @@ pub struct Process {
 pub fn read() -> Option<Process> {
     let stat = Stat::parse(&std::fs::read_to_string("/proc/self/stat").ok()?)?;
     let boot_time = boot_time(&std::fs::read_to_string("/proc/stat").ok()?)?;
-    // SAFETY: sysconf has no preconditions.
-    let (ticks, page) = unsafe {
-        (
-            libc::sysconf(libc::_SC_CLK_TCK),
-            libc::sysconf(libc::_SC_PAGESIZE),
-        )
-    };
+    let (ticks, page) = (super::sys::clock_ticks(), super::sys::page_size());
     let ticks = if ticks > 0 { ticks as f64 } else { 100.0 };
     let page = if page > 0 { page as u64 } else { 4096 };
     let open_fds = std::fs::read_dir("/proc/self/fd").ok()?.count() as u64;

@@ -19,7 +19,7 @@ use super::{
 };
 use crate::{
     daemon::{Daemon, Options},
-    grpc,
+    fixture, grpc,
     sandbox::{Pod, Sandbox},
 };
 
@@ -64,7 +64,7 @@ pub fn unary(plan: &Plan) -> anyhow::Result<Section> {
     let client = sandbox.add_pod("client")?;
     let backends = grpc::tonic_greeters(&sandbox, 3, PORT)?;
     let options = Options {
-        extra_yaml: grpc::greeter_service_yaml(SocketAddr::new(VIP.into(), PORT), &backends),
+        extra_yaml: fixture::service_yaml("greeter", SocketAddr::new(VIP.into(), PORT), &backends),
         log: Some("info"),
         ..Options::default()
     };

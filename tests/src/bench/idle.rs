@@ -126,11 +126,5 @@ pub fn memory_per_connection(plan: &Plan) -> anyhow::Result<Section> {
 }
 
 fn open_file_limit() -> u64 {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes into the struct it is given.
-    let ok = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0;
-    if ok { limit.rlim_max } else { 1024 }
+    crate::sys::open_file_hard_limit().unwrap_or(1024)
 }

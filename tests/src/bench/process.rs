@@ -87,8 +87,7 @@ pub fn machine_busy_seconds() -> anyhow::Result<f64> {
         .iter()
         .map(|&i| ticks.get(i).copied().unwrap_or(0.0))
         .sum();
-    // SAFETY: sysconf has no preconditions.
-    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let per_second = crate::sys::clock_ticks() as f64;
     Ok(busy / per_second)
 }
 
@@ -97,8 +96,7 @@ pub fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
     let fields = stat_fields(pid)?;
     let ticks: f64 = fields.get(11).context("no utime")?.parse::<f64>()?
         + fields.get(12).context("no stime")?.parse::<f64>()?;
-    // SAFETY: sysconf has no preconditions.
-    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let per_second = crate::sys::clock_ticks() as f64;
     Ok(ticks / per_second)
 }
 
