@@ -11,7 +11,6 @@ use std::{
 
 use anyhow::Context;
 use arc_swap::ArcSwap;
-use serde::{Deserialize, Serialize};
 use tokio::{signal::unix::SignalKind, sync::mpsc};
 
 use crate::{
@@ -45,7 +44,7 @@ pub struct Prepared {
 pub fn prepare(config_path: &Path, kubernetes: bool) -> anyhow::Result<Prepared> {
     let mut config = Config::load(config_path)?;
     // Needs CAP_SYS_RESOURCE, which is not kept: limits are the process's, not a thread's.
-    raise_fd_limit();
+    crate::open_files::raise();
     config.limits = size_limits(&config.limits);
     privileges::restrict_to(&privileges::Needs::for_config(&config, kubernetes))?;
     Ok(Prepared {
@@ -413,58 +412,17 @@ fn current_log_level() -> log::LevelFilter {
     }
 }
 
-/// The process's open-file limit (`RLIMIT_NOFILE`), as `shunt status` and `/metrics` report it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct OpenFiles {
-    /// The limit in force: `open()`, `accept()` and `socket()` fail with `EMFILE` beyond it.
-    pub soft: u64,
-    /// How far the soft limit may be raised without `CAP_SYS_RESOURCE`.
-    pub hard: u64,
-}
-
-impl OpenFiles {
-    /// The limit now; `None` if it cannot be read.
-    pub fn now() -> Option<OpenFiles> {
-        use nix::sys::resource::{Resource, getrlimit};
-        let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).ok()?;
-        Some(OpenFiles { soft, hard })
-    }
-}
-
-/// Every proxied connection holds two sockets: a node's worth of connections needs far more
-/// descriptors than the usual soft limit of 1024. As HAProxy and Envoy do, raise the limit
-/// as far as the kernel allows (`fs.nr_open`, with CAP_SYS_RESOURCE), or at least the soft
-/// limit to the hard one; [`size_limits`] then fits the connection limits to what was got.
-fn raise_fd_limit() {
-    use nix::sys::resource::{Resource, getrlimit, setrlimit};
-    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
-        return;
-    };
-    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
-        .ok()
-        .and_then(|s| s.trim().parse::<u64>().ok())
-        .unwrap_or(hard);
-    let wanted = nr_open.max(hard);
-    let raised = setrlimit(Resource::RLIMIT_NOFILE, wanted, wanted)
-        .map(|()| wanted)
-        .or_else(|_| setrlimit(Resource::RLIMIT_NOFILE, hard, hard).map(|()| hard));
-    match raised {
-        Ok(limit) => tracing::debug!(from = soft, to = limit, "raised the open-file limit"),
-        Err(e) => tracing::warn!(soft, hard, "could not raise the open-file limit: {e}"),
-    }
-}
-
 /// `limits` with the connection limits the configuration left out sized to the soft
 /// open-file limit (`Limits::sized_to`), said at info level when that lowers them. Only
 /// configured limits the descriptors cannot serve are warned about: past the descriptors,
 /// `accept()` starts failing (and clients wait in the backlog) before the limit can refuse
 /// them cleanly.
 fn size_limits(limits: &Limits) -> Limits {
-    let Some(open_files) = OpenFiles::now() else {
+    let Some(open_files) = crate::open_files::OpenFiles::now() else {
         tracing::warn!("could not read the open-file limit; connection limits not sized to it");
         return limits.clone();
     };
-    let OpenFiles { soft, hard } = open_files;
+    let crate::open_files::OpenFiles { soft, hard } = open_files;
     let sizing = limits.sized_to(soft);
     let (max_connections, max_connections_per_pod) = (
         sizing.limits.max_connections,

@@ -22,6 +22,7 @@ pub mod inpod;
 pub mod k8s;
 pub mod logging;
 mod net;
+pub mod open_files;
 pub mod privileges;
 pub mod proxy;
 mod route;

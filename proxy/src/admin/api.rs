@@ -4,7 +4,7 @@ use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::{bpf::Attachment, config::FailMode, daemon::OpenFiles};
+use crate::{bpf::Attachment, config::FailMode, open_files::OpenFiles};
 
 pub use crate::{
     fault::RuleSummary,

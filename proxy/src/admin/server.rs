@@ -21,10 +21,11 @@ use super::{
 };
 use crate::{
     bpf::{self, Datapath},
-    daemon::{Configs, OpenFiles},
+    daemon::Configs,
     handoff::{HandoffAccepted, HandoffRequest, Origin},
     inpod::Enrollments,
     logging,
+    open_files::OpenFiles,
     proxy::Proxy,
     state::{ConnTable, ProxyCounters},
 };

@@ -9,7 +9,8 @@ use std::{
 
 use nix::sys::socket::{self, ControlMessageOwned, MsgFlags, SockFlag};
 
-use super::wire::MAX_FDS;
+/// The most descriptors one message carries: a pod's listeners, or the telemetry ones.
+pub const MAX_FDS: usize = 8;
 
 /// `accept4(2)` with `SOCK_CLOEXEC`: the new connection's descriptor, owned.
 pub fn accept(listener: BorrowedFd<'_>) -> nix::Result<OwnedFd> {

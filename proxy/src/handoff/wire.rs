@@ -17,10 +17,11 @@ use nix::sys::{
     time::TimeVal,
 };
 
-use super::{HandoffError, Message, sys};
+use super::{
+    HandoffError, Message,
+    sys::{self, MAX_FDS},
+};
 
-/// The most descriptors one message carries: a pod's listeners, or the telemetry ones.
-pub const MAX_FDS: usize = 8;
 /// Messages are small: a pod's name, namespace path and addresses.
 const MAX_MESSAGE: usize = 16 * 1024;
 

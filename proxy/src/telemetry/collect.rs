@@ -14,8 +14,8 @@ use prometheus_client::{
 
 use super::{labels, process};
 use crate::{
-    daemon::OpenFiles,
     fault::Faults,
+    open_files::OpenFiles,
     proxy::Settings,
     state::{ConnTable, ProxyCounters},
 };
