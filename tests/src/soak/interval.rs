@@ -31,6 +31,9 @@ pub struct GrpcInterval {
     /// GOAWAY with the request still queued), retried once as gRPC's transparent retry does.
     #[serde(default)]
     pub unary_unsent_retried: u64,
+    /// Server streams dropped the same way before their request was sent, retried once.
+    #[serde(default)]
+    pub stream_unsent_retried: u64,
     /// Unary calls by the backend that answered.
     pub by_backend: BTreeMap<String, u64>,
     /// Failures keyed `<call> <code>`, with ` (fault injected)` when shunt's fault rule made it.

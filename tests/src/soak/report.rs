@@ -101,8 +101,9 @@ impl Report {
             o.ok("stream_replies")
         );
         println!(
-            "  unsent          {} unary calls retried: the client's connection closed on GOAWAY before sending them",
-            o.ok("unary_unsent_retried")
+            "  unsent          {} unary calls and {} streams retried: the client's connection closed on GOAWAY before sending them",
+            o.ok("unary_unsent_retried"),
+            o.ok("stream_unsent_retried")
         );
         println!("  TLS conns       {} ok", o.ok("tls"));
         println!("  opaque conns    {} ok", o.ok("opaque"));
@@ -133,7 +134,8 @@ impl Report {
             println!("    handoff not available: {why}");
         }
         for (kind, n) in &o.restart {
-            println!("    {n:6}  {kind}");
+            let message = o.messages.get(kind).map_or("", String::as_str);
+            println!("    {n:6}  {kind}: {message}");
         }
         for s in &self.rss {
             println!(

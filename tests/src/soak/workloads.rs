@@ -102,7 +102,8 @@ pub struct Workloads {
 #[derive(Debug, Default, Clone, serde::Serialize)]
 pub struct Outcomes {
     /// Successes: `unary`, `streams`, `stream_replies`, `tls`, `opaque`; and
-    /// `unary_unsent_retried`, calls retried because they were never sent.
+    /// `unary_unsent_retried` and `stream_unsent_retried`, calls retried because they were
+    /// never sent.
     pub ok: BTreeMap<String, u64>,
     /// Unary calls the fault rule aborted, while it was set.
     pub faulted: u64,
@@ -314,6 +315,7 @@ fn tail_grpc(path: &PathBuf, records: &Records, deadline: Instant) {
                     ("streams", parsed.streams_ok),
                     ("stream_replies", parsed.stream_replies),
                     ("unary_unsent_retried", parsed.unary_unsent_retried),
+                    ("stream_unsent_retried", parsed.stream_unsent_retried),
                 ]),
                 by_backend: parsed.by_backend,
                 errors: parsed.errors,

@@ -145,10 +145,20 @@ fn never_sent(status: &Status) -> bool {
     false
 }
 
-/// One stream after another until `deadline`.
+/// One stream after another until `deadline`. A stream whose request was never sent is
+/// retried once, as for unary calls.
 async fn streams(mut client: GrpcClient, tally: Shared, deadline: Instant) {
     while Instant::now() < deadline {
-        let outcome = tokio::time::timeout(STREAM_TIMEOUT, stream(&mut client, &tally)).await;
+        let outcome = tokio::time::timeout(STREAM_TIMEOUT, async {
+            match stream(&mut client, &tally).await {
+                Err(StreamError::Unsent(_)) => {
+                    lock(&tally).stream_unsent_retried += 1;
+                    stream(&mut client, &tally).await
+                }
+                finished => finished,
+            }
+        })
+        .await;
         let failed = !matches!(outcome, Ok(Ok(())));
         record_stream(&mut lock(&tally), outcome);
         if failed {
@@ -161,13 +171,17 @@ async fn streams(mut client: GrpcClient, tally: Shared, deadline: Instant) {
 fn record_stream<E>(tally: &mut Tally, outcome: Result<Result<(), StreamError>, E>) {
     match outcome {
         Ok(Ok(())) => tally.streams_ok += 1,
-        Ok(Err(StreamError::Status(status))) => record_status(tally, "stream", &status),
+        Ok(Err(StreamError::Status(status) | StreamError::Unsent(status))) => {
+            record_status(tally, "stream", &status)
+        }
         Ok(Err(StreamError::Replies(message))) => tally.error("stream", "bad-replies", &message),
         Err(_) => tally.error("stream", "client-timeout", "not finished within 30s"),
     }
 }
 
 enum StreamError {
+    /// The request never left the client (see [`never_sent`]).
+    Unsent(Status),
     Status(Status),
     Replies(String),
 }
@@ -185,7 +199,10 @@ async fn stream(client: &mut GrpcClient, tally: &Shared) -> Result<(), StreamErr
     let mut replies = client
         .server_streaming(request, PathAndQuery::from_static(SAY_HELLO_STREAM), codec)
         .await
-        .map_err(StreamError::Status)?
+        .map_err(|status| match never_sent(&status) {
+            true => StreamError::Unsent(status),
+            false => StreamError::Status(status),
+        })?
         .into_inner();
     let mut backend: Option<String> = None;
     let mut count = 0;
