@@ -5,7 +5,9 @@
 //! pair, and a cgroup v2 directory every process it starts is placed in (the kernel programs
 //! under test attach there). Names carry a per-sandbox id, so parallel tests never collide.
 //! Dropping the sandbox — on success, failure or panic — kills its processes and removes
-//! everything it made; [`clean_up_all`] does the same for signal handlers.
+//! everything it made; [`clean_up_all`] does the same for signal handlers. A process that
+//! makes a sandbox also cleans up when it is sent SIGTERM, SIGINT or SIGHUP — a test runner
+//! stopping a test past its time limit — so a killed test leaves nothing running.
 
 use std::{
     ffi::CString,
@@ -15,7 +17,7 @@ use std::{
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
     sync::{
-        Arc, Mutex, Weak,
+        Arc, Mutex, Once, Weak,
         atomic::{AtomicU32, Ordering},
     },
     time::{Duration, Instant, SystemTime},
@@ -60,6 +62,29 @@ pub fn clean_up_all() {
     }
 }
 
+/// Once per process: on SIGTERM, SIGINT or SIGHUP, cleans up every sandbox and exits as the
+/// signal would have. A handler, not `sigwait`: a test process has threads already running
+/// that would take the signal. Tools that block these signals and wait for them themselves
+/// ([`crate::interrupts`]) keep doing so: a blocked signal never reaches a handler.
+fn clean_up_on_termination() {
+    static INSTALLED: Once = Once::new();
+    INSTALLED.call_once(|| {
+        use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+        match signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP]) {
+            Ok(mut signals) => {
+                std::thread::spawn(move || {
+                    if let Some(signal) = signals.forever().next() {
+                        eprintln!("sandbox: signal {signal}: killing its processes, removing it");
+                        clean_up_all();
+                        std::process::exit(128 + signal);
+                    }
+                });
+            }
+            Err(e) => eprintln!("sandbox: no cleanup on SIGTERM ({e}); Drop still cleans up"),
+        }
+    });
+}
+
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex
         .lock()
@@ -80,6 +105,7 @@ struct State {
 impl Sandbox {
     pub fn new() -> anyhow::Result<Sandbox> {
         crate::require_root()?;
+        clean_up_on_termination();
         let id = unique_id();
         let bridge = format!("shb{id}");
         let cgroup = cgroup2_mount()?.join(format!("shunt-sandbox-{id}"));

@@ -33,9 +33,11 @@ enum Task {
     },
     /// Build `target/release/shunt` (eBPF object embedded) and the test helpers.
     Build,
-    /// Run the whole suite: formatting, lints, unit and sandbox integration tests (as root).
+    /// Run the whole suite: formatting, lints, fuzzing, then unit, sandbox integration and soak
+    /// tests under per-test time limits (as root).
     Test {
-        /// Extra arguments for `cargo test`, e.g. a test name filter.
+        /// Arguments for `cargo nextest run`, e.g. a test name filter or `-E 'binary(http2)'`;
+        /// with any, fuzzing is skipped.
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
@@ -106,8 +108,6 @@ fn main() {
 
 /// Each fuzz target's share of `cargo xtask test`.
 const FUZZ_SECONDS_IN_TEST: u64 = 60;
-/// The soak's length in `cargo xtask test` (`cargo xtask soak` runs 10 minutes).
-const SOAK_SECONDS_IN_TEST: f64 = 60.0;
 
 fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -160,38 +160,28 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
     lint_ebpf()?;
     step.done();
 
-    let step = Step::start("running unit and sandbox integration tests");
-    let shunt = release_bin("shunt");
-    let probe = release_bin("shunt-probe");
-    let greeter = release_bin("shunt-greeter");
-    let mut args = vec![
-        "test",
-        "--release",
-        "--locked",
-        "--workspace",
-        "--no-fail-fast",
-    ];
-    if !extra.is_empty() {
-        args.push("--");
-        args.extend(extra.iter().map(String::as_str));
+    // Fuzzing first: the run ends with the test runner's own summary.
+    if extra.is_empty() {
+        fuzz(FUZZ_SECONDS_IN_TEST, Vec::new())?;
     }
-    run::cargo_with_env(
-        &args,
-        &[
-            ("SHUNT_BIN", shunt.as_os_str()),
-            ("SHUNT_PROBE_BIN", probe.as_os_str()),
-            ("SHUNT_GREETER_BIN", greeter.as_os_str()),
-        ],
-    )?;
-    step.done();
 
-    let step = Step::start(format!("soaking for {SOAK_SECONDS_IN_TEST}s"));
-    // Its report goes under target/: bench/results keeps the full run's.
-    soak(SOAK_SECONDS_IN_TEST, &workspace_root().join("target/soak"))?;
-    step.done();
-
-    fuzz(FUZZ_SECONDS_IN_TEST, Vec::new())?;
-    println!("all checks passed");
+    setup::ensure_cargo_nextest()?;
+    println!(
+        "==> running unit, sandbox integration and soak tests (limits per test: \
+         .config/nextest.toml; JUnit report: target/nextest/default/junit.xml)"
+    );
+    let mut args = vec!["nextest", "run", "--release", "--locked", "--workspace"];
+    args.extend(extra.iter().map(String::as_str));
+    let mut cmd = run::cargo_command();
+    cmd.args(&args)
+        .env("SHUNT_BIN", release_bin("shunt"))
+        .env("SHUNT_PROBE_BIN", release_bin("shunt-probe"))
+        .env("SHUNT_GREETER_BIN", release_bin("shunt-greeter"));
+    let status = cmd.status().context("could not start `cargo nextest`")?;
+    // The runner's summary is the last word: on failure, only its exit status is added.
+    if !status.success() {
+        std::process::exit(status.code().unwrap_or(1));
+    }
     Ok(())
 }
 

@@ -1,6 +1,6 @@
 //! Running commands with visible progress.
 
-use std::{ffi::OsStr, process::Command, time::Instant};
+use std::{process::Command, time::Instant};
 
 use anyhow::{Context, bail};
 
@@ -31,17 +31,14 @@ impl Step {
 
 /// The cargo that runs us (rustup's), from the workspace root.
 pub fn cargo(args: &[&str]) -> anyhow::Result<()> {
-    cargo_with_env(args, &[])
+    status(cargo_command().args(args))
 }
 
-pub fn cargo_with_env(args: &[&str], env: &[(&str, &OsStr)]) -> anyhow::Result<()> {
+pub fn cargo_command() -> Command {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);
-    cmd.args(args).current_dir(crate::workspace_root());
-    for (key, value) in env {
-        cmd.env(key, value);
-    }
-    status(&mut cmd)
+    cmd.current_dir(crate::workspace_root());
+    cmd
 }
 
 /// Runs a command to completion, inheriting stdout/stderr so the user sees its progress.

@@ -44,6 +44,9 @@ const GRPCIO: &str = "grpcio==1.85.3";
 
 const CARGO_FUZZ_VERSION: &str = "0.13.2";
 
+/// The test runner: per-test time limits (`.config/nextest.toml`).
+const CARGO_NEXTEST_VERSION: &str = "0.9.143";
+
 pub fn run() -> anyhow::Result<()> {
     setup(true)
 }
@@ -213,6 +216,15 @@ pub fn ensure_cargo_fuzz() -> anyhow::Result<()> {
         "cargo-fuzz",
         CARGO_FUZZ_VERSION,
         "about a minute, once",
+        |_| {},
+    )
+}
+
+pub fn ensure_cargo_nextest() -> anyhow::Result<()> {
+    ensure_cargo_tool(
+        "cargo-nextest",
+        CARGO_NEXTEST_VERSION,
+        "several minutes, once",
         |_| {},
     )
 }

@@ -133,3 +133,152 @@ impl Channel {
         Ok(Some((message, fds)))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The channel between two ends in one process: no root, no second daemon.
+
+    use std::{net::TcpListener, path::PathBuf};
+
+    use super::*;
+
+    /// A rendezvous path of its own per test, removed when dropped.
+    struct TempSocket(PathBuf);
+
+    impl TempSocket {
+        fn new(name: &str) -> TempSocket {
+            let path = std::env::temp_dir().join(format!(
+                "shunt-handoff-test-{}-{name}.sock",
+                std::process::id()
+            ));
+            TempSocket(path)
+        }
+    }
+
+    impl Drop for TempSocket {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    /// Both ends, connected: (giving, taking).
+    fn pair(name: &str) -> (Channel, Channel, TempSocket) {
+        let socket = TempSocket::new(name);
+        let rendezvous = Rendezvous::bind(&socket.0).unwrap();
+        let giving = Channel::connect(&socket.0, Duration::from_secs(5)).unwrap();
+        let taking = rendezvous.accept(Duration::from_secs(5)).unwrap();
+        (giving, taking, socket)
+    }
+
+    fn pod_message(listeners: Vec<std::net::SocketAddr>) -> Message {
+        Message::Pod {
+            name: "client".into(),
+            netns: "/var/run/netns/client".into(),
+            netns_cookie: 4097,
+            origin: super::super::Origin::Operator,
+            listeners,
+        }
+    }
+
+    #[test]
+    fn a_pod_arrives_whole_with_the_same_listening_socket() {
+        let (giving, taking, _socket) = pair("pod");
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        giving
+            .send(&pod_message(vec![addr]), &[listener.as_raw_fd()])
+            .unwrap();
+        let (message, fds) = taking.recv().unwrap().unwrap();
+        let Message::Pod {
+            name,
+            netns_cookie,
+            origin,
+            listeners,
+            ..
+        } = message
+        else {
+            panic!("not a pod: {message:?}");
+        };
+        assert_eq!(
+            (name.as_str(), netns_cookie, listeners),
+            ("client", 4097, vec![addr])
+        );
+        assert_eq!(origin, super::super::Origin::Operator);
+        assert_eq!(fds.len(), 1);
+        // The descriptor that arrived is the same socket: a connection made to it is
+        // accepted through the received copy.
+        let received = TcpListener::from(fds.into_iter().next().unwrap());
+        assert_eq!(received.local_addr().unwrap(), addr);
+        let _client = std::net::TcpStream::connect(addr).unwrap();
+        received.accept().unwrap();
+    }
+
+    #[test]
+    fn messages_keep_their_order_and_a_closed_end_reads_as_none() {
+        let (giving, taking, _socket) = pair("order");
+        giving
+            .send(&Message::Done { pid: 7, pods: 0 }, &[])
+            .unwrap();
+        giving.send(&Message::Released, &[]).unwrap();
+        drop(giving);
+        assert!(matches!(
+            taking.recv().unwrap(),
+            Some((Message::Done { pid: 7, pods: 0 }, fds)) if fds.is_empty()
+        ));
+        assert!(matches!(
+            taking.recv().unwrap(),
+            Some((Message::Released, _))
+        ));
+        assert!(taking.recv().unwrap().is_none());
+    }
+
+    #[test]
+    fn too_many_descriptors_are_refused_before_anything_is_sent() {
+        let (giving, taking, _socket) = pair("many");
+        let listeners: Vec<_> = (0..=MAX_FDS)
+            .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+            .collect();
+        let fds: Vec<_> = listeners.iter().map(AsRawFd::as_raw_fd).collect();
+        let refused = giving.send(&pod_message(Vec::new()), &fds);
+        assert!(
+            matches!(refused, Err(HandoffError::Protocol(_))),
+            "{refused:?}"
+        );
+        drop(giving);
+        assert!(taking.recv().unwrap().is_none(), "something was sent");
+    }
+
+    #[test]
+    fn an_undecodable_message_is_a_protocol_error() {
+        let (giving, taking, _socket) = pair("garbage");
+        let iov = [IoSlice::new(b"{\"kind\":\"surprise\"}")];
+        socket::sendmsg::<()>(giving.fd.as_raw_fd(), &iov, &[], MsgFlags::empty(), None).unwrap();
+        let error = taking.recv().unwrap_err();
+        assert!(
+            matches!(&error, HandoffError::Protocol(m) if m.contains("undecodable")),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn an_oversized_message_is_reported_truncated() {
+        let (giving, taking, _socket) = pair("big");
+        let big = vec![b' '; MAX_MESSAGE + 1];
+        let iov = [IoSlice::new(&big)];
+        socket::sendmsg::<()>(giving.fd.as_raw_fd(), &iov, &[], MsgFlags::empty(), None).unwrap();
+        let error = taking.recv().unwrap_err();
+        assert!(
+            matches!(&error, HandoffError::Protocol(m) if m.contains("truncated")),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn the_rendezvous_is_reachable_by_its_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let socket = TempSocket::new("mode");
+        let _rendezvous = Rendezvous::bind(&socket.0).unwrap();
+        let mode = std::fs::metadata(&socket.0).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+}
