@@ -2,15 +2,19 @@
 //! any number of daemons can run side by side on one machine.
 
 use std::{
+    ffi::OsStr,
     fmt::Write as _,
     path::{Path, PathBuf},
-    process::{Command, Stdio},
-    time::{Duration, Instant},
+    process::{Command, Output, Stdio},
+    time::Duration,
 };
 
 use anyhow::{Context, bail};
 
-use crate::sandbox::{Pod, Sandbox};
+use crate::{
+    fixture,
+    sandbox::{Pod, Sandbox},
+};
 
 /// What differs between test daemons; everything else is per-sandbox.
 #[derive(Debug, Clone, Default)]
@@ -34,6 +38,14 @@ pub struct Options {
     pub cgroup: Option<PathBuf>,
     /// `admin.group`: who besides root may use the admin socket.
     pub admin_group: Option<String>,
+}
+
+impl Options {
+    /// These options with `yaml` appended at the top level (after any Services).
+    pub fn with_extra_yaml(mut self, yaml: &str) -> Options {
+        self.extra_yaml.push_str(yaml);
+        self
+    }
 }
 
 pub struct Daemon<'a> {
@@ -167,29 +179,21 @@ impl<'a> Daemon<'a> {
     pub fn launch(&mut self) -> anyhow::Result<()> {
         let pid = self.spawn_process()?;
         self.pid = Some(pid);
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            // This process answering, not one it is taking over from.
-            let answering = self
-                .ctl_json(&["status"])
-                .is_ok_and(|status| status["pid"].as_u64() == Some(u64::from(pid)));
-            if answering {
-                return Ok(());
-            }
-            if !self.sandbox.is_running(pid) {
-                bail!(
-                    "shunt exited during start-up; its log:\n{}",
-                    self.log_text()
-                );
-            }
-            if Instant::now() >= deadline {
-                bail!(
-                    "shunt did not answer on its admin socket within 15s; its log:\n{}",
-                    self.log_text()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        fixture::until(
+            "shunt answers on its admin socket",
+            Duration::from_secs(15),
+            || {
+                // This process answering, not one it is taking over from.
+                let answering = self
+                    .ctl_json(&["status"])
+                    .is_ok_and(|status| status["pid"].as_u64() == Some(u64::from(pid)));
+                if !answering && !self.sandbox.is_running(pid) {
+                    return Err(fixture::give_up("shunt exited during start-up"));
+                }
+                Ok(answering)
+            },
+        )
+        .with_context(|| format!("its log:\n{}", self.log_text()))
     }
 
     /// Starts `shunt run` with this config, its output appended to the log, without waiting.
@@ -234,10 +238,8 @@ impl<'a> Daemon<'a> {
             return true;
         };
         let _ = crate::sys::kill(pid as i32, libc::SIGTERM);
-        let deadline = Instant::now() + timeout;
-        while self.sandbox.is_running(pid) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        // Not exiting in time is an outcome here, not a failure.
+        let _ = fixture::until("shunt exits", timeout, || Ok(!self.sandbox.is_running(pid)));
         let exited = !self.sandbox.is_running(pid);
         self.sandbox.kill(pid);
         exited
@@ -256,13 +258,7 @@ impl<'a> Daemon<'a> {
 
     /// Waits (at most `timeout`) for the process to exit on its own, e.g. after `uninstall`.
     pub fn wait_exit(&mut self, timeout: Duration) -> anyhow::Result<()> {
-        let deadline = Instant::now() + timeout;
-        while self.is_running() {
-            if Instant::now() >= deadline {
-                bail!("shunt still running after {timeout:?}");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        fixture::until("shunt exits by itself", timeout, || Ok(!self.is_running()))?;
         if let Some(pid) = self.pid.take() {
             self.sandbox.kill(pid); // reaps it
         }
@@ -281,6 +277,38 @@ impl<'a> Daemon<'a> {
         let out = self.ctl(&all)?;
         serde_json::from_str(&out)
             .with_context(|| format!("`shunt {}` printed {out:?}", args.join(" ")))
+    }
+
+    /// Installs the fault rule `yaml` at runtime (`shunt faults set -f`); what the CLI printed.
+    pub fn set_faults(&self, yaml: &str) -> anyhow::Result<String> {
+        let file = self.sandbox.scratch_dir("rules")?.join("rule.yaml");
+        std::fs::write(&file, yaml)?;
+        self.ctl(&["faults", "set", "-f", &file.to_string_lossy()])
+    }
+
+    /// Waits (at most `within`) until `shunt conns` lists a connection whose upstream is
+    /// connected, and returns the first one listed.
+    pub fn connection_with_upstream(&self, within: Duration) -> anyhow::Result<serde_json::Value> {
+        fixture::eventually("shunt lists the connection", within, || {
+            let conns = self.ctl_json(&["conns"])?;
+            // Listed once accepted; upstream set once the upstream connection is up too.
+            let first = conns.as_array().and_then(|c| c.first());
+            Ok(first.filter(|c| !c["upstream"].is_null()).cloned())
+        })
+        .with_context(|| format!("shunt's log:\n{}", self.log_text()))
+    }
+
+    /// Waits (at most `within`) until `shunt conns --closed` lists a connection `wanted`
+    /// accepts, and returns it; the error names `what`.
+    pub fn closed_conn(
+        &self,
+        what: &str,
+        within: Duration,
+        wanted: impl Fn(&serde_json::Value) -> bool,
+    ) -> anyhow::Result<serde_json::Value> {
+        fixture::eventually(what, within, || {
+            Ok(self.closed_conns()?.into_iter().find(&wanted))
+        })
     }
 
     /// A counter from `shunt stats -o json`, e.g. `("ebpf", "redirected")`.
@@ -336,19 +364,54 @@ impl Drop for Daemon<'_> {
 
 /// Runs `shunt --admin-socket SOCKET ARGS…`.
 pub fn ctl(socket: &Path, args: &[&str]) -> anyhow::Result<String> {
-    let mut cmd = Command::new(crate::shunt_bin());
-    cmd.arg("--admin-socket").arg(socket).args(args);
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let child = cmd.spawn().context("starting shunt")?;
-    let out = crate::sandbox::wait_with_timeout(child, Duration::from_secs(10))?;
+    let mut all = vec![OsStr::new("--admin-socket"), socket.as_os_str()];
+    all.extend(args.iter().map(OsStr::new));
+    shunt(&all, Duration::from_secs(10))
+}
+
+/// Runs `shunt ARGS…`, which must succeed within `timeout`: its stdout, or an error with
+/// its stderr. See [`run_shunt`].
+pub fn shunt<S: AsRef<OsStr>>(args: &[S], timeout: Duration) -> anyhow::Result<String> {
+    let out = run_shunt(args, None, timeout)?;
     if !out.status.success() {
+        let shown: Vec<String> = args
+            .iter()
+            .map(|a| a.as_ref().to_string_lossy().into_owned())
+            .collect();
         bail!(
             "shunt {}: {}",
-            args.join(" "),
+            shown.join(" "),
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Runs `shunt ARGS…` with only what the arguments say (no `$SHUNT_ADMIN_SOCKET` from the
+/// environment), as user and group `uid` if given (through `setpriv`, no supplementary
+/// groups), killed after `timeout`; its output, whatever the exit status.
+pub fn run_shunt<S: AsRef<OsStr>>(
+    args: &[S],
+    uid: Option<u32>,
+    timeout: Duration,
+) -> anyhow::Result<Output> {
+    let mut cmd = match uid {
+        Some(uid) => {
+            let mut setpriv = Command::new("setpriv");
+            setpriv
+                .arg(format!("--reuid={uid}"))
+                .arg(format!("--regid={uid}"))
+                .arg("--clear-groups")
+                .arg(crate::shunt_bin());
+            setpriv
+        }
+        None => Command::new(crate::shunt_bin()),
+    };
+    cmd.args(args)
+        .env_remove("SHUNT_ADMIN_SOCKET")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let child = cmd.spawn().context("starting shunt")?;
+    crate::sandbox::wait_with_timeout(child, timeout)
 }

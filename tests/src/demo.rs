@@ -6,7 +6,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::bail;
+use anyhow::{Context, bail};
 
 use crate::{
     daemon::{self, Daemon},
@@ -65,12 +65,10 @@ fn show(sandbox: &Sandbox) -> anyhow::Result<()> {
 
     let (cert, key) = tls::self_signed(&sandbox.scratch_dir("tls")?, TLS_NAME)?;
     tls::serve(sandbox, &backend, 8443, &cert, &key)?;
-    let mut greeters = Vec::new();
-    for i in 0..3 {
-        let pod = sandbox.add_pod(&format!("greeter{i}"))?;
-        grpc::serve(sandbox, &pod, &pod.name, 50051)?;
-        greeters.push(format!("'{}:50051'", pod.ipv4));
-    }
+    let greeters: Vec<String> = grpc::greeters(sandbox, 3, 50051)?
+        .iter()
+        .map(|e| format!("'{e}'"))
+        .collect();
     let options = daemon::Options {
         extra_yaml: format!(
             "services:\n  - name: greeter-tls\n    vip: '{TLS_VIP}'\n    endpoints: ['{}:8443']\n  - name: greeter\n    vip: '{GRPC_VIP}'\n    endpoints: [{}]\n",
@@ -95,7 +93,7 @@ fn show(sandbox: &Sandbox) -> anyhow::Result<()> {
         &format!("client connects to {listen} (the application knows nothing of shunt)"),
     );
     let held = probe::connect_held(sandbox, &client, listen, Duration::from_millis(1500))?;
-    let conn = wait_for_connection(&daemon)?;
+    let conn = daemon.connection_with_upstream(Duration::from_secs(5))?;
     println!(
         "      shunt accepted it on its in-pod listener: pod={} client={} original destination={} upstream={}",
         conn["pod"].as_str().unwrap_or("?"),
@@ -137,7 +135,13 @@ fn show(sandbox: &Sandbox) -> anyhow::Result<()> {
     println!(
         "      openssl: certificate for {TLS_NAME} verified — the handshake reached the real server untouched"
     );
-    let record = wait_for_closed(&daemon, |c| c["verdict"] == "tls")?;
+    let record = daemon
+        .closed_conn(
+            "shunt records the connection",
+            Duration::from_secs(5),
+            |c| c["verdict"] == "tls",
+        )
+        .with_context(|| format!("shunt's log:\n{}", daemon.log_text()))?;
     println!(
         "      shunt: verdict={} sni={} alpn={} service={} upstream={} bytes in/out={}/{}",
         record["verdict"].as_str().unwrap_or("?"),
@@ -246,39 +250,13 @@ fn show_command(daemon: &Daemon, args: &[&str], rows: usize) -> anyhow::Result<(
     Ok(())
 }
 
-/// Polls `shunt conns` until the client's connection shows up (at most 5 s).
-fn wait_for_connection(daemon: &Daemon) -> anyhow::Result<serde_json::Value> {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let conns = daemon.ctl_json(&["conns"])?;
-        // Listed once accepted; shown once the upstream connection is up too.
-        let first = conns.as_array().and_then(|c| c.first());
-        if let Some(conn) = first.filter(|c| !c["upstream"].is_null()) {
-            return Ok(conn.clone());
-        }
-        if Instant::now() >= deadline {
-            bail!(
-                "shunt never listed the client's connection; its log:\n{}",
-                daemon.log_text()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 fn show_faults(
     sandbox: &Sandbox,
     daemon: &Daemon,
     client: &crate::sandbox::Pod,
 ) -> anyhow::Result<()> {
     let vip: SocketAddr = GRPC_VIP.parse()?;
-    let rule = sandbox.scratch_dir("faults")?.join("rule.yaml");
-    let set = |yaml: &str| -> anyhow::Result<()> {
-        std::fs::write(&rule, yaml)?;
-        daemon.ctl(&["faults", "set", "-f", &rule.to_string_lossy()])?;
-        Ok(())
-    };
-    set(
+    daemon.set_faults(
         "name: greeter-slow\nmatch: {service: greeter, path: /helloworld.Greeter/SayHello}\ndelay: {fixed: 500ms, percentage: 100}\n",
     )?;
     let started = Instant::now();
@@ -294,7 +272,7 @@ fn show_faults(
         started.elapsed().as_secs_f64(),
         calls.ok
     );
-    set(
+    daemon.set_faults(
         "name: greeter-slow\nmatch: {service: greeter}\nabort: {grpc_status: UNAVAILABLE, percentage: 50}\n",
     )?;
     let calls = grpc::call(sandbox, client, vip, 100)?;
@@ -316,24 +294,4 @@ fn show_faults(
         calls.ok
     );
     Ok(())
-}
-
-/// Polls `shunt conns --closed` for a record matching `wanted` (at most 5 s).
-fn wait_for_closed(
-    daemon: &Daemon,
-    wanted: impl Fn(&serde_json::Value) -> bool,
-) -> anyhow::Result<serde_json::Value> {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        if let Some(record) = daemon.closed_conns()?.into_iter().find(&wanted) {
-            return Ok(record);
-        }
-        if Instant::now() >= deadline {
-            bail!(
-                "shunt never recorded the connection; its log:\n{}",
-                daemon.log_text()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }

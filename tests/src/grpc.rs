@@ -7,7 +7,7 @@ use anyhow::Context;
 use serde::Deserialize;
 
 use crate::{
-    probe,
+    fixture, probe,
     sandbox::{Pod, Sandbox},
 };
 
@@ -71,6 +71,38 @@ impl Calls {
         }
         Ok(())
     }
+}
+
+/// `n` pods `greeter0…` each serving a grpcio greeter named as its pod on `port`; their
+/// addresses, the endpoints of a Service.
+pub fn greeters(sandbox: &Sandbox, n: usize, port: u16) -> anyhow::Result<Vec<SocketAddr>> {
+    (0..n)
+        .map(|i| {
+            let pod = sandbox.add_pod(&format!("greeter{i}"))?;
+            serve(sandbox, &pod, &pod.name, port)?;
+            Ok(SocketAddr::new(pod.ipv4.into(), port))
+        })
+        .collect()
+}
+
+/// A sandbox with a pod `client` and the [`greeters`] (grpcio) in front of it: the client
+/// and the greeters' addresses.
+pub fn client_and_greeters(n: usize, port: u16) -> anyhow::Result<(Sandbox, Pod, Vec<SocketAddr>)> {
+    let sandbox = Sandbox::new()?;
+    let client = sandbox.add_pod("client")?;
+    let endpoints = greeters(&sandbox, n, port)?;
+    Ok((sandbox, client, endpoints))
+}
+
+/// As [`client_and_greeters`], with [`tonic_greeters`].
+pub fn client_and_tonic_greeters(
+    n: usize,
+    port: u16,
+) -> anyhow::Result<(Sandbox, Pod, Vec<SocketAddr>)> {
+    let sandbox = Sandbox::new()?;
+    let client = sandbox.add_pod("client")?;
+    let endpoints = tonic_greeters(&sandbox, n, port)?;
+    Ok((sandbox, client, endpoints))
 }
 
 /// Starts a tonic greeter in `pod` on `port` that answers with `name`.
@@ -194,14 +226,12 @@ pub struct Background {
 impl Background {
     /// Waits (at most 60 s) for the calls to finish.
     pub fn finish(self, sandbox: &Sandbox) -> anyhow::Result<Calls> {
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        while sandbox.is_running(self.pid) {
-            anyhow::ensure!(
-                std::time::Instant::now() < deadline,
-                "calls did not finish within 60s"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        fixture::exited(
+            sandbox,
+            self.pid,
+            "the calls finish",
+            Duration::from_secs(60),
+        )?;
         parse(&std::fs::read_to_string(&self.out)?)
     }
 }
@@ -273,20 +303,22 @@ pub fn steady_in_background(
         .arg(&started)
         .stdout(std::fs::File::create(&out)?);
     let pid = sandbox.spawn_in_pod(pod, cmd)?;
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while !started.exists() {
-        if !sandbox.is_running(pid) {
-            anyhow::bail!(
-                "the steady load ended before its stream started: {}",
-                std::fs::read_to_string(&out).unwrap_or_default()
-            );
-        }
-        anyhow::ensure!(
-            std::time::Instant::now() < deadline,
-            "the steady load's stream did not start within 30s"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    fixture::until(
+        "the steady load's stream starts",
+        Duration::from_secs(30),
+        || {
+            if started.exists() {
+                return Ok(true);
+            }
+            if !sandbox.is_running(pid) {
+                return Err(fixture::give_up(format!(
+                    "the steady load ended before its stream started: {}",
+                    std::fs::read_to_string(&out).unwrap_or_default()
+                )));
+            }
+            Ok(false)
+        },
+    )?;
     Ok(SteadyLoad { pid, out })
 }
 
@@ -302,14 +334,7 @@ impl SteadyLoad {
 
     /// Waits (at most `timeout`) for the stream to end and the load with it.
     pub fn finish(self, sandbox: &Sandbox, timeout: Duration) -> anyhow::Result<Steady> {
-        let deadline = std::time::Instant::now() + timeout;
-        while sandbox.is_running(self.pid) {
-            if std::time::Instant::now() >= deadline {
-                sandbox.kill(self.pid);
-                anyhow::bail!("the steady load did not finish within {timeout:?}");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        fixture::exited(sandbox, self.pid, "the steady load finishes", timeout)?;
         let text = std::fs::read_to_string(&self.out)?;
         serde_json::from_str(text.trim()).with_context(|| format!("steady load printed {text:?}"))
     }

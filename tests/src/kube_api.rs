@@ -16,7 +16,7 @@ use std::{
     net::SocketAddr,
     path::Path,
     sync::{Arc, Mutex},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use anyhow::{Context, bail};
@@ -222,19 +222,11 @@ impl MockApi {
         timeout: Duration,
         check: impl Fn(&Value) -> bool,
     ) -> anyhow::Result<Value> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let object = self.get(kind, namespace, name);
-            if let Some(object) = &object
-                && check(object)
-            {
-                return Ok(object.clone());
-            }
-            if Instant::now() >= deadline {
-                bail!("{kind} {namespace}/{name} not as expected after {timeout:?}: {object:?}");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let what = format!("{kind} {namespace}/{name} as expected");
+        crate::fixture::eventually(&what, timeout, || match self.get(kind, namespace, name) {
+            Some(object) if check(&object) => Ok(Some(object)),
+            other => bail!("it is {other:?}"),
+        })
     }
 
     fn record(&self, state: &mut State, kind: String, old: Option<Value>, new: Option<Value>) {

@@ -1,15 +1,14 @@
 //! Driving the `shunt-probe` peer inside sandbox pods.
 
-use std::{
-    net::SocketAddr,
-    process::Command,
-    time::{Duration, Instant},
-};
+use std::{net::SocketAddr, path::PathBuf, process::Command, time::Duration};
 
 use anyhow::{Context, bail};
 use serde::Deserialize;
 
-use crate::sandbox::{Pod, Sandbox};
+use crate::{
+    fixture,
+    sandbox::{Pod, Sandbox},
+};
 
 /// What one probe connection saw.
 #[derive(Debug, Clone, Deserialize)]
@@ -92,6 +91,30 @@ pub fn serve(sandbox: &Sandbox, pod: &Pod, listen: SocketAddr) -> anyhow::Result
     Ok(pid)
 }
 
+/// A sandbox with a pod `client` and a pod `backend` running a probe server on `port`: the
+/// client, and the server's address.
+pub fn client_and_server(port: u16) -> anyhow::Result<(Sandbox, Pod, SocketAddr)> {
+    let sandbox = Sandbox::new()?;
+    let client = sandbox.add_pod("client")?;
+    let backend = sandbox.add_pod("backend")?;
+    let listen = SocketAddr::new(backend.ipv4.into(), port);
+    serve(&sandbox, &backend, listen)?;
+    Ok((sandbox, client, listen))
+}
+
+/// One connection from `pod` to `to` with the probe's `extra` arguments, which must
+/// succeed; what it saw.
+pub fn connect_once(
+    sandbox: &Sandbox,
+    pod: &Pod,
+    to: SocketAddr,
+    extra: &[&str],
+) -> anyhow::Result<Seen> {
+    let seen = connect_with(sandbox, pod, to, 1, extra)?.remove(0);
+    seen.ok()?;
+    Ok(seen)
+}
+
 /// Makes `count` connections from `pod` to `to` (one after the other) and returns what each
 /// saw; failed connections have `error` set.
 pub fn connect(
@@ -139,28 +162,19 @@ pub fn connect_with(
 /// Polls `ss` in the pod until something listens on `port` (at most 5 s), failing early if
 /// the server process `pid` exits.
 pub fn wait_listening(sandbox: &Sandbox, pod: &Pod, port: u16, pid: u32) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
+    let what = format!("the server in pod {} listens on port {port}", pod.name);
+    fixture::until(&what, Duration::from_secs(5), || {
         let mut ss = Command::new("ss");
         ss.args(["-Htln", &format!("sport = :{port}")]);
         let out = sandbox.run_in_pod(pod, ss, Duration::from_secs(5))?;
-        if !out.stdout.is_empty() {
-            return Ok(());
-        }
-        if !sandbox.is_running(pid) {
-            bail!(
-                "the probe server in pod {} exited before listening on port {port}",
+        if out.stdout.is_empty() && !sandbox.is_running(pid) {
+            return Err(fixture::give_up(format!(
+                "the server in pod {} exited before listening on port {port}",
                 pod.name
-            );
+            )));
         }
-        if Instant::now() >= deadline {
-            bail!(
-                "the probe server in pod {} is not listening on port {port} after 5s",
-                pod.name
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+        Ok(!out.stdout.is_empty())
+    })
 }
 
 /// A probe connection running in the background, held open for a while.
@@ -196,14 +210,73 @@ pub fn connect_held(
 impl Held {
     /// Waits for the connection to finish (bounded) and returns what it saw.
     pub fn finish(self, sandbox: &Sandbox) -> anyhow::Result<Seen> {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while sandbox.is_running(self.pid) {
-            if Instant::now() >= deadline {
-                sandbox.kill(self.pid);
-                bail!("the held probe connection did not finish within 30s");
+        fixture::exited(
+            sandbox,
+            self.pid,
+            "the held probe connection finishes",
+            Duration::from_secs(30),
+        )?;
+        let text = std::fs::read_to_string(&self.out)?;
+        serde_json::from_str(text.trim()).with_context(|| format!("probe printed {text:?}"))
+    }
+}
+
+/// `shunt-probe ARGS…` running in a pod in the background, its JSON lines going to a file.
+pub struct Background {
+    pid: u32,
+    out: PathBuf,
+}
+
+impl Background {
+    /// Starts `shunt-probe ARGS…` in `pod`; `name`, unique in the sandbox, names its output.
+    pub fn start(
+        sandbox: &Sandbox,
+        pod: &Pod,
+        name: &str,
+        args: &[&str],
+    ) -> anyhow::Result<Background> {
+        let out = sandbox.scratch_dir("probe")?.join(format!("{name}.json"));
+        let mut cmd = Command::new(crate::probe_bin());
+        cmd.args(args).stdout(std::fs::File::create(&out)?);
+        let pid = sandbox.spawn_in_pod(pod, cmd)?;
+        Ok(Background { pid, out })
+    }
+
+    /// Whether the probe still runs.
+    pub fn is_running(&self, sandbox: &Sandbox) -> bool {
+        sandbox.is_running(self.pid)
+    }
+
+    /// Waits (at most `within`) until the probe has printed `n` lines and returns the `n`th;
+    /// fails at once if it exits short of them.
+    pub fn line(
+        &self,
+        sandbox: &Sandbox,
+        n: usize,
+        within: Duration,
+    ) -> anyhow::Result<serde_json::Value> {
+        fixture::eventually(&format!("the probe prints {n} lines"), within, || {
+            // Whether it ran before reading: then an exit cannot hide a last line.
+            let running = sandbox.is_running(self.pid);
+            let text = std::fs::read_to_string(&self.out).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            match lines.get(n.saturating_sub(1)) {
+                Some(line) if n > 0 => serde_json::from_str(line)
+                    .map(Some)
+                    .with_context(|| format!("probe printed {line:?}")),
+                _ if running => Ok(None),
+                _ => Err(fixture::give_up(format!(
+                    "the probe exited having printed {} of {n} lines: {text:?}",
+                    lines.len()
+                ))),
             }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        })
+    }
+
+    /// Waits (at most `within`) for the probe to exit (killed past that) and returns the
+    /// JSON line it printed.
+    pub fn finish(self, sandbox: &Sandbox, within: Duration) -> anyhow::Result<serde_json::Value> {
+        fixture::exited(sandbox, self.pid, "the probe finishes", within)?;
         let text = std::fs::read_to_string(&self.out)?;
         serde_json::from_str(text.trim()).with_context(|| format!("probe printed {text:?}"))
     }

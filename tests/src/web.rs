@@ -1,6 +1,10 @@
 //! A plain HTTP/2 web server peer: `nghttpd` (Debian's nghttp2-server) without TLS.
 
-use std::process::{Command, Stdio};
+use std::{
+    net::SocketAddr,
+    process::{Command, Stdio},
+    time::Duration,
+};
 
 use crate::{
     probe,
@@ -29,4 +33,22 @@ pub fn serve(
     let pid = sandbox.spawn_in_pod(pod, nghttpd)?;
     probe::wait_listening(sandbox, pod, port, pid)?;
     Ok(pid)
+}
+
+/// `curl` from `pod` for `http://{to}/index.html` over HTTP/2 (prior knowledge), with the
+/// further `args`; what it printed, or an error if it failed.
+pub fn curl(sandbox: &Sandbox, pod: &Pod, to: SocketAddr, args: &[&str]) -> anyhow::Result<String> {
+    let mut cmd = Command::new("curl");
+    cmd.args(["-sS", "--max-time", "10"]);
+    cmd.arg("--http2-prior-knowledge")
+        .args(args)
+        .arg(format!("http://{to}/index.html"));
+    let out = sandbox.run_in_pod(pod, cmd, Duration::from_secs(20))?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    anyhow::ensure!(
+        out.status.success(),
+        "curl to {to}: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(stdout)
 }

@@ -20,20 +20,15 @@ const WORKERS: usize = 2;
 /// `http2.upstream_max_idle` in these tests.
 const MAX_IDLE: usize = 1;
 
-/// A client pod and three tonic greeters behind the Service at [`vip`].
-fn greeters(sandbox: &Sandbox) -> anyhow::Result<(Pod, Vec<SocketAddr>)> {
-    let client = sandbox.add_pod("client")?;
-    Ok((client, grpc::tonic_greeters(sandbox, GREETERS, PORT)?))
-}
-
+/// Daemon options with Service `greeter` at [`vip`] in front of `endpoints`, [`WORKERS`]
+/// workers and [`MAX_IDLE`] idle upstream connections.
 fn options(endpoints: &[SocketAddr]) -> Options {
     Options {
         intercept_yaml: format!("  workers: {WORKERS}\n"),
-        extra_yaml: fixture::service_yaml("greeter", vip(PORT), endpoints)
-            + &format!("http2:\n  upstream_max_idle: {MAX_IDLE}\n"),
         // Ten thousand connections' debug lines would only slow the daemon down.
         log: Some("info"),
-        ..Options::default()
+        ..fixture::service("greeter", vip(PORT), endpoints)
+            .with_extra_yaml(&format!("http2:\n  upstream_max_idle: {MAX_IDLE}\n"))
     }
 }
 
@@ -70,8 +65,7 @@ fn held(daemon: &Daemon) -> anyhow::Result<Held> {
 
 #[test]
 fn ten_thousand_short_connections_leave_no_upstream_connections_behind() -> anyhow::Result<()> {
-    let sandbox = Sandbox::new()?;
-    let (client, endpoints) = greeters(&sandbox)?;
+    let (sandbox, client, endpoints) = grpc::client_and_tonic_greeters(GREETERS, PORT)?;
     let daemon = Daemon::start(&sandbox, &[&client], &options(&endpoints))?;
     // At most this many idle connections may stay: per endpoint, pod and worker.
     let kept = (GREETERS * WORKERS * MAX_IDLE) as u64;
@@ -138,8 +132,7 @@ fn ten_thousand_short_connections_leave_no_upstream_connections_behind() -> anyh
 
 #[test]
 fn pools_of_an_unenrolled_pod_are_closed() -> anyhow::Result<()> {
-    let sandbox = Sandbox::new()?;
-    let (client, endpoints) = greeters(&sandbox)?;
+    let (sandbox, client, endpoints) = grpc::client_and_tonic_greeters(GREETERS, PORT)?;
     let daemon = Daemon::start(&sandbox, &[&client], &options(&endpoints))?;
     let calls = grpc::call(&sandbox, &client, vip(PORT), 30)?;
     calls.check_even(30, GREETERS, 0.5)?;

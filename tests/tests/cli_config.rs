@@ -4,70 +4,29 @@
 //! that one and removes its pins only, and the other keeps redirecting its pods. Also what
 //! `shunt status` and `/metrics` say about the open-file limit. Run as root.
 
-use std::{
-    ffi::OsStr,
-    net::SocketAddr,
-    path::Path,
-    process::{Command, Stdio},
-    time::Duration,
-};
+use std::{ffi::OsStr, net::SocketAddr, path::Path, time::Duration};
 
-use anyhow::{Context, bail, ensure};
+use anyhow::{Context, ensure};
 use serde_json::Value;
 use shunt_tests::{
-    daemon::{Daemon, Options},
+    daemon::{self, Daemon, Options},
     probe,
-    sandbox::{self, Pod, Sandbox},
+    sandbox::{Pod, Sandbox},
     telemetry,
 };
 
 const PORT: u16 = 8080;
-
-/// A sandbox with a client pod and a probe server in a backend pod; the server's address.
-fn serving_sandbox() -> anyhow::Result<(Sandbox, Pod, SocketAddr)> {
-    let sandbox = Sandbox::new()?;
-    let client = sandbox.add_pod("client")?;
-    let backend = sandbox.add_pod("backend")?;
-    let to = SocketAddr::new(backend.ipv4.into(), PORT);
-    probe::serve(&sandbox, &backend, to)?;
-    Ok((sandbox, client, to))
-}
+/// How long one CLI command may take.
+const CLI: Duration = Duration::from_secs(20);
 
 /// One real connection from `pod` to `to`, which must succeed; whether shunt redirected it.
 fn redirected(sandbox: &Sandbox, pod: &Pod, to: SocketAddr) -> anyhow::Result<bool> {
-    let seen = probe::connect(sandbox, pod, to, 1)?.remove(0);
-    seen.ok()?;
-    Ok(seen.was_redirected())
+    Ok(probe::connect_once(sandbox, pod, to, &[])?.was_redirected())
 }
 
-/// `shunt ARGS…` with only what the arguments say: no `$SHUNT_ADMIN_SOCKET` from the
-/// environment. Its stdout, or an error with its stderr.
-fn shunt<S: AsRef<OsStr>>(args: &[S]) -> anyhow::Result<String> {
-    let shown: Vec<String> = args
-        .iter()
-        .map(|a| a.as_ref().to_string_lossy().into_owned())
-        .collect();
-    let child = Command::new(shunt_tests::shunt_bin())
-        .args(args)
-        .env_remove("SHUNT_ADMIN_SOCKET")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("starting shunt")?;
-    let out = sandbox::wait_with_timeout(child, Duration::from_secs(20))?;
-    if !out.status.success() {
-        bail!(
-            "shunt {}: {}",
-            shown.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
+/// [`daemon::shunt`] `ARGS…`, its output parsed as JSON.
 fn shunt_json<S: AsRef<OsStr>>(args: &[S]) -> anyhow::Result<Value> {
-    let out = shunt(args)?;
+    let out = daemon::shunt(args, CLI)?;
     serde_json::from_str(&out).with_context(|| format!("shunt printed {out:?}"))
 }
 
@@ -78,8 +37,8 @@ fn pins(dir: &Path) -> usize {
 
 #[test]
 fn uninstall_with_a_config_stops_that_daemon_only() -> anyhow::Result<()> {
-    let (first_sandbox, first_client, first_to) = serving_sandbox()?;
-    let (second_sandbox, second_client, second_to) = serving_sandbox()?;
+    let (first_sandbox, first_client, first_to) = probe::client_and_server(PORT)?;
+    let (second_sandbox, second_client, second_to) = probe::client_and_server(PORT)?;
     let first = Daemon::start(&first_sandbox, &[&first_client], &Options::default())?;
     let mut second = Daemon::start(&second_sandbox, &[&second_client], &Options::default())?;
     ensure!(
@@ -146,11 +105,14 @@ fn uninstall_with_a_config_stops_that_daemon_only() -> anyhow::Result<()> {
         "--admin-socket FIRST --config SECOND: the flag must win: {status}"
     );
 
-    let out = shunt(&[
-        OsStr::new("uninstall"),
-        OsStr::new("--config"),
-        second.config.as_os_str(),
-    ])?;
+    let out = daemon::shunt(
+        &[
+            OsStr::new("uninstall"),
+            OsStr::new("--config"),
+            second.config.as_os_str(),
+        ],
+        CLI,
+    )?;
     ensure!(out.starts_with("removed "), "uninstall printed {out:?}");
     second
         .wait_exit(Duration::from_secs(20))
@@ -228,20 +190,26 @@ fn status_and_metrics_show_the_open_file_limits_and_the_limits_sized_to_them() -
         "the configured per-pod limit must stay as configured: {status}"
     );
 
-    let text = shunt(&[
-        OsStr::new("--config"),
-        daemon.config.as_os_str(),
-        OsStr::new("status"),
-    ])?;
+    let text = daemon::shunt(
+        &[
+            OsStr::new("--config"),
+            daemon.config.as_os_str(),
+            OsStr::new("status"),
+        ],
+        CLI,
+    )?;
     let line =
         format!("limits: {sized} connections, 100 per pod  open files: soft {soft}, hard {hard}");
     ensure!(text.contains(&line), "status text lacks {line:?}:\n{text}");
     // `shunt config` prints the limits in force.
-    let config = shunt(&[
-        OsStr::new("config"),
-        OsStr::new("--config"),
-        daemon.config.as_os_str(),
-    ])?;
+    let config = daemon::shunt(
+        &[
+            OsStr::new("config"),
+            OsStr::new("--config"),
+            daemon.config.as_os_str(),
+        ],
+        CLI,
+    )?;
     ensure!(
         config.contains(&format!("max_connections: {sized}\n"))
             && config.contains("max_connections_per_pod: 100\n"),

@@ -3,7 +3,6 @@
 
 use std::{
     net::SocketAddr,
-    process::Command,
     time::{Duration, Instant},
 };
 
@@ -18,37 +17,18 @@ use shunt_tests::{
 
 const PORT: u16 = 50051;
 
-fn service(name: &str, port: u16, endpoint: SocketAddr, extra: &str) -> Options {
-    Options {
-        extra_yaml: fixture::service_yaml(name, vip(port), &[endpoint]) + extra,
-        ..Options::default()
-    }
-}
-
-/// A client pod and one grpcio greeter behind Service `greeter`.
+/// A client pod and one grpcio greeter behind Service `greeter`, with `extra` in the config.
 fn greeter(extra: &str) -> anyhow::Result<(Sandbox, Pod, SocketAddr, Options)> {
-    let sandbox = Sandbox::new()?;
-    let client = sandbox.add_pod("client")?;
-    let server = sandbox.add_pod("greeter")?;
-    grpc::serve(&sandbox, &server, "greeter", PORT)?;
-    let endpoint = SocketAddr::new(server.ipv4.into(), PORT);
-    let options = service("greeter", PORT, endpoint, extra);
-    Ok((sandbox, client, endpoint, options))
-}
-
-fn set_rules(daemon: &Daemon, sandbox: &Sandbox, yaml: &str) -> anyhow::Result<String> {
-    let file = sandbox.scratch_dir("rules")?.join("rule.yaml");
-    std::fs::write(&file, yaml)?;
-    daemon.ctl(&["faults", "set", "-f", &file.to_string_lossy()])
+    let (sandbox, client, endpoints) = grpc::client_and_greeters(1, PORT)?;
+    let options = fixture::service("greeter", vip(PORT), &endpoints).with_extra_yaml(extra);
+    Ok((sandbox, client, endpoints[0], options))
 }
 
 #[test]
 fn a_delay_holds_the_matching_method_only_and_is_counted() -> anyhow::Result<()> {
     let (sandbox, client, _, options) = greeter("")?;
     let daemon = Daemon::start(&sandbox, &[&client], &options)?;
-    set_rules(
-        &daemon,
-        &sandbox,
+    daemon.set_faults(
         "name: greeter-slow\nmatch: {service: greeter, path: /helloworld.Greeter/SayHello}\ndelay: {fixed: 300ms, percentage: 100}\n",
     )?;
     let started = Instant::now();
@@ -118,23 +98,14 @@ fn an_http_abort_answers_plain_http2_with_the_status() -> anyhow::Result<()> {
     web::serve(&sandbox, &web, 8080, &[("index.html", "hello\n")])?;
     let endpoint = SocketAddr::new(web.ipv4.into(), 8080);
     let rule = "faults:\n  - name: down\n    match: {service: web, headers: {x-chaos: 'on'}}\n    abort: {http_status: 503}\n";
-    let _daemon = Daemon::start(&sandbox, &[&client], &service("web", 80, endpoint, rule))?;
+    let options = fixture::service("web", vip(80), &[endpoint]).with_extra_yaml(rule);
+    let _daemon = Daemon::start(&sandbox, &[&client], &options)?;
     let status = |chaos: bool| -> anyhow::Result<String> {
-        let mut curl = Command::new("curl");
-        curl.args([
-            "-s",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            "--http2-prior-knowledge",
-        ]);
+        let mut args = vec!["-o", "/dev/null", "-w", "%{http_code}"];
         if chaos {
-            curl.args(["-H", "x-chaos: on"]);
+            args.extend(["-H", "x-chaos: on"]);
         }
-        curl.arg(format!("http://{}/index.html", fixture::VIP));
-        let out = sandbox.run_in_pod(&client, curl, Duration::from_secs(20))?;
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        web::curl(&sandbox, &client, vip(80), &args)
     };
     // Only requests carrying the header are faulted.
     assert_eq!(status(true)?, "503");
@@ -151,11 +122,8 @@ fn tcp_faults_delay_and_reset_tls_connections() -> anyhow::Result<()> {
     tls::serve(&sandbox, &server, 8443, &cert, &key)?;
     let endpoint = SocketAddr::new(server.ipv4.into(), 8443);
     let rule = "faults:\n  - name: slow-payments\n    match: {service: payments}\n    tcp: {connect_delay: 500ms}\n";
-    let daemon = Daemon::start(
-        &sandbox,
-        &[&client],
-        &service("payments", 443, endpoint, rule),
-    )?;
+    let options = fixture::service("payments", vip(443), &[endpoint]).with_extra_yaml(rule);
+    let daemon = Daemon::start(&sandbox, &[&client], &options)?;
 
     let started = Instant::now();
     let out = tls::connect(&sandbox, &client, vip(443), "payments.test", &cert)?;
@@ -170,9 +138,7 @@ fn tcp_faults_delay_and_reset_tls_connections() -> anyhow::Result<()> {
         "the handshake finished after {elapsed:?}"
     );
 
-    set_rules(
-        &daemon,
-        &sandbox,
+    daemon.set_faults(
         "name: slow-payments\nmatch: {service: payments}\ntcp: {reset_percentage: 100}\n",
     )?;
     let out = tls::connect(&sandbox, &client, vip(443), "payments.test", &cert)?;
@@ -195,9 +161,8 @@ fn bad_rules_are_refused_with_the_field_named_and_the_old_ones_stay() -> anyhow:
     let (sandbox, client, endpoint, options) = greeter(rule)?;
     let daemon = Daemon::start(&sandbox, &[&client], &options)?;
 
-    let error = set_rules(
-        &daemon,
-        &sandbox,
+    let error = daemon
+        .set_faults(
         "name: worse\nmatch: {service: greeter}\nabort: {grpc_status: UNAVAILABLE, percentage: 150}\n",
     )
     .expect_err("a percentage of 150 was accepted")
@@ -205,10 +170,7 @@ fn bad_rules_are_refused_with_the_field_named_and_the_old_ones_stay() -> anyhow:
     assert!(error.contains("abort.percentage"), "{error}");
 
     // Through a config reload too.
-    let bad = service(
-        "greeter",
-        PORT,
-        endpoint,
+    let bad = fixture::service("greeter", vip(PORT), &[endpoint]).with_extra_yaml(
         "faults:\n  - name: x\n    match: {service: greeter}\n    abort: {grpc_status: SOMETIMES}\n",
     );
     daemon.rewrite_config(&[&client], &bad)?;

@@ -8,45 +8,27 @@ use std::{
     time::Duration,
 };
 
-use anyhow::ensure;
+use anyhow::{Context, ensure};
 use shunt_tests::{
     daemon::{Daemon, Options},
-    fixture, grpc,
-    sandbox::{Pod, Sandbox},
+    fixture::{self, vip},
+    grpc::{self, client_and_greeters},
+    sandbox::Sandbox,
     web,
 };
 
 const PORT: u16 = 50051;
 
-fn vip() -> SocketAddr {
-    fixture::vip(PORT)
-}
-
+/// Daemon options with Service `greeter` at [`vip`]`(PORT)` in front of `endpoints`.
 fn service(endpoints: &[SocketAddr]) -> Options {
-    Options {
-        extra_yaml: fixture::service_yaml("greeter", vip(), endpoints),
-        ..Options::default()
-    }
-}
-
-/// A client pod and `n` greeter pods named `greeter0…`.
-fn greeters(n: usize) -> anyhow::Result<(Sandbox, Pod, Vec<SocketAddr>)> {
-    let sandbox = Sandbox::new()?;
-    let client = sandbox.add_pod("client")?;
-    let mut endpoints = Vec::new();
-    for i in 0..n {
-        let pod = sandbox.add_pod(&format!("greeter{i}"))?;
-        grpc::serve(&sandbox, &pod, &pod.name, PORT)?;
-        endpoints.push(SocketAddr::new(pod.ipv4.into(), PORT));
-    }
-    Ok((sandbox, client, endpoints))
+    fixture::service("greeter", vip(PORT), endpoints)
 }
 
 #[test]
 fn grpcio_calls_on_one_channel_are_spread_evenly() -> anyhow::Result<()> {
-    let (sandbox, client, endpoints) = greeters(3)?;
+    let (sandbox, client, endpoints) = client_and_greeters(3, PORT)?;
     let daemon = Daemon::start(&sandbox, &[&client], &service(&endpoints))?;
-    let calls = grpc::call(&sandbox, &client, vip(), 3000)?;
+    let calls = grpc::call(&sandbox, &client, vip(PORT), 3000)?;
     calls.check_even(3000, 3, 0.05)?;
     // All of it over one client connection, detected as HTTP/2.
     assert_eq!(daemon.counter("proxy", "verdict_h2")?, 1);
@@ -56,16 +38,9 @@ fn grpcio_calls_on_one_channel_are_spread_evenly() -> anyhow::Result<()> {
 
 #[test]
 fn tonic_calls_on_one_channel_are_spread_evenly() -> anyhow::Result<()> {
-    let sandbox = Sandbox::new()?;
-    let client = sandbox.add_pod("client")?;
-    let mut endpoints = Vec::new();
-    for i in 0..3 {
-        let pod = sandbox.add_pod(&format!("tonic{i}"))?;
-        grpc::tonic_serve(&sandbox, &pod, &pod.name, PORT)?;
-        endpoints.push(SocketAddr::new(pod.ipv4.into(), PORT));
-    }
+    let (sandbox, client, endpoints) = grpc::client_and_tonic_greeters(3, PORT)?;
     let daemon = Daemon::start(&sandbox, &[&client], &service(&endpoints))?;
-    let calls = grpc::tonic_call(&sandbox, &client, vip(), 3000)?;
+    let calls = grpc::tonic_call(&sandbox, &client, vip(PORT), 3000)?;
     calls.check_even(3000, 3, 0.05)?;
     assert_eq!(daemon.counter("proxy", "verdict_h2")?, 1);
     Ok(())
@@ -73,11 +48,11 @@ fn tonic_calls_on_one_channel_are_spread_evenly() -> anyhow::Result<()> {
 
 #[test]
 fn unreachable_endpoints_become_unavailable_naming_the_upstream() -> anyhow::Result<()> {
-    let (sandbox, client, _) = greeters(0)?;
+    let (sandbox, client, _) = client_and_greeters(0, PORT)?;
     let silent = sandbox.add_pod("silent")?; // nothing listens there
     let endpoint = SocketAddr::new(silent.ipv4.into(), PORT);
     let _daemon = Daemon::start(&sandbox, &[&client], &service(&[endpoint]))?;
-    let calls = grpc::call(&sandbox, &client, vip(), 5)?;
+    let calls = grpc::call(&sandbox, &client, vip(PORT), 5)?;
     assert_eq!(calls.errors.get("UNAVAILABLE"), Some(&5), "{calls:?}");
     let message = calls.first_error.unwrap_or_default();
     assert!(message.contains(&endpoint.to_string()), "{message}");
@@ -86,15 +61,15 @@ fn unreachable_endpoints_become_unavailable_naming_the_upstream() -> anyhow::Res
 
 #[test]
 fn scale_out_by_reload_sends_new_streams_to_new_endpoints() -> anyhow::Result<()> {
-    let (sandbox, client, endpoints) = greeters(6)?;
+    let (sandbox, client, endpoints) = client_and_greeters(6, PORT)?;
     let daemon = Daemon::start(&sandbox, &[&client], &service(&endpoints[..3]))?;
-    let before = grpc::call(&sandbox, &client, vip(), 300)?;
+    let before = grpc::call(&sandbox, &client, vip(PORT), 300)?;
     assert_eq!(before.ok, 300);
     assert_eq!(before.by_backend.len(), 3, "{before:?}");
 
     daemon.rewrite_config(&[&client], &service(&endpoints))?;
     daemon.ctl(&["reload"])?;
-    let after = grpc::call(&sandbox, &client, vip(), 600)?;
+    let after = grpc::call(&sandbox, &client, vip(PORT), 600)?;
     after.check_even(600, 6, 0.10)?;
     Ok(())
 }
@@ -113,7 +88,7 @@ fn a_reload_moves_an_open_connections_next_calls_to_the_new_endpoints() -> anyho
 
     // One channel, so one HTTP/2 connection, calling every 100 ms across the reload.
     let log = sandbox.scratch_dir("calls")?.join("calls.jsonl");
-    grpc::call_every_100ms(&sandbox, &client, vip(), &log)?;
+    grpc::call_every_100ms(&sandbox, &client, vip(PORT), &log)?;
     daemon.eventually("calls answered by old", || {
         Ok(grpc::answered_by(&log).len() >= 3)
     })?;
@@ -138,7 +113,7 @@ fn a_reload_moves_an_open_connections_next_calls_to_the_new_endpoints() -> anyho
 
 #[test]
 fn h2load_with_grpc_headers_completes_without_errors() -> anyhow::Result<()> {
-    let (sandbox, client, endpoints) = greeters(3)?;
+    let (sandbox, client, endpoints) = client_and_greeters(3, PORT)?;
     let _daemon = Daemon::start(&sandbox, &[&client], &service(&endpoints))?;
     // One gRPC frame: not compressed, 7-byte HelloRequest{name: "probe"}.
     let body = sandbox.scratch_dir("h2load")?.join("request.bin");
@@ -149,7 +124,7 @@ fn h2load_with_grpc_headers_completes_without_errors() -> anyhow::Result<()> {
         .args(["-H", "content-type: application/grpc", "-H", "te: trailers"])
         .arg("-d")
         .arg(&body)
-        .arg(format!("http://{}/helloworld.Greeter/SayHello", vip()));
+        .arg(format!("http://{}/helloworld.Greeter/SayHello", vip(PORT)));
     let out = sandbox.run_in_pod(&client, h2load, Duration::from_secs(120))?;
     let report = String::from_utf8_lossy(&out.stdout);
     ensure!(out.status.success(), "h2load failed: {report}");
@@ -167,10 +142,7 @@ fn curl_with_prior_knowledge_reaches_a_plain_http2_server() -> anyhow::Result<()
     let web = sandbox.add_pod("web")?;
     web::serve(&sandbox, &web, 8080, &[("hello.txt", "hello over h2\n")])?;
     let endpoint = SocketAddr::new(web.ipv4.into(), 8080);
-    let options = Options {
-        extra_yaml: fixture::service_yaml("greeter", fixture::vip(80), &[endpoint]),
-        ..Options::default()
-    };
+    let options = fixture::service("greeter", vip(80), &[endpoint]);
     let daemon = Daemon::start(&sandbox, &[&client], &options)?;
 
     let mut curl = Command::new("curl");
@@ -195,19 +167,14 @@ fn curl_with_prior_knowledge_reaches_a_plain_http2_server() -> anyhow::Result<()
 
 #[test]
 fn sigterm_lets_calls_in_flight_finish() -> anyhow::Result<()> {
-    let (sandbox, client, endpoints) = greeters(1)?;
+    let (sandbox, client, endpoints) = client_and_greeters(1, PORT)?;
     let mut daemon = Daemon::start(&sandbox, &[&client], &service(&endpoints))?;
     // A 300 ms call, still in flight when the daemon is told to stop.
-    let slow = grpc::call_in_background(&sandbox, &client, vip(), 1, "Slow")?;
+    let slow = grpc::call_in_background(&sandbox, &client, vip(PORT), 1, "Slow")?;
     // Wait until shunt has the call's stream, then stop it mid-call.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while daemon.counter("proxy", "h2_streams")? == 0 {
-        ensure!(
-            std::time::Instant::now() < deadline,
-            "the call never reached shunt"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    fixture::until("the call reaches shunt", Duration::from_secs(10), || {
+        Ok(daemon.counter("proxy", "h2_streams")? > 0)
+    })?;
     let pid = daemon.ctl_json(&["status"])?["pid"]
         .as_i64()
         .unwrap_or_default() as i32;
@@ -228,7 +195,7 @@ fn sigterm_lets_calls_in_flight_finish() -> anyhow::Result<()> {
 
 #[test]
 fn dns_discovery_follows_the_records_of_a_real_dns_server() -> anyhow::Result<()> {
-    let (sandbox, client, endpoints) = greeters(2)?;
+    let (sandbox, client, endpoints) = client_and_greeters(2, PORT)?;
     // dnsmasq on the node's loopback, serving names from a hosts file we rewrite.
     let dir = sandbox.scratch_dir("dns")?;
     let hosts = dir.join("hosts");
@@ -255,25 +222,22 @@ fn dns_discovery_follows_the_records_of_a_real_dns_server() -> anyhow::Result<()
     let options = Options {
         extra_yaml: format!(
             "discovery:\n  dns_server: '127.0.0.1:{port}'\nservices:\n  - name: greeter\n    vip: '{}'\n    dns: 'greeter.test:{PORT}'\n    refresh: 200ms\n",
-            vip()
+            vip(PORT)
         ),
         ..Options::default()
     };
     let daemon = Daemon::start(&sandbox, &[&client], &options)?;
     let wait_for = |backends: usize| -> anyhow::Result<grpc::Calls> {
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            let calls = grpc::call(&sandbox, &client, vip(), 60)?;
-            if calls.ok == 60 && calls.by_backend.len() == backends {
-                return Ok(calls);
-            }
+        let what = format!("60 calls answered by {backends} backends");
+        fixture::eventually(&what, Duration::from_secs(10), || {
+            let calls = grpc::call(&sandbox, &client, vip(PORT), 60)?;
             ensure!(
-                std::time::Instant::now() < deadline,
-                "never saw {backends} backends: {calls:?}\n{}",
-                daemon.log_text()
+                calls.ok == 60 && calls.by_backend.len() == backends,
+                "{calls:?}"
             );
-            std::thread::sleep(Duration::from_millis(200));
-        }
+            Ok(Some(calls))
+        })
+        .with_context(|| format!("shunt's log:\n{}", daemon.log_text()))
     };
     let one = wait_for(1)?;
     assert_eq!(one.by_backend.get("greeter0"), Some(&60), "{one:?}");
@@ -305,7 +269,7 @@ fn grpc_streaming_deadlines_and_cancellation_pass_through() -> anyhow::Result<()
     let endpoint = SocketAddr::new(server.ipv4.into(), PORT);
     let daemon = Daemon::start(&sandbox, &[&client], &service(&[endpoint]))?;
 
-    let report = grpc::semantics(&sandbox, &client, vip())?;
+    let report = grpc::semantics(&sandbox, &client, vip(PORT))?;
     for check in [
         "client_streaming",
         "server_streaming",
@@ -331,14 +295,14 @@ fn grpc_streaming_deadlines_and_cancellation_pass_through() -> anyhow::Result<()
 /// stream; the client connection's two sockets leave the map when it closes.
 #[test]
 fn local_fast_path_keeps_grpc_calls_balanced_per_stream() -> anyhow::Result<()> {
-    let (sandbox, client, endpoints) = greeters(3)?;
+    let (sandbox, client, endpoints) = client_and_greeters(3, PORT)?;
     let options = Options {
         intercept_yaml: "  local_fast_path: true\n".into(),
         ..service(&endpoints)
     };
     let daemon = Daemon::start(&sandbox, &[&client], &options)?;
     assert_eq!(daemon.ctl_json(&["status"])?["local_fast_path"], "on");
-    let calls = grpc::tonic_call(&sandbox, &client, vip(), 3000)?;
+    let calls = grpc::tonic_call(&sandbox, &client, vip(PORT), 3000)?;
     calls.check_even(3000, 3, 0.05)?;
     assert_eq!(daemon.counter("proxy", "verdict_h2")?, 1);
     // Both ends joined, and the calls travelled over the redirect (thousands of messages).

@@ -3,82 +3,20 @@
 //! working, descriptor exhaustion neither kills nor spins the daemon, and HTTP/2 clients
 //! that break the stream and header limits are refused for that stream only. Run as root.
 
-use std::{
-    net::SocketAddr,
-    path::PathBuf,
-    process::Command,
-    time::{Duration, Instant},
-};
+use std::{net::SocketAddr, process::Command, time::Duration};
 
-use anyhow::{Context, bail, ensure};
+use anyhow::{Context, ensure};
 use serde_json::Value;
 use shunt_tests::{
     daemon::{Daemon, Options},
-    fixture, grpc, probe,
+    fixture::{self, vip},
+    grpc,
+    probe::{self, Background},
     sandbox::{Pod, Sandbox},
 };
 
 const GRPC_PORT: u16 = 50051;
 const ECHO_PORT: u16 = 7000;
-
-fn vip() -> SocketAddr {
-    fixture::vip(GRPC_PORT)
-}
-
-fn service_yaml(endpoint: SocketAddr) -> String {
-    fixture::service_yaml("greeter", vip(), &[endpoint])
-}
-
-/// A client pod and a tonic greeter (shunt-greeter) behind the VIP.
-fn greeter() -> anyhow::Result<(Sandbox, Pod, SocketAddr)> {
-    let sandbox = Sandbox::new()?;
-    let client = sandbox.add_pod("client")?;
-    let backend = sandbox.add_pod("greeter")?;
-    grpc::tonic_serve(&sandbox, &backend, "greeter", GRPC_PORT)?;
-    Ok((
-        sandbox,
-        client,
-        SocketAddr::new(backend.ipv4.into(), GRPC_PORT),
-    ))
-}
-
-/// `shunt-probe ARGS…` in `pod` in the background, its JSON lines going to a scratch file.
-struct Background {
-    pid: u32,
-    out: PathBuf,
-}
-
-fn spawn_probe(
-    sandbox: &Sandbox,
-    pod: &Pod,
-    name: &str,
-    args: &[&str],
-) -> anyhow::Result<Background> {
-    let out = sandbox.scratch_dir("limits")?.join(format!("{name}.json"));
-    let mut cmd = Command::new(shunt_tests::probe_bin());
-    cmd.args(args).stdout(std::fs::File::create(&out)?);
-    let pid = sandbox.spawn_in_pod(pod, cmd)?;
-    Ok(Background { pid, out })
-}
-
-impl Background {
-    /// Waits (bounded) until the probe has printed `n` lines and returns the `n`th.
-    fn line(&self, sandbox: &Sandbox, n: usize, within: Duration) -> anyhow::Result<Value> {
-        let deadline = Instant::now() + within;
-        loop {
-            let text = std::fs::read_to_string(&self.out).unwrap_or_default();
-            let lines: Vec<&str> = text.lines().collect();
-            if lines.len() >= n {
-                return serde_json::from_str(lines[n - 1])
-                    .with_context(|| format!("probe printed {:?}", lines[n - 1]));
-            }
-            if !sandbox.is_running(self.pid) || Instant::now() >= deadline {
-                bail!("probe printed {} of {n} lines: {text:?}", lines.len());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
 
 fn outcome(line: &Value, kind: &str) -> u64 {
     line["outcomes"][kind].as_u64().unwrap_or(0)
@@ -95,14 +33,14 @@ const EMPTY_SETTINGS_HEX: &str = "000000040000000000";
 
 #[test]
 fn slowloris_clients_are_closed_by_the_timeouts_while_grpc_is_served() -> anyhow::Result<()> {
-    let (sandbox, client, endpoint) = greeter()?;
+    let (sandbox, client, endpoints) = grpc::client_and_tonic_greeters(1, GRPC_PORT)?;
     let options = Options {
         intercept_yaml: "  detect_timeout: 1s\n  idle_timeout: 3s\n".into(),
-        extra_yaml: format!("{}http2:\n  header_timeout: 2s\n", service_yaml(endpoint)),
-        ..Options::default()
+        ..fixture::service("greeter", vip(GRPC_PORT), &endpoints)
+            .with_extra_yaml("http2:\n  header_timeout: 2s\n")
     };
     let daemon = Daemon::start(&sandbox, &[&client], &options)?;
-    let to = vip().to_string();
+    let to = vip(GRPC_PORT).to_string();
     // A valid preface and SETTINGS, then a HEADERS frame announcing 200 bytes of header
     // block that arrive one every 300 ms: HTTP/2 to detection, never a request.
     let headers = format!("{PREFACE_HEX}{EMPTY_SETTINGS_HEX}0000c8010400000001");
@@ -111,7 +49,7 @@ fn slowloris_clients_are_closed_by_the_timeouts_while_grpc_is_served() -> anyhow
         let mut args = vec!["slowloris", "--to", &to, "--count", "20", "--seconds", "40"];
         args.extend(["--hex", head]);
         args.extend(trickle);
-        spawn_probe(&sandbox, &client, name, &args)
+        Background::start(&sandbox, &client, name, &args)
     };
     let dribbling = slowloris(
         "dribbling",
@@ -125,7 +63,7 @@ fn slowloris_clients_are_closed_by_the_timeouts_while_grpc_is_served() -> anyhow
         Ok(daemon.counter("proxy", "accepted")? >= 40)
     })?;
     // Meanwhile a well-behaved client is served in full.
-    let calls = grpc::tonic_call(&sandbox, &client, vip(), 200)?;
+    let calls = grpc::tonic_call(&sandbox, &client, vip(GRPC_PORT), 200)?;
     ensure!(calls.ok == 200, "{calls:?}");
 
     let dribbled = dribbling.line(&sandbox, 1, Duration::from_secs(60))?;
@@ -169,7 +107,7 @@ fn a_flood_over_the_limits_is_reset_and_what_is_within_keeps_working() -> anyhow
             "--go",
             go.to_str().unwrap_or_default(),
         ];
-        spawn_probe(&sandbox, pod, &format!("flood-{}", pod.name), &args)
+        Background::start(&sandbox, pod, &format!("flood-{}", pod.name), &args)
     };
     // Pod a: 20 connections, 8 within its pod limit.
     let flood_a = flood(&a, "20")?;
@@ -254,7 +192,7 @@ fn out_of_descriptors_the_daemon_lives_on_and_recovers() -> anyhow::Result<()> {
     let go = sandbox.scratch_dir("limits")?.join("go");
     let go_arg = go.to_str().unwrap_or_default().to_owned();
     let echo_arg = echo.to_string();
-    let held = spawn_probe(
+    let held = Background::start(
         &sandbox,
         &client,
         "held",
@@ -266,7 +204,7 @@ fn out_of_descriptors_the_daemon_lives_on_and_recovers() -> anyhow::Result<()> {
 
     // Not one descriptor more: accept() fails, and so would a dial or a new pipe.
     set_fd_limit(pid, lowest_free_fd(pid)?)?;
-    let waiting = spawn_probe(
+    let waiting = Background::start(
         &sandbox,
         &client,
         "waiting",
@@ -320,7 +258,8 @@ fn out_of_descriptors_the_daemon_lives_on_and_recovers() -> anyhow::Result<()> {
 
 fn h2_probe(sandbox: &Sandbox, pod: &Pod, args: &[&str]) -> anyhow::Result<Value> {
     let mut cmd = Command::new(shunt_tests::probe_bin());
-    cmd.args(["h2", "--to", &vip().to_string()]).args(args);
+    cmd.args(["h2", "--to", &vip(GRPC_PORT).to_string()])
+        .args(args);
     let out = sandbox.run_in_pod(pod, cmd, Duration::from_secs(60))?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     ensure!(
@@ -333,14 +272,9 @@ fn h2_probe(sandbox: &Sandbox, pod: &Pod, args: &[&str]) -> anyhow::Result<Value
 
 #[test]
 fn http2_streams_over_the_limit_and_oversized_headers_are_refused_alone() -> anyhow::Result<()> {
-    let (sandbox, client, endpoint) = greeter()?;
-    let options = Options {
-        extra_yaml: format!(
-            "{}http2:\n  max_concurrent_streams: 4\n  max_header_list_size: 2048\n",
-            service_yaml(endpoint)
-        ),
-        ..Options::default()
-    };
+    let (sandbox, client, endpoints) = grpc::client_and_tonic_greeters(1, GRPC_PORT)?;
+    let options = fixture::service("greeter", vip(GRPC_PORT), &endpoints)
+        .with_extra_yaml("http2:\n  max_concurrent_streams: 4\n  max_header_list_size: 2048\n");
     let daemon = Daemon::start(&sandbox, &[&client], &options)?;
     // Ten requests at once on one connection: four are served, six refused.
     let many = h2_probe(&sandbox, &client, &["--streams", "10"])?;
@@ -359,7 +293,7 @@ fn http2_streams_over_the_limit_and_oversized_headers_are_refused_alone() -> any
     ensure!(big["completed_ok"] == 2, "{big}");
     ensure!(big["refused"] == 0, "{big}");
     // Other clients never noticed.
-    let calls = grpc::tonic_call(&sandbox, &client, vip(), 100)?;
+    let calls = grpc::tonic_call(&sandbox, &client, vip(GRPC_PORT), 100)?;
     ensure!(calls.ok == 100, "{calls:?}");
     ensure!(daemon.is_running());
     Ok(())

@@ -3,16 +3,12 @@
 //! `/ready`, the runtime log filter, and the CLI without a daemon or without root.
 //! Run as root.
 
-use std::{
-    net::SocketAddr,
-    process::{Command, Stdio},
-    time::Duration,
-};
+use std::{ffi::OsStr, net::SocketAddr, process::Command, time::Duration};
 
-use anyhow::{Context, ensure};
+use anyhow::ensure;
 use serde_json::Value;
 use shunt_tests::{
-    daemon::{Daemon, Options},
+    daemon::{self, Daemon, Options},
     fixture::eventually,
     grpc, probe,
     sandbox::Sandbox,
@@ -38,14 +34,8 @@ fn array(value: &Value) -> &[Value] {
 
 #[test]
 fn cli_metrics_and_access_log_match_known_traffic() -> anyhow::Result<()> {
-    let sandbox = Sandbox::new()?;
-    let client = sandbox.add_pod("client")?;
-    let mut greeters = Vec::new();
-    for i in 0..3 {
-        let pod = sandbox.add_pod(&format!("greeter{i}"))?;
-        grpc::serve(&sandbox, &pod, &pod.name, PORT)?;
-        greeters.push(format!("'{}:{PORT}'", pod.ipv4));
-    }
+    let (sandbox, client, endpoints) = grpc::client_and_greeters(3, PORT)?;
+    let greeters: Vec<String> = endpoints.iter().map(|e| format!("'{e}'")).collect();
     let payments = sandbox.add_pod("payments")?;
     let (cert, key) = tls::self_signed(&sandbox.scratch_dir("tls")?, "payments.test")?;
     tls::serve(&sandbox, &payments, 8443, &cert, &key)?;
@@ -443,7 +433,12 @@ fn health_log_level_config_and_cli_errors() -> anyhow::Result<()> {
 
     // No daemon behind the socket: a non-zero exit and one line saying what to do.
     let missing = sandbox.scratch_dir("nodaemon")?.join("admin.sock");
-    let out = shunt(&missing, &["status"], None)?;
+    let args = [
+        OsStr::new("--admin-socket"),
+        missing.as_os_str(),
+        "status".as_ref(),
+    ];
+    let out = daemon::run_shunt(&args, None, Duration::from_secs(10))?;
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
@@ -452,7 +447,12 @@ fn health_log_level_config_and_cli_errors() -> anyhow::Result<()> {
         "{stderr}"
     );
     // Not root: the socket refuses, and the CLI says so.
-    let out = shunt(&daemon.socket, &["status"], Some(65534))?;
+    let args = [
+        OsStr::new("--admin-socket"),
+        daemon.socket.as_os_str(),
+        "status".as_ref(),
+    ];
+    let out = daemon::run_shunt(&args, Some(65534), Duration::from_secs(10))?;
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
@@ -478,31 +478,4 @@ fn health_log_level_config_and_cli_errors() -> anyhow::Result<()> {
     held.finish(&sandbox)?.ok()?;
     daemon.wait_exit(Duration::from_secs(10))?;
     Ok(())
-}
-
-/// `shunt --admin-socket SOCKET ARGS…`, as user `uid` if given; its output, whatever the
-/// exit status.
-fn shunt(
-    socket: &std::path::Path,
-    args: &[&str],
-    uid: Option<u32>,
-) -> anyhow::Result<std::process::Output> {
-    let mut cmd = match uid {
-        Some(uid) => {
-            let mut setpriv = Command::new("setpriv");
-            setpriv
-                .arg(format!("--reuid={uid}"))
-                .arg(format!("--regid={uid}"))
-                .arg("--clear-groups")
-                .arg(shunt_tests::shunt_bin());
-            setpriv
-        }
-        None => Command::new(shunt_tests::shunt_bin()),
-    };
-    cmd.arg("--admin-socket").arg(socket).args(args);
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let child = cmd.spawn().context("starting shunt")?;
-    shunt_tests::sandbox::wait_with_timeout(child, Duration::from_secs(10))
 }

@@ -9,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, bail, ensure};
+use anyhow::{Context, ensure};
 use shunt_tests::{
     daemon::{Daemon, Options},
     fixture::{self, vip},
@@ -18,15 +18,11 @@ use shunt_tests::{
     telemetry, tls,
 };
 
-fn services_yaml(port: u16, endpoints: &[SocketAddr]) -> String {
-    fixture::service_yaml("backend", vip(port), endpoints)
-}
-
+/// Daemon options with Service `backend` at [`vip`]`(port)` and these `intercept:` lines.
 fn with_service(port: u16, endpoints: &[SocketAddr], intercept_yaml: &str) -> Options {
     Options {
-        extra_yaml: services_yaml(port, endpoints),
         intercept_yaml: intercept_yaml.to_owned(),
-        ..Options::default()
+        ..fixture::service("backend", vip(port), endpoints)
     }
 }
 
@@ -47,54 +43,30 @@ fn forwarded_as(
     if forwarding == "sockmap" {
         assert!(daemon.counter("ebpf", "sockmap_redirected")? > 0);
         assert_eq!(daemon.counter("ebpf", "sockmap_no_peer")?, 0);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let sockets = daemon.counter("ebpf", "sockmap_sockets")?;
-            if sockets == 0
-                && daemon
+        fixture::until(
+            "the sockmaps empty once traffic stopped",
+            Duration::from_secs(10),
+            || {
+                let sockets = daemon.counter("ebpf", "sockmap_sockets")?;
+                ensure!(sockets == 0, "{sockets} sockets still in the sockmaps");
+                Ok(daemon
                     .ctl_json(&["conns"])?
                     .as_array()
-                    .is_some_and(Vec::is_empty)
-            {
-                break;
-            }
-            ensure!(
-                Instant::now() < deadline,
-                "{sockets} sockets still in the sockmaps 10s after traffic stopped"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+                    .is_some_and(Vec::is_empty))
+            },
+        )?;
     }
     Ok(())
 }
 
 /// Waits until shunt lists at least `n` closed connections and returns them.
 fn closed_conns(daemon: &Daemon, n: usize) -> anyhow::Result<Vec<serde_json::Value>> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
+    let what = format!("{n} connections closed");
+    fixture::eventually(&what, Duration::from_secs(10), || {
         let closed = daemon.closed_conns()?;
-        if closed.len() >= n {
-            return Ok(closed);
-        }
-        if Instant::now() >= deadline {
-            bail!(
-                "{} of {n} connections closed after 10s: {closed:?}",
-                closed.len()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn probe_connect(
-    sandbox: &Sandbox,
-    pod: &Pod,
-    to: SocketAddr,
-    extra: &[&str],
-) -> anyhow::Result<Seen> {
-    let seen = probe::connect_with(sandbox, pod, to, 1, extra)?.remove(0);
-    seen.ok()?;
-    Ok(seen)
+        ensure!(closed.len() >= n, "{} closed: {closed:?}", closed.len());
+        Ok(Some(closed))
+    })
 }
 
 /// `shunt-probe send` from `pod`; returns its JSON line.
@@ -225,7 +197,7 @@ fn a_server_that_speaks_first_is_not_delayed(forwarding: &str) -> anyhow::Result
         ),
     )?;
 
-    let seen = probe_connect(&sandbox, &client, vip(2525), &["--expect-banner"])?;
+    let seen = probe::connect_once(&sandbox, &client, vip(2525), &["--expect-banner"])?;
     let banner = seen.banner.context("no banner")?;
     assert_eq!(banner.text, "220 smtp ready");
     // A correctness bound, not a speed figure: far below the 5 s detection timeout.
@@ -278,7 +250,7 @@ fn a_silent_client_is_held_at_most_the_detection_timeout() -> anyhow::Result<()>
         &[&setup.client],
         &with_service(80, &eps, "  detect_timeout: 300ms\n"),
     )?;
-    let seen = probe_connect(
+    let seen = probe::connect_once(
         &setup.sandbox,
         &setup.client,
         vip(80),
@@ -353,7 +325,7 @@ fn half_close_keeps_the_response_flowing(forwarding: &str) -> anyhow::Result<()>
         &with_service(80, &eps, &forwarding_yaml(forwarding)),
     )?;
     // The client sends 4 MiB, shuts down its write side, and reads the echo to the end.
-    let seen = probe_connect(
+    let seen = probe::connect_once(
         &setup.sandbox,
         &setup.client,
         vip(80),
@@ -439,16 +411,10 @@ fn slow_reader(intercept_yaml: &str, forwarding: &str) -> anyhow::Result<()> {
         String::from_utf8_lossy(&out.stderr)
     );
     let sent: u64 = String::from_utf8_lossy(&out.stdout).trim().parse()?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let read: u64 = loop {
-        if let Ok(text) = std::fs::read_to_string(&read_file)
-            && let Ok(read) = text.trim().parse()
-        {
-            break read;
-        }
-        ensure!(Instant::now() < deadline, "the slow reader never reported");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let read: u64 =
+        fixture::eventually("the slow reader reports", Duration::from_secs(10), || {
+            Ok(std::fs::read_to_string(&read_file)?.trim().parse().ok())
+        })?;
     // About 20 MB are read; what is in flight is socket buffers (a few MB each) plus, with
     // sockmap, what arrives between two backlog checks. Unbounded, it is hundreds of MB.
     let in_flight = sent.saturating_sub(read);
@@ -477,7 +443,7 @@ fn idle_connections_are_closed(forwarding: &str) -> anyhow::Result<()> {
         &with_service(80, &eps, &intercept),
     )?;
     // An exchange, then silence: shunt ends the connection, which the client sees as EOF.
-    let seen = probe_connect(
+    let seen = probe::connect_once(
         &setup.sandbox,
         &setup.client,
         vip(80),
@@ -530,27 +496,20 @@ fn resets_are_passed_on_in_both_directions(forwarding: &str) -> anyhow::Result<(
     let daemon = Daemon::start(&sandbox, &[&client], &options)?;
 
     // Client resets → the server sees a reset, not a FIN.
-    probe_connect(
+    probe::connect_once(
         &sandbox,
         &client,
         SocketAddr::new(backend.ipv4.into(), 8080),
         &["--reset"],
     )?;
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
+    fixture::until("the server sees a reset", Duration::from_secs(5), || {
         let log = std::fs::read_to_string(&events).unwrap_or_default();
-        if log.starts_with("reset ") {
-            break;
-        }
-        ensure!(
-            Instant::now() < deadline,
-            "the server did not see a reset: {log:?}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+        ensure!(log.starts_with("reset "), "the server saw {log:?}");
+        Ok(true)
+    })?;
 
     // Server resets → the client sees a reset.
-    let seen = probe_connect(
+    let seen = probe::connect_once(
         &sandbox,
         &client,
         SocketAddr::new(backend.ipv4.into(), 8081),
@@ -584,7 +543,7 @@ fn opaque_ports_are_never_sniffed() -> anyhow::Result<()> {
         &[&setup.client],
         &with_service(6379, &eps, ""),
     )?;
-    probe_connect(&setup.sandbox, &setup.client, vip(6379), &[])?;
+    probe::connect_once(&setup.sandbox, &setup.client, vip(6379), &[])?;
     assert_eq!(closed_conns(&daemon, 1)?[0]["verdict"], "skipped");
     assert_eq!(daemon.counter("proxy", "verdict_skipped")?, 1);
     Ok(())
@@ -676,18 +635,11 @@ fn bad_input_is_handled_without_harming_others(forwarding: &str) -> anyhow::Resu
         assert_eq!(result["end"], "eof", "{what}: {result}");
         let reply = result["reply"].as_str().unwrap_or_default();
         assert!(reply.starts_with("peer="), "{what}: {result}");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let conn = loop {
-            let closed = daemon.closed_conns()?;
-            if let Some(conn) = closed.into_iter().find(|c| c["client"] == result["local"]) {
-                break conn;
-            }
-            ensure!(
-                Instant::now() < deadline,
-                "{what}: connection never closed in shunt"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        };
+        let conn = daemon.closed_conn(
+            &format!("{what}: the connection closed in shunt"),
+            Duration::from_secs(10),
+            |c| c["client"] == result["local"],
+        )?;
         assert_eq!(conn["verdict"], *verdict, "{what}: {conn}");
     }
     let seen = healthy.finish(sandbox)?;
@@ -725,7 +677,7 @@ fn reload_swaps_services_and_refuses_a_bad_config() -> anyhow::Result<()> {
     let pods = [&setup.client];
     let daemon = Daemon::start(&setup.sandbox, &pods, &with_service(80, &eps[..1], ""))?;
     let server_of = |_: &Daemon| -> anyhow::Result<String> {
-        let seen = probe_connect(&setup.sandbox, &setup.client, vip(80), &[])?;
+        let seen = probe::connect_once(&setup.sandbox, &setup.client, vip(80), &[])?;
         Ok(seen.server.unwrap_or_default())
     };
     assert_eq!(server_of(&daemon)?, "backend0");
@@ -768,12 +720,9 @@ fn reload_swaps_services_and_refuses_a_bad_config() -> anyhow::Result<()> {
     let status = daemon.ctl_json(&["status"])?;
     let pid = status["pid"].as_i64().context("no pid")? as i32;
     let _ = shunt_tests::sys::kill(pid, libc::SIGHUP);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while server_of(&daemon)? != "backend0" {
-        ensure!(Instant::now() < deadline, "SIGHUP did not reload");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Ok(())
+    fixture::until("SIGHUP reloads", Duration::from_secs(5), || {
+        Ok(server_of(&daemon)? == "backend0")
+    })
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -821,21 +770,16 @@ const LOCAL_FAST_PATH: &str = "  local_fast_path: true\n";
 
 /// Waits until shunt reports `n` sockets on the local fast path.
 fn fast_path_sockets_become(daemon: &Daemon, n: u64) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
+    let what = format!("{n} sockets on the local fast path");
+    fixture::until(&what, Duration::from_secs(10), || {
         let status = daemon.ctl_json(&["status"])?;
         let sockets = status["local_fast_path_sockets"].as_u64();
-        if sockets == Some(n) {
-            // The metric reads the same map.
-            assert_eq!(daemon.counter("ebpf", "local_fast_path_sockets")?, n);
-            return Ok(());
-        }
-        ensure!(
-            Instant::now() < deadline,
-            "local fast path sockets: {sockets:?}, expected {n}: {status}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+        ensure!(sockets == Some(n), "{sockets:?}: {status}");
+        Ok(true)
+    })?;
+    // The metric reads the same map.
+    assert_eq!(daemon.counter("ebpf", "local_fast_path_sockets")?, n);
+    Ok(())
 }
 
 /// With the fast path on, the bytes between the client and shunt's in-pod socket skip the
@@ -938,7 +882,7 @@ fn local_fast_path_carries_a_large_payload() -> anyhow::Result<()> {
         &[&setup.client],
         &with_service(80, &eps, LOCAL_FAST_PATH),
     )?;
-    let seen = probe_connect(
+    let seen = probe::connect_once(
         &setup.sandbox,
         &setup.client,
         vip(80),

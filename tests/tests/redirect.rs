@@ -5,13 +5,13 @@
 use std::{
     net::{IpAddr, Ipv6Addr, SocketAddr},
     process::Command,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use anyhow::{Context, ensure};
 use shunt_tests::{
     daemon::{Daemon, Options},
-    probe::{self, Seen},
+    fixture, probe,
     sandbox::{Pod, Sandbox},
 };
 
@@ -19,13 +19,6 @@ const PORT: u16 = 8080;
 
 fn v4(pod: &Pod, port: u16) -> SocketAddr {
     SocketAddr::new(pod.ipv4.into(), port)
-}
-
-/// One connection from `pod` to `to`, which must succeed.
-fn connect_once(sandbox: &Sandbox, pod: &Pod, to: SocketAddr) -> anyhow::Result<Seen> {
-    let seen = probe::connect(sandbox, pod, to, 1)?.remove(0);
-    seen.ok()?;
-    Ok(seen)
 }
 
 /// Counter deltas over `f`, read from the daemon before and after.
@@ -92,23 +85,7 @@ fn enrolled_pod_is_redirected_and_keeps_its_view_of_the_connection() -> anyhow::
         Duration::from_millis(1500),
     )?;
     // While it is open, shunt lists it with the destination the application asked for.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let conn = loop {
-        let conns = daemon.ctl_json(&["conns"])?;
-        if let Some(conn) = conns
-            .as_array()
-            .and_then(|c| c.first())
-            .filter(|c| !c["upstream"].is_null())
-        {
-            break conn.clone();
-        }
-        ensure!(
-            Instant::now() < deadline,
-            "connection never listed; log:\n{}",
-            daemon.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let conn = daemon.connection_with_upstream(Duration::from_secs(5))?;
     let seen = held.finish(&sandbox)?;
     seen.ok()?;
 
@@ -145,16 +122,12 @@ fn enrolled_pod_is_redirected_and_keeps_its_view_of_the_connection() -> anyhow::
 
     // The kernel programs' aya-log messages reach the daemon's log.
     let expected = format!("redirect {} to listener", v4(&backend, PORT));
-    let deadline = Instant::now() + Duration::from_secs(3);
-    while !daemon.log_text().contains(&expected) {
-        ensure!(
-            Instant::now() < deadline,
-            "no {expected:?} in the log:\n{}",
-            daemon.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Ok(())
+    fixture::until(
+        &format!("{expected:?} in the log"),
+        Duration::from_secs(3),
+        || Ok(daemon.log_text().contains(&expected)),
+    )
+    .with_context(|| format!("shunt's log:\n{}", daemon.log_text()))
 }
 
 #[test]
@@ -174,7 +147,7 @@ fn non_enrolled_pod_is_left_alone() -> anyhow::Result<()> {
             ("proxy", "accepted"),
         ],
         || {
-            let seen = connect_once(&sandbox, &other, v4(&backend, PORT))?;
+            let seen = probe::connect_once(&sandbox, &other, v4(&backend, PORT), &[])?;
             assert!(!seen.was_redirected(), "{seen:?}");
             assert_eq!(seen.local_ip(), Some(IpAddr::from(other.ipv4)));
             assert_eq!(seen.server_saw_ip(), Some(IpAddr::from(other.ipv4)));
@@ -272,13 +245,13 @@ fn ipv6_and_ipv4_mapped_destinations_are_redirected() -> anyhow::Result<()> {
     let daemon = Daemon::start(&sandbox, &[&client], &Options::default())?;
 
     let v6_dst = SocketAddr::new(backend.ipv6.into(), PORT);
-    let seen = connect_once(&sandbox, &client, v6_dst)?;
+    let seen = probe::connect_once(&sandbox, &client, v6_dst, &[])?;
     assert!(seen.was_redirected(), "{seen:?}");
     assert_eq!(seen.peername.as_deref(), Some(v6_dst.to_string().as_str()));
     assert_eq!(seen.server_saw_ip(), Some(IpAddr::from(client.ipv6)));
 
     let mapped_dst = SocketAddr::new(backend.ipv4.to_ipv6_mapped().into(), PORT);
-    let seen = connect_once(&sandbox, &client, mapped_dst)?;
+    let seen = probe::connect_once(&sandbox, &client, mapped_dst, &[])?;
     assert!(seen.was_redirected(), "{seen:?}");
     assert_eq!(
         seen.peername.as_deref(),
@@ -298,10 +271,10 @@ fn fail_open_goes_direct_while_down_and_a_restart_takes_back_interception() -> a
     let backend = sandbox.add_pod("backend")?;
     probe::serve(&sandbox, &backend, v4(&backend, PORT))?;
     let mut daemon = Daemon::start(&sandbox, &[&client], &Options::default())?;
-    assert!(connect_once(&sandbox, &client, v4(&backend, PORT))?.was_redirected());
+    assert!(probe::connect_once(&sandbox, &client, v4(&backend, PORT), &[])?.was_redirected());
 
     daemon.kill9();
-    let seen = connect_once(&sandbox, &client, v4(&backend, PORT))?;
+    let seen = probe::connect_once(&sandbox, &client, v4(&backend, PORT), &[])?;
     assert!(
         !seen.was_redirected(),
         "shunt is down, yet redirected: {seen:?}"
@@ -314,7 +287,7 @@ fn fail_open_goes_direct_while_down_and_a_restart_takes_back_interception() -> a
         "log:\n{}",
         daemon.log_text()
     );
-    assert!(connect_once(&sandbox, &client, v4(&backend, PORT))?.was_redirected());
+    assert!(probe::connect_once(&sandbox, &client, v4(&backend, PORT), &[])?.was_redirected());
     // Counters live in the pinned map, so they span the restart.
     assert_eq!(daemon.counter("ebpf", "skip_no_listener")?, 1);
     assert_eq!(daemon.counter("ebpf", "redirected")?, 2);
@@ -345,7 +318,7 @@ fn fail_closed_refuses_while_down() -> anyhow::Result<()> {
         ..Options::default()
     };
     let mut daemon = Daemon::start(&sandbox, &[&client], &options)?;
-    assert!(connect_once(&sandbox, &client, v4(&backend, PORT))?.was_redirected());
+    assert!(probe::connect_once(&sandbox, &client, v4(&backend, PORT), &[])?.was_redirected());
 
     daemon.kill9();
     let seen = probe::connect(&sandbox, &client, v4(&backend, PORT), 1)?.remove(0);
@@ -355,7 +328,7 @@ fn fail_closed_refuses_while_down() -> anyhow::Result<()> {
     assert!(error.contains("refused"), "{error}");
 
     daemon.launch()?;
-    assert!(connect_once(&sandbox, &client, v4(&backend, PORT))?.was_redirected());
+    assert!(probe::connect_once(&sandbox, &client, v4(&backend, PORT), &[])?.was_redirected());
     assert_eq!(daemon.counter("ebpf", "redirected_no_listener")?, 1);
     Ok(())
 }
@@ -416,18 +389,13 @@ fn uninstall_removes_everything(options: &Options, extra_programs: usize) -> any
     );
     assert!(attached_programs(&sandbox)?.is_empty());
     // With the pins and the daemon gone, the kernel frees every object.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    for (object, id) in ids {
-        loop {
+    fixture::until("every object freed", Duration::from_secs(5), || {
+        for &(object, id) in &ids {
             let out = bpftool(&[object, "show", "id", &id.to_string()])?;
-            if !out.status.success() {
-                break;
-            }
-            assert!(Instant::now() < deadline, "{object} {id} still exists");
-            std::thread::sleep(Duration::from_millis(50));
+            ensure!(!out.status.success(), "{object} {id} still exists");
         }
-    }
-    Ok(())
+        Ok(true)
+    })
 }
 
 #[test]
@@ -474,9 +442,9 @@ fn excluded_cidrs_and_ports_go_direct() -> anyhow::Result<()> {
     };
     let daemon = Daemon::start(&sandbox, &[&client], &options)?;
 
-    assert!(!connect_once(&sandbox, &client, v4(&excluded, PORT))?.was_redirected());
-    assert!(!connect_once(&sandbox, &client, v4(&backend, 9090))?.was_redirected());
-    assert!(connect_once(&sandbox, &client, v4(&backend, PORT))?.was_redirected());
+    assert!(!probe::connect_once(&sandbox, &client, v4(&excluded, PORT), &[])?.was_redirected());
+    assert!(!probe::connect_once(&sandbox, &client, v4(&backend, 9090), &[])?.was_redirected());
+    assert!(probe::connect_once(&sandbox, &client, v4(&backend, PORT), &[])?.was_redirected());
     assert_eq!(daemon.counter("ebpf", "skip_excluded_cidr")?, 1);
     assert_eq!(daemon.counter("ebpf", "skip_excluded_port")?, 1);
     assert_eq!(daemon.counter("ebpf", "redirected")?, 1);
@@ -498,19 +466,15 @@ fn a_connection_redirected_by_iptables_is_proxied_to_its_original_destination() 
     let daemon = Daemon::start(&sandbox, &[&client], &options)?;
     shunt_tests::iptables::redirect_to_shunt(&sandbox, &client, backend.ipv4, 9090)?;
 
-    let seen = connect_once(&sandbox, &client, v4(&backend, 9090))?;
+    let seen = probe::connect_once(&sandbox, &client, v4(&backend, 9090), &[])?;
     assert_eq!(seen.server.as_deref(), Some("backend"));
     assert_eq!(seen.echo.as_deref(), Some("hello"));
     assert_eq!(daemon.counter("ebpf", "redirected")?, 0);
     assert_eq!(daemon.counter("proxy", "forwarded")?, 1);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let closed = loop {
+    let closed = fixture::eventually("a closed connection", Duration::from_secs(10), || {
         let closed = daemon.closed_conns()?;
-        if !closed.is_empty() || Instant::now() > deadline {
-            break closed;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+        Ok((!closed.is_empty()).then_some(closed))
+    })?;
     assert_eq!(closed.len(), 1, "{closed:?}");
     assert_eq!(closed[0]["original_dst"], v4(&backend, 9090).to_string());
     Ok(())
@@ -523,17 +487,17 @@ fn pods_enroll_and_unenroll_at_runtime() -> anyhow::Result<()> {
     let backend = sandbox.add_pod("backend")?;
     probe::serve(&sandbox, &backend, v4(&backend, PORT))?;
     let daemon = Daemon::start(&sandbox, &[], &Options::default())?;
-    assert!(!connect_once(&sandbox, &client, v4(&backend, PORT))?.was_redirected());
+    assert!(!probe::connect_once(&sandbox, &client, v4(&backend, PORT), &[])?.was_redirected());
 
     let netns = client.netns_path().to_string_lossy().into_owned();
     daemon.ctl(&["enroll", "--name", "client", "--netns", &netns])?;
     let pods = daemon.ctl_json(&["pods"])?;
     assert_eq!(pods.as_array().map(Vec::len), Some(1), "{pods}");
     assert_eq!(pods[0]["name"], "client");
-    assert!(connect_once(&sandbox, &client, v4(&backend, PORT))?.was_redirected());
+    assert!(probe::connect_once(&sandbox, &client, v4(&backend, PORT), &[])?.was_redirected());
 
     daemon.ctl(&["unenroll", "--name", "client"])?;
-    assert!(!connect_once(&sandbox, &client, v4(&backend, PORT))?.was_redirected());
+    assert!(!probe::connect_once(&sandbox, &client, v4(&backend, PORT), &[])?.was_redirected());
     assert_eq!(
         daemon.ctl_json(&["pods"])?.as_array().map(Vec::len),
         Some(0)
@@ -558,7 +522,7 @@ fn a_pod_that_cannot_be_enrolled_is_reported_and_the_others_are_served() -> anyh
         log.contains("ghost") && log.contains(&ghost.netns),
         "log does not name the failed pod:\n{log}"
     );
-    assert!(connect_once(&sandbox, &client, v4(&backend, PORT))?.was_redirected());
+    assert!(probe::connect_once(&sandbox, &client, v4(&backend, PORT), &[])?.was_redirected());
     Ok(())
 }
 

@@ -184,7 +184,7 @@ fn every_thread_of_the_daemon_keeps_only_the_capabilities_it_needs() -> anyhow::
     let daemon = Daemon::start(&sandbox, &[&client], &Options::default())?;
     // The daemon still proxies with what it kept.
     assert_eq!(
-        curl(
+        web::curl(
             &sandbox,
             &client,
             SocketAddr::new(server.ipv4.into(), 8080),
@@ -272,18 +272,6 @@ fn a_missing_capability_is_named_and_nothing_is_set_up() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `curl` in `pod` to `to` over HTTP/2 (prior knowledge); the body.
-fn curl(sandbox: &Sandbox, pod: &Pod, to: SocketAddr, args: &[&str]) -> anyhow::Result<String> {
-    let mut cmd = Command::new("curl");
-    cmd.args(["-sS", "--max-time", "10"]);
-    cmd.arg("--http2-prior-knowledge")
-        .args(args)
-        .arg(format!("http://{to}/index.html"));
-    let out = sandbox.run_in_pod(pod, cmd, Duration::from_secs(20))?;
-    anyhow::ensure!(out.status.success(), "curl to {to}: {}", text(&out));
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
 /// Two web servers: the Service's endpoint, and one that is not part of it.
 struct Web {
     sandbox: Sandbox,
@@ -307,13 +295,6 @@ fn two_web_servers() -> anyhow::Result<Web> {
     })
 }
 
-fn service(vip: SocketAddr, endpoint: SocketAddr, extra: &str) -> Options {
-    Options {
-        extra_yaml: fixture::service_yaml("web", vip, &[endpoint]) + extra,
-        ..Options::default()
-    }
-}
-
 #[test]
 fn a_redirected_connection_reaches_only_its_destinations_service_whatever_it_asks_for()
 -> anyhow::Result<()> {
@@ -322,17 +303,21 @@ fn a_redirected_connection_reaches_only_its_destinations_service_whatever_it_ask
     let _daemon = Daemon::start(
         &web.sandbox,
         &[&web.client],
-        &service(vip, web.endpoint, ""),
+        &fixture::service("web", vip, &[web.endpoint]),
     )?;
     let (sandbox, client) = (&web.sandbox, &web.client);
     let elsewhere = web.other.to_string();
     // HTTP/2 streams are routed by the connection's original destination, never by
     // :authority (curl sends Host as :authority).
     for args in [vec![], vec!["-H", &*format!("Host: {elsewhere}")]] {
-        assert_eq!(curl(sandbox, client, vip, &args)?, "endpoint\n", "{args:?}");
+        assert_eq!(
+            web::curl(sandbox, client, vip, &args)?,
+            "endpoint\n",
+            "{args:?}"
+        );
     }
     // A destination that is no Service's goes where the client sent it, and only there.
-    assert_eq!(curl(sandbox, client, web.other, &[])?, "other\n");
+    assert_eq!(web::curl(sandbox, client, web.other, &[])?, "other\n");
     Ok(())
 }
 
@@ -346,18 +331,21 @@ fn a_pod_that_is_not_enrolled_reaches_a_vip_directly_never_through_shunt() -> an
     let daemon = Daemon::start(
         &web.sandbox,
         &[&web.client],
-        &service(vip, web.endpoint, ""),
+        &fixture::service("web", vip, &[web.endpoint]),
     )?;
     let before = daemon.counter("proxy", "accepted")?;
     let redirected = daemon.counter("ebpf", "redirected")?;
     for _ in 0..3 {
-        assert_eq!(curl(&web.sandbox, &bystander, vip, &[])?, "other\n");
+        assert_eq!(web::curl(&web.sandbox, &bystander, vip, &[])?, "other\n");
     }
     assert_eq!(daemon.counter("proxy", "accepted")?, before);
     assert_eq!(daemon.counter("ebpf", "redirected")?, redirected);
     assert!(daemon.counter("ebpf", "skip_not_enrolled")? >= 3);
     // The enrolled pod asking for the same address is balanced over the Service.
-    assert_eq!(curl(&web.sandbox, &web.client, vip, &[])?, "endpoint\n");
+    assert_eq!(
+        web::curl(&web.sandbox, &web.client, vip, &[])?,
+        "endpoint\n"
+    );
     assert_eq!(daemon.counter("proxy", "accepted")?, before + 1);
     Ok(())
 }
@@ -368,7 +356,7 @@ fn status_with(web: &Web, vip: SocketAddr, headers: &[&str]) -> anyhow::Result<S
     for header in headers {
         args.extend(["-H", header]);
     }
-    curl(&web.sandbox, &web.client, vip, &args)
+    web::curl(&web.sandbox, &web.client, vip, &args)
 }
 
 #[test]
@@ -380,7 +368,7 @@ fn fault_headers_do_nothing_unless_a_rule_allows_them_and_max_active_faults_caps
     let daemon = Daemon::start(
         &web.sandbox,
         &[&web.client],
-        &service(vip, web.endpoint, ""),
+        &fixture::service("web", vip, &[web.endpoint]),
     )?;
     assert_eq!(
         status_with(&web, vip, &[abort])?,
@@ -388,12 +376,8 @@ fn fault_headers_do_nothing_unless_a_rule_allows_them_and_max_active_faults_caps
         "no rule, no fault"
     );
 
-    let rules = web.sandbox.scratch_dir("rules")?.join("rules.yaml");
-    std::fs::write(
-        &rules,
-        "name: chaos\nmatch: {service: web}\nheader_control: true\n",
-    )?;
-    daemon.ctl(&["faults", "set", "-f", &rules.to_string_lossy()])?;
+    let rule = "name: chaos\nmatch: {service: web}\nheader_control: true\n";
+    daemon.set_faults(rule)?;
     assert_eq!(
         status_with(&web, vip, &[abort])?,
         "503",
@@ -402,9 +386,10 @@ fn fault_headers_do_nothing_unless_a_rule_allows_them_and_max_active_faults_caps
     drop(daemon);
 
     // One fault at a time: a stream held by a header delay leaves none for another.
-    let options = service(vip, web.endpoint, "max_active_faults: 1\n");
+    let options =
+        fixture::service("web", vip, &[web.endpoint]).with_extra_yaml("max_active_faults: 1\n");
     let daemon = Daemon::start(&web.sandbox, &[&web.client], &options)?;
-    daemon.ctl(&["faults", "set", "-f", &rules.to_string_lossy()])?;
+    daemon.set_faults(rule)?;
     let mut slow = Command::new("curl");
     slow.args([
         "-s",

@@ -4,7 +4,6 @@
 use std::{
     net::SocketAddr,
     path::PathBuf,
-    process::Command,
     sync::atomic::{AtomicBool, AtomicUsize, Ordering},
     time::{Duration, Instant},
 };
@@ -13,70 +12,19 @@ use anyhow::{Context, bail, ensure};
 use shunt_tests::{
     daemon::{Daemon, Options},
     fixture::{self, vip},
-    grpc, probe,
-    sandbox::{Pod, Sandbox},
+    grpc,
+    probe::{self, Background},
     telemetry,
 };
 
 const GRPC_PORT: u16 = 50051;
 const TCP_PORT: u16 = 7000;
 
+/// Daemon options with Service `backend` at [`vip`]`(port)` and `intercept.drain_timeout`.
 fn options(port: u16, endpoints: &[SocketAddr], drain_timeout: &str) -> Options {
     Options {
-        extra_yaml: fixture::service_yaml("backend", vip(port), endpoints),
         intercept_yaml: format!("  drain_timeout: {drain_timeout}\n"),
-        ..Options::default()
-    }
-}
-
-/// Polls `check` until it holds (at most `timeout`).
-fn wait_for(
-    what: &str,
-    timeout: Duration,
-    mut check: impl FnMut() -> anyhow::Result<bool>,
-) -> anyhow::Result<()> {
-    let deadline = Instant::now() + timeout;
-    while !check()? {
-        if Instant::now() >= deadline {
-            bail!("{what}: not within {timeout:?}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Ok(())
-}
-
-/// A client pod and one probe echo server behind the Service at `vip(TCP_PORT)`.
-fn echo_service() -> anyhow::Result<(Sandbox, Pod, SocketAddr)> {
-    let sandbox = Sandbox::new()?;
-    let client = sandbox.add_pod("client")?;
-    let server = sandbox.add_pod("server")?;
-    let listen = SocketAddr::new(server.ipv4.into(), TCP_PORT);
-    probe::serve(&sandbox, &server, listen)?;
-    Ok((sandbox, client, listen))
-}
-
-/// A probe command running in `pod` in the background, its JSON line going to a file.
-struct Background {
-    pid: u32,
-    out: PathBuf,
-}
-
-impl Background {
-    fn start(sandbox: &Sandbox, pod: &Pod, name: &str, args: &[&str]) -> anyhow::Result<Self> {
-        let out = sandbox.scratch_dir("upgrade")?.join(format!("{name}.json"));
-        let mut cmd = Command::new(shunt_tests::probe_bin());
-        cmd.args(args).stdout(std::fs::File::create(&out)?);
-        let pid = sandbox.spawn_in_pod(pod, cmd)?;
-        Ok(Background { pid, out })
-    }
-
-    fn finish(self, sandbox: &Sandbox, timeout: Duration) -> anyhow::Result<serde_json::Value> {
-        wait_for("the probe to finish", timeout, || {
-            Ok(!sandbox.is_running(self.pid))
-        })
-        .inspect_err(|_| sandbox.kill(self.pid))?;
-        let text = std::fs::read_to_string(&self.out)?;
-        serde_json::from_str(text.trim()).with_context(|| format!("probe printed {text:?}"))
+        ..fixture::service("backend", vip(port), endpoints)
     }
 }
 
@@ -86,14 +34,7 @@ fn live_conns(daemon: &Daemon) -> anyhow::Result<usize> {
 
 #[test]
 fn grpc_load_and_a_server_stream_cross_an_upgrade_without_a_failed_call() -> anyhow::Result<()> {
-    let sandbox = Sandbox::new()?;
-    let client = sandbox.add_pod("client")?;
-    let mut endpoints = Vec::new();
-    for i in 0..3 {
-        let pod = sandbox.add_pod(&format!("greeter{i}"))?;
-        grpc::serve(&sandbox, &pod, &pod.name, GRPC_PORT)?;
-        endpoints.push(SocketAddr::new(pod.ipv4.into(), GRPC_PORT));
-    }
+    let (sandbox, client, endpoints) = grpc::client_and_greeters(3, GRPC_PORT)?;
     let mut old = Daemon::start(
         &sandbox,
         &[&client],
@@ -104,7 +45,7 @@ fn grpc_load_and_a_server_stream_cross_an_upgrade_without_a_failed_call() -> any
 
     // 100 messages, one every 150 ms: the stream outlasts the handoff by far.
     let load = grpc::steady_in_background(&sandbox, &client, vip(GRPC_PORT), 100, 150)?;
-    wait_for(
+    fixture::until(
         "calls through the first daemon",
         Duration::from_secs(30),
         || Ok(old.counter("proxy", "h2_streams")? >= 50),
@@ -158,7 +99,7 @@ fn grpc_load_and_a_server_stream_cross_an_upgrade_without_a_failed_call() -> any
 
 #[test]
 fn opaque_connections_carry_on_until_they_close_or_the_drain_timeout() -> anyhow::Result<()> {
-    let (sandbox, client, server) = echo_service()?;
+    let (sandbox, client, server) = probe::client_and_server(TCP_PORT)?;
     let mut old = Daemon::start(&sandbox, &[&client], &options(TCP_PORT, &[server], "25s"))?;
     let to = vip(TCP_PORT).to_string();
     // 60 bytes, one every 150 ms, then the echo: about 9 s of traffic, well within the
@@ -193,7 +134,7 @@ fn opaque_connections_carry_on_until_they_close_or_the_drain_timeout() -> anyhow
             "120000",
         ],
     )?;
-    wait_for(
+    fixture::until(
         "both connections through the first daemon",
         Duration::from_secs(30),
         || Ok(live_conns(&old)? >= 2),
@@ -201,7 +142,7 @@ fn opaque_connections_carry_on_until_they_close_or_the_drain_timeout() -> anyhow
 
     let new = old.start_successor()?;
     ensure!(
-        sandbox.is_running(trickle.pid),
+        trickle.is_running(&sandbox),
         "the trickle ended before the handoff completed: nothing crossed it"
     );
     old.wait_exit(Duration::from_secs(60))?;
@@ -243,7 +184,7 @@ fn opaque_connections_carry_on_until_they_close_or_the_drain_timeout() -> anyhow
 
 #[test]
 fn connections_made_during_two_handoffs_in_a_row_are_not_refused() -> anyhow::Result<()> {
-    let (sandbox, client, server) = echo_service()?;
+    let (sandbox, client, server) = probe::client_and_server(TCP_PORT)?;
     let mut first = Daemon::start(&sandbox, &[&client], &options(TCP_PORT, &[server], "5s"))?;
     let stop = AtomicBool::new(false);
     let batches = AtomicUsize::new(0);
@@ -265,8 +206,10 @@ fn connections_made_during_two_handoffs_in_a_row_are_not_refused() -> anyhow::Re
         let mut run = || -> anyhow::Result<()> {
             let wait_batches = |n: usize| {
                 let target = batches.load(Ordering::Acquire) + n;
-                wait_for("connection batches", Duration::from_secs(60), || {
-                    ensure!(!connecting.is_finished(), "the connection loop stopped");
+                fixture::until("connection batches", Duration::from_secs(60), || {
+                    if connecting.is_finished() {
+                        return Err(fixture::give_up("the connection loop stopped"));
+                    }
                     Ok(batches.load(Ordering::Acquire) >= target)
                 })
             };
@@ -309,7 +252,7 @@ fn connections_made_during_two_handoffs_in_a_row_are_not_refused() -> anyhow::Re
 #[test]
 fn a_successor_that_dies_during_the_handoff_leaves_the_running_daemon_serving() -> anyhow::Result<()>
 {
-    let (sandbox, client, server) = echo_service()?;
+    let (sandbox, client, server) = probe::client_and_server(TCP_PORT)?;
     let good = options(TCP_PORT, &[server], "5s");
     let mut daemon = Daemon::start(&sandbox, &[&client], &good)?;
     let pid = daemon.pid()?;
@@ -330,7 +273,7 @@ fn a_successor_that_dies_during_the_handoff_leaves_the_running_daemon_serving() 
     };
     assert!(format!("{e:#}").contains("cgroup"), "{e:#}");
 
-    wait_for(
+    fixture::until(
         "the failed handoff to be noticed",
         Duration::from_secs(30),
         || {
@@ -365,7 +308,7 @@ fn a_successor_that_dies_during_the_handoff_leaves_the_running_daemon_serving() 
 /// its own `sk_msg` program to that map, and its new connections use the fast path too.
 #[test]
 fn the_local_fast_path_survives_an_upgrade() -> anyhow::Result<()> {
-    let (sandbox, client, server) = echo_service()?;
+    let (sandbox, client, server) = probe::client_and_server(TCP_PORT)?;
     let mut opts = options(TCP_PORT, &[server], "25s");
     opts.intercept_yaml.push_str("  local_fast_path: true\n");
     let mut old = Daemon::start(&sandbox, &[&client], &opts)?;
@@ -387,7 +330,7 @@ fn the_local_fast_path_survives_an_upgrade() -> anyhow::Result<()> {
             "60000",
         ],
     )?;
-    wait_for(
+    fixture::until(
         "the connection on the fast path",
         Duration::from_secs(30),
         || Ok(old.ctl_json(&["status"])?["local_fast_path_sockets"] == 2),
@@ -395,7 +338,7 @@ fn the_local_fast_path_survives_an_upgrade() -> anyhow::Result<()> {
 
     let new = old.start_successor()?;
     ensure!(
-        sandbox.is_running(trickle.pid),
+        trickle.is_running(&sandbox),
         "the trickle ended before the handoff completed: nothing crossed it"
     );
     let status = new.ctl_json(&["status"])?;
@@ -412,7 +355,7 @@ fn the_local_fast_path_survives_an_upgrade() -> anyhow::Result<()> {
     // The counters live in the pinned map the two daemons share.
     let before = new.counter("ebpf", "local_fast_path_redirected")?;
     let held = probe::connect_held(&sandbox, &client, vip(TCP_PORT), Duration::from_secs(1))?;
-    wait_for(
+    fixture::until(
         "a new connection on the fast path",
         Duration::from_secs(10),
         || Ok(new.ctl_json(&["status"])?["local_fast_path_sockets"] == 2),
@@ -420,7 +363,7 @@ fn the_local_fast_path_survives_an_upgrade() -> anyhow::Result<()> {
     let seen = held.finish(&sandbox)?;
     assert_eq!(seen.echo.as_deref(), Some("hello"), "{seen:?}");
     assert!(new.counter("ebpf", "local_fast_path_redirected")? > before);
-    wait_for(
+    fixture::until(
         "the fast path map to empty",
         Duration::from_secs(10),
         || Ok(new.ctl_json(&["status"])?["local_fast_path_sockets"] == 0),
@@ -433,7 +376,7 @@ fn the_local_fast_path_survives_an_upgrade() -> anyhow::Result<()> {
 /// bytes wait where splice cannot read them.
 #[test]
 fn turning_the_local_fast_path_off_across_an_upgrade() -> anyhow::Result<()> {
-    let (sandbox, client, server) = echo_service()?;
+    let (sandbox, client, server) = probe::client_and_server(TCP_PORT)?;
     let off = options(TCP_PORT, &[server], "25s");
     let mut on = off.clone();
     on.intercept_yaml.push_str("  local_fast_path: true\n");
@@ -455,7 +398,7 @@ fn turning_the_local_fast_path_off_across_an_upgrade() -> anyhow::Result<()> {
             "60000",
         ],
     )?;
-    wait_for(
+    fixture::until(
         "the connection on the fast path",
         Duration::from_secs(30),
         || Ok(old.ctl_json(&["status"])?["local_fast_path_sockets"] == 2),
@@ -477,7 +420,7 @@ fn turning_the_local_fast_path_off_across_an_upgrade() -> anyhow::Result<()> {
         "{conn}"
     );
     // Its sockets never joined: the old daemon's were the only ones.
-    wait_for(
+    fixture::until(
         "the fast path map to empty",
         Duration::from_secs(10),
         || Ok(new.ctl_json(&["status"])?["local_fast_path_sockets"] == 0),
