@@ -4,8 +4,8 @@
 
 use shunt::{
     admin::request::AdminRequest,
-    config::Config,
-    fault::{ABORT_GRPC_HEADER, ABORT_HTTP_HEADER, DELAY_HEADER, Faults, Target, parse_rules},
+    config::{Config, fault::parse_rules},
+    fault::{ABORT_GRPC_HEADER, ABORT_HTTP_HEADER, DELAY_HEADER, Faults, Target},
     proxy::sniff::{Sniffed, sniff},
 };
 

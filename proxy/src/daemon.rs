@@ -19,12 +19,13 @@ use crate::{
         server::{self as admin, AdminContext, Command},
     },
     bpf::{Datapath, DatapathConfig},
-    config::{Config, ConfigError, DESCRIPTORS_PER_CONNECTION, Limits, RESERVED_DESCRIPTORS},
+    config::Config,
     fault::Faults,
-    handoff::{self, Origin},
-    inpod::Enrollments,
+    handoff,
+    inpod::{Enrollments, Origin},
     k8s, privileges,
     proxy::{Proxy, Settings},
+    reload::{Configs, size_limits},
     state::{ConnTable, ProxyCounters, StreamLog},
     telemetry::{self, Telemetry},
     workers::Workers,
@@ -123,7 +124,7 @@ pub async fn run(prepared: Prepared) -> anyhow::Result<()> {
         workers,
         faults: faults.clone(),
         streams: Arc::new(StreamLog::new(telemetry.observer())),
-        telemetry: telemetry.clone(),
+        observer: telemetry.observer(),
         shutdown,
         dst_table: datapath.original_dst_table()?,
         sockmap: datapath.sockmap(),
@@ -189,6 +190,7 @@ pub async fn run(prepared: Prepared) -> anyhow::Result<()> {
     let admin_ctx = Arc::new(AdminContext {
         configs: configs.clone(),
         proxy: proxy.clone(),
+        telemetry: telemetry.clone(),
         started,
         enrollments: enrollments.clone(),
         datapath: datapath.clone(),
@@ -266,7 +268,7 @@ pub async fn run(prepared: Prepared) -> anyhow::Result<()> {
                 }
                 Command::HandOff(request) => {
                     let offered = enrollments.offer();
-                    let listeners: usize = offered.iter().map(|p| p.fds.len()).sum();
+                    let listeners: usize = offered.iter().map(|p| p.listeners.len()).sum();
                     match handoff::give::give(request.socket, offered, telemetry.offer_listeners()).await {
                         Ok(adopted) => {
                             tracing::info!(
@@ -338,68 +340,6 @@ pub async fn run(prepared: Prepared) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The configuration the daemon started with and the one last loaded; together they make
-/// the configuration in force.
-pub struct Configs {
-    path: PathBuf,
-    running: Config,
-    loaded: ArcSwap<Config>,
-}
-
-impl Configs {
-    pub fn new(path: &Path, running: Config) -> Configs {
-        Configs {
-            path: path.to_owned(),
-            loaded: ArcSwap::from_pointee(running.clone()),
-            running,
-        }
-    }
-
-    /// The configuration in force: what reloads changed, and the start-up-only fields as
-    /// the daemon started with them.
-    pub fn in_force(&self) -> Config {
-        self.loaded.load().in_force(&self.running)
-    }
-
-    /// The configuration as started (start-up-only fields are read from it).
-    pub fn running(&self) -> &Config {
-        &self.running
-    }
-
-    /// Re-reads the file and swaps in what can change at runtime (Services, detection and
-    /// timeout settings, limits sized as at start, fault rules) for new connections. A
-    /// configuration with any error changes nothing. Returns the new configuration and the
-    /// changed fields that only a restart applies.
-    pub fn reload(&self, proxy: &Proxy) -> Result<(Config, Vec<&'static str>), ConfigError> {
-        match Config::load(&self.path) {
-            Ok(mut config) => {
-                // As at start: the limits left out fit the descriptors the daemon has now.
-                config.limits = size_limits(&config.limits);
-                let settings = Settings::new(&config);
-                settings.routes.inherit(&proxy.settings.load().routes);
-                proxy.settings.store(Arc::new(settings));
-                proxy
-                    .faults
-                    .set_config_rules(config.faults.clone(), config.max_active_faults);
-                let restart_needed = config.needs_restart(&self.running);
-                self.loaded.store(Arc::new(config.clone()));
-                tracing::info!(services = config.services.len(), "configuration reloaded");
-                if !restart_needed.is_empty() {
-                    tracing::warn!(
-                        fields = restart_needed.join(", "),
-                        "these changes take effect only when shunt restarts"
-                    );
-                }
-                Ok((config, restart_needed))
-            }
-            Err(e) => {
-                tracing::error!("configuration not reloaded, the running one stays: {e}");
-                Err(e)
-            }
-        }
-    }
-}
-
 fn current_log_level() -> log::LevelFilter {
     use tracing_subscriber::filter::LevelFilter;
     match LevelFilter::current() {
@@ -410,62 +350,4 @@ fn current_log_level() -> log::LevelFilter {
         LevelFilter::DEBUG => log::LevelFilter::Debug,
         _ => log::LevelFilter::Trace,
     }
-}
-
-/// `limits` with the connection limits the configuration left out sized to the soft
-/// open-file limit (`Limits::sized_to`), said at info level when that lowers them. Only
-/// configured limits the descriptors cannot serve are warned about: past the descriptors,
-/// `accept()` starts failing (and clients wait in the backlog) before the limit can refuse
-/// them cleanly.
-fn size_limits(limits: &Limits) -> Limits {
-    let Some(open_files) = crate::open_files::OpenFiles::now() else {
-        tracing::warn!("could not read the open-file limit; connection limits not sized to it");
-        return limits.clone();
-    };
-    let crate::open_files::OpenFiles { soft, hard } = open_files;
-    let sizing = limits.sized_to(soft);
-    let (max_connections, max_connections_per_pod) = (
-        sizing.limits.max_connections,
-        sizing.limits.max_connections_per_pod,
-    );
-    if sizing.served == 0 {
-        tracing::warn!(
-            open_files_soft = soft,
-            open_files_hard = hard,
-            reserved = RESERVED_DESCRIPTORS,
-            "the open-file limit leaves no descriptors for connections beyond the reserve: \
-             raise the hard limit (e.g. LimitNOFILE=, ulimit -Hn)"
-        );
-    } else if sizing.reduced() {
-        tracing::info!(
-            open_files_soft = soft,
-            open_files_hard = hard,
-            max_connections,
-            max_connections_per_pod,
-            "connection limits sized to the open-file limit ({DESCRIPTORS_PER_CONNECTION} \
-             descriptors per connection, {RESERVED_DESCRIPTORS} reserved); set \
-             limits.max_connections to choose"
-        );
-    }
-    if let Some(needed) = sizing.unserved.iter().map(|(_, n)| *n as u64).max() {
-        let unserved: Vec<String> = sizing
-            .unserved
-            .iter()
-            .map(|(field, n)| format!("{field} ({n})"))
-            .collect();
-        tracing::warn!(
-            open_files_soft = soft,
-            open_files_hard = hard,
-            served = sizing.served,
-            needed = needed
-                .saturating_mul(DESCRIPTORS_PER_CONNECTION)
-                .saturating_add(RESERVED_DESCRIPTORS),
-            "{} configured beyond the {} connections the open-file limit serves: accept() may \
-             fail before the limit refuses connections; raise the hard limit or lower {}",
-            unserved.join(" and "),
-            sizing.served,
-            if unserved.len() > 1 { "them" } else { "it" }
-        );
-    }
-    sizing.limits
 }

@@ -25,6 +25,7 @@ mod net;
 pub mod open_files;
 pub mod privileges;
 pub mod proxy;
+pub mod reload;
 mod route;
 mod state;
 mod telemetry;

@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 mod fuzz;
+mod layers;
 mod run;
 mod setup;
 
@@ -139,6 +140,10 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
     cargo(&["fmt", "--all", "--check"])?;
     cargo(&["fmt", "--check", "--manifest-path", "ebpf/shunt-ebpf/Cargo.toml"])
         .context("the eBPF crate is not formatted: run `cargo fmt --manifest-path ebpf/shunt-ebpf/Cargo.toml`")?;
+    step.done();
+
+    let step = Step::start("checking the module layering (ARCHITECTURE.md)");
+    layers::check(&workspace_root())?;
     step.done();
 
     build()?;

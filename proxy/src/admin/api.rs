@@ -107,3 +107,17 @@ pub struct FaultsSet {
 pub struct ErrorBody {
     pub error: String,
 }
+
+/// `POST /handoff`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct HandoffRequest {
+    /// The new daemon's rendezvous socket.
+    pub socket: PathBuf,
+    pub pid: u32,
+}
+
+/// The answer to `POST /handoff`: the running daemon will connect to the rendezvous socket.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct HandoffAccepted {
+    pub pid: u32,
+}

@@ -6,8 +6,9 @@
 use hyper::{Method, StatusCode};
 use serde::de::DeserializeOwned;
 
+use super::api::HandoffRequest;
 use super::api::{EnrollRequest, FaultsRequest, LogFilter};
-use crate::{fault::FaultRule, handoff::HandoffRequest};
+use crate::config::fault::FaultRule;
 
 #[derive(Debug)]
 pub enum AdminRequest {
@@ -72,7 +73,7 @@ impl AdminRequest {
             (&Method::GET, "/faults") => Faults,
             (&Method::POST, "/faults") => {
                 let request: FaultsRequest = json(body)?;
-                let rules = crate::fault::parse_rules(&request.rules)
+                let rules = crate::config::fault::parse_rules(&request.rules)
                     .map_err(|(field, message)| RequestError::FaultRules { field, message })?;
                 SetFaults(rules)
             }

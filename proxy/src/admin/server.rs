@@ -16,17 +16,19 @@ use tokio::{net::UnixListener, sync::mpsc};
 
 use super::{
     access::Access,
-    api::{ErrorBody, FaultsSet, LogFilter, Reloaded, Stats, Status, Uninstalled},
+    api::{
+        ErrorBody, FaultsSet, HandoffAccepted, HandoffRequest, LogFilter, Reloaded, Stats, Status,
+        Uninstalled,
+    },
     request::AdminRequest,
 };
 use crate::{
     bpf::{self, Datapath},
-    daemon::Configs,
-    handoff::{HandoffAccepted, HandoffRequest, Origin},
-    inpod::Enrollments,
+    inpod::{Enrollments, Origin},
     logging,
     open_files::OpenFiles,
     proxy::Proxy,
+    reload::Configs,
     state::{ConnTable, ProxyCounters},
 };
 
@@ -45,6 +47,8 @@ pub enum Command {
 pub struct AdminContext {
     pub configs: Arc<Configs>,
     pub proxy: Arc<Proxy>,
+    /// Health, for `shunt status`.
+    pub telemetry: Arc<crate::telemetry::Telemetry>,
     pub started: Instant,
     pub enrollments: Arc<Enrollments>,
     pub datapath: Arc<Mutex<Datapath>>,
@@ -217,7 +221,7 @@ async fn execute(request: AdminRequest, ctx: &AdminContext) -> Reply {
 }
 
 fn status(ctx: &AdminContext) -> Status {
-    let telemetry = &ctx.proxy.telemetry;
+    let telemetry = &ctx.telemetry;
     // Before taking the datapath: the readiness probe locks it too.
     let ready = telemetry
         .health()

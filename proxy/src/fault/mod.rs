@@ -2,9 +2,8 @@
 //! gRPC status), each with its own percentage; per opaque or TLS connection a connect delay
 //! or a reset. Rules come from the config (replaced on reload) and from the admin API (kept
 //! across reloads); the table in force is swapped whole, so a change applies to the next
-//! stream or connection and the hot path takes no lock.
-
-pub mod rules;
+//! stream or connection and the hot path takes no lock. The rules themselves are the
+//! configuration's plain data (`crate::config::fault`); this is the table that decides.
 
 use std::{
     collections::HashMap,
@@ -20,9 +19,7 @@ use arc_swap::ArcSwap;
 use http::HeaderMap;
 use serde::{Deserialize, Serialize};
 
-use crate::config::field_error;
-
-pub use self::rules::{FaultRule, GrpcCode, validate_all};
+use crate::config::fault::{FaultRule, GrpcCode};
 
 /// Requests may ask for faults with these headers when a rule allows it (`header_control`).
 pub const DELAY_HEADER: &str = "x-shunt-fault-delay";
@@ -324,24 +321,6 @@ impl Faults {
     }
 }
 
-/// Rules as given to `shunt faults set`: one rule, or a list of them, in YAML (or JSON).
-/// Errors are `(field, message)` with the field named as in the file (`[1].abort`).
-pub fn parse_rules(text: &str) -> Result<Vec<FaultRule>, (String, String)> {
-    let is_list = matches!(
-        serde_yaml_ng::from_str::<serde_yaml_ng::Value>(text),
-        Ok(serde_yaml_ng::Value::Sequence(_))
-    );
-    let rules = if is_list {
-        let de = serde_yaml_ng::Deserializer::from_str(text);
-        serde_path_to_error::deserialize::<_, Vec<FaultRule>>(de).map_err(field_error)?
-    } else {
-        let de = serde_yaml_ng::Deserializer::from_str(text);
-        vec![serde_path_to_error::deserialize::<_, FaultRule>(de).map_err(field_error)?]
-    };
-    validate_all(&rules, "")?;
-    Ok(rules)
-}
-
 fn matches(rule: &FaultRule, target: &Target<'_>) -> bool {
     let m = &rule.matches;
     m.service
@@ -413,6 +392,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::fault::parse_rules;
 
     fn rule(name: &str, service: &str) -> FaultRule {
         parse_rules(&format!(

@@ -6,13 +6,8 @@ use std::{
     path::PathBuf,
 };
 
-use super::{HandoffError, Message, STEP_TIMEOUT, TelemetryListener, wire::Channel};
-
-/// A pod as this daemon hands it over: its description and duplicates of its listeners.
-pub struct OfferedPod {
-    pub message: Message,
-    pub fds: Vec<OwnedFd>,
-}
+use super::{HandoffError, Message, STEP_TIMEOUT, wire::Channel};
+use crate::{inpod::HandedPod, telemetry::TelemetryListener};
 
 /// The channel to a new daemon that has adopted the listeners.
 pub struct Adopted {
@@ -34,15 +29,23 @@ impl Adopted {
 /// answers `adopted`. An error leaves this daemon as it was.
 pub async fn give(
     socket: PathBuf,
-    pods: Vec<OfferedPod>,
+    pods: Vec<HandedPod>,
     telemetry: Vec<(TelemetryListener, OwnedFd)>,
 ) -> Result<Adopted, HandoffError> {
     tokio::task::spawn_blocking(move || {
         let channel = Channel::connect(&socket, STEP_TIMEOUT)?;
         let count = pods.len();
         for pod in pods {
-            let fds: Vec<_> = pod.fds.iter().map(AsRawFd::as_raw_fd).collect();
-            channel.send(&pod.message, &fds)?;
+            let (listeners, fds): (Vec<_>, Vec<_>) = pod.listeners.into_iter().unzip();
+            let raw: Vec<_> = fds.iter().map(AsRawFd::as_raw_fd).collect();
+            let message = Message::Pod {
+                name: pod.name,
+                netns: pod.netns,
+                netns_cookie: pod.netns_cookie,
+                origin: pod.origin,
+                listeners,
+            };
+            channel.send(&message, &raw)?;
         }
         let (listeners, fds): (Vec<_>, Vec<_>) = telemetry.into_iter().unzip();
         let raw: Vec<_> = fds.iter().map(AsRawFd::as_raw_fd).collect();

@@ -24,7 +24,9 @@ use std::{net::SocketAddr, path::PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-pub use take::{AdoptedPod, Taken, running_daemon, take};
+use crate::{inpod::Origin, telemetry::TelemetryListener};
+
+pub use take::{Taken, running_daemon, take};
 
 /// How long each side waits for the other at any step. Generous: the new daemon loads and
 /// verifies its programs between `done` and `adopted`, which takes seconds on a busy node.
@@ -43,34 +45,6 @@ pub enum HandoffError {
     Protocol(String),
     #[error("the running daemon refused to hand over: {0}")]
     Refused(crate::admin::client::ClientError),
-}
-
-/// Who enrolled a pod, so the daemon that takes it over knows whether it is still wanted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Origin {
-    /// Listed in the configuration file.
-    Config,
-    /// `shunt enroll` (the admin API).
-    Operator,
-    /// The Kubernetes pods' controller.
-    Kubernetes,
-}
-
-/// Which telemetry listener a descriptor is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum TelemetryRole {
-    Metrics,
-    Health,
-}
-
-/// A telemetry listener as configured (a configured port 0 matches a new daemon configured
-/// the same way, which then serves on the port the old one was given).
-#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
-pub struct TelemetryListener {
-    pub role: TelemetryRole,
-    pub configured: SocketAddr,
 }
 
 /// What goes over the channel, in this order: old → new `pod`…, `telemetry`, `done`;
@@ -94,18 +68,4 @@ pub enum Message {
     Adopted { pid: u32 },
     /// The old daemon no longer accepts and has given up the admin socket's path.
     Released,
-}
-
-/// `POST /handoff`.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct HandoffRequest {
-    /// The new daemon's rendezvous socket.
-    pub socket: PathBuf,
-    pub pid: u32,
-}
-
-/// The answer to `POST /handoff`: the running daemon will connect to the rendezvous socket.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct HandoffAccepted {
-    pub pid: u32,
 }

@@ -2,7 +2,6 @@
 //! it when they are adopted.
 
 use std::{
-    net::SocketAddr,
     os::fd::OwnedFd,
     path::{Path, PathBuf},
 };
@@ -10,25 +9,22 @@ use std::{
 use hyper::Method;
 
 use super::{
-    HandoffAccepted, HandoffError, HandoffRequest, Message, Origin, STEP_TIMEOUT,
-    TelemetryListener,
+    HandoffError, Message, STEP_TIMEOUT,
     wire::{Channel, Rendezvous},
 };
-use crate::admin::client::AdminClient;
-
-/// A pod the running daemon had enrolled, with its listening sockets.
-pub struct AdoptedPod {
-    pub name: String,
-    pub netns: PathBuf,
-    pub netns_cookie: u64,
-    pub origin: Origin,
-    pub listeners: Vec<(SocketAddr, OwnedFd)>,
-}
+use crate::{
+    admin::{
+        api::{HandoffAccepted, HandoffRequest},
+        client::AdminClient,
+    },
+    inpod::HandedPod,
+    telemetry::TelemetryListener,
+};
 
 /// What the running daemon handed over; [`Taken::finish`] completes the handoff.
 pub struct Taken {
     pub from_pid: u32,
-    pub pods: Vec<AdoptedPod>,
+    pub pods: Vec<HandedPod>,
     pub telemetry: Vec<(TelemetryListener, OwnedFd)>,
     channel: Channel,
     _rendezvous: RemoveOnDrop,
@@ -97,7 +93,7 @@ fn receive(rendezvous: &Rendezvous) -> Result<Taken, HandoffError> {
                         fds.len()
                     )));
                 }
-                pods.push(AdoptedPod {
+                pods.push(HandedPod {
                     name,
                     netns,
                     netns_cookie,

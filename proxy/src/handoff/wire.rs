@@ -175,7 +175,7 @@ mod tests {
             name: "client".into(),
             netns: "/var/run/netns/client".into(),
             netns_cookie: 4097,
-            origin: super::super::Origin::Operator,
+            origin: crate::inpod::Origin::Operator,
             listeners,
         }
     }
@@ -203,7 +203,7 @@ mod tests {
             (name.as_str(), netns_cookie, listeners),
             ("client", 4097, vec![addr])
         );
-        assert_eq!(origin, super::super::Origin::Operator);
+        assert_eq!(origin, crate::inpod::Origin::Operator);
         assert_eq!(fds.len(), 1);
         // The descriptor that arrived is the same socket: a connection made to it is
         // accepted through the received copy.

@@ -40,6 +40,10 @@ use crate::{
     state::{ProxyCounters, Recording, StreamLog, StreamRecord},
 };
 
+/// The HTTP/2 client connection preface (RFC 9113 §3.4): detection (`proxy::sniff`) hands a
+/// connection that opens with it to this module.
+pub const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
 /// Flow-control windows and frame size, both sides: large enough for full-speed streaming
 /// on fast links, small enough to bound what one stream can make shunt hold.
 pub const STREAM_WINDOW: u32 = 1 << 20;

@@ -16,7 +16,6 @@ use super::*;
 use crate::{
     config::ServiceConfig,
     fault::{DELAY_HEADER, Faults},
-    proxy::sniff::H2_PREFACE,
     route::{Routes, Service},
     state::StreamLog,
 };
@@ -509,8 +508,8 @@ async fn a_removed_endpoint_finishes_its_streams_and_gets_no_new_ones() {
     }
 }
 
-fn rules(yaml: &str) -> Vec<crate::fault::FaultRule> {
-    crate::fault::parse_rules(yaml).unwrap()
+fn rules(yaml: &str) -> Vec<crate::config::fault::FaultRule> {
+    crate::config::fault::parse_rules(yaml).unwrap()
 }
 
 #[tokio::test]

@@ -20,12 +20,10 @@ use serde::{Deserialize, Serialize};
 use tokio::{net::TcpListener, task::AbortHandle};
 
 pub use netns::{Netns, init_host_netns};
-pub use sockets::connect_from;
 
 use crate::{
     bpf::{BpfError, Datapath},
     config::listener_addrs,
-    handoff::{AdoptedPod, Message, Origin, give::OfferedPod},
     proxy::{PodContext, Proxy, serve},
 };
 
@@ -53,6 +51,27 @@ pub enum EnrollError {
     Datapath { name: String, source: Box<BpfError> },
 }
 
+/// Who enrolled a pod, so the daemon that takes it over knows whether it is still wanted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Origin {
+    /// Listed in the configuration file.
+    Config,
+    /// `shunt enroll` (the admin API).
+    Operator,
+    /// The Kubernetes pods' controller.
+    Kubernetes,
+}
+
+/// An enrolled pod with its listening sockets, as one daemon hands it to the next.
+pub struct HandedPod {
+    pub name: String,
+    pub netns: PathBuf,
+    pub netns_cookie: u64,
+    pub origin: Origin,
+    pub listeners: Vec<(SocketAddr, OwnedFd)>,
+}
+
 /// An enrolled pod as the admin API shows it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PodSummary {
@@ -64,6 +83,7 @@ pub struct PodSummary {
 
 struct Enrolled {
     ctx: Arc<PodContext>,
+    netns: Arc<Netns>,
     origin: Origin,
     /// Handed over by the daemon before this one and not enrolled again here yet.
     unclaimed: bool,
@@ -143,7 +163,7 @@ impl Enrollments {
     /// accepts on them at once. Each stays unclaimed until enrolled again here (from the
     /// configuration, the Kubernetes controller or `shunt enroll`); see
     /// [`Enrollments::release_unclaimed`]. Returns the number of listeners adopted.
-    pub fn adopt(&self, handed: Vec<AdoptedPod>) -> usize {
+    pub fn adopt(&self, handed: Vec<HandedPod>) -> usize {
         let mut adopted = 0;
         let mut pods = lock(&self.pods);
         for pod in handed {
@@ -203,26 +223,23 @@ impl Enrollments {
     }
 
     /// Duplicates of every pod's listening sockets, for a new daemon taking over.
-    pub fn offer(&self) -> Vec<OfferedPod> {
+    pub fn offer(&self) -> Vec<HandedPod> {
         lock(&self.pods)
             .values()
             .filter_map(|p| {
-                let fds = p
+                let listeners = p
                     .listeners
                     .iter()
-                    .map(|(_, l)| l.as_fd().try_clone_to_owned())
+                    .map(|(addr, l)| Ok((*addr, l.as_fd().try_clone_to_owned()?)))
                     .collect::<std::io::Result<Vec<_>>>()
                     .inspect_err(|e| tracing::warn!(pod = p.ctx.name, "not handed over: {e}"))
                     .ok()?;
-                Some(OfferedPod {
-                    message: Message::Pod {
-                        name: p.ctx.name.clone(),
-                        netns: p.ctx.netns.path().to_owned(),
-                        netns_cookie: p.ctx.netns_cookie,
-                        origin: p.origin,
-                        listeners: p.listeners.iter().map(|(a, _)| *a).collect(),
-                    },
-                    fds,
+                Some(HandedPod {
+                    name: p.ctx.name.clone(),
+                    netns: p.netns.path().to_owned(),
+                    netns_cookie: p.ctx.netns_cookie,
+                    origin: p.origin,
+                    listeners,
                 })
             })
             .collect()
@@ -237,9 +254,16 @@ impl Enrollments {
         origin: Origin,
         mut handed: Vec<(SocketAddr, OwnedFd)>,
     ) -> Result<Enrolled, EnrollError> {
-        let ctx = Arc::new(PodContext::new(name, netns, netns_cookie, &self.proxy));
+        let netns = Arc::new(netns);
+        let ctx = Arc::new(PodContext::new(
+            name,
+            upstream_connector(netns.clone(), self.proxy.mark),
+            netns_cookie,
+            &self.proxy,
+        ));
         let mut enrolled = Enrolled {
             ctx: ctx.clone(),
+            netns: netns.clone(),
             origin,
             unclaimed: false,
             listeners: Vec::new(),
@@ -248,7 +272,7 @@ impl Enrollments {
         for addr in listener_addrs(self.listen_port) {
             let listener = match handed.iter().position(|(a, _)| *a == addr) {
                 Some(i) => sockets::adopt(handed.swap_remove(i).1, addr),
-                None => sockets::listen_in(&ctx.netns, addr),
+                None => sockets::listen_in(&netns, addr),
             };
             match listener {
                 Ok(listener) => {
@@ -335,10 +359,19 @@ impl Enrollments {
 fn summarize(p: &Enrolled) -> PodSummary {
     PodSummary {
         name: p.ctx.name.clone(),
-        netns: p.ctx.netns.path().to_owned(),
+        netns: p.netns.path().to_owned(),
         netns_cookie: p.ctx.netns_cookie,
         listeners: p.listeners.iter().map(|(addr, _)| *addr).collect(),
     }
+}
+
+/// How the data path opens a pod's upstream connections: from inside its namespace, with
+/// `mark` set so the programs let them through.
+fn upstream_connector(netns: Arc<Netns>, mark: u32) -> crate::http2::Connector {
+    Arc::new(move |addr| {
+        let netns = netns.clone();
+        Box::pin(async move { sockets::connect_from(&netns, mark, addr).await })
+    })
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

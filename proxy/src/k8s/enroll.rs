@@ -21,10 +21,7 @@ use super::{
     Health, INTERCEPT_ANNOTATION, INTERCEPT_DISABLED, INTERCEPT_ENABLED, INTERCEPT_LABEL, cgroup,
     watch::{Watched, settle},
 };
-use crate::{
-    handoff::Origin,
-    inpod::{EnrollError, Enrollments},
-};
+use crate::inpod::{EnrollError, Enrollments, Origin};
 
 /// How often pods whose processes could not be found yet are looked for again.
 const RETRY: Duration = Duration::from_secs(2);

@@ -27,9 +27,9 @@ use super::{
     Health,
     watch::{Watched, settle},
 };
-use crate::fault::{
-    Faults,
-    rules::{AbortFault, DelayFault, FaultMatch, FaultRule, TcpFault, validate},
+use crate::{
+    config::fault::{AbortFault, DelayFault, FaultMatch, FaultRule, TcpFault, validate},
+    fault::Faults,
 };
 
 /// Inject faults into calls to a Service, like Istio's `VirtualService` `fault`: a delay

@@ -13,8 +13,9 @@ use tokio::{io::AsyncReadExt, net::TcpStream};
 use super::{
     dial::{DialError, Dialed},
     forward::reset,
-    sniff::{ClientHello, MAX_SNIFF_BYTES, Sniffed, Verdict, sniff},
+    sniff::{MAX_SNIFF_BYTES, Sniffed, sniff},
 };
+use crate::state::{ClientHello, Verdict};
 
 pub struct Detected {
     pub verdict: Verdict,
@@ -137,9 +138,13 @@ mod tests {
     };
 
     use super::*;
-    use crate::proxy::{
-        forward::{Forwarding, How, Meters, forward},
-        sniff::{H2_PREFACE, tests::client_hello},
+    use crate::{
+        config::Forwarding,
+        http2::H2_PREFACE,
+        proxy::{
+            forward::{How, Meters, forward},
+            sniff::tests::client_hello,
+        },
     };
 
     /// A connected pair over loopback: (the connecting side, the accepted side).

@@ -11,7 +11,7 @@ use std::{
 use tokio::net::TcpStream;
 
 use crate::{
-    inpod::{Netns, connect_from},
+    http2::Connector,
     route::{Endpoint, Route},
     state::ProxyCounters,
 };
@@ -53,13 +53,12 @@ impl DialError {
 /// until one accepts: a refused or silent endpoint costs one retry, not the connection.
 pub async fn dial(
     route: &Route,
-    netns: &Netns,
-    mark: u32,
+    connector: &Connector,
     timeout: Duration,
     counters: &ProxyCounters,
 ) -> Result<Dialed, DialError> {
     match route {
-        Route::Direct(addr) => connect(netns, mark, *addr, timeout)
+        Route::Direct(addr) => connect(connector, *addr, timeout)
             .await
             .map(|stream| Dialed {
                 stream,
@@ -78,7 +77,7 @@ pub async fn dial(
                     ProxyCounters::inc(&counters.endpoint_failovers);
                 }
                 tried += 1;
-                match connect(netns, mark, endpoint.addr, timeout).await {
+                match connect(connector, endpoint.addr, timeout).await {
                     Ok(stream) => {
                         return Ok(Dialed {
                             stream,
@@ -107,12 +106,11 @@ pub async fn dial(
 }
 
 async fn connect(
-    netns: &Netns,
-    mark: u32,
+    connector: &Connector,
     addr: SocketAddr,
     timeout: Duration,
 ) -> io::Result<TcpStream> {
-    match tokio::time::timeout(timeout, connect_from(netns, mark, addr)).await {
+    match tokio::time::timeout(timeout, connector(addr)).await {
         Ok(result) => result,
         Err(_) => Err(io::Error::new(
             io::ErrorKind::TimedOut,

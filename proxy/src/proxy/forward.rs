@@ -14,6 +14,7 @@ use std::{
 use tokio::{io::Interest, net::TcpStream, time::Instant};
 
 use super::splice::{SpliceEnd, shutdown_write, splice_until_eof};
+use crate::config::Forwarding;
 
 /// `limits.copy_buffer`'s default, for callers without a configuration.
 #[cfg(test)]
@@ -83,31 +84,6 @@ impl Closed {
             Closed::UpstreamReset => Some(Side::Upstream),
             Closed::Error { side, .. } => Some(*side),
             Closed::Eof | Closed::IdleTimeout => None,
-        }
-    }
-}
-
-/// How payload bytes are moved.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Forwarding {
-    /// `splice(2)` through a pipe: the payload stays in the kernel.
-    #[default]
-    Splice,
-    /// `read(2)`/`write(2)` through a userspace buffer.
-    Copy,
-    /// An `sk_skb` stream verdict redirects each direction's skbs to the other socket in the
-    /// kernel; userspace only passes EOFs and resets on. Falls back to splice where the
-    /// kernel cannot (see `sockmap.rs`).
-    Sockmap,
-}
-
-impl Forwarding {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Forwarding::Splice => "splice",
-            Forwarding::Copy => "copy",
-            Forwarding::Sockmap => "sockmap",
         }
     }
 }

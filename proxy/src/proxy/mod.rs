@@ -12,8 +12,6 @@ mod splice;
 #[allow(unsafe_code)]
 mod sys;
 
-pub use forward::Forwarding;
-
 use std::{collections::HashSet, net::SocketAddr, sync::Arc, time::Duration};
 
 use arc_swap::ArcSwap;
@@ -22,15 +20,13 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::{
     bpf::{OriginalDstTable, Sockmap},
-    config::{Config, Limits},
+    config::{Config, Forwarding, Limits},
     discovery,
     fault::{self, Faults},
     http2,
-    inpod::{Netns, connect_from},
     net::{canonical, from_raw, to_raw},
     route::{DiscoveredServices, Route, Routes, ServiceSummary},
-    state::{ConnGuard, ConnTable, ProxyCounters, StreamLog},
-    telemetry::Telemetry,
+    state::{ConnGuard, ConnTable, Observer, ProxyCounters, StreamLog, Verdict},
     workers::{WorkerId, Workers},
 };
 
@@ -38,7 +34,6 @@ use self::{
     admission::{Admission, Backoff, OpenCount, Permit, Refused},
     dial::dial,
     forward::{How, Meters, forward, reset},
-    sniff::Verdict,
 };
 
 /// What a config reload may change; each connection works with the snapshot it started
@@ -107,7 +102,9 @@ pub struct Proxy {
     pub discovered: DiscoveredServices,
     pub faults: Arc<Faults>,
     pub streams: Arc<StreamLog>,
-    pub telemetry: Arc<Telemetry>,
+    /// Told of connections as they open and of those with nowhere to go (metrics, access
+    /// log); the table and the stream log tell it of the rest.
+    pub observer: Arc<dyn Observer>,
     /// The threads connections run on.
     pub workers: Workers,
     /// The kernel fast path for `forwarding: sockmap`, or why this kernel lacks it.
@@ -144,7 +141,9 @@ impl Proxy {
 /// The pod a listener belongs to.
 pub struct PodContext {
     pub name: String,
-    pub netns: Arc<Netns>,
+    /// Opens this pod's upstream connections: from inside its network namespace, marked so
+    /// the programs let them through (enrollment, which owns the namespace, provides it).
+    connector: http2::Connector,
     pub netns_cookie: u64,
     /// This pod's upstream HTTP/2 connections, opened from inside its netns: one pool per
     /// worker, so a stream and the upstream connection it uses run on the same thread.
@@ -154,18 +153,16 @@ pub struct PodContext {
 }
 
 impl PodContext {
-    pub fn new(name: &str, netns: Netns, netns_cookie: u64, proxy: &Proxy) -> PodContext {
-        let netns = Arc::new(netns);
-        let mark = proxy.mark;
-        let dial_netns = netns.clone();
-        let connector: http2::Connector = Arc::new(move |addr| {
-            let netns = dial_netns.clone();
-            Box::pin(async move { connect_from(&netns, mark, addr).await })
-        });
+    pub fn new(
+        name: &str,
+        connector: http2::Connector,
+        netns_cookie: u64,
+        proxy: &Proxy,
+    ) -> PodContext {
         let pool_settings = proxy.settings.load().upstream_pool;
         PodContext {
             name: name.to_owned(),
-            netns,
+            connector: connector.clone(),
             netns_cookie,
             upstreams: (0..proxy.workers.count())
                 .map(|_| {
@@ -293,7 +290,7 @@ async fn handle(
 ) {
     let Some(original_dst) = identify(&proxy, &pod, &client, peer) else {
         ProxyCounters::inc(&proxy.counters.no_original_dst);
-        proxy.telemetry.unrouted(&pod.name, peer);
+        proxy.observer.unrouted(&pod.name, peer);
         tracing::debug!(pod = %pod.name, %peer, "no original destination recorded; closing");
         return;
     };
@@ -315,14 +312,7 @@ async fn handle(
         if let Some(delay) = connection_fault.connect_delay {
             tokio::time::sleep(delay).await;
         }
-        dial(
-            &route,
-            &pod.netns,
-            proxy.mark,
-            settings.connect_timeout,
-            counters,
-        )
-        .await
+        dial(&route, &pod.connector, settings.connect_timeout, counters).await
     };
     tokio::pin!(dialing);
     let detected = if settings.opaque_ports.contains(&original_dst.port()) {
@@ -346,7 +336,7 @@ async fn handle(
     };
     ProxyCounters::inc(counters.verdict(detected.verdict));
     proxy
-        .telemetry
+        .observer
         .connection_opened(route.service_name(), detected.verdict);
     guard.set_verdict(detected.verdict, detected.hello.as_ref());
     tracing::debug!(pod = %pod.name, client = %peer, verdict = detected.verdict.as_str(), sni = detected.hello.as_ref().and_then(|h| h.sni.as_deref()), "detected");

@@ -3,67 +3,15 @@
 //! Pure functions over a byte prefix, so the async detection loop (`detect.rs`) can call them
 //! after every read, however the bytes were split across reads.
 
-use serde::{Deserialize, Serialize};
 use tls_parser::{
     TlsExtension, TlsMessage, TlsMessageHandshake, TlsRecordType, parse_tls_extensions,
     parse_tls_message_handshake, parse_tls_raw_record,
 };
 
-/// The HTTP/2 client connection preface (RFC 9113 §3.4).
-pub const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+use crate::{http2::H2_PREFACE, state::ClientHello};
 
 /// Largest client prefix buffered while deciding: a TLS record carries at most 16 KiB.
 pub const MAX_SNIFF_BYTES: usize = 5 + 16 * 1024;
-
-/// What a connection was detected as.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Verdict {
-    /// The HTTP/2 client preface.
-    H2,
-    /// A TLS ClientHello.
-    Tls,
-    /// Anything else the client sent first.
-    Opaque,
-    /// The server spoke before the client did.
-    ServerFirst,
-    /// The client sent nothing decisive within `detect_timeout`.
-    Timeout,
-    /// The destination port is configured as opaque: not sniffed at all.
-    Skipped,
-}
-
-impl Verdict {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Verdict::H2 => "h2",
-            Verdict::Tls => "tls",
-            Verdict::Opaque => "opaque",
-            Verdict::ServerFirst => "server-first",
-            Verdict::Timeout => "timeout",
-            Verdict::Skipped => "skipped",
-        }
-    }
-
-    /// How the connection is handled: `h2` (terminated, balanced per stream), `tls` or
-    /// `opaque` (everything else forwarded byte for byte).
-    pub fn protocol(self) -> &'static str {
-        match self {
-            Verdict::H2 => "h2",
-            Verdict::Tls => "tls",
-            Verdict::Opaque | Verdict::ServerFirst | Verdict::Timeout | Verdict::Skipped => {
-                "opaque"
-            }
-        }
-    }
-}
-
-/// What a TLS ClientHello told us.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ClientHello {
-    pub sni: Option<String>,
-    pub alpn: Vec<String>,
-}
 
 /// The outcome of looking at the bytes received so far.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -14,8 +14,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use super::{Observer, Unobserved};
-use crate::proxy::sniff::{ClientHello, Verdict};
+use super::{ClientHello, Observer, Unobserved, Verdict};
 
 /// Closed connections kept for inspection.
 const CLOSED_KEPT: usize = 1024;

@@ -1,28 +1,37 @@
-//! Shared, observable state: live connections, recent streams and the proxy's counters. The
-//! proxy writes it; the admin API and telemetry read it, and an [`Observer`] hears of every
-//! connection and stream as it ends.
+//! Shared, observable state: live connections (with what detection concluded about each),
+//! recent streams and the proxy's counters. The proxy writes it; the admin API and telemetry
+//! read it, and an [`Observer`] hears of every connection and stream as it ends.
 
 mod conns;
 mod counters;
+mod protocol;
 mod streams;
 
-use std::time::Duration;
+use std::{net::SocketAddr, time::Duration};
 
 pub use conns::{ConnGuard, ConnRecord, ConnTable, KernelBytes};
 pub use counters::ProxyCounters;
+pub use protocol::{ClientHello, Verdict};
 pub use streams::{Recording, StreamLog, StreamRecord};
 
-/// Told of each finished connection and stream (metrics, access log). Called on the data
-/// path, outside any lock: implementations must not block.
+/// Told of each connection once detection has classified it, of each finished connection
+/// and stream, and of connections with nowhere to go (metrics, access log). Called on the
+/// data path, outside any lock: implementations must not block.
 pub trait Observer: Send + Sync {
+    fn connection_opened(&self, service: Option<&str>, verdict: Verdict);
     fn connection_closed(&self, record: &ConnRecord);
     fn stream_ended(&self, record: &StreamRecord, elapsed: Duration);
+    /// An accepted connection without an original destination, closed at once (Envoy's
+    /// `NR`).
+    fn unrouted(&self, pod: &str, client: SocketAddr);
 }
 
 /// For tables that nobody watches (unit tests).
 pub struct Unobserved;
 
 impl Observer for Unobserved {
+    fn connection_opened(&self, _: Option<&str>, _: Verdict) {}
     fn connection_closed(&self, _: &ConnRecord) {}
     fn stream_ended(&self, _: &StreamRecord, _: Duration) {}
+    fn unrouted(&self, _: &str, _: SocketAddr) {}
 }

@@ -12,10 +12,7 @@ use super::{
     collect::{NodeCollector, ProcessCollector, Sources},
     labels,
 };
-use crate::{
-    proxy::sniff::Verdict,
-    state::{ConnRecord, StreamRecord},
-};
+use crate::state::{ConnRecord, StreamRecord, Verdict};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ConnOpened {

@@ -30,12 +30,11 @@ use serde::{Deserialize, Serialize};
 
 pub use self::collect::Sources;
 pub use self::health::Health;
+pub use self::server::TelemetryListener;
 use self::{access_log::Entry, metrics::Metrics, server::Served};
 use crate::{
     config,
-    handoff::TelemetryListener,
-    proxy::sniff::Verdict,
-    state::{ConnRecord, Observer, StreamRecord},
+    state::{ConnRecord, Observer, StreamRecord, Verdict},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -131,21 +130,6 @@ impl Telemetry {
     pub fn health(&self) -> &Health {
         &self.health
     }
-
-    /// A redirected connection was classified.
-    pub fn connection_opened(&self, service: Option<&str>, verdict: Verdict) {
-        self.recorder.metrics.connection_opened(service, verdict);
-    }
-
-    /// An accepted connection without an original destination: closed, as there is nowhere
-    /// to send it (Envoy's `NR`).
-    pub fn unrouted(&self, pod: &str, client: SocketAddr) {
-        self.recorder.log(Entry::Unrouted {
-            at: SystemTime::now(),
-            pod: pod.to_owned(),
-            client,
-        });
-    }
 }
 
 /// The metric families the data path updates and the access log it writes to.
@@ -163,6 +147,18 @@ impl Recorder {
 }
 
 impl Observer for Recorder {
+    fn connection_opened(&self, service: Option<&str>, verdict: Verdict) {
+        self.metrics.connection_opened(service, verdict);
+    }
+
+    fn unrouted(&self, pod: &str, client: SocketAddr) {
+        self.log(Entry::Unrouted {
+            at: SystemTime::now(),
+            pod: pod.to_owned(),
+            client,
+        });
+    }
+
     fn connection_closed(&self, record: &ConnRecord) {
         self.metrics.connection_closed(record);
         // An HTTP/2 connection's streams have lines of their own.

@@ -3,6 +3,7 @@
 
 use std::{
     convert::Infallible,
+    net::SocketAddr,
     os::fd::{AsFd, OwnedFd},
     sync::{Arc, Mutex, OnceLock},
     time::Duration,
@@ -13,13 +14,27 @@ use http_body_util::Full;
 use hyper::{Method, Request, Response, StatusCode, body::Incoming, header, service::service_fn};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::{encoding, registry::Registry};
+use serde::{Deserialize, Serialize};
 use tokio::sync::{Semaphore, watch};
 
 use super::{Addresses, Health, TelemetryError};
-use crate::{
-    config::{self, Listen},
-    handoff::{TelemetryListener, TelemetryRole},
-};
+use crate::config::{self, Listen};
+
+/// Which telemetry listener a descriptor is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TelemetryRole {
+    Metrics,
+    Health,
+}
+
+/// A telemetry listener as configured (a configured port 0 matches a new daemon configured
+/// the same way, which then serves on the port the old one was given).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct TelemetryListener {
+    pub role: TelemetryRole,
+    pub configured: SocketAddr,
+}
 
 /// Scrapers and probers at once; more wait. Bounds what a misbehaving client can take.
 const MAX_CONNECTIONS: usize = 32;

@@ -1,9 +1,14 @@
-//! The fault rule model, as written in the config file or given to `shunt faults set`.
+//! The fault rule model, as written in the config file, given to `shunt faults set` or
+//! carried by a `FaultInjection` resource: plain data, parsed and validated here so that every
+//! source of rules refuses the same mistakes with the same field names. Putting rules in force
+//! and matching them against streams and connections is the fault table's (`crate::fault`).
 
 use std::{borrow::Cow, collections::BTreeMap, fmt, net::SocketAddr, time::Duration};
 
 use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
 use serde::{Deserialize, Deserializer, Serialize, Serializer, de};
+
+use super::field_error;
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -293,6 +298,24 @@ pub fn validate_all(rules: &[FaultRule], prefix: &str) -> Result<(), (String, St
         }
     }
     Ok(())
+}
+
+/// Rules as given to `shunt faults set`: one rule, or a list of them, in YAML (or JSON).
+/// Errors are `(field, message)` with the field named as in the file (`[1].abort`).
+pub fn parse_rules(text: &str) -> Result<Vec<FaultRule>, (String, String)> {
+    let is_list = matches!(
+        serde_yaml_ng::from_str::<serde_yaml_ng::Value>(text),
+        Ok(serde_yaml_ng::Value::Sequence(_))
+    );
+    let rules = if is_list {
+        let de = serde_yaml_ng::Deserializer::from_str(text);
+        serde_path_to_error::deserialize::<_, Vec<FaultRule>>(de).map_err(field_error)?
+    } else {
+        let de = serde_yaml_ng::Deserializer::from_str(text);
+        vec![serde_path_to_error::deserialize::<_, FaultRule>(de).map_err(field_error)?]
+    };
+    validate_all(&rules, "")?;
+    Ok(rules)
 }
 
 #[cfg(test)]

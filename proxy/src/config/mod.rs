@@ -3,6 +3,11 @@
 //! Parsing is strict: unknown fields are rejected and every error names the field it is about
 //! (`intercept.exclude_cidrs[1]: invalid IP network syntax`), because a proxy that silently
 //! ignores a misspelt option is worse than one that refuses to start.
+//!
+//! The configuration is plain data: it imports nothing from the parts of the daemon that act
+//! on it, so every one of them can depend on it.
+
+pub mod fault;
 
 use std::{
     net::SocketAddr,
@@ -11,10 +16,9 @@ use std::{
 };
 
 use ipnet::IpNet;
-
-use crate::fault::FaultRule;
-pub use crate::proxy::Forwarding;
 use serde::{Deserialize, Serialize};
+
+use self::fault::FaultRule;
 
 pub const DEFAULT_LISTEN_PORT: u16 = 15001;
 pub const DEFAULT_MARK: u32 = 0x5348_554e; // "SHUN"
@@ -534,6 +538,31 @@ impl Default for Intercept {
     }
 }
 
+/// How payload bytes are moved.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Forwarding {
+    /// `splice(2)` through a pipe: the payload stays in the kernel.
+    #[default]
+    Splice,
+    /// `read(2)`/`write(2)` through a userspace buffer.
+    Copy,
+    /// An `sk_skb` stream verdict redirects each direction's skbs to the other socket in the
+    /// kernel; userspace only passes EOFs and resets on. Falls back to splice where the
+    /// kernel cannot (see `proxy/sockmap.rs`).
+    Sockmap,
+}
+
+impl Forwarding {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Forwarding::Splice => "splice",
+            Forwarding::Copy => "copy",
+            Forwarding::Sockmap => "sockmap",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum FailMode {
@@ -596,7 +625,7 @@ impl Config {
         let de = serde_yaml_ng::Deserializer::from_str(text);
         let config: Config = serde_path_to_error::deserialize(de).map_err(field_error)?;
         config.validate()?;
-        crate::fault::validate_all(&config.faults, "faults")?;
+        fault::validate_all(&config.faults, "faults")?;
         Ok(config)
     }
 
