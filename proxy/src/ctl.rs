@@ -9,7 +9,7 @@ use serde::Serialize;
 use crate::{
     admin::{
         api::{
-            ConnRecord, EnrollRequest, FaultsRequest, FaultsSet, KubernetesStatus, LogFilter,
+            ConnRecord, Done, EnrollRequest, FaultsRequest, FaultsSet, KubernetesStatus, LogFilter,
             PodSummary, Reloaded, RuleSummary, ServiceSummary, Stats, Status, StreamRecord,
             Uninstalled,
         },
@@ -40,7 +40,7 @@ pub async fn run(
             print(output, &pod, || pods_table(std::slice::from_ref(&pod)));
         }
         Command::Unenroll { name } => {
-            let _: serde_json::Value = client
+            let _: Done = client
                 .call(Method::DELETE, &format!("/pods/{name}"), Option::<()>::None)
                 .await?;
             println!("unenrolled {name}");
@@ -119,7 +119,7 @@ pub async fn run(
                 print(output, &set, || format!("set: {}\n", set.set.join(", ")));
             }
             FaultsAction::Clear { name } => {
-                let _: serde_json::Value = client
+                let _: Done = client
                     .call(
                         Method::DELETE,
                         &format!("/faults/{name}"),
@@ -359,7 +359,7 @@ fn faults_table(rules: &[RuleSummary]) -> String {
         if let Some(a) = &r.rule.abort {
             let status = a
                 .grpc_status
-                .map(|c| c.to_string())
+                .clone()
                 .or_else(|| a.http_status.map(|s| s.to_string()))
                 .unwrap_or_default();
             kinds.push(format!("abort {status} @{}%", a.percentage.0));

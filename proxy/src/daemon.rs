@@ -159,9 +159,14 @@ pub async fn run(prepared: Prepared) -> anyhow::Result<()> {
         true => {
             enrollments.release_unclaimed(&[Origin::Config]);
             Some(
-                k8s::start(&config.kubernetes, enrollments.clone(), proxy.clone())
-                    .await
-                    .context("starting Kubernetes mode")?,
+                k8s::start(
+                    &config.kubernetes,
+                    enrollments.clone(),
+                    proxy.discovered.clone(),
+                    faults.clone(),
+                )
+                .await
+                .context("starting Kubernetes mode")?,
             )
         }
         false => {

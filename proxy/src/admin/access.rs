@@ -10,7 +10,7 @@ use std::path::Path;
 use nix::unistd::{Gid, Group};
 use tokio::net::{UnixStream, unix::UCred};
 
-use super::server::AdminError;
+use super::AdminError;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Access {

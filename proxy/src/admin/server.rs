@@ -2,7 +2,7 @@
 
 use std::{
     convert::Infallible,
-    path::{Path, PathBuf},
+    path::Path,
     sync::{Arc, Mutex},
     time::Instant,
 };
@@ -15,11 +15,13 @@ use serde::Serialize;
 use tokio::{net::UnixListener, sync::mpsc};
 
 use super::{
+    AdminError,
     access::Access,
     api::{
-        ErrorBody, FaultsSet, HandoffAccepted, HandoffRequest, LogFilter, Reloaded, Stats, Status,
-        Uninstalled,
+        self, Done, ErrorBody, FaultsSet, HandoffAccepted, HandoffRequest, LogFilter, Reloaded,
+        Stats, Status, Uninstalled,
     },
+    convert,
     request::AdminRequest,
 };
 use crate::{
@@ -59,19 +61,6 @@ pub struct AdminContext {
     pub kubernetes: Option<Arc<crate::k8s::Health>>,
     /// Set while a handoff is under way (one at a time); cleared if it fails.
     pub handing_off: Arc<std::sync::atomic::AtomicBool>,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum AdminError {
-    #[error("another shunt daemon is already serving {0}")]
-    InUse(PathBuf),
-    #[error("admin.group: no group {0} on this host")]
-    NoSuchGroup(String),
-    #[error("admin socket {path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
 }
 
 /// Binds the socket (replacing a stale file left by a dead daemon, never a live one).
@@ -163,20 +152,33 @@ async fn answer(req: Request<Incoming>, peer: &Peer, ctx: &AdminContext) -> Repl
 async fn execute(request: AdminRequest, ctx: &AdminContext) -> Reply {
     match request {
         AdminRequest::Status => json(StatusCode::OK, &status(ctx)),
-        AdminRequest::Pods => json(StatusCode::OK, &ctx.enrollments.list()),
+        AdminRequest::Pods => json(
+            StatusCode::OK,
+            &convert::all::<_, api::PodSummary>(ctx.enrollments.list()),
+        ),
         AdminRequest::Enroll(r) => {
             match ctx.enrollments.enroll(&r.name, &r.netns, Origin::Operator) {
-                Ok(summary) => json(StatusCode::CREATED, &summary),
+                Ok(summary) => json(StatusCode::CREATED, &api::PodSummary::from(summary)),
                 Err(e) => error(StatusCode::CONFLICT, e.to_string()),
             }
         }
         AdminRequest::Unenroll(name) => match ctx.enrollments.unenroll(&name) {
-            Ok(()) => json(StatusCode::OK, &serde_json::json!({})),
+            Ok(()) => json(StatusCode::OK, &Done {}),
             Err(e) => error(StatusCode::NOT_FOUND, e.to_string()),
         },
-        AdminRequest::Conns => json(StatusCode::OK, &ctx.conns.live()),
-        AdminRequest::ClosedConns => json(StatusCode::OK, &ctx.conns.closed()),
-        AdminRequest::Services => json(StatusCode::OK, &ctx.proxy.service_summaries()),
+        AdminRequest::Conns => json(
+            StatusCode::OK,
+            &convert::all::<_, api::ConnRecord>(ctx.conns.live()),
+        ),
+        AdminRequest::ClosedConns => json(
+            StatusCode::OK,
+            &convert::all::<_, api::ConnRecord>(ctx.conns.closed()),
+        ),
+        AdminRequest::Services => json(
+            StatusCode::OK,
+            &convert::all::<_, api::ServiceSummary>(ctx.proxy.service_summaries()),
+        ),
+        // The configuration's shape is the config file's, not the admin API's own.
         AdminRequest::Config => json(StatusCode::OK, &ctx.configs.in_force()),
         AdminRequest::LogLevel => json(
             StatusCode::OK,
@@ -198,8 +200,14 @@ async fn execute(request: AdminRequest, ctx: &AdminContext) -> Reply {
             ),
             Err(e) => error(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()),
         },
-        AdminRequest::Streams => json(StatusCode::OK, &ctx.proxy.streams.recent()),
-        AdminRequest::Faults => json(StatusCode::OK, &ctx.proxy.faults.list()),
+        AdminRequest::Streams => json(
+            StatusCode::OK,
+            &convert::all::<_, api::StreamRecord>(ctx.proxy.streams.recent()),
+        ),
+        AdminRequest::Faults => json(
+            StatusCode::OK,
+            &convert::all::<_, api::RuleSummary>(ctx.proxy.faults.list()),
+        ),
         AdminRequest::SetFaults(rules) => {
             let set: Vec<String> = rules.iter().map(|r| r.name.clone()).collect();
             ctx.proxy.faults.set(rules);
@@ -209,7 +217,7 @@ async fn execute(request: AdminRequest, ctx: &AdminContext) -> Reply {
         AdminRequest::ClearFault(name) => {
             if ctx.proxy.faults.clear(&name) {
                 tracing::info!(rule = name, "fault rule cleared");
-                json(StatusCode::OK, &serde_json::json!({}))
+                json(StatusCode::OK, &Done {})
             } else {
                 error(StatusCode::NOT_FOUND, format!("no fault rule {name:?}"))
             }
@@ -237,9 +245,9 @@ fn status(ctx: &AdminContext) -> Status {
         uptime_secs: ctx.started.elapsed().as_secs(),
         cgroup: datapath.cgroup.clone(),
         pin_dir: datapath.pin_dir.clone(),
-        attachment: datapath.attachment,
+        attachment: datapath.attachment.into(),
         listen_port: running.intercept.listen_port,
-        fail_mode: running.intercept.fail_mode,
+        fail_mode: running.intercept.fail_mode.into(),
         local_fast_path: datapath.local_fast_path.to_string(),
         local_fast_path_sockets: datapath.local_fast_path_sockets(),
         pods: ctx.enrollments.list().len(),
@@ -251,10 +259,13 @@ fn status(ctx: &AdminContext) -> Status {
         ready,
         access_log: running.telemetry.access_log.clone().into(),
         log_filter: logging::current(),
-        open_files: OpenFiles::now(),
+        open_files: OpenFiles::now().map(Into::into),
         max_connections: limits.max_connections,
         max_connections_per_pod: limits.max_connections_per_pod,
-        kubernetes: ctx.kubernetes.as_ref().map(|health| health.summary()),
+        kubernetes: ctx
+            .kubernetes
+            .as_ref()
+            .map(|health| health.summary().into()),
     }
 }
 

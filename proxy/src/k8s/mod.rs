@@ -35,7 +35,7 @@ use kube::{
 use health::HealthLayer;
 pub use health::{Health, KubernetesStatus};
 
-use crate::{config, inpod::Enrollments, proxy::Proxy};
+use crate::{config, fault::Faults, inpod::Enrollments, route::DiscoveredServices};
 
 /// The label that enables interception in a namespace, and its value.
 pub const INTERCEPT_LABEL: &str = "shunt.io/intercept";
@@ -78,11 +78,13 @@ impl Drop for Controllers {
     }
 }
 
-/// Starts the controllers.
+/// Starts the controllers: pods are enrolled through `enrollments`, Services kept in
+/// `discovered`, `FaultInjection`s set in `faults`.
 pub async fn start(
     settings: &config::Kubernetes,
     enrollments: Arc<Enrollments>,
-    proxy: Arc<Proxy>,
+    discovered: Arc<DiscoveredServices>,
+    faults: Arc<Faults>,
 ) -> Result<Controllers, K8sError> {
     let node = match &settings.node_name {
         Some(node) => node.clone(),
@@ -97,8 +99,8 @@ pub async fn start(
         .map_err(K8sError::HostNetns)?;
     let tasks = vec![
         tokio::spawn(enroll::run(client.clone(), enroller, health.clone())).abort_handle(),
-        tokio::spawn(services::run(client.clone(), proxy.clone(), health.clone())).abort_handle(),
-        tokio::spawn(faults::run(client, proxy.faults.clone(), health.clone())).abort_handle(),
+        tokio::spawn(services::run(client.clone(), discovered, health.clone())).abort_handle(),
+        tokio::spawn(faults::run(client, faults, health.clone())).abort_handle(),
     ];
     tracing::info!(%node, "Kubernetes mode: watching namespaces, pods, Services, EndpointSlices and FaultInjections");
     Ok(Controllers { health, tasks })

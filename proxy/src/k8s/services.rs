@@ -25,7 +25,7 @@ use super::{
     Health,
     watch::{Watched, settle},
 };
-use crate::{config::ServiceConfig, proxy::Proxy};
+use crate::{config::ServiceConfig, route::DiscoveredServices};
 
 /// The label that ties an EndpointSlice to its Service.
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -178,7 +178,7 @@ fn headless_addrs(slices: &[&EndpointSlice], port: &ServicePort) -> BTreeSet<Soc
 
 /// Watches Services and EndpointSlices and keeps the discovered Services in step, until the
 /// daemon stops.
-pub async fn run(client: Client, proxy: Arc<Proxy>, health: Arc<Health>) {
+pub async fn run(client: Client, discovered: Arc<DiscoveredServices>, health: Arc<Health>) {
     let mut services = Watched::new(
         Api::<Service>::all(client.clone()),
         watcher::Config::default(),
@@ -202,7 +202,7 @@ pub async fn run(client: Client, proxy: Arc<Proxy>, health: Arc<Health>) {
             continue;
         }
         let desired = desired_services(&services.store.state(), &slices.store.state());
-        let changes = proxy.discovered.replace(&desired);
+        let changes = discovered.replace(&desired);
         if changes.any() {
             tracing::info!(
                 addresses = desired.len(),

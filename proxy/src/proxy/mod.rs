@@ -99,7 +99,7 @@ pub struct Proxy {
     /// Shared with telemetry, which reports the routes' endpoints and the limits.
     pub settings: Arc<ArcSwap<Settings>>,
     /// Services from Kubernetes; the configuration's own take precedence.
-    pub discovered: DiscoveredServices,
+    pub discovered: Arc<DiscoveredServices>,
     pub faults: Arc<Faults>,
     pub streams: Arc<StreamLog>,
     /// Told of connections as they open and of those with nowhere to go (metrics, access
