@@ -324,6 +324,31 @@ fn sink(listen: SocketAddr) -> Result<(), String> {
     Ok(())
 }
 
+/// Reads until EOF or `deadline`. A blocking read of a socket on the kernel's `sk_msg` path
+/// (the local fast path) can return `EAGAIN` before its receive timeout when it is woken
+/// without data, so `WouldBlock` ends the read only once the deadline has passed.
+fn read_to_end_within(stream: &mut TcpStream, deadline: Instant) -> (Vec<u8>, std::io::Result<()>) {
+    let mut received = Vec::new();
+    let mut buf = [0u8; 64 * 1024];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => return (received, Ok(())),
+            Ok(n) => received.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e)
+                if (e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::TimedOut)
+                    && Instant::now() < deadline =>
+            {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if let Err(e) = stream.set_read_timeout(Some(left.max(Duration::from_millis(1)))) {
+                    return (received, Err(e));
+                }
+            }
+            Err(e) => return (received, Err(e)),
+        }
+    }
+}
+
 fn send(args: &SendArgs) -> Result<(), String> {
     let bytes = match (&args.hex, args.random) {
         (Some(hex), _) => decode_hex(hex)?,
@@ -347,14 +372,16 @@ fn send(args: &SendArgs) -> Result<(), String> {
         std::thread::sleep(Duration::from_millis(args.hold_ms));
         stream.write_all(b"\n")?;
         stream.shutdown(Shutdown::Write)?;
-        let mut received = Vec::new();
-        let end = match stream.read_to_end(&mut received) {
-            Ok(_) => "eof",
-            Err(e) if e.kind() == ErrorKind::ConnectionReset => "reset",
-            Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::TimedOut => {
-                "timeout"
+        let received = read_to_end_within(&mut stream, Instant::now() + timeout);
+        let (received, end) = match received {
+            (received, Ok(())) => (received, "eof"),
+            (received, Err(e)) if e.kind() == ErrorKind::ConnectionReset => (received, "reset"),
+            (received, Err(e))
+                if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::TimedOut =>
+            {
+                (received, "timeout")
             }
-            Err(e) => return Err(e),
+            (_, Err(e)) => return Err(e),
         };
         Ok((received, end, local))
     })();
