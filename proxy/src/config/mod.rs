@@ -864,14 +864,6 @@ pub fn field_error<E: std::fmt::Display>(e: serde_path_to_error::Error<E>) -> (S
     (field, e.into_inner().to_string())
 }
 
-/// Address helpers shared by the datapath and the admin API.
-pub fn listener_addrs(port: u16) -> [SocketAddr; 2] {
-    [
-        SocketAddr::from(([127, 0, 0, 1], port)),
-        SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, port)),
-    ]
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -23,7 +23,6 @@ pub use netns::{Netns, init_host_netns};
 
 use crate::{
     bpf::{BpfError, Datapath},
-    config::listener_addrs,
     proxy::{PodContext, Proxy, serve},
 };
 
@@ -363,6 +362,15 @@ fn summarize(p: &Enrolled) -> PodSummary {
         netns_cookie: p.ctx.netns_cookie,
         listeners: p.listeners.iter().map(|(addr, _)| *addr).collect(),
     }
+}
+
+/// The addresses of a pod's listeners: loopback, IPv4 and IPv6, on `intercept.listen_port`,
+/// where the connect programs send the pod's intercepted connections.
+fn listener_addrs(port: u16) -> [SocketAddr; 2] {
+    [
+        SocketAddr::from(([127, 0, 0, 1], port)),
+        SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, port)),
+    ]
 }
 
 /// How the data path opens a pod's upstream connections: from inside its namespace, with
