@@ -22,7 +22,7 @@ use crate::{
     config::Config,
     fault::Faults,
     handoff,
-    inpod::{Enrollments, Origin},
+    inpod::{EnrollmentConfig, Enrollments, Origin},
     k8s, privileges,
     proxy::{Proxy, Settings},
     reload::{Configs, size_limits},
@@ -140,7 +140,10 @@ pub async fn run(prepared: Prepared) -> anyhow::Result<()> {
     let enrollments = Arc::new(Enrollments::new(
         datapath.clone(),
         proxy.clone(),
-        intercept.listen_port,
+        EnrollmentConfig {
+            listen_port: intercept.listen_port,
+            mark: intercept.mark,
+        },
     ));
 
     // Handed-over listeners accept from here on, alongside the old daemon's copies.
@@ -190,15 +193,23 @@ pub async fn run(prepared: Prepared) -> anyhow::Result<()> {
     }
     let (commands, mut command_rx) = mpsc::channel(4);
     let admin_listener = admin::bind(&socket_path, &admin_access).await?;
-    let configs = Arc::new(Configs::new(config_path, config));
+    let configs = Arc::new(Configs::new(
+        config_path,
+        config,
+        settings.clone(),
+        faults.clone(),
+    ));
     let handing_off = Arc::new(AtomicBool::new(false));
     let admin_ctx = Arc::new(AdminContext {
         configs: configs.clone(),
-        proxy: proxy.clone(),
+        settings: settings.clone(),
+        discovered: proxy.discovered.clone(),
+        faults: faults.clone(),
+        streams: proxy.streams.clone(),
         telemetry: telemetry.clone(),
         started,
         enrollments: enrollments.clone(),
-        datapath: datapath.clone(),
+        programs: datapath.clone(),
         conns: conns.clone(),
         counters: counters.clone(),
         commands,
@@ -264,7 +275,7 @@ pub async fn run(prepared: Prepared) -> anyhow::Result<()> {
             }
             _ = sighup.recv() => {
                 // Errors are logged by `reload`; the running configuration stays.
-                let _ = configs.reload(&proxy);
+                let _ = configs.reload();
             }
             Some(command) = command_rx.recv() => match command {
                 Command::Uninstall => {

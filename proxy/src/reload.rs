@@ -12,23 +12,34 @@ use arc_swap::ArcSwap;
 
 use crate::{
     config::{Config, ConfigError, DESCRIPTORS_PER_CONNECTION, Limits, RESERVED_DESCRIPTORS},
-    proxy::{Proxy, Settings},
+    fault::Faults,
+    proxy::Settings,
 };
 
 /// The configuration the daemon started with and the one last loaded; together they make
-/// the configuration in force.
+/// the configuration in force. Holds what a reload swaps into the data path.
 pub struct Configs {
     path: PathBuf,
     running: Config,
     loaded: ArcSwap<Config>,
+    settings: Arc<ArcSwap<Settings>>,
+    faults: Arc<Faults>,
 }
 
 impl Configs {
-    pub fn new(path: &Path, running: Config) -> Configs {
+    /// `running` as read from `path`; reloads store into `settings` and `faults`.
+    pub fn new(
+        path: &Path,
+        running: Config,
+        settings: Arc<ArcSwap<Settings>>,
+        faults: Arc<Faults>,
+    ) -> Configs {
         Configs {
             path: path.to_owned(),
             loaded: ArcSwap::from_pointee(running.clone()),
             running,
+            settings,
+            faults,
         }
     }
 
@@ -47,16 +58,15 @@ impl Configs {
     /// timeout settings, limits sized as at start, fault rules) for new connections. A
     /// configuration with any error changes nothing. Returns the new configuration and the
     /// changed fields that only a restart applies.
-    pub fn reload(&self, proxy: &Proxy) -> Result<(Config, Vec<&'static str>), ConfigError> {
+    pub fn reload(&self) -> Result<(Config, Vec<&'static str>), ConfigError> {
         match Config::load(&self.path) {
             Ok(mut config) => {
                 // As at start: the limits left out fit the descriptors the daemon has now.
                 config.limits = size_limits(&config.limits);
                 let settings = Settings::new(&config);
-                settings.routes.inherit(&proxy.settings.load().routes);
-                proxy.settings.store(Arc::new(settings));
-                proxy
-                    .faults
+                settings.routes.inherit(&self.settings.load().routes);
+                self.settings.store(Arc::new(settings));
+                self.faults
                     .set_config_rules(config.faults.clone(), config.max_active_faults);
                 let restart_needed = config.needs_restart(&self.running);
                 self.loaded.store(Arc::new(config.clone()));

@@ -1,12 +1,8 @@
 //! Serves the admin API on a unix socket, to root and `admin.group` only (see `access`).
 
-use std::{
-    convert::Infallible,
-    path::Path,
-    sync::{Arc, Mutex},
-    time::Instant,
-};
+use std::{convert::Infallible, path::Path, sync::Arc, time::Instant};
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::{Request, Response, StatusCode, body::Incoming, service::service_fn};
@@ -22,16 +18,19 @@ use super::{
         Stats, Status, Uninstalled,
     },
     convert,
+    programs::Programs,
     request::AdminRequest,
 };
 use crate::{
-    bpf::{self, Datapath},
+    fault::Faults,
     inpod::{Enrollments, Origin},
     logging,
     open_files::OpenFiles,
-    proxy::Proxy,
+    proxy::Settings,
     reload::Configs,
-    state::{ConnTable, ProxyCounters},
+    route::DiscoveredServices,
+    state::{ConnTable, ProxyCounters, StreamLog},
+    telemetry::Telemetry,
 };
 
 /// Requests are tiny; anything larger is refused rather than buffered.
@@ -46,14 +45,19 @@ pub enum Command {
     HandOff(HandoffRequest),
 }
 
+/// What the handlers read and steer: each piece of state from its owner, never the proxy.
 pub struct AdminContext {
     pub configs: Arc<Configs>,
-    pub proxy: Arc<Proxy>,
+    /// The settings in force (Services of the configuration, limits).
+    pub settings: Arc<ArcSwap<Settings>>,
+    pub discovered: Arc<DiscoveredServices>,
+    pub faults: Arc<Faults>,
+    pub streams: Arc<StreamLog>,
     /// Health, for `shunt status`.
-    pub telemetry: Arc<crate::telemetry::Telemetry>,
+    pub telemetry: Arc<Telemetry>,
     pub started: Instant,
     pub enrollments: Arc<Enrollments>,
-    pub datapath: Arc<Mutex<Datapath>>,
+    pub programs: Arc<dyn Programs>,
     pub conns: Arc<ConnTable>,
     pub counters: Arc<ProxyCounters>,
     pub commands: mpsc::Sender<Command>,
@@ -174,10 +178,15 @@ async fn execute(request: AdminRequest, ctx: &AdminContext) -> Reply {
             StatusCode::OK,
             &convert::all::<_, api::ConnRecord>(ctx.conns.closed()),
         ),
-        AdminRequest::Services => json(
-            StatusCode::OK,
-            &convert::all::<_, api::ServiceSummary>(ctx.proxy.service_summaries()),
-        ),
+        AdminRequest::Services => {
+            // The configuration's first: they take precedence over discovered ones.
+            let mut services = ctx.settings.load().routes.summaries();
+            services.extend(ctx.discovered.summaries());
+            json(
+                StatusCode::OK,
+                &convert::all::<_, api::ServiceSummary>(services),
+            )
+        }
         // The configuration's shape is the config file's, not the admin API's own.
         AdminRequest::Config => json(StatusCode::OK, &ctx.configs.in_force()),
         AdminRequest::LogLevel => json(
@@ -190,7 +199,7 @@ async fn execute(request: AdminRequest, ctx: &AdminContext) -> Reply {
             Ok(filter) => json(StatusCode::OK, &LogFilter { filter }),
             Err(e) => error(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()),
         },
-        AdminRequest::Reload => match ctx.configs.reload(&ctx.proxy) {
+        AdminRequest::Reload => match ctx.configs.reload() {
             Ok((config, restart_needed)) => json(
                 StatusCode::OK,
                 &Reloaded {
@@ -202,20 +211,20 @@ async fn execute(request: AdminRequest, ctx: &AdminContext) -> Reply {
         },
         AdminRequest::Streams => json(
             StatusCode::OK,
-            &convert::all::<_, api::StreamRecord>(ctx.proxy.streams.recent()),
+            &convert::all::<_, api::StreamRecord>(ctx.streams.recent()),
         ),
         AdminRequest::Faults => json(
             StatusCode::OK,
-            &convert::all::<_, api::RuleSummary>(ctx.proxy.faults.list()),
+            &convert::all::<_, api::RuleSummary>(ctx.faults.list()),
         ),
         AdminRequest::SetFaults(rules) => {
             let set: Vec<String> = rules.iter().map(|r| r.name.clone()).collect();
-            ctx.proxy.faults.set(rules);
+            ctx.faults.set(rules);
             tracing::info!(rules = ?set, "fault rules set");
             json(StatusCode::OK, &FaultsSet { set })
         }
         AdminRequest::ClearFault(name) => {
-            if ctx.proxy.faults.clear(&name) {
+            if ctx.faults.clear(&name) {
                 tracing::info!(rule = name, "fault rule cleared");
                 json(StatusCode::OK, &Done {})
             } else {
@@ -236,32 +245,32 @@ fn status(ctx: &AdminContext) -> Status {
         .ready()
         .err()
         .unwrap_or_else(|| "ready".into());
-    let datapath = ctx.datapath.lock().unwrap_or_else(|p| p.into_inner());
+    let programs = ctx.programs.status();
     let running = ctx.configs.running();
-    let limits = ctx.proxy.settings.load().limits.clone();
+    let settings = ctx.settings.load();
     Status {
         version: env!("CARGO_PKG_VERSION").to_owned(),
         pid: std::process::id(),
         uptime_secs: ctx.started.elapsed().as_secs(),
-        cgroup: datapath.cgroup.clone(),
-        pin_dir: datapath.pin_dir.clone(),
-        attachment: datapath.attachment.into(),
+        cgroup: programs.cgroup,
+        pin_dir: programs.pin_dir,
+        attachment: programs.attachment,
         listen_port: running.intercept.listen_port,
         fail_mode: running.intercept.fail_mode.into(),
-        local_fast_path: datapath.local_fast_path.to_string(),
-        local_fast_path_sockets: datapath.local_fast_path_sockets(),
+        local_fast_path: programs.local_fast_path,
+        local_fast_path_sockets: programs.local_fast_path_sockets,
         pods: ctx.enrollments.list().len(),
         connections: ctx.conns.len(),
-        services: ctx.proxy.settings.load().routes.len() + ctx.proxy.discovered.len(),
-        fault_rules: ctx.proxy.faults.rules_in_force(),
+        services: settings.routes.len() + ctx.discovered.len(),
+        fault_rules: ctx.faults.rules_in_force(),
         metrics: telemetry.addresses.metrics,
         health: telemetry.addresses.health,
         ready,
         access_log: running.telemetry.access_log.clone().into(),
         log_filter: logging::current(),
         open_files: OpenFiles::now().map(Into::into),
-        max_connections: limits.max_connections,
-        max_connections_per_pod: limits.max_connections_per_pod,
+        max_connections: settings.limits.max_connections,
+        max_connections_per_pod: settings.limits.max_connections_per_pod,
         kubernetes: ctx
             .kubernetes
             .as_ref()
@@ -270,11 +279,7 @@ fn status(ctx: &AdminContext) -> Status {
 }
 
 fn stats(ctx: &AdminContext) -> Stats {
-    let ebpf = ctx
-        .datapath
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .counters();
+    let ebpf = ctx.programs.counters();
     Stats {
         ebpf: ebpf.into_iter().map(|(k, v)| (k.to_owned(), v)).collect(),
         proxy: ctx
@@ -288,18 +293,12 @@ fn stats(ctx: &AdminContext) -> Stats {
 
 async fn uninstall(ctx: &AdminContext) -> Reply {
     ctx.enrollments.close_all();
-    let pin_dir = ctx
-        .datapath
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .pin_dir
-        .clone();
-    match bpf::uninstall(&pin_dir) {
+    match ctx.programs.uninstall() {
         Ok(removed) => {
             let _ = ctx.commands.send(Command::Uninstall).await;
             json(StatusCode::OK, &Uninstalled { removed })
         }
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
     }
 }
 

@@ -22,9 +22,36 @@ use tokio::{net::TcpListener, task::AbortHandle};
 pub use netns::{Netns, init_host_netns};
 
 use crate::{
-    bpf::{BpfError, Datapath},
-    proxy::{PodContext, Proxy, serve},
+    bpf::Datapath,
+    http2,
+    proxy::{Intercept, Pod},
 };
+
+/// An error from the kernel's side of enrollment.
+pub type KernelError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The kernel's side of enrollment: the network namespaces (by cookie) whose new connections
+/// the programs redirect to their pod's listeners. The loaded programs' `ENROLLED` map in the
+/// daemon; a test gives enrollment a stand-in.
+pub trait EnrolledNamespaces: Send + Sync {
+    fn enroll(&self, netns_cookie: u64) -> Result<(), KernelError>;
+    fn unenroll(&self, netns_cookie: u64) -> Result<(), KernelError>;
+    fn cookies(&self) -> Vec<u64>;
+}
+
+impl EnrolledNamespaces for Mutex<Datapath> {
+    fn enroll(&self, netns_cookie: u64) -> Result<(), KernelError> {
+        Ok(lock(self).enroll(netns_cookie)?)
+    }
+
+    fn unenroll(&self, netns_cookie: u64) -> Result<(), KernelError> {
+        Ok(lock(self).unenroll(netns_cookie)?)
+    }
+
+    fn cookies(&self) -> Vec<u64> {
+        lock(self).enrolled_cookies()
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum EnrollError {
@@ -47,7 +74,7 @@ pub enum EnrollError {
         source: std::io::Error,
     },
     #[error("pod {name:?}: {source}")]
-    Datapath { name: String, source: Box<BpfError> },
+    Kernel { name: String, source: KernelError },
 }
 
 /// Who enrolled a pod, so the daemon that takes it over knows whether it is still wanted.
@@ -81,7 +108,8 @@ pub struct PodSummary {
 }
 
 struct Enrolled {
-    ctx: Arc<PodContext>,
+    name: String,
+    netns_cookie: u64,
     netns: Arc<Netns>,
     origin: Origin,
     /// Handed over by the daemon before this one and not enrolled again here yet.
@@ -99,20 +127,33 @@ impl Drop for Enrolled {
     }
 }
 
+/// Where enrolled pods' connections are sent, and how the data path dials for them.
+pub struct EnrollmentConfig {
+    /// `intercept.listen_port`: the port of each pod's listeners.
+    pub listen_port: u16,
+    /// `intercept.mark`: set on upstream sockets so the programs let them through.
+    pub mark: u32,
+}
+
+/// The enrolled pods: the one owner of their namespaces and listeners.
 pub struct Enrollments {
     pods: Mutex<BTreeMap<String, Enrolled>>,
-    datapath: Arc<Mutex<Datapath>>,
-    proxy: Arc<Proxy>,
-    listen_port: u16,
+    kernel: Arc<dyn EnrolledNamespaces>,
+    intercept: Arc<dyn Intercept>,
+    config: EnrollmentConfig,
 }
 
 impl Enrollments {
-    pub fn new(datapath: Arc<Mutex<Datapath>>, proxy: Arc<Proxy>, listen_port: u16) -> Self {
+    pub fn new(
+        kernel: Arc<dyn EnrolledNamespaces>,
+        intercept: Arc<dyn Intercept>,
+        config: EnrollmentConfig,
+    ) -> Self {
         Self {
             pods: Mutex::default(),
-            datapath,
-            proxy,
-            listen_port,
+            kernel,
+            intercept,
+            config,
         }
     }
 
@@ -134,7 +175,7 @@ impl Enrollments {
         let netns = Netns::open(netns_path).map_err(netns_err)?;
         let netns_cookie = netns.cookie().map_err(netns_err)?;
         if let Some(pod) = pods.get_mut(name).filter(|p| p.unclaimed) {
-            if pod.ctx.netns_cookie == netns_cookie {
+            if pod.netns_cookie == netns_cookie {
                 pod.unclaimed = false;
                 pod.origin = origin;
                 return Ok(summarize(pod));
@@ -145,10 +186,10 @@ impl Enrollments {
         if pods.contains_key(name) {
             return Err(EnrollError::AlreadyEnrolled(name.to_owned()));
         }
-        if let Some(other) = pods.values().find(|p| p.ctx.netns_cookie == netns_cookie) {
+        if let Some(other) = pods.values().find(|p| p.netns_cookie == netns_cookie) {
             return Err(EnrollError::SameNetns {
                 name: name.to_owned(),
-                other: other.ctx.name.clone(),
+                other: other.name.clone(),
             });
         }
         let enrolled = self.start(name, netns, netns_cookie, origin, Vec::new())?;
@@ -231,12 +272,12 @@ impl Enrollments {
                     .iter()
                     .map(|(addr, l)| Ok((*addr, l.as_fd().try_clone_to_owned()?)))
                     .collect::<std::io::Result<Vec<_>>>()
-                    .inspect_err(|e| tracing::warn!(pod = p.ctx.name, "not handed over: {e}"))
+                    .inspect_err(|e| tracing::warn!(pod = p.name, "not handed over: {e}"))
                     .ok()?;
                 Some(HandedPod {
-                    name: p.ctx.name.clone(),
+                    name: p.name.clone(),
                     netns: p.netns.path().to_owned(),
-                    netns_cookie: p.ctx.netns_cookie,
+                    netns_cookie: p.netns_cookie,
                     origin: p.origin,
                     listeners,
                 })
@@ -244,7 +285,9 @@ impl Enrollments {
             .collect()
     }
 
-    /// Opens (or adopts) the listeners and enrolls the cookie, listeners first.
+    /// Opens (or adopts) the listeners, hands them to the data path, and enrolls the
+    /// cookie: listeners first. On an error nothing is left: the listeners close as the
+    /// half-made pod is dropped.
     fn start(
         &self,
         name: &str,
@@ -254,33 +297,22 @@ impl Enrollments {
         mut handed: Vec<(SocketAddr, OwnedFd)>,
     ) -> Result<Enrolled, EnrollError> {
         let netns = Arc::new(netns);
-        let ctx = Arc::new(PodContext::new(
-            name,
-            upstream_connector(netns.clone(), self.proxy.mark),
-            netns_cookie,
-            &self.proxy,
-        ));
         let mut enrolled = Enrolled {
-            ctx: ctx.clone(),
+            name: name.to_owned(),
+            netns_cookie,
             netns: netns.clone(),
             origin,
             unclaimed: false,
             listeners: Vec::new(),
             accept_tasks: Vec::new(),
         };
-        for addr in listener_addrs(self.listen_port) {
+        for addr in listener_addrs(self.config.listen_port) {
             let listener = match handed.iter().position(|(a, _)| *a == addr) {
                 Some(i) => sockets::adopt(handed.swap_remove(i).1, addr),
                 None => sockets::listen_in(&netns, addr),
             };
             match listener {
-                Ok(listener) => {
-                    let listener = Arc::new(listener);
-                    let task =
-                        tokio::spawn(serve(listener.clone(), ctx.clone(), self.proxy.clone()));
-                    enrolled.accept_tasks.push(task.abort_handle());
-                    enrolled.listeners.push((addr, listener));
-                }
+                Ok(listener) => enrolled.listeners.push((addr, Arc::new(listener))),
                 // A pod without IPv6 has no [::1]; its IPv6 connects then simply go direct.
                 Err(e) if addr.is_ipv6() => {
                     tracing::warn!(
@@ -297,11 +329,19 @@ impl Enrollments {
                 }
             }
         }
-        lock(&self.datapath)
+        let listeners: Vec<Arc<TcpListener>> =
+            enrolled.listeners.iter().map(|(_, l)| l.clone()).collect();
+        let pod = Pod {
+            name: name.to_owned(),
+            netns_cookie,
+            connector: upstream_connector(netns, self.config.mark),
+        };
+        enrolled.accept_tasks = self.intercept.clone().serve_pod(pod, &listeners);
+        self.kernel
             .enroll(netns_cookie)
-            .map_err(|source| EnrollError::Datapath {
+            .map_err(|source| EnrollError::Kernel {
                 name: name.to_owned(),
-                source: Box::new(source),
+                source,
             })?;
         Ok(enrolled)
     }
@@ -310,11 +350,11 @@ impl Enrollments {
         let enrolled = pods
             .get(name)
             .ok_or_else(|| EnrollError::NotEnrolled(name.to_owned()))?;
-        lock(&self.datapath)
-            .unenroll(enrolled.ctx.netns_cookie)
-            .map_err(|source| EnrollError::Datapath {
+        self.kernel
+            .unenroll(enrolled.netns_cookie)
+            .map_err(|source| EnrollError::Kernel {
                 name: name.to_owned(),
-                source: Box::new(source),
+                source,
             })?;
         pods.remove(name);
         Ok(())
@@ -329,15 +369,11 @@ impl Enrollments {
 
     /// Forgets kernel-side enrollments no pod here accounts for (left by an earlier daemon).
     pub fn prune_stale(&self) {
-        let known: Vec<u64> = lock(&self.pods)
-            .values()
-            .map(|p| p.ctx.netns_cookie)
-            .collect();
-        let mut datapath = lock(&self.datapath);
-        for cookie in datapath.enrolled_cookies() {
-            if !known.contains(&cookie) {
+        let pods = lock(&self.pods);
+        for cookie in self.kernel.cookies() {
+            if !pods.values().any(|p| p.netns_cookie == cookie) {
                 tracing::info!(netns_cookie = cookie, "removing stale enrollment");
-                if let Err(e) = datapath.unenroll(cookie) {
+                if let Err(e) = self.kernel.unenroll(cookie) {
                     tracing::warn!("removing stale enrollment {cookie}: {e}");
                 }
             }
@@ -357,9 +393,9 @@ impl Enrollments {
 
 fn summarize(p: &Enrolled) -> PodSummary {
     PodSummary {
-        name: p.ctx.name.clone(),
+        name: p.name.clone(),
         netns: p.netns.path().to_owned(),
-        netns_cookie: p.ctx.netns_cookie,
+        netns_cookie: p.netns_cookie,
         listeners: p.listeners.iter().map(|(addr, _)| *addr).collect(),
     }
 }
@@ -375,7 +411,7 @@ fn listener_addrs(port: u16) -> [SocketAddr; 2] {
 
 /// How the data path opens a pod's upstream connections: from inside its namespace, with
 /// `mark` set so the programs let them through.
-fn upstream_connector(netns: Arc<Netns>, mark: u32) -> crate::http2::Connector {
+fn upstream_connector(netns: Arc<Netns>, mark: u32) -> http2::Connector {
     Arc::new(move |addr| {
         let netns = netns.clone();
         Box::pin(async move { sockets::connect_from(&netns, mark, addr).await })
@@ -385,3 +421,6 @@ fn upstream_connector(netns: Arc<Netns>, mark: u32) -> crate::http2::Connector {
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
+
+#[cfg(test)]
+mod tests;

@@ -16,7 +16,10 @@ use std::{collections::HashSet, net::SocketAddr, sync::Arc, time::Duration};
 
 use arc_swap::ArcSwap;
 use shunt_common::ClientKey;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::{
+    net::{TcpListener, TcpStream},
+    task::AbortHandle,
+};
 
 use crate::{
     bpf::{OriginalDstTable, Sockmap},
@@ -25,7 +28,7 @@ use crate::{
     fault::{self, Faults},
     http2,
     net::{canonical, from_raw, to_raw},
-    route::{DiscoveredServices, Route, Routes, ServiceSummary},
+    route::{DiscoveredServices, Route, Routes},
     state::{ConnGuard, ConnTable, Observer, ProxyCounters, StreamLog, Verdict},
     workers::{WorkerId, Workers},
 };
@@ -129,50 +132,68 @@ impl Proxy {
             None => Route::Direct(original_dst),
         }
     }
+}
 
-    /// Every Service, the configuration's first.
-    pub fn service_summaries(&self) -> Vec<ServiceSummary> {
-        let mut services = self.settings.load().routes.summaries();
-        services.extend(self.discovered.summaries());
-        services
+/// How the data path takes a pod's connections. Enrollment, which owns the pod's network
+/// namespace and listeners, hands them over through this and never sees the proxy behind it
+/// (a test gives it a stand-in).
+pub trait Intercept: Send + Sync {
+    /// Accepts the pod's connections on each of `listeners`, one task per listener, until
+    /// the tasks are aborted (on unenroll or shutdown).
+    fn serve_pod(self: Arc<Self>, pod: Pod, listeners: &[Arc<TcpListener>]) -> Vec<AbortHandle>;
+}
+
+/// A pod as enrollment hands it to the data path.
+pub struct Pod {
+    pub name: String,
+    pub netns_cookie: u64,
+    /// Opens the pod's upstream connections: from inside its network namespace, marked so
+    /// the programs let them through.
+    pub connector: http2::Connector,
+}
+
+impl Intercept for Proxy {
+    fn serve_pod(self: Arc<Self>, pod: Pod, listeners: &[Arc<TcpListener>]) -> Vec<AbortHandle> {
+        let pod = Arc::new(PodContext::new(pod, &self));
+        listeners
+            .iter()
+            .map(|listener| {
+                tokio::spawn(serve(listener.clone(), pod.clone(), self.clone())).abort_handle()
+            })
+            .collect()
     }
 }
 
 /// The pod a listener belongs to.
-pub struct PodContext {
-    pub name: String,
+struct PodContext {
+    name: String,
     /// Opens this pod's upstream connections: from inside its network namespace, marked so
     /// the programs let them through (enrollment, which owns the namespace, provides it).
     connector: http2::Connector,
-    pub netns_cookie: u64,
+    netns_cookie: u64,
     /// This pod's upstream HTTP/2 connections, opened from inside its netns: one pool per
     /// worker, so a stream and the upstream connection it uses run on the same thread.
     upstreams: Vec<Arc<http2::Pool>>,
     /// Connections open from this pod, against `limits.max_connections_per_pod`.
-    pub open: OpenCount,
+    open: OpenCount,
 }
 
 impl PodContext {
-    pub fn new(
-        name: &str,
-        connector: http2::Connector,
-        netns_cookie: u64,
-        proxy: &Proxy,
-    ) -> PodContext {
+    fn new(pod: Pod, proxy: &Proxy) -> PodContext {
         let pool_settings = proxy.settings.load().upstream_pool;
         PodContext {
-            name: name.to_owned(),
-            connector: connector.clone(),
-            netns_cookie,
             upstreams: (0..proxy.workers.count())
                 .map(|_| {
                     Arc::new(http2::Pool::new(
-                        connector.clone(),
+                        pod.connector.clone(),
                         pool_settings,
                         proxy.counters.clone(),
                     ))
                 })
                 .collect(),
+            name: pod.name,
+            connector: pod.connector,
+            netns_cookie: pod.netns_cookie,
             open: OpenCount::default(),
         }
     }
@@ -187,7 +208,7 @@ impl PodContext {
 /// live in their own tasks and are unaffected. Never stops on its own: over a limit the
 /// connection is refused and the loop goes on; when `accept()` fails (out of descriptors or
 /// memory) it waits a little and tries again, so it neither spins nor gives up.
-pub async fn serve(listener: Arc<TcpListener>, pod: Arc<PodContext>, proxy: Arc<Proxy>) {
+async fn serve(listener: Arc<TcpListener>, pod: Arc<PodContext>, proxy: Arc<Proxy>) {
     let mut backoff = Backoff::default();
     loop {
         match listener.accept().await {
