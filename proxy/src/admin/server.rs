@@ -347,3 +347,6 @@ fn error(status: StatusCode, message: String) -> Reply {
     *reply.status_mut() = status;
     reply
 }
+
+#[cfg(test)]
+mod tests;
