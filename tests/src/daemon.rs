@@ -3,13 +3,18 @@
 
 use std::{
     ffi::OsStr,
-    fmt::Write as _,
+    net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     process::{Command, Output, Stdio},
     time::Duration,
 };
 
 use anyhow::{Context, bail};
+use serde::de::DeserializeOwned;
+use shunt::{
+    admin::api::{ConnRecord, Stats, Status},
+    config::{AccessLog, Config, Listen, PodConfig},
+};
 
 use crate::{
     fixture,
@@ -19,15 +24,11 @@ use crate::{
 /// What differs between test daemons; everything else is per-sandbox.
 #[derive(Debug, Clone, Default)]
 pub struct Options {
-    /// `open` (default) or `closed`.
-    pub fail_mode: Option<&'static str>,
-    pub exclude_cidrs: Vec<String>,
-    pub exclude_ports: Vec<u16>,
-    /// Lines added to the `intercept:` section, e.g. `"  detect_timeout: 5s\n"`.
-    pub intercept_yaml: String,
-    /// YAML appended at the top level (further sections such as `services:`).
-    pub extra_yaml: String,
-    /// Run in Kubernetes mode (`--kubernetes`); its settings go in `extra_yaml`.
+    /// The daemon's configuration. What each sandbox sets itself is filled in when it is
+    /// written: the cgroup, pin directory, pods, admin socket, telemetry listeners and access
+    /// log (see [`Daemon::config_text`]).
+    pub config: Config,
+    /// Run in Kubernetes mode (`--kubernetes`); its settings go in `config.kubernetes`.
     pub kubernetes: bool,
     /// `SHUNT_LOG` for the daemon; tests default to `debug` (their failures print the log),
     /// benchmarks use `info` as a production node would.
@@ -36,14 +37,12 @@ pub struct Options {
     pub access_log: bool,
     /// Attach to this cgroup instead of the sandbox's.
     pub cgroup: Option<PathBuf>,
-    /// `admin.group`: who besides root may use the admin socket.
-    pub admin_group: Option<String>,
 }
 
 impl Options {
-    /// These options with `yaml` appended at the top level (after any Services).
-    pub fn with_extra_yaml(mut self, yaml: &str) -> Options {
-        self.extra_yaml.push_str(yaml);
+    /// These options with `change` applied to the configuration.
+    pub fn with_config(mut self, change: impl FnOnce(&mut Config)) -> Options {
+        change(&mut self.config);
         self
     }
 }
@@ -88,65 +87,53 @@ impl<'a> Daemon<'a> {
             owns_pins: true,
             generation: 0,
         };
-        std::fs::write(&daemon.config, daemon.render_config(pods, options))
+        std::fs::write(&daemon.config, daemon.config_text(pods, options)?)
             .context("writing the daemon's config")?;
         let mut daemon = daemon;
         daemon.launch()?;
         Ok(daemon)
     }
 
-    fn render_config(&self, pods: &[&Pod], options: &Options) -> String {
-        let mut yaml = String::new();
-        let _ = writeln!(yaml, "intercept:");
+    /// The configuration file `options` make for this daemon enrolling `pods`, as written.
+    pub fn config_text(&self, pods: &[&Pod], options: &Options) -> anyhow::Result<String> {
+        let mut config = options.config.clone();
         let cgroup = options.cgroup.as_deref().unwrap_or(self.sandbox.cgroup());
-        let _ = writeln!(yaml, "  cgroup: {}", cgroup.display());
-        let _ = writeln!(yaml, "  pin_dir: {}", self.pin_dir.display());
-        let _ = writeln!(yaml, "  fail_mode: {}", options.fail_mode.unwrap_or("open"));
-        let _ = writeln!(
-            yaml,
-            "  exclude_cidrs: [{}]",
-            options.exclude_cidrs.join(", ")
-        );
-        let ports: Vec<String> = options.exclude_ports.iter().map(u16::to_string).collect();
-        let _ = writeln!(yaml, "  exclude_ports: [{}]", ports.join(", "));
-        yaml.push_str(&options.intercept_yaml);
-        let _ = writeln!(yaml, "pods:{}", if pods.is_empty() { " []" } else { "" });
-        for pod in pods {
-            let _ = writeln!(
-                yaml,
-                "  - name: {}\n    netns: {}",
-                pod.name,
-                pod.netns_path().display()
-            );
-        }
-        let _ = writeln!(yaml, "admin:\n  socket: {}", self.socket.display());
-        if let Some(group) = &options.admin_group {
-            let _ = writeln!(yaml, "  group: '{group}'");
-        }
+        config.intercept.cgroup = Some(cgroup.to_owned());
+        config.intercept.pin_dir = self.pin_dir.clone();
+        config.pods = pods
+            .iter()
+            .map(|pod| PodConfig {
+                name: pod.name.clone(),
+                netns: pod.netns_path(),
+            })
+            .collect();
+        config.admin.socket = self.socket.clone();
         // Port 0: daemons of tests running side by side never compete for 15020/15021.
-        let access_log = if options.access_log {
-            self.access_log.display().to_string()
+        let any_port = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
+        config.telemetry.metrics = Listen::On(any_port);
+        config.telemetry.health = Listen::On(any_port);
+        config.telemetry.access_log = if options.access_log {
+            AccessLog::File(self.access_log.clone())
         } else {
-            "off".into()
+            AccessLog::Off
         };
-        let _ = writeln!(
-            yaml,
-            "telemetry:\n  metrics: 127.0.0.1:0\n  health: 127.0.0.1:0\n  access_log: {access_log}"
-        );
-        yaml.push_str(&options.extra_yaml);
-        yaml
+        fixture::config_yaml(&config)
     }
 
     /// Replaces the config file (same pins, socket and cgroup), e.g. before `shunt reload`.
     pub fn rewrite_config(&self, pods: &[&Pod], options: &Options) -> anyhow::Result<()> {
-        std::fs::write(&self.config, self.render_config(pods, options))
-            .context("rewriting the config")
+        self.write_config_text(&self.config_text(pods, options)?)
+    }
+
+    /// Replaces the config file with `yaml` as it is: for configurations the daemon must
+    /// refuse, which its types cannot express.
+    pub fn write_config_text(&self, yaml: &str) -> anyhow::Result<()> {
+        std::fs::write(&self.config, yaml).context("rewriting the config")
     }
 
     /// Recently closed connections (`shunt conns --closed -o json`).
-    pub fn closed_conns(&self) -> anyhow::Result<Vec<serde_json::Value>> {
-        let conns = self.ctl_json(&["conns", "--closed"])?;
-        Ok(conns.as_array().cloned().unwrap_or_default())
+    pub fn closed_conns(&self) -> anyhow::Result<Vec<ConnRecord>> {
+        self.ctl_as(&["conns", "--closed"])
     }
 
     /// Starts a second `shunt run` with the same configuration while this one runs: it takes
@@ -184,9 +171,7 @@ impl<'a> Daemon<'a> {
             Duration::from_secs(15),
             || {
                 // This process answering, not one it is taking over from.
-                let answering = self
-                    .ctl_json(&["status"])
-                    .is_ok_and(|status| status["pid"].as_u64() == Some(u64::from(pid)));
+                let answering = self.status().is_ok_and(|status| status.pid == pid);
                 if !answering && !self.sandbox.is_running(pid) {
                     return Err(fixture::give_up("shunt exited during start-up"));
                 }
@@ -270,13 +255,24 @@ impl<'a> Daemon<'a> {
         ctl(&self.socket, args)
     }
 
-    /// Runs the admin CLI with `-o json` and parses the output.
-    pub fn ctl_json(&self, args: &[&str]) -> anyhow::Result<serde_json::Value> {
+    /// Runs the admin CLI with `-o json` and reads the output as the admin API's `T`
+    /// (`shunt::admin::api`); the error shows what was printed if it is not one.
+    pub fn ctl_as<T: DeserializeOwned>(&self, args: &[&str]) -> anyhow::Result<T> {
         let mut all = args.to_vec();
         all.extend(["-o", "json"]);
         let out = self.ctl(&all)?;
-        serde_json::from_str(&out)
-            .with_context(|| format!("`shunt {}` printed {out:?}", args.join(" ")))
+        serde_json::from_str(&out).with_context(|| {
+            format!(
+                "`shunt {}` printed no {}: {out}",
+                args.join(" "),
+                std::any::type_name::<T>()
+            )
+        })
+    }
+
+    /// `shunt status`.
+    pub fn status(&self) -> anyhow::Result<Status> {
+        self.ctl_as(&["status"])
     }
 
     /// Installs the fault rule `yaml` at runtime (`shunt faults set -f`); what the CLI printed.
@@ -288,12 +284,12 @@ impl<'a> Daemon<'a> {
 
     /// Waits (at most `within`) until `shunt conns` lists a connection whose upstream is
     /// connected, and returns the first one listed.
-    pub fn connection_with_upstream(&self, within: Duration) -> anyhow::Result<serde_json::Value> {
+    pub fn connection_with_upstream(&self, within: Duration) -> anyhow::Result<ConnRecord> {
         fixture::eventually("shunt lists the connection", within, || {
-            let conns = self.ctl_json(&["conns"])?;
+            let conns: Vec<ConnRecord> = self.ctl_as(&["conns"])?;
             // Listed once accepted; upstream set once the upstream connection is up too.
-            let first = conns.as_array().and_then(|c| c.first());
-            Ok(first.filter(|c| !c["upstream"].is_null()).cloned())
+            let first = conns.into_iter().next();
+            Ok(first.filter(|c| c.upstream.is_some()))
         })
         .with_context(|| format!("shunt's log:\n{}", self.log_text()))
     }
@@ -304,8 +300,8 @@ impl<'a> Daemon<'a> {
         &self,
         what: &str,
         within: Duration,
-        wanted: impl Fn(&serde_json::Value) -> bool,
-    ) -> anyhow::Result<serde_json::Value> {
+        wanted: impl Fn(&ConnRecord) -> bool,
+    ) -> anyhow::Result<ConnRecord> {
         fixture::eventually(what, within, || {
             Ok(self.closed_conns()?.into_iter().find(&wanted))
         })
@@ -313,20 +309,28 @@ impl<'a> Daemon<'a> {
 
     /// A counter from `shunt stats -o json`, e.g. `("ebpf", "redirected")`.
     pub fn counter(&self, source: &str, name: &str) -> anyhow::Result<u64> {
-        let stats = self.ctl_json(&["stats"])?;
-        stats[source][name]
-            .as_u64()
-            .with_context(|| format!("no counter {source}.{name} in {stats}"))
+        let stats: Stats = self.ctl_as(&["stats"])?;
+        let counters = match source {
+            "ebpf" => &stats.ebpf,
+            "proxy" => &stats.proxy,
+            _ => bail!("no source {source} of counters (ebpf or proxy)"),
+        };
+        counters
+            .get(name)
+            .copied()
+            .with_context(|| format!("no counter {source}.{name} in {stats:?}"))
     }
 
     /// Where the daemon serves `/metrics` (`which` = `metrics`) or `/live` and `/ready`
     /// (`health`), from `shunt status`.
     pub fn telemetry_addr(&self, which: &str) -> anyhow::Result<std::net::SocketAddr> {
-        let status = self.ctl_json(&["status"])?;
-        status[which]
-            .as_str()
-            .and_then(|a| a.parse().ok())
-            .with_context(|| format!("no {which} address in {status}"))
+        let status = self.status()?;
+        let addr = match which {
+            "metrics" => status.metrics,
+            "health" => status.health,
+            _ => bail!("no telemetry listener {which} (metrics or health)"),
+        };
+        addr.with_context(|| format!("no {which} address in {status:?}"))
     }
 
     /// The running daemon's process id.

@@ -2,23 +2,24 @@
 //! is transparently redirected through shunt, which forwards it from inside the client pod.
 
 use std::{
-    net::SocketAddr,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, bail};
+use shunt::admin::api::Verdict;
 
 use crate::{
     daemon::{self, Daemon},
-    grpc, probe,
+    fixture, grpc, probe,
     sandbox::Sandbox,
     telemetry, tls,
 };
 
 const STEPS: usize = 11;
-const GRPC_VIP: &str = "10.96.0.11:50051";
+const GRPC_VIP: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 96, 0, 11)), 50051);
 const GRPC_CALLS: usize = 300;
-const TLS_VIP: &str = "10.96.0.10:443";
+const TLS_VIP: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 96, 0, 10)), 443);
 const TLS_NAME: &str = "greeter.test";
 const BACKEND_PORT: u16 = 8080;
 
@@ -65,19 +66,18 @@ fn show(sandbox: &Sandbox) -> anyhow::Result<()> {
 
     let (cert, key) = tls::self_signed(&sandbox.scratch_dir("tls")?, TLS_NAME)?;
     tls::serve(sandbox, &backend, 8443, &cert, &key)?;
-    let greeters: Vec<String> = grpc::greeters(sandbox, 3, 50051)?
-        .iter()
-        .map(|e| format!("'{e}'"))
-        .collect();
+    let greeters = grpc::greeters(sandbox, 3, 50051)?;
+    let tls_endpoint = SocketAddr::new(backend.ipv4.into(), 8443);
     let options = daemon::Options {
-        extra_yaml: format!(
-            "services:\n  - name: greeter-tls\n    vip: '{TLS_VIP}'\n    endpoints: ['{}:8443']\n  - name: greeter\n    vip: '{GRPC_VIP}'\n    endpoints: [{}]\n",
-            backend.ipv4,
-            greeters.join(", ")
-        ),
         access_log: true,
         ..daemon::Options::default()
-    };
+    }
+    .with_config(|c| {
+        c.services = vec![
+            fixture::service_config("greeter-tls", TLS_VIP, &[tls_endpoint]),
+            fixture::service_config("greeter", GRPC_VIP, &greeters),
+        ];
+    });
     let daemon = Daemon::start(sandbox, &[&client], &options)?;
     step(
         3,
@@ -96,10 +96,10 @@ fn show(sandbox: &Sandbox) -> anyhow::Result<()> {
     let conn = daemon.connection_with_upstream(Duration::from_secs(5))?;
     println!(
         "      shunt accepted it on its in-pod listener: pod={} client={} original destination={} upstream={}",
-        conn["pod"].as_str().unwrap_or("?"),
-        conn["client"].as_str().unwrap_or("?"),
-        conn["original_dst"].as_str().unwrap_or("?"),
-        conn["upstream"].as_str().unwrap_or("?"),
+        conn.pod,
+        conn.client,
+        conn.original_dst,
+        conn.upstream.map_or("?".into(), |u| u.to_string()),
     );
     let seen = held.finish(sandbox)?;
     if let Some(error) = &seen.error {
@@ -126,7 +126,7 @@ fn show(sandbox: &Sandbox) -> anyhow::Result<()> {
             "TLS passthrough: openssl s_client in `client` → Service greeter-tls at {TLS_VIP} (nothing listens there), SNI {TLS_NAME}"
         ),
     );
-    let vip: SocketAddr = TLS_VIP.parse()?;
+    let vip = TLS_VIP;
     let out = tls::connect(sandbox, &client, vip, TLS_NAME, &cert)?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     if !out.status.success() || !stderr.contains("Verification: OK") {
@@ -139,18 +139,18 @@ fn show(sandbox: &Sandbox) -> anyhow::Result<()> {
         .closed_conn(
             "shunt records the connection",
             Duration::from_secs(5),
-            |c| c["verdict"] == "tls",
+            |c| c.verdict == Some(Verdict::Tls),
         )
         .with_context(|| format!("shunt's log:\n{}", daemon.log_text()))?;
     println!(
         "      shunt: verdict={} sni={} alpn={} service={} upstream={} bytes in/out={}/{}",
-        record["verdict"].as_str().unwrap_or("?"),
-        record["sni"].as_str().unwrap_or("-"),
-        record["alpn"],
-        record["service"].as_str().unwrap_or("-"),
-        record["upstream"].as_str().unwrap_or("-"),
-        record["bytes_from_client"],
-        record["bytes_to_client"],
+        record.verdict.map_or("?", Verdict::as_str),
+        record.sni.as_deref().unwrap_or("-"),
+        record.alpn.join(","),
+        record.service.as_deref().unwrap_or("-"),
+        record.upstream.map_or("-".into(), |u| u.to_string()),
+        record.bytes_from_client,
+        record.bytes_to_client,
     );
 
     step(
@@ -159,7 +159,7 @@ fn show(sandbox: &Sandbox) -> anyhow::Result<()> {
             "gRPC: a Python grpcio client in `client` makes {GRPC_CALLS} calls on ONE channel (one TCP connection) to Service greeter at {GRPC_VIP}"
         ),
     );
-    let calls = grpc::call(sandbox, &client, GRPC_VIP.parse()?, GRPC_CALLS)?;
+    let calls = grpc::call(sandbox, &client, GRPC_VIP, GRPC_CALLS)?;
     if calls.ok != GRPC_CALLS {
         bail!(
             "only {} of {GRPC_CALLS} calls succeeded: {calls:?}",
@@ -255,7 +255,7 @@ fn show_faults(
     daemon: &Daemon,
     client: &crate::sandbox::Pod,
 ) -> anyhow::Result<()> {
-    let vip: SocketAddr = GRPC_VIP.parse()?;
+    let vip: SocketAddr = GRPC_VIP;
     daemon.set_faults(
         "name: greeter-slow\nmatch: {service: greeter, path: /helloworld.Greeter/SayHello}\ndelay: {fixed: 500ms, percentage: 100}\n",
     )?;

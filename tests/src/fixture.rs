@@ -1,9 +1,15 @@
-//! What the integration tests share: the Service virtual address they dial, the
-//! configuration of a Service, and one way to wait for a condition.
+//! What the integration tests share: the Service virtual address they dial, the daemon's
+//! configuration built from its own types, and one way to wait for a condition.
 
 use std::{
     net::{Ipv4Addr, SocketAddr},
     time::{Duration, Instant},
+};
+
+use anyhow::Context;
+use shunt::config::{
+    Config, ConfiguredLimits, Limits, ServiceConfig,
+    fault::{FaultMatch, FaultRule},
 };
 
 use crate::{daemon::Options, sandbox::Sandbox};
@@ -17,22 +23,86 @@ pub fn vip(port: u16) -> SocketAddr {
     SocketAddr::new(VIP.into(), port)
 }
 
-/// The `services:` section of a configuration with one Service, `name` at `vip`.
-pub fn service_yaml(name: &str, vip: SocketAddr, endpoints: &[SocketAddr]) -> String {
-    let list: Vec<String> = endpoints.iter().map(|e| format!("'{e}'")).collect();
-    format!(
-        "services:\n  - name: {name}\n    vip: '{vip}'\n    endpoints: [{}]\n",
-        list.join(", ")
-    )
+/// A Service, `name` at `vip` in front of `endpoints`.
+pub fn service_config(name: &str, vip: SocketAddr, endpoints: &[SocketAddr]) -> ServiceConfig {
+    ServiceConfig {
+        name: name.to_owned(),
+        vip,
+        endpoints: endpoints.to_vec(),
+        ..ServiceConfig::default()
+    }
 }
 
 /// Daemon options with one Service, `name` at `vip` in front of `endpoints`, and the
 /// defaults for everything else: most tests need exactly this, and add to it.
 pub fn service(name: &str, vip: SocketAddr, endpoints: &[SocketAddr]) -> Options {
-    Options {
-        extra_yaml: service_yaml(name, vip, endpoints),
-        ..Options::default()
+    Options::default().with_config(|c| c.services = vec![service_config(name, vip, endpoints)])
+}
+
+/// A fault rule `name` for the streams and connections of Service `service`, with no
+/// fault yet: tests add the one they need.
+pub fn fault_rule(name: &str, service: &str) -> FaultRule {
+    FaultRule {
+        name: name.to_owned(),
+        matches: FaultMatch {
+            service: Some(service.to_owned()),
+            ..FaultMatch::default()
+        },
+        delay: None,
+        abort: None,
+        tcp: None,
+        header_control: false,
     }
+}
+
+/// Connection limits as a file sets them: `None` leaves one to be sized to the daemon's
+/// descriptors.
+pub fn limits(max_connections: Option<usize>, max_connections_per_pod: Option<usize>) -> Limits {
+    let defaults = Limits::default();
+    Limits {
+        max_connections: max_connections.unwrap_or(defaults.max_connections),
+        max_connections_per_pod: max_connections_per_pod
+            .unwrap_or(defaults.max_connections_per_pod),
+        configured: ConfiguredLimits {
+            max_connections,
+            max_connections_per_pod,
+        },
+        ..defaults
+    }
+}
+
+/// `config` as a configuration file. Fails unless the file reads back as `config`, so a
+/// field the daemon would read differently from what the test built fails here, naming it.
+pub fn config_yaml(config: &Config) -> anyhow::Result<String> {
+    let mut value = serde_yaml_ng::to_value(config).context("serialising the configuration")?;
+    // `Config` serialises the limits in force, which a file would make configured ones:
+    // only those the test configured are written, so the rest are sized as in production.
+    if let Some(file) = value.as_mapping_mut() {
+        let limits = &config.limits;
+        let mut written = serde_yaml_ng::Mapping::new();
+        let configured = [
+            ("max_connections", limits.configured.max_connections),
+            (
+                "max_connections_per_pod",
+                limits.configured.max_connections_per_pod,
+            ),
+        ];
+        for (name, limit) in configured {
+            if let Some(limit) = limit {
+                written.insert(name.into(), limit.into());
+            }
+        }
+        written.insert("copy_buffer".into(), limits.copy_buffer.into());
+        file.insert("limits".into(), written.into());
+    }
+    let yaml = serde_yaml_ng::to_string(&value).context("writing the configuration")?;
+    let read: Config = serde_yaml_ng::from_str(&yaml)
+        .with_context(|| format!("the configuration does not read back:\n{yaml}"))?;
+    anyhow::ensure!(
+        read == *config,
+        "the configuration reads back as\n{read:#?}\nnot as built:\n{config:#?}\nfrom:\n{yaml}"
+    );
+    Ok(yaml)
 }
 
 /// Polls `check` every 50 ms until it gives `Ok(Some(value))`; a `None` or an error means
@@ -127,8 +197,8 @@ mod tests {
     }
 
     #[test]
-    fn a_service_section_lists_its_endpoints() {
-        let yaml = service_yaml(
+    fn a_configuration_reads_back_as_built() {
+        let mut options = service(
             "greeter",
             vip(50051),
             &[
@@ -136,9 +206,18 @@ mod tests {
                 "[fd00::11]:50051".parse().unwrap(),
             ],
         );
-        assert_eq!(
-            yaml,
-            "services:\n  - name: greeter\n    vip: '10.96.0.10:50051'\n    endpoints: ['10.200.0.11:50051', '[fd00::11]:50051']\n"
-        );
+        let yaml = config_yaml(&options.config).unwrap();
+        assert!(!yaml.contains("max_connections"), "{yaml}");
+        let read = Config::parse(&yaml).unwrap();
+        assert_eq!(read.services, options.config.services);
+        assert_eq!(read.limits.configured, ConfiguredLimits::default());
+
+        options.config.limits = limits(None, Some(100));
+        options.config.intercept.detect_timeout = Duration::from_millis(1500);
+        options.config.intercept.exclude_cidrs = vec!["10.0.0.0/8".parse().unwrap()];
+        let yaml = config_yaml(&options.config).unwrap();
+        let read = Config::parse(&yaml).unwrap();
+        assert_eq!(read, options.config, "{yaml}");
+        assert_eq!(read.limits.configured.max_connections, None, "{yaml}");
     }
 }

@@ -4,7 +4,7 @@
 
 use std::net::SocketAddr;
 
-use anyhow::Context;
+use shunt::admin::api::ServiceSummary;
 use shunt_tests::{
     bench::process::{established_to_port, fd_count, rss_kib},
     daemon::{Daemon, Options},
@@ -24,11 +24,12 @@ const MAX_IDLE: usize = 1;
 /// workers and [`MAX_IDLE`] idle upstream connections.
 fn options(endpoints: &[SocketAddr]) -> Options {
     Options {
-        intercept_yaml: format!("  workers: {WORKERS}\n"),
         // Ten thousand connections' debug lines would only slow the daemon down.
         log: Some("info"),
-        ..fixture::service("greeter", vip(PORT), endpoints)
-            .with_extra_yaml(&format!("http2:\n  upstream_max_idle: {MAX_IDLE}\n"))
+        ..fixture::service("greeter", vip(PORT), endpoints).with_config(|c| {
+            c.intercept.workers = WORKERS;
+            c.http2.upstream_max_idle = MAX_IDLE as u32;
+        })
     }
 }
 
@@ -48,13 +49,11 @@ struct Held {
 
 fn held(daemon: &Daemon) -> anyhow::Result<Held> {
     let pid = daemon.pid()?;
-    let services = daemon.ctl_json(&["services"])?;
+    let services: Vec<ServiceSummary> = daemon.ctl_as(&["services"])?;
     let reported_upstreams = services
-        .as_array()
-        .context("services is a list")?
         .iter()
-        .flat_map(|s| s["endpoints"].as_array().cloned().unwrap_or_default())
-        .map(|e| e["upstreams_open"].as_u64().unwrap_or(0))
+        .flat_map(|s| &s.endpoints)
+        .map(|e| e.upstreams_open)
         .sum();
     Ok(Held {
         descriptors: fd_count(pid),

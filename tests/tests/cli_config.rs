@@ -7,10 +7,10 @@
 use std::{ffi::OsStr, net::SocketAddr, path::Path, time::Duration};
 
 use anyhow::{Context, ensure};
-use serde_json::Value;
+use shunt::admin::api::Status;
 use shunt_tests::{
     daemon::{self, Daemon, Options},
-    probe,
+    fixture, probe,
     sandbox::{Pod, Sandbox},
     telemetry,
 };
@@ -25,9 +25,9 @@ fn redirected(sandbox: &Sandbox, pod: &Pod, to: SocketAddr) -> anyhow::Result<bo
 }
 
 /// [`daemon::shunt`] `ARGS…`, its output parsed as JSON.
-fn shunt_json<S: AsRef<OsStr>>(args: &[S]) -> anyhow::Result<Value> {
+fn shunt_status<S: AsRef<OsStr>>(args: &[S]) -> anyhow::Result<Status> {
     let out = daemon::shunt(args, CLI)?;
-    serde_json::from_str(&out).with_context(|| format!("shunt printed {out:?}"))
+    serde_json::from_str(&out).with_context(|| format!("shunt printed no status: {out}"))
 }
 
 /// Files under a pin directory (programs, links and maps), or none if it has gone.
@@ -67,20 +67,17 @@ fn uninstall_with_a_config_stops_that_daemon_only() -> anyhow::Result<()> {
 
     // Any command given a configuration reaches the daemon it names, before or after the
     // command; an explicit --admin-socket wins over it.
-    let first_pid = u64::from(first.pid()?);
-    let second_pid = u64::from(second.pid()?);
-    let status = shunt_json(&[
+    let first_pid = first.pid()?;
+    let second_pid = second.pid()?;
+    let status = shunt_status(&[
         OsStr::new("status"),
         OsStr::new("--config"),
         first.config.as_os_str(),
         OsStr::new("-o"),
         OsStr::new("json"),
     ])?;
-    ensure!(
-        status["pid"] == first_pid,
-        "status --config FIRST: {status}"
-    );
-    let status = shunt_json(&[
+    ensure!(status.pid == first_pid, "status --config FIRST: {status:?}");
+    let status = shunt_status(&[
         OsStr::new("--config"),
         second.config.as_os_str(),
         OsStr::new("-o"),
@@ -88,10 +85,10 @@ fn uninstall_with_a_config_stops_that_daemon_only() -> anyhow::Result<()> {
         OsStr::new("status"),
     ])?;
     ensure!(
-        status["pid"] == second_pid,
-        "--config SECOND status: {status}"
+        status.pid == second_pid,
+        "--config SECOND status: {status:?}"
     );
-    let status = shunt_json(&[
+    let status = shunt_status(&[
         OsStr::new("--admin-socket"),
         first.socket.as_os_str(),
         OsStr::new("--config"),
@@ -101,8 +98,8 @@ fn uninstall_with_a_config_stops_that_daemon_only() -> anyhow::Result<()> {
         OsStr::new("json"),
     ])?;
     ensure!(
-        status["pid"] == first_pid,
-        "--admin-socket FIRST --config SECOND: the flag must win: {status}"
+        status.pid == first_pid,
+        "--admin-socket FIRST --config SECOND: the flag must win: {status:?}"
     );
 
     let out = daemon::shunt(
@@ -139,8 +136,8 @@ fn uninstall_with_a_config_stops_that_daemon_only() -> anyhow::Result<()> {
         "the first daemon's pins changed: {} of {first_pins} left",
         pins(&first.pin_dir)
     );
-    let status = first.ctl_json(&["status"])?;
-    ensure!(status["pid"] == first_pid, "{status}");
+    let status = first.status()?;
+    ensure!(status.pid == first_pid, "{status:?}");
     for _ in 0..3 {
         ensure!(
             redirected(&first_sandbox, &first_client, first_to)?,
@@ -157,37 +154,32 @@ fn status_and_metrics_show_the_open_file_limits_and_the_limits_sized_to_them() -
     let sandbox = Sandbox::new()?;
     let client = sandbox.add_pod("client")?;
     // The per-pod limit configured, the node's left to be sized.
-    let options = Options {
-        extra_yaml: "limits:\n  max_connections_per_pod: 100\n".into(),
-        ..Options::default()
-    };
+    let options = Options::default().with_config(|c| c.limits = fixture::limits(None, Some(100)));
     let daemon = Daemon::start(&sandbox, &[&client], &options)?;
 
-    let status = shunt_json(&[
+    let status = shunt_status(&[
         OsStr::new("status"),
         OsStr::new("--config"),
         daemon.config.as_os_str(),
         OsStr::new("-o"),
         OsStr::new("json"),
     ])?;
-    let soft = status["open_files"]["soft"]
-        .as_u64()
-        .with_context(|| format!("no soft open-file limit in {status}"))?;
-    let hard = status["open_files"]["hard"]
-        .as_u64()
-        .with_context(|| format!("no hard open-file limit in {status}"))?;
+    let open_files = status
+        .open_files
+        .with_context(|| format!("no open-file limits in {status:?}"))?;
+    let (soft, hard) = (open_files.soft, open_files.hard);
     // Raised at start-up: the soft limit to the hard one at least (root may go further).
     ensure!(soft == hard, "soft {soft} not raised to hard {hard}");
     ensure!(soft > 1024, "open-file limit {soft} not raised");
     // Two descriptors per connection after a reserve of 1024, at most the default.
     let sized = ((soft - 1024) / 2).min(65_536);
     ensure!(
-        status["max_connections"] == sized,
-        "max_connections is not sized to {soft} descriptors ({sized}): {status}"
+        status.max_connections as u64 == sized,
+        "max_connections is not sized to {soft} descriptors ({sized}): {status:?}"
     );
     ensure!(
-        status["max_connections_per_pod"] == 100,
-        "the configured per-pod limit must stay as configured: {status}"
+        status.max_connections_per_pod == 100,
+        "the configured per-pod limit must stay as configured: {status:?}"
     );
 
     let text = daemon::shunt(

@@ -3,12 +3,13 @@
 //! Run as root.
 
 use std::{
-    net::SocketAddr,
+    net::{Ipv4Addr, SocketAddr},
     process::{Command, Stdio},
     time::Duration,
 };
 
 use anyhow::{Context, ensure};
+use shunt::{admin::api::ServiceSummary, config::ServiceConfig};
 use shunt_tests::{
     daemon::{Daemon, Options},
     fixture::{self, vip},
@@ -175,9 +176,7 @@ fn sigterm_lets_calls_in_flight_finish() -> anyhow::Result<()> {
     fixture::until("the call reaches shunt", Duration::from_secs(10), || {
         Ok(daemon.counter("proxy", "h2_streams")? > 0)
     })?;
-    let pid = daemon.ctl_json(&["status"])?["pid"]
-        .as_i64()
-        .unwrap_or_default() as i32;
+    let pid = daemon.status()?.pid as i32;
     let _ = shunt_tests::sys::kill(pid, libc::SIGTERM);
     let calls = slow.finish(&sandbox)?;
     assert_eq!(
@@ -219,13 +218,14 @@ fn dns_discovery_follows_the_records_of_a_real_dns_server() -> anyhow::Result<()
     std::thread::sleep(Duration::from_millis(300));
     ensure!(sandbox.is_running(dnsmasq_pid), "dnsmasq did not start");
 
-    let options = Options {
-        extra_yaml: format!(
-            "discovery:\n  dns_server: '127.0.0.1:{port}'\nservices:\n  - name: greeter\n    vip: '{}'\n    dns: 'greeter.test:{PORT}'\n    refresh: 200ms\n",
-            vip(PORT)
-        ),
-        ..Options::default()
-    };
+    let options = Options::default().with_config(|c| {
+        c.discovery.dns_server = Some(SocketAddr::from((Ipv4Addr::LOCALHOST, port)));
+        c.services = vec![ServiceConfig {
+            dns: Some(format!("greeter.test:{PORT}")),
+            refresh: Duration::from_millis(200),
+            ..fixture::service_config("greeter", vip(PORT), &[])
+        }];
+    });
     let daemon = Daemon::start(&sandbox, &[&client], &options)?;
     let wait_for = |backends: usize| -> anyhow::Result<grpc::Calls> {
         let what = format!("60 calls answered by {backends} backends");
@@ -250,11 +250,11 @@ fn dns_discovery_follows_the_records_of_a_real_dns_server() -> anyhow::Result<()
     let _ = shunt_tests::sys::kill(dnsmasq_pid as i32, libc::SIGHUP);
     let two = wait_for(2)?;
     assert_eq!(two.by_backend.values().sum::<usize>(), 60);
-    let services = daemon.ctl_json(&["services"])?;
+    let services: Vec<ServiceSummary> = daemon.ctl_as(&["services"])?;
     assert_eq!(
-        services[0]["endpoints"].as_array().map(Vec::len),
+        services.first().map(|s| s.endpoints.len()),
         Some(2),
-        "{services}"
+        "{services:?}"
     );
     Ok(())
 }
@@ -296,12 +296,9 @@ fn grpc_streaming_deadlines_and_cancellation_pass_through() -> anyhow::Result<()
 #[test]
 fn local_fast_path_keeps_grpc_calls_balanced_per_stream() -> anyhow::Result<()> {
     let (sandbox, client, endpoints) = client_and_greeters(3, PORT)?;
-    let options = Options {
-        intercept_yaml: "  local_fast_path: true\n".into(),
-        ..service(&endpoints)
-    };
+    let options = service(&endpoints).with_config(|c| c.intercept.local_fast_path = true);
     let daemon = Daemon::start(&sandbox, &[&client], &options)?;
-    assert_eq!(daemon.ctl_json(&["status"])?["local_fast_path"], "on");
+    assert_eq!(daemon.status()?.local_fast_path, "on");
     let calls = grpc::tonic_call(&sandbox, &client, vip(PORT), 3000)?;
     calls.check_even(3000, 3, 0.05)?;
     assert_eq!(daemon.counter("proxy", "verdict_h2")?, 1);

@@ -12,6 +12,7 @@ use std::{
 
 use anyhow::{Context, ensure};
 use serde_json::{Value, json};
+use shunt::admin::api::{ConnRecord, PodSummary, RuleSummary, ServiceSummary};
 use shunt_tests::{
     daemon::{Daemon, Options},
     grpc,
@@ -133,31 +134,27 @@ fn start<'a>(sandbox: &'a Sandbox, api: &MockApi) -> anyhow::Result<Daemon<'a>> 
         &[],
         &Options {
             kubernetes: true,
-            extra_yaml: format!(
-                "kubernetes:\n  node_name: {NODE}\n  kubeconfig: {}\n",
-                kubeconfig.display()
-            ),
             ..Options::default()
-        },
+        }
+        .with_config(|c| {
+            c.kubernetes.node_name = Some(NODE.into());
+            c.kubernetes.kubeconfig = Some(kubeconfig);
+        }),
     )?;
     daemon.eventually("every watch synced", || connected(&daemon))?;
     Ok(daemon)
 }
 
 fn connected(daemon: &Daemon) -> anyhow::Result<bool> {
-    let status = daemon.ctl_json(&["status"])?;
-    ensure!(status["kubernetes"]["node"] == NODE, "{status}");
-    Ok(status["kubernetes"]["connected"] == true)
+    let status = daemon.status()?;
+    let kubernetes = status.kubernetes.as_ref();
+    ensure!(kubernetes.is_some_and(|k| k.node == NODE), "{status:?}");
+    Ok(kubernetes.is_some_and(|k| k.connected))
 }
 
 fn enrolled(daemon: &Daemon) -> anyhow::Result<BTreeSet<String>> {
-    let pods = daemon.ctl_json(&["pods"])?;
-    Ok(pods
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|p| p["name"].as_str().map(str::to_owned))
-        .collect())
+    let pods: Vec<PodSummary> = daemon.ctl_as(&["pods"])?;
+    Ok(pods.into_iter().map(|p| p.name).collect())
 }
 
 fn names(list: &[&str]) -> BTreeSet<String> {
@@ -166,18 +163,15 @@ fn names(list: &[&str]) -> BTreeSet<String> {
 
 /// The endpoints `shunt services` lists for `vip`.
 fn endpoints(daemon: &Daemon, vip: SocketAddr) -> anyhow::Result<BTreeSet<String>> {
-    let services = daemon.ctl_json(&["services"])?;
+    let services: Vec<ServiceSummary> = daemon.ctl_as(&["services"])?;
     let service = services
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|s| s["vip"] == vip.to_string())
-        .with_context(|| format!("no Service at {vip}: {services}"))?;
-    Ok(service["endpoints"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|e| e["addr"].as_str().map(str::to_owned))
+        .iter()
+        .find(|s| s.vip == vip)
+        .with_context(|| format!("no Service at {vip}: {services:?}"))?;
+    Ok(service
+        .endpoints
+        .iter()
+        .map(|e| e.addr.to_string())
         .collect())
 }
 
@@ -365,20 +359,10 @@ fn an_open_connection_sends_its_next_calls_to_the_new_endpoints() -> anyhow::Res
     let calls = grpc::answered_by(&log);
     ensure!(!calls.contains(&"(failed)".to_owned()), "{calls:?}");
     // Still the one connection the client opened at the start.
-    let conns = daemon.ctl_json(&["conns"])?;
-    let to_vip: Vec<&Value> = conns
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|c| c["original_dst"] == vip.to_string())
-        .collect();
-    ensure!(to_vip.len() == 1, "{conns}");
-    ensure!(
-        daemon
-            .ctl_json(&["conns", "--closed"])?
-            .as_array()
-            .is_none_or(|c| c.iter().all(|c| c["original_dst"] != vip.to_string()))
-    );
+    let conns: Vec<ConnRecord> = daemon.ctl_as(&["conns"])?;
+    let to_vip: Vec<&ConnRecord> = conns.iter().filter(|c| c.original_dst == vip).collect();
+    ensure!(to_vip.len() == 1, "{conns:?}");
+    ensure!(daemon.closed_conns()?.iter().all(|c| c.original_dst != vip));
     Ok(())
 }
 
@@ -391,18 +375,8 @@ fn fault(name: &str, spec: Value) -> Value {
 }
 
 fn rule_names(daemon: &Daemon) -> anyhow::Result<Vec<(String, String)>> {
-    let rules = daemon.ctl_json(&["faults", "list"])?;
-    Ok(rules
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|r| {
-            (
-                r["rule"]["name"].as_str().unwrap_or_default().to_owned(),
-                r["source"].as_str().unwrap_or_default().to_owned(),
-            )
-        })
-        .collect())
+    let rules: Vec<RuleSummary> = daemon.ctl_as(&["faults", "list"])?;
+    Ok(rules.into_iter().map(|r| (r.rule.name, r.source)).collect())
 }
 
 #[test]

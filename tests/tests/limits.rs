@@ -34,11 +34,11 @@ const EMPTY_SETTINGS_HEX: &str = "000000040000000000";
 #[test]
 fn slowloris_clients_are_closed_by_the_timeouts_while_grpc_is_served() -> anyhow::Result<()> {
     let (sandbox, client, endpoints) = grpc::client_and_tonic_greeters(1, GRPC_PORT)?;
-    let options = Options {
-        intercept_yaml: "  detect_timeout: 1s\n  idle_timeout: 3s\n".into(),
-        ..fixture::service("greeter", vip(GRPC_PORT), &endpoints)
-            .with_extra_yaml("http2:\n  header_timeout: 2s\n")
-    };
+    let options = fixture::service("greeter", vip(GRPC_PORT), &endpoints).with_config(|c| {
+        c.intercept.detect_timeout = Duration::from_secs(1);
+        c.intercept.idle_timeout = Duration::from_secs(3);
+        c.http2.header_timeout = Duration::from_secs(2);
+    });
     let daemon = Daemon::start(&sandbox, &[&client], &options)?;
     let to = vip(GRPC_PORT).to_string();
     // A valid preface and SETTINGS, then a HEADERS frame announcing 200 bytes of header
@@ -91,10 +91,7 @@ fn a_flood_over_the_limits_is_reset_and_what_is_within_keeps_working() -> anyhow
     let backend = sandbox.add_pod("echo")?;
     let echo = SocketAddr::new(backend.ipv4.into(), ECHO_PORT);
     probe::serve(&sandbox, &backend, echo)?;
-    let options = Options {
-        extra_yaml: "limits:\n  max_connections: 12\n  max_connections_per_pod: 8\n".into(),
-        ..Options::default()
-    };
+    let options = Options::default().with_config(|c| c.limits = fixture::limits(Some(12), Some(8)));
     let daemon = Daemon::start(&sandbox, &[&a, &b], &options)?;
     let go = sandbox.scratch_dir("limits")?.join("go");
     let flood = |pod: &Pod, count: &str| {
@@ -273,8 +270,10 @@ fn h2_probe(sandbox: &Sandbox, pod: &Pod, args: &[&str]) -> anyhow::Result<Value
 #[test]
 fn http2_streams_over_the_limit_and_oversized_headers_are_refused_alone() -> anyhow::Result<()> {
     let (sandbox, client, endpoints) = grpc::client_and_tonic_greeters(1, GRPC_PORT)?;
-    let options = fixture::service("greeter", vip(GRPC_PORT), &endpoints)
-        .with_extra_yaml("http2:\n  max_concurrent_streams: 4\n  max_header_list_size: 2048\n");
+    let options = fixture::service("greeter", vip(GRPC_PORT), &endpoints).with_config(|c| {
+        c.http2.max_concurrent_streams = 4;
+        c.http2.max_header_list_size = 2048;
+    });
     let daemon = Daemon::start(&sandbox, &[&client], &options)?;
     // Ten requests at once on one connection: four are served, six refused.
     let many = h2_probe(&sandbox, &client, &["--streams", "10"])?;

@@ -3,13 +3,25 @@
 //! `/ready`, the runtime log filter, and the CLI without a daemon or without root.
 //! Run as root.
 
-use std::{ffi::OsStr, net::SocketAddr, process::Command, time::Duration};
+use std::{
+    ffi::OsStr,
+    net::{Ipv4Addr, SocketAddr},
+    process::Command,
+    time::Duration,
+};
 
-use anyhow::ensure;
+use anyhow::{Context, ensure};
 use serde_json::Value;
+use shunt::{
+    admin::api::{ConnRecord, EndpointSummary, PodSummary, ServiceSummary, Stats, Verdict},
+    config::{
+        AccessLog, Config, Listen,
+        fault::{AbortFault, DelayFault, FaultRule, GrpcCode, PathMatch, Percentage},
+    },
+};
 use shunt_tests::{
     daemon::{self, Daemon, Options},
-    fixture::eventually,
+    fixture::{self, eventually},
     grpc, probe,
     sandbox::Sandbox,
     telemetry::{self, Scrape},
@@ -28,39 +40,59 @@ fn addr(text: &str) -> SocketAddr {
     text.parse().expect("valid address")
 }
 
-fn array(value: &Value) -> &[Value] {
-    value.as_array().map(Vec::as_slice).unwrap_or_default()
+fn conns(daemon: &Daemon, args: &[&str]) -> anyhow::Result<Vec<ConnRecord>> {
+    daemon.ctl_as(&[&["conns"], args].concat())
 }
 
 #[test]
 fn cli_metrics_and_access_log_match_known_traffic() -> anyhow::Result<()> {
     let (sandbox, client, endpoints) = grpc::client_and_greeters(3, PORT)?;
-    let greeters: Vec<String> = endpoints.iter().map(|e| format!("'{e}'")).collect();
     let payments = sandbox.add_pod("payments")?;
     let (cert, key) = tls::self_signed(&sandbox.scratch_dir("tls")?, "payments.test")?;
     tls::serve(&sandbox, &payments, 8443, &cert, &key)?;
     let silent = sandbox.add_pod("silent")?; // nothing listens there
+    let method = |name: &str, service: &str, method: &str| {
+        let mut rule = fixture::fault_rule(name, service);
+        rule.matches.path = Some(PathMatch::Exact(format!("/helloworld.Greeter/{method}")));
+        rule
+    };
     let options = Options {
         access_log: true,
-        extra_yaml: format!(
-            "services:
-  - {{name: greeter, vip: '{GREETER_VIP}', endpoints: [{}]}}
-  - {{name: payments, vip: '{PAYMENTS_VIP}', endpoints: ['{}:8443']}}
-  - {{name: dead, vip: '{DEAD_VIP}', endpoints: ['{}:{PORT}']}}
-faults:
-  - name: slow-hello
-    match: {{service: greeter, path: /helloworld.Greeter/Slow}}
-    delay: {{fixed: 50ms}}
-  - name: fail-abort
-    match: {{service: greeter, path: /helloworld.Greeter/Fail}}
-    abort: {{grpc_status: UNAVAILABLE}}
-",
-            greeters.join(", "),
-            payments.ipv4,
-            silent.ipv4
-        ),
         ..Options::default()
-    };
+    }
+    .with_config(|c| {
+        c.services = vec![
+            fixture::service_config("greeter", addr(GREETER_VIP), &endpoints),
+            fixture::service_config(
+                "payments",
+                addr(PAYMENTS_VIP),
+                &[SocketAddr::new(payments.ipv4.into(), 8443)],
+            ),
+            fixture::service_config(
+                "dead",
+                addr(DEAD_VIP),
+                &[SocketAddr::new(silent.ipv4.into(), PORT)],
+            ),
+        ];
+        c.faults = vec![
+            FaultRule {
+                delay: Some(DelayFault {
+                    fixed: Duration::from_millis(50),
+                    percentage: Percentage::default(),
+                }),
+                ..method("slow-hello", "greeter", "Slow")
+            },
+            FaultRule {
+                abort: Some(AbortFault {
+                    // UNAVAILABLE
+                    grpc_status: Some(GrpcCode(14)),
+                    http_status: None,
+                    percentage: Percentage::default(),
+                }),
+                ..method("fail-abort", "greeter", "Fail")
+            },
+        ];
+    });
     let daemon = Daemon::start(&sandbox, &[&client], &options)?;
 
     // The traffic: N calls on one channel, one delayed call, two aborted ones, one to a
@@ -110,72 +142,89 @@ faults:
 
     // Everything has ended before anything is counted.
     eventually("every connection ended", Duration::from_secs(10), || {
-        let live = daemon.ctl_json(&["conns"])?;
-        ensure!(array(&live).is_empty(), "still open: {live}");
+        let live = conns(&daemon, &[])?;
+        ensure!(live.is_empty(), "still open: {live:?}");
         Ok(Some(()))
     })?;
 
-    let pods = daemon.ctl_json(&["pods"])?;
-    assert_eq!(array(&pods).len(), 1, "{pods}");
-    assert_eq!(pods[0]["name"], "client");
+    let pods: Vec<PodSummary> = daemon.ctl_as(&["pods"])?;
+    assert_eq!(pods.len(), 1, "{pods:?}");
+    assert_eq!(pods[0].name, "client");
 
-    let closed = daemon.ctl_json(&["conns", "--closed"])?;
-    assert_eq!(array(&closed).len(), h2_connections + M, "{closed}");
-    let tls_conns = daemon.ctl_json(&["conns", "--closed", "--protocol", "tls"])?;
-    assert_eq!(array(&tls_conns).len(), M, "{tls_conns}");
-    for conn in array(&tls_conns) {
-        assert_eq!(conn["verdict"], "tls");
-        assert_eq!(conn["sni"], "payments.test");
-        assert_eq!(conn["service"], "payments");
-        assert_eq!(conn["flags"], serde_json::json!([]), "{conn}");
+    let closed = conns(&daemon, &["--closed"])?;
+    assert_eq!(closed.len(), h2_connections + M, "{closed:?}");
+    let tls_conns = conns(&daemon, &["--closed", "--protocol", "tls"])?;
+    assert_eq!(tls_conns.len(), M, "{tls_conns:?}");
+    for conn in &tls_conns {
+        assert_eq!(conn.verdict, Some(Verdict::Tls));
+        assert_eq!(conn.sni.as_deref(), Some("payments.test"));
+        assert_eq!(conn.service.as_deref(), Some("payments"));
+        assert!(conn.flags.is_empty(), "{conn:?}");
     }
-    let h2 = daemon.ctl_json(&["conns", "--closed", "--protocol", "h2", "--pod", "client"])?;
-    assert_eq!(array(&h2).len(), h2_connections, "{h2}");
-    let none = daemon.ctl_json(&["conns", "--closed", "--pod", "nobody"])?;
-    assert!(array(&none).is_empty(), "{none}");
-    let opaque = daemon.ctl_json(&["conns", "--closed", "--protocol", "opaque"])?;
-    assert!(array(&opaque).is_empty(), "{opaque}");
+    let h2 = conns(
+        &daemon,
+        &["--closed", "--protocol", "h2", "--pod", "client"],
+    )?;
+    assert_eq!(h2.len(), h2_connections, "{h2:?}");
+    let none = conns(&daemon, &["--closed", "--pod", "nobody"])?;
+    assert!(none.is_empty(), "{none:?}");
+    let opaque = conns(&daemon, &["--closed", "--protocol", "opaque"])?;
+    assert!(opaque.is_empty(), "{opaque:?}");
 
-    let services = daemon.ctl_json(&["services"])?;
+    let services: Vec<ServiceSummary> = daemon.ctl_as(&["services"])?;
     let service = |name: &str| {
-        array(&services)
+        services
             .iter()
-            .find(|s| s["name"] == name)
-            .cloned()
-            .unwrap_or(Value::Null)
+            .find(|s| s.name == name)
+            .with_context(|| format!("no Service {name}: {services:?}"))
     };
-    let greeter = service("greeter");
-    let endpoints = array(&greeter["endpoints"]);
-    assert_eq!(endpoints.len(), 3, "{greeter}");
+    let greeter = service("greeter")?;
+    assert_eq!(greeter.endpoints.len(), 3, "{greeter:?}");
     let mut streams = 0;
-    for endpoint in endpoints {
-        assert_eq!(endpoint["in_rotation"], true, "{endpoint}");
-        assert_eq!(endpoint["streams_active"], 0, "{endpoint}");
-        assert_eq!(endpoint["connections_total"], 0, "{endpoint}");
+    for endpoint in &greeter.endpoints {
+        assert!(endpoint.in_rotation, "{endpoint:?}");
+        assert_eq!(endpoint.streams_active, 0, "{endpoint:?}");
+        assert_eq!(endpoint.connections_total, 0, "{endpoint:?}");
         // Round robin: the N calls of one channel take N consecutive turns, 10 each; the
         // other two streams land wherever the rotation is then.
-        let total = endpoint["streams_total"].as_u64().unwrap_or(0);
-        assert!((10..=12).contains(&total), "{greeter}");
+        let total = endpoint.streams_total;
+        assert!((10..=12).contains(&total), "{greeter:?}");
         streams += total;
     }
-    assert_eq!(streams, upstream_streams as u64, "{greeter}");
-    let payments_endpoint = &service("payments")["endpoints"][0];
-    assert_eq!(payments_endpoint["connections_total"], M, "{services}");
-    assert_eq!(payments_endpoint["connections_active"], 0, "{services}");
-    assert!(service("dead")["endpoints"][0]["failed"].as_u64() >= Some(1));
+    assert_eq!(streams, upstream_streams as u64, "{greeter:?}");
+    let first_endpoint = |name: &str| -> anyhow::Result<&EndpointSummary> {
+        service(name)?
+            .endpoints
+            .first()
+            .with_context(|| format!("Service {name} has no endpoint: {services:?}"))
+    };
+    let payments_endpoint = first_endpoint("payments")?;
+    assert_eq!(
+        payments_endpoint.connections_total, M as u64,
+        "{services:?}"
+    );
+    assert_eq!(payments_endpoint.connections_active, 0, "{services:?}");
+    assert!(first_endpoint("dead")?.failed >= 1);
 
-    let stats = daemon.ctl_json(&["stats"])?;
-    let stat = |source: &str, name: &str| stats[source][name].as_u64().unwrap_or(u64::MAX);
-    assert_eq!(stat("proxy", "verdict_tls"), M as u64, "{stats}");
+    let stats: Stats = daemon.ctl_as(&["stats"])?;
+    let stat = |source: &str, name: &str| {
+        let counters = if source == "ebpf" {
+            &stats.ebpf
+        } else {
+            &stats.proxy
+        };
+        counters.get(name).copied().unwrap_or(u64::MAX)
+    };
+    assert_eq!(stat("proxy", "verdict_tls"), M as u64, "{stats:?}");
     assert_eq!(
         stat("proxy", "verdict_h2"),
         h2_connections as u64,
-        "{stats}"
+        "{stats:?}"
     );
     assert_eq!(stat("proxy", "accepted"), (h2_connections + M) as u64);
     // Every one of them went through the kernel programs' redirect.
     assert_eq!(stat("ebpf", "redirected"), (h2_connections + M) as u64);
-    assert!(stat("ebpf", "skip_marked") >= 1, "{stats}");
+    assert!(stat("ebpf", "skip_marked") >= 1, "{stats:?}");
 
     // /metrics: valid for promtool, and the same counts.
     let metrics = daemon.telemetry_addr("metrics")?;
@@ -186,10 +235,7 @@ faults:
     assert_eq!(status, 200);
     assert!(openmetrics.ends_with("# EOF\n"), "{openmetrics}");
     check_metrics(&scrape, upstream_streams, h2_connections, &stat)?;
-    let tls_bytes: u64 = array(&tls_conns)
-        .iter()
-        .map(|c| c["bytes_from_client"].as_u64().unwrap_or(0))
-        .sum();
+    let tls_bytes: u64 = tls_conns.iter().map(|c| c.bytes_from_client).sum();
     assert_eq!(
         scrape.sum(
             "shunt_transferred_bytes_total",
@@ -405,10 +451,18 @@ fn health_log_level_config_and_cli_errors() -> anyhow::Result<()> {
     assert_eq!(telemetry::http_get(health, "/metrics", "*/*")?.0, 404);
 
     // The configuration in force, defaults filled in.
-    let config = daemon.ctl_json(&["config"])?;
-    assert_eq!(config["intercept"]["detect_timeout"], "1s", "{config}");
-    assert_eq!(config["telemetry"]["access_log"], "off", "{config}");
-    assert_eq!(config["telemetry"]["metrics"], "127.0.0.1:0", "{config}");
+    let config: Config = daemon.ctl_as(&["config"])?;
+    assert_eq!(
+        config.intercept.detect_timeout,
+        Duration::from_secs(1),
+        "{config:?}"
+    );
+    assert_eq!(config.telemetry.access_log, AccessLog::Off, "{config:?}");
+    assert_eq!(
+        config.telemetry.metrics,
+        Listen::On(SocketAddr::from((Ipv4Addr::LOCALHOST, 0))),
+        "{config:?}"
+    );
     let yaml = daemon.ctl(&["config"])?;
     assert!(yaml.contains("\ntelemetry:\n"), "{yaml}");
     assert!(yaml.contains("  drain_timeout: 5s\n"), "{yaml}");
@@ -461,8 +515,8 @@ fn health_log_level_config_and_cli_errors() -> anyhow::Result<()> {
     // Stopping: not ready (load balancers move on) while connections drain; still live.
     let held = probe::connect_held(&sandbox, &client, listen, Duration::from_secs(2))?;
     eventually("one connection open", Duration::from_secs(5), || {
-        let live = daemon.ctl_json(&["conns"])?;
-        ensure!(array(&live).len() == 1, "{live}");
+        let live = conns(&daemon, &[])?;
+        ensure!(live.len() == 1, "{live:?}");
         Ok(Some(()))
     })?;
     let _ = shunt_tests::sys::kill(daemon.pid()? as i32, libc::SIGTERM);

@@ -10,6 +10,13 @@ use std::{
 };
 
 use anyhow::{Context, ensure};
+use shunt::{
+    admin::api::{ConnRecord, Reloaded, Verdict},
+    config::{
+        Forwarding, Intercept,
+        fault::{FaultRule, TcpFault},
+    },
+};
 use shunt_tests::{
     daemon::{Daemon, Options},
     fixture::{self, vip},
@@ -18,27 +25,39 @@ use shunt_tests::{
     telemetry, tls,
 };
 
-/// Daemon options with Service `backend` at [`vip`]`(port)` and these `intercept:` lines.
-fn with_service(port: u16, endpoints: &[SocketAddr], intercept_yaml: &str) -> Options {
-    Options {
-        intercept_yaml: intercept_yaml.to_owned(),
-        ..fixture::service("backend", vip(port), endpoints)
+/// Daemon options with Service `backend` at [`vip`]`(port)` and the `intercept:` section
+/// changed by `intercept`.
+fn with_service(
+    port: u16,
+    endpoints: &[SocketAddr],
+    intercept: impl FnOnce(&mut Intercept),
+) -> Options {
+    fixture::service("backend", vip(port), endpoints).with_config(|c| intercept(&mut c.intercept))
+}
+
+/// The `intercept:` section as it comes.
+fn defaults(_: &mut Intercept) {}
+
+/// `intercept.forwarding` set to the mode named `forwarding`.
+fn forwarding_by(forwarding: &str) -> impl Fn(&mut Intercept) + '_ {
+    move |intercept| {
+        intercept.forwarding = [Forwarding::Splice, Forwarding::Copy, Forwarding::Sockmap]
+            .into_iter()
+            .find(|mode| mode.as_str() == forwarding)
+            .expect("a forwarding mode's name");
     }
 }
 
-fn forwarding_yaml(forwarding: &str) -> String {
-    format!("  forwarding: {forwarding}\n")
+/// `intercept.local_fast_path` on, for every test below that turns it on.
+fn local_fast_path(intercept: &mut Intercept) {
+    intercept.local_fast_path = true;
 }
 
 /// Every listed connection was forwarded the way the mode says; in sockmap mode the kernel
 /// redirected bytes, and once the connections are gone no socket is left in its maps.
-fn forwarded_as(
-    daemon: &Daemon,
-    forwarding: &str,
-    conns: &[&serde_json::Value],
-) -> anyhow::Result<()> {
+fn forwarded_as(daemon: &Daemon, forwarding: &str, conns: &[&ConnRecord]) -> anyhow::Result<()> {
     for conn in conns {
-        assert_eq!(conn["forwarding"], forwarding, "{conn}");
+        assert_eq!(conn.forwarding.as_deref(), Some(forwarding), "{conn:?}");
     }
     if forwarding == "sockmap" {
         assert!(daemon.counter("ebpf", "sockmap_redirected")? > 0);
@@ -49,10 +68,7 @@ fn forwarded_as(
             || {
                 let sockets = daemon.counter("ebpf", "sockmap_sockets")?;
                 ensure!(sockets == 0, "{sockets} sockets still in the sockmaps");
-                Ok(daemon
-                    .ctl_json(&["conns"])?
-                    .as_array()
-                    .is_some_and(Vec::is_empty))
+                Ok(daemon.ctl_as::<Vec<ConnRecord>>(&["conns"])?.is_empty())
             },
         )?;
     }
@@ -60,7 +76,7 @@ fn forwarded_as(
 }
 
 /// Waits until shunt lists at least `n` closed connections and returns them.
-fn closed_conns(daemon: &Daemon, n: usize) -> anyhow::Result<Vec<serde_json::Value>> {
+fn closed_conns(daemon: &Daemon, n: usize) -> anyhow::Result<Vec<ConnRecord>> {
     let what = format!("{n} connections closed");
     fixture::eventually(&what, Duration::from_secs(10), || {
         let closed = daemon.closed_conns()?;
@@ -124,16 +140,17 @@ fn endpoints(setup: &Setup, port: u16) -> Vec<SocketAddr> {
 fn tls_passes_through_untouched_and_is_recorded_with_its_sni(
     forwarding: &str,
 ) -> anyhow::Result<()> {
-    tls_passes_through(&forwarding_yaml(forwarding), |daemon, conn| {
+    tls_passes_through(forwarding_by(forwarding), |daemon, conn| {
         forwarded_as(daemon, forwarding, &[conn])
     })
 }
 
-/// TLS through a Service under `intercept_yaml`: the certificate verifies against the name,
-/// and the connection's record has the verdict, SNI and ALPN; `then` checks the rest.
+/// TLS through a Service with the `intercept:` section `intercept` makes: the certificate
+/// verifies against the name, and the connection's record has the verdict, SNI and ALPN;
+/// `then` checks the rest.
 fn tls_passes_through(
-    intercept_yaml: &str,
-    then: impl FnOnce(&Daemon, &serde_json::Value) -> anyhow::Result<()>,
+    intercept: impl FnOnce(&mut Intercept),
+    then: impl FnOnce(&Daemon, &ConnRecord) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
     let sandbox = Sandbox::new()?;
     let client = sandbox.add_pod("client")?;
@@ -144,7 +161,7 @@ fn tls_passes_through(
     let daemon = Daemon::start(
         &sandbox,
         &[&client],
-        &with_service(443, &[endpoint], intercept_yaml),
+        &with_service(443, &[endpoint], intercept),
     )?;
 
     let out = tls::connect(&sandbox, &client, vip(443), "greeter.test", &cert)?;
@@ -155,15 +172,11 @@ fn tls_passes_through(
 
     let closed = closed_conns(&daemon, 1)?;
     let conn = &closed[0];
-    assert_eq!(conn["verdict"], "tls", "{conn}");
-    assert_eq!(conn["sni"], "greeter.test", "{conn}");
-    assert_eq!(
-        conn["alpn"],
-        serde_json::json!(["h2", "http/1.1"]),
-        "{conn}"
-    );
-    assert_eq!(conn["service"], "backend");
-    assert_eq!(conn["upstream"], endpoint.to_string());
+    assert_eq!(conn.verdict, Some(Verdict::Tls), "{conn:?}");
+    assert_eq!(conn.sni.as_deref(), Some("greeter.test"), "{conn:?}");
+    assert_eq!(conn.alpn, ["h2", "http/1.1"], "{conn:?}");
+    assert_eq!(conn.service.as_deref(), Some("backend"));
+    assert_eq!(conn.upstream, Some(endpoint));
     assert_eq!(daemon.counter("proxy", "verdict_tls")?, 1);
     then(&daemon, conn)
 }
@@ -190,11 +203,10 @@ fn a_server_that_speaks_first_is_not_delayed(forwarding: &str) -> anyhow::Result
     let daemon = Daemon::start(
         &sandbox,
         &[&client],
-        &with_service(
-            2525,
-            &[endpoint],
-            &format!("  detect_timeout: 5s\n{}", forwarding_yaml(forwarding)),
-        ),
+        &with_service(2525, &[endpoint], |i| {
+            i.detect_timeout = Duration::from_secs(5);
+            forwarding_by(forwarding)(i);
+        }),
     )?;
 
     let seen = probe::connect_once(&sandbox, &client, vip(2525), &["--expect-banner"])?;
@@ -203,7 +215,7 @@ fn a_server_that_speaks_first_is_not_delayed(forwarding: &str) -> anyhow::Result
     // A correctness bound, not a speed figure: far below the 5 s detection timeout.
     assert!(banner.ms < 1000, "the banner took {} ms", banner.ms);
     let closed = closed_conns(&daemon, 1)?;
-    assert_eq!(closed[0]["verdict"], "server-first");
+    assert_eq!(closed[0].verdict, Some(Verdict::ServerFirst));
     forwarded_as(&daemon, forwarding, &[&closed[0]])
 }
 
@@ -214,11 +226,16 @@ fn a_server_that_speaks_first_is_not_delayed(forwarding: &str) -> anyhow::Result
 fn a_connection_the_kernel_cannot_take_is_spliced() -> anyhow::Result<()> {
     let setup = setup(1, 8080)?;
     let eps = endpoints(&setup, 8080);
-    let mut options = with_service(80, &eps, &forwarding_yaml("sockmap"));
     // The upstream answers late, so the client's FIN is in first.
-    options.extra_yaml.push_str(
-        "faults:\n  - name: late\n    match: {service: backend}\n    tcp: {connect_delay: 300ms}\n",
-    );
+    let late = FaultRule {
+        tcp: Some(TcpFault {
+            connect_delay: Some(Duration::from_millis(300)),
+            reset_percentage: None,
+        }),
+        ..fixture::fault_rule("late", "backend")
+    };
+    let options =
+        with_service(80, &eps, forwarding_by("sockmap")).with_config(|c| c.faults = vec![late]);
     let daemon = Daemon::start(&setup.sandbox, &[&setup.client], &options)?;
     let result = probe_send(
         &setup.sandbox,
@@ -231,10 +248,11 @@ fn a_connection_the_kernel_cannot_take_is_spliced() -> anyhow::Result<()> {
     assert!(reply.contains("echo=hello"), "{result}");
     let conn = &closed_conns(&daemon, 1)?[0];
     assert_eq!(
-        conn["forwarding"], "splice (sockmap: the client had finished sending)",
-        "{conn}"
+        conn.forwarding.as_deref(),
+        Some("splice (sockmap: the client had finished sending)"),
+        "{conn:?}"
     );
-    assert_eq!(conn["bytes_from_client"], 6, "{conn}");
+    assert_eq!(conn.bytes_from_client, 6, "{conn:?}");
     assert_eq!(daemon.counter("proxy", "sockmap_fallbacks")?, 1);
     assert_eq!(daemon.counter("proxy", "sockmap_forwarded")?, 0);
     assert_eq!(daemon.counter("ebpf", "sockmap_sockets")?, 0);
@@ -248,7 +266,7 @@ fn a_silent_client_is_held_at_most_the_detection_timeout() -> anyhow::Result<()>
     let daemon = Daemon::start(
         &setup.sandbox,
         &[&setup.client],
-        &with_service(80, &eps, "  detect_timeout: 300ms\n"),
+        &with_service(80, &eps, |i| i.detect_timeout = Duration::from_millis(300)),
     )?;
     let seen = probe::connect_once(
         &setup.sandbox,
@@ -258,7 +276,7 @@ fn a_silent_client_is_held_at_most_the_detection_timeout() -> anyhow::Result<()>
     )?;
     assert_eq!(seen.echo.as_deref(), Some("hello"));
     let conn = &closed_conns(&daemon, 1)?[0];
-    assert_eq!(conn["verdict"], "timeout", "{conn}");
+    assert_eq!(conn.verdict, Some(Verdict::Timeout), "{conn:?}");
     Ok(())
 }
 
@@ -274,7 +292,7 @@ fn iperf3_through_a_service_moves_every_byte(forwarding: &str) -> anyhow::Result
     let daemon = Daemon::start(
         &sandbox,
         &[&client],
-        &with_service(5201, &[endpoint], &forwarding_yaml(forwarding)),
+        &with_service(5201, &[endpoint], forwarding_by(forwarding)),
     )?;
 
     let mut iperf = Command::new("iperf3");
@@ -302,7 +320,7 @@ fn iperf3_through_a_service_moves_every_byte(forwarding: &str) -> anyhow::Result
     let closed = closed_conns(&daemon, 2)?;
     let data = closed
         .iter()
-        .filter_map(|c| c["bytes_from_client"].as_u64())
+        .map(|c| c.bytes_from_client)
         .max()
         .context("no data connection")?;
     assert!(
@@ -322,7 +340,7 @@ fn half_close_keeps_the_response_flowing(forwarding: &str) -> anyhow::Result<()>
     let daemon = Daemon::start(
         &setup.sandbox,
         &[&setup.client],
-        &with_service(80, &eps, &forwarding_yaml(forwarding)),
+        &with_service(80, &eps, forwarding_by(forwarding)),
     )?;
     // The client sends 4 MiB, shuts down its write side, and reads the echo to the end.
     let seen = probe::connect_once(
@@ -336,9 +354,9 @@ fn half_close_keeps_the_response_flowing(forwarding: &str) -> anyhow::Result<()>
     let conn = &closed[0];
     // The line, then the payload, each way.
     let expected = 4_194_304 + "hello\n".len() as u64;
-    assert_eq!(conn["bytes_from_client"], expected, "{conn}");
-    assert!(conn["bytes_to_client"].as_u64() > Some(4_194_304), "{conn}");
-    assert_eq!(conn["close_reason"], "eof", "{conn}");
+    assert_eq!(conn.bytes_from_client, expected, "{conn:?}");
+    assert!(conn.bytes_to_client > 4_194_304, "{conn:?}");
+    assert_eq!(conn.close_reason.as_deref(), Some("eof"), "{conn:?}");
     forwarded_as(&daemon, forwarding, &[conn])
 }
 
@@ -381,12 +399,12 @@ print(sent)
 /// control reaches the client through shunt, whatever moves the bytes. (The kernel queues
 /// redirected skbs for a slow destination without limit; shunt pauses such a source.)
 fn a_slow_reader_holds_the_writer_back(forwarding: &str) -> anyhow::Result<()> {
-    slow_reader(&forwarding_yaml(forwarding), forwarding)
+    slow_reader(forwarding_by(forwarding), forwarding)
 }
 
-/// [`a_slow_reader_holds_the_writer_back`] with these `intercept:` lines; the connection is
-/// listed with `forwarding`.
-fn slow_reader(intercept_yaml: &str, forwarding: &str) -> anyhow::Result<()> {
+/// [`a_slow_reader_holds_the_writer_back`] with the `intercept:` section `intercept` makes;
+/// the connection is listed with `forwarding`.
+fn slow_reader(intercept: impl FnOnce(&mut Intercept), forwarding: &str) -> anyhow::Result<()> {
     let sandbox = Sandbox::new()?;
     let client = sandbox.add_pod("client")?;
     let backend = sandbox.add_pod("backend")?;
@@ -397,10 +415,7 @@ fn slow_reader(intercept_yaml: &str, forwarding: &str) -> anyhow::Result<()> {
         .arg(&read_file);
     let pid = sandbox.spawn_in_pod(&backend, server)?;
     probe::wait_listening(&sandbox, &backend, 9000, pid)?;
-    let options = Options {
-        intercept_yaml: intercept_yaml.to_owned(),
-        ..Options::default()
-    };
+    let options = Options::default().with_config(|c| intercept(&mut c.intercept));
     let daemon = Daemon::start(&sandbox, &[&client], &options)?;
     let mut writer = Command::new("python3");
     writer.args(["-c", FAST_WRITER, &backend.ipv4.to_string()]);
@@ -423,24 +438,27 @@ fn slow_reader(intercept_yaml: &str, forwarding: &str) -> anyhow::Result<()> {
         in_flight < 256 << 20,
         "{in_flight} bytes in flight: the client wrote {sent}, the server read {read}"
     );
-    let conns = daemon.ctl_json(&["conns"])?;
-    let conns: Vec<_> = conns
-        .as_array()
-        .map(|a| a.iter().collect())
-        .unwrap_or_default();
+    let conns: Vec<ConnRecord> = daemon.ctl_as(&["conns"])?;
     ensure!(conns.len() == 1, "{conns:?}");
-    assert_eq!(conns[0]["forwarding"], forwarding, "{}", conns[0]);
+    assert_eq!(
+        conns[0].forwarding.as_deref(),
+        Some(forwarding),
+        "{:?}",
+        conns[0]
+    );
     Ok(())
 }
 
 fn idle_connections_are_closed(forwarding: &str) -> anyhow::Result<()> {
     let setup = setup(1, 8080)?;
     let eps = endpoints(&setup, 8080);
-    let intercept = format!("{}  idle_timeout: 300ms\n", forwarding_yaml(forwarding));
     let daemon = Daemon::start(
         &setup.sandbox,
         &[&setup.client],
-        &with_service(80, &eps, &intercept),
+        &with_service(80, &eps, |i| {
+            forwarding_by(forwarding)(i);
+            i.idle_timeout = Duration::from_millis(300);
+        }),
     )?;
     // An exchange, then silence: shunt ends the connection, which the client sees as EOF.
     let seen = probe::connect_once(
@@ -453,8 +471,12 @@ fn idle_connections_are_closed(forwarding: &str) -> anyhow::Result<()> {
     assert_eq!(seen.end.as_deref(), Some("eof"), "{seen:?}");
     let closed = closed_conns(&daemon, 1)?;
     let conn = &closed[0];
-    assert_eq!(conn["close_reason"], "idle-timeout", "{conn}");
-    let lived = conn["duration_ms"].as_u64().context("no duration")?;
+    assert_eq!(
+        conn.close_reason.as_deref(),
+        Some("idle-timeout"),
+        "{conn:?}"
+    );
+    let lived = conn.duration_ms;
     assert!(lived >= 300, "closed after {lived} ms");
     assert_eq!(daemon.counter("proxy", "idle_timeouts")?, 1);
     forwarded_as(&daemon, forwarding, &[conn])
@@ -489,10 +511,7 @@ fn resets_are_passed_on_in_both_directions(forwarding: &str) -> anyhow::Result<(
     ]);
     let pid = sandbox.spawn_in_pod(&backend, resetting)?;
     probe::wait_listening(&sandbox, &backend, 8081, pid)?;
-    let options = Options {
-        intercept_yaml: forwarding_yaml(forwarding),
-        ..Options::default()
-    };
+    let options = Options::default().with_config(|c| forwarding_by(forwarding)(&mut c.intercept));
     let daemon = Daemon::start(&sandbox, &[&client], &options)?;
 
     // Client resets → the server sees a reset, not a FIN.
@@ -519,7 +538,7 @@ fn resets_are_passed_on_in_both_directions(forwarding: &str) -> anyhow::Result<(
     let closed = closed_conns(&daemon, 2)?;
     let reasons: Vec<&str> = closed
         .iter()
-        .filter_map(|c| c["close_reason"].as_str())
+        .filter_map(|c| c.close_reason.as_deref())
         .collect();
     assert!(
         reasons.contains(&"client-reset") && reasons.contains(&"upstream-reset"),
@@ -529,7 +548,7 @@ fn resets_are_passed_on_in_both_directions(forwarding: &str) -> anyhow::Result<(
     // may reset before the upstream socket could join, so that one may have been spliced.
     let client_reset: Vec<_> = closed
         .iter()
-        .filter(|c| c["close_reason"] == "client-reset")
+        .filter(|c| c.close_reason.as_deref() == Some("client-reset"))
         .collect();
     forwarded_as(&daemon, forwarding, &client_reset)
 }
@@ -541,10 +560,10 @@ fn opaque_ports_are_never_sniffed() -> anyhow::Result<()> {
     let daemon = Daemon::start(
         &setup.sandbox,
         &[&setup.client],
-        &with_service(6379, &eps, ""),
+        &with_service(6379, &eps, defaults),
     )?;
     probe::connect_once(&setup.sandbox, &setup.client, vip(6379), &[])?;
-    assert_eq!(closed_conns(&daemon, 1)?[0]["verdict"], "skipped");
+    assert_eq!(closed_conns(&daemon, 1)?[0].verdict, Some(Verdict::Skipped));
     assert_eq!(daemon.counter("proxy", "verdict_skipped")?, 1);
     Ok(())
 }
@@ -555,7 +574,7 @@ fn connections_are_spread_round_robin_and_fail_over(forwarding: &str) -> anyhow:
     let daemon = Daemon::start(
         &setup.sandbox,
         &[&setup.client],
-        &with_service(80, &eps, &forwarding_yaml(forwarding)),
+        &with_service(80, &eps, forwarding_by(forwarding)),
     )?;
 
     let per_backend = |seen: &[Seen]| -> HashMap<String, usize> {
@@ -598,11 +617,13 @@ fn connections_are_spread_round_robin_and_fail_over(forwarding: &str) -> anyhow:
 fn bad_input_is_handled_without_harming_others(forwarding: &str) -> anyhow::Result<()> {
     let setup = setup(1, 8080)?;
     let eps = endpoints(&setup, 8080);
-    let intercept = format!("  detect_timeout: 500ms\n{}", forwarding_yaml(forwarding));
     let daemon = Daemon::start(
         &setup.sandbox,
         &[&setup.client],
-        &with_service(80, &eps, &intercept),
+        &with_service(80, &eps, |i| {
+            i.detect_timeout = Duration::from_millis(500);
+            forwarding_by(forwarding)(i);
+        }),
     )?;
     let (sandbox, client) = (&setup.sandbox, &setup.client);
 
@@ -611,22 +632,22 @@ fn bad_input_is_handled_without_harming_others(forwarding: &str) -> anyhow::Resu
 
     let preface_cut = hex(b"PRI * HTTP/2.0\r\n");
     let hello_cut = "160301020001000200fc0303"; // record says 512 bytes; 7 arrive
-    let cases: [(&str, Vec<&str>, &str); 4] = [
-        ("random bytes", vec!["--random", "4096"], "opaque"),
+    let cases: [(&str, Vec<&str>, Verdict); 4] = [
+        ("random bytes", vec!["--random", "4096"], Verdict::Opaque),
         (
             "truncated HTTP/2 preface",
             vec!["--hex", &preface_cut, "--hold-ms", "1000"],
-            "timeout",
+            Verdict::Timeout,
         ),
         (
             "ClientHello cut in the middle",
             vec!["--hex", hello_cut, "--hold-ms", "1000"],
-            "timeout",
+            Verdict::Timeout,
         ),
         (
             "one byte per second",
             vec!["--hex", "160301", "--trickle-ms", "1000"],
-            "timeout",
+            Verdict::Timeout,
         ),
     ];
     for (what, args, verdict) in &cases {
@@ -638,9 +659,9 @@ fn bad_input_is_handled_without_harming_others(forwarding: &str) -> anyhow::Resu
         let conn = daemon.closed_conn(
             &format!("{what}: the connection closed in shunt"),
             Duration::from_secs(10),
-            |c| c["client"] == result["local"],
+            |c| result["local"].as_str() == Some(c.client.to_string().as_str()),
         )?;
-        assert_eq!(conn["verdict"], *verdict, "{what}: {conn}");
+        assert_eq!(conn.verdict, Some(*verdict), "{what}: {conn:?}");
     }
     let seen = healthy.finish(sandbox)?;
     seen.ok()?;
@@ -655,15 +676,15 @@ fn bad_input_is_handled_without_harming_others(forwarding: &str) -> anyhow::Resu
     let closed = closed_conns(&daemon, 5)?;
     let held: Vec<_> = closed
         .iter()
-        .filter(|c| c["verdict"] == "opaque" && c["bytes_from_client"] == 6)
+        .filter(|c| c.verdict == Some(Verdict::Opaque) && c.bytes_from_client == 6)
         .collect();
     ensure!(held.len() == 1, "the held connection: {closed:?}");
     if forwarding == "sockmap" {
         for conn in &closed {
-            let how = conn["forwarding"].as_str().unwrap_or_default();
+            let how = conn.forwarding.as_deref().unwrap_or_default();
             assert!(
                 how == "sockmap" || how.starts_with("splice (sockmap: "),
-                "{conn}"
+                "{conn:?}"
             );
         }
     }
@@ -675,7 +696,11 @@ fn reload_swaps_services_and_refuses_a_bad_config() -> anyhow::Result<()> {
     let setup = setup(2, 8080)?;
     let eps = endpoints(&setup, 8080);
     let pods = [&setup.client];
-    let daemon = Daemon::start(&setup.sandbox, &pods, &with_service(80, &eps[..1], ""))?;
+    let daemon = Daemon::start(
+        &setup.sandbox,
+        &pods,
+        &with_service(80, &eps[..1], defaults),
+    )?;
     let server_of = |_: &Daemon| -> anyhow::Result<String> {
         let seen = probe::connect_once(&setup.sandbox, &setup.client, vip(80), &[])?;
         Ok(seen.server.unwrap_or_default())
@@ -683,9 +708,12 @@ fn reload_swaps_services_and_refuses_a_bad_config() -> anyhow::Result<()> {
     assert_eq!(server_of(&daemon)?, "backend0");
 
     // A bad config is refused whole, with the field named; traffic keeps the old one.
-    let mut bad = with_service(80, &eps[1..], "");
-    bad.extra_yaml = bad.extra_yaml.replace(&eps[1].to_string(), "10.0.0.1");
-    daemon.rewrite_config(&pods, &bad)?;
+    // An endpoint without a port, which no `SocketAddr` holds: written as text.
+    let bad = daemon
+        .config_text(&pods, &with_service(80, &eps[1..], defaults))?
+        .replace(&eps[1].to_string(), "10.0.0.1");
+    ensure!(!bad.contains(&eps[1].to_string()), "{bad}");
+    daemon.write_config_text(&bad)?;
     let error = daemon
         .ctl(&["reload"])
         .expect_err("a bad config was accepted")
@@ -694,31 +722,25 @@ fn reload_swaps_services_and_refuses_a_bad_config() -> anyhow::Result<()> {
     assert_eq!(server_of(&daemon)?, "backend0");
 
     // A good one changes where new connections go.
-    daemon.rewrite_config(&pods, &with_service(80, &eps[1..], ""))?;
-    let reloaded = daemon.ctl_json(&["reload"])?;
-    assert_eq!(
-        reloaded["restart_needed"],
-        serde_json::json!([]),
-        "{reloaded}"
-    );
+    daemon.rewrite_config(&pods, &with_service(80, &eps[1..], defaults))?;
+    let reloaded: Reloaded = daemon.ctl_as(&["reload"])?;
+    assert!(reloaded.restart_needed.is_empty(), "{reloaded:?}");
     assert_eq!(server_of(&daemon)?, "backend1");
 
     // Fields only a restart applies are applied to nothing, and said so.
-    let mut restart_only = with_service(80, &eps[1..], "");
-    restart_only.exclude_ports = vec![2222];
+    let restart_only = with_service(80, &eps[1..], |i| i.exclude_ports = vec![2222]);
     daemon.rewrite_config(&pods, &restart_only)?;
-    let reloaded = daemon.ctl_json(&["reload"])?;
+    let reloaded: Reloaded = daemon.ctl_as(&["reload"])?;
     assert_eq!(
-        reloaded["restart_needed"],
-        serde_json::json!(["intercept.exclude_ports"]),
-        "{reloaded}"
+        reloaded.restart_needed,
+        ["intercept.exclude_ports"],
+        "{reloaded:?}"
     );
     assert_eq!(server_of(&daemon)?, "backend1");
 
     // SIGHUP does the same.
-    daemon.rewrite_config(&pods, &with_service(80, &eps[..1], ""))?;
-    let status = daemon.ctl_json(&["status"])?;
-    let pid = status["pid"].as_i64().context("no pid")? as i32;
+    daemon.rewrite_config(&pods, &with_service(80, &eps[..1], defaults))?;
+    let pid = daemon.status()?.pid as i32;
     let _ = shunt_tests::sys::kill(pid, libc::SIGHUP);
     fixture::until("SIGHUP reloads", Duration::from_secs(5), || {
         Ok(server_of(&daemon)? == "backend0")
@@ -765,16 +787,13 @@ per_forwarding_mode!(
     connections_are_spread_round_robin_and_fail_over,
 );
 
-/// `intercept.local_fast_path` for every test below that turns it on.
-const LOCAL_FAST_PATH: &str = "  local_fast_path: true\n";
-
 /// Waits until shunt reports `n` sockets on the local fast path.
 fn fast_path_sockets_become(daemon: &Daemon, n: u64) -> anyhow::Result<()> {
     let what = format!("{n} sockets on the local fast path");
     fixture::until(&what, Duration::from_secs(10), || {
-        let status = daemon.ctl_json(&["status"])?;
-        let sockets = status["local_fast_path_sockets"].as_u64();
-        ensure!(sockets == Some(n), "{sockets:?}: {status}");
+        let status = daemon.status()?;
+        let sockets = status.local_fast_path_sockets;
+        ensure!(sockets == n, "{sockets}: {status:?}");
         Ok(true)
     })?;
     // The metric reads the same map.
@@ -792,9 +811,9 @@ fn local_fast_path_carries_an_opaque_connection() -> anyhow::Result<()> {
     let daemon = Daemon::start(
         &setup.sandbox,
         &[&setup.client],
-        &with_service(80, &eps, LOCAL_FAST_PATH),
+        &with_service(80, &eps, local_fast_path),
     )?;
-    assert_eq!(daemon.ctl_json(&["status"])?["local_fast_path"], "on");
+    assert_eq!(daemon.status()?.local_fast_path, "on");
     fast_path_sockets_become(&daemon, 0)?;
 
     let held = probe::connect_held(
@@ -812,8 +831,9 @@ fn local_fast_path_carries_an_opaque_connection() -> anyhow::Result<()> {
     let closed = closed_conns(&daemon, 1)?;
     // splice reads only the TCP receive queue, not what the fast path queued.
     assert_eq!(
-        closed[0]["forwarding"], "copy (local fast path; splice)",
-        "{}",
+        closed[0].forwarding.as_deref(),
+        Some("copy (local fast path; splice)"),
+        "{:?}",
         closed[0]
     );
     assert!(daemon.counter("ebpf", "local_fast_path_joined")? >= 2);
@@ -836,7 +856,7 @@ fn local_fast_path_carries_an_opaque_connection() -> anyhow::Result<()> {
 
 #[test]
 fn local_fast_path_passes_tls_through() -> anyhow::Result<()> {
-    tls_passes_through(LOCAL_FAST_PATH, |daemon, _| {
+    tls_passes_through(local_fast_path, |daemon, _| {
         assert!(daemon.counter("ebpf", "local_fast_path_redirected")? > 0);
         fast_path_sockets_become(daemon, 0)
     })
@@ -850,9 +870,9 @@ fn local_fast_path_is_off_by_default() -> anyhow::Result<()> {
     let daemon = Daemon::start(
         &setup.sandbox,
         &[&setup.client],
-        &with_service(80, &eps, ""),
+        &with_service(80, &eps, defaults),
     )?;
-    assert_eq!(daemon.ctl_json(&["status"])?["local_fast_path"], "off");
+    assert_eq!(daemon.status()?.local_fast_path, "off");
     let held = probe::connect_held(
         &setup.sandbox,
         &setup.client,
@@ -880,7 +900,7 @@ fn local_fast_path_carries_a_large_payload() -> anyhow::Result<()> {
     let daemon = Daemon::start(
         &setup.sandbox,
         &[&setup.client],
-        &with_service(80, &eps, LOCAL_FAST_PATH),
+        &with_service(80, &eps, local_fast_path),
     )?;
     let seen = probe::connect_once(
         &setup.sandbox,
@@ -890,11 +910,16 @@ fn local_fast_path_carries_a_large_payload() -> anyhow::Result<()> {
     )?;
     assert_eq!(seen.payload_echoed, Some(true), "{seen:?}");
     let closed = closed_conns(&daemon, 1)?;
-    assert_eq!(closed[0]["close_reason"], "eof", "{}", closed[0]);
     assert_eq!(
-        closed[0]["bytes_from_client"],
+        closed[0].close_reason.as_deref(),
+        Some("eof"),
+        "{:?}",
+        closed[0]
+    );
+    assert_eq!(
+        closed[0].bytes_from_client,
         16_777_216 + "hello\n".len() as u64,
-        "{}",
+        "{:?}",
         closed[0]
     );
     assert!(daemon.counter("ebpf", "local_fast_path_redirected")? > 0);
@@ -909,5 +934,5 @@ fn local_fast_path_carries_a_large_payload() -> anyhow::Result<()> {
 #[test]
 #[ignore = "the kernel's sk_msg ingress redirect has no flow control: the writer gets ENOMEM"]
 fn local_fast_path_a_slow_reader_holds_the_writer_back() -> anyhow::Result<()> {
-    slow_reader(LOCAL_FAST_PATH, "copy (local fast path; splice)")
+    slow_reader(local_fast_path, "copy (local fast path; splice)")
 }

@@ -9,6 +9,8 @@ use std::{
 };
 
 use anyhow::{Context, ensure};
+use ipnet::IpNet;
+use shunt::{admin::api::PodSummary, config::FailMode};
 use shunt_tests::{
     daemon::{Daemon, Options},
     fixture, probe,
@@ -89,9 +91,9 @@ fn enrolled_pod_is_redirected_and_keeps_its_view_of_the_connection() -> anyhow::
     let seen = held.finish(&sandbox)?;
     seen.ok()?;
 
-    assert_eq!(conn["pod"], "client");
-    assert_eq!(conn["original_dst"], v4(&backend, PORT).to_string());
-    assert_eq!(conn["upstream"], v4(&backend, PORT).to_string());
+    assert_eq!(conn.pod, "client");
+    assert_eq!(conn.original_dst, v4(&backend, PORT));
+    assert_eq!(conn.upstream, Some(v4(&backend, PORT)));
     assert!(
         seen.was_redirected(),
         "the client's socket was not connected to shunt: {seen:?}"
@@ -313,10 +315,7 @@ fn fail_closed_refuses_while_down() -> anyhow::Result<()> {
     let client = sandbox.add_pod("client")?;
     let backend = sandbox.add_pod("backend")?;
     probe::serve(&sandbox, &backend, v4(&backend, PORT))?;
-    let options = Options {
-        fail_mode: Some("closed"),
-        ..Options::default()
-    };
+    let options = Options::default().with_config(|c| c.intercept.fail_mode = FailMode::Closed);
     let mut daemon = Daemon::start(&sandbox, &[&client], &options)?;
     assert!(probe::connect_once(&sandbox, &client, v4(&backend, PORT), &[])?.was_redirected());
 
@@ -341,10 +340,7 @@ fn uninstall_leaves_no_program_link_or_pin() -> anyhow::Result<()> {
 /// With the local fast path on, its `sk_msg` program is pinned too, and goes as well.
 #[test]
 fn uninstall_with_the_local_fast_path_leaves_nothing() -> anyhow::Result<()> {
-    let options = Options {
-        intercept_yaml: "  local_fast_path: true\n".into(),
-        ..Options::default()
-    };
+    let options = Options::default().with_config(|c| c.intercept.local_fast_path = true);
     uninstall_removes_everything(&options, 1)
 }
 
@@ -435,11 +431,10 @@ fn excluded_cidrs_and_ports_go_direct() -> anyhow::Result<()> {
     probe::serve(&sandbox, &excluded, v4(&excluded, PORT))?;
     probe::serve(&sandbox, &backend, v4(&backend, PORT))?;
     probe::serve(&sandbox, &backend, v4(&backend, 9090))?;
-    let options = Options {
-        exclude_cidrs: vec![format!("{}/32", excluded.ipv4)],
-        exclude_ports: vec![9090],
-        ..Options::default()
-    };
+    let options = Options::default().with_config(|c| {
+        c.intercept.exclude_cidrs = vec![IpNet::from(IpAddr::from(excluded.ipv4))];
+        c.intercept.exclude_ports = vec![9090];
+    });
     let daemon = Daemon::start(&sandbox, &[&client], &options)?;
 
     assert!(!probe::connect_once(&sandbox, &client, v4(&excluded, PORT), &[])?.was_redirected());
@@ -459,10 +454,7 @@ fn a_connection_redirected_by_iptables_is_proxied_to_its_original_destination() 
     let backend = sandbox.add_pod("backend")?;
     probe::serve(&sandbox, &backend, v4(&backend, 9090))?;
     // The programs leave port 9090 alone; a NAT rule sends it to the listener instead.
-    let options = Options {
-        exclude_ports: vec![9090],
-        ..Options::default()
-    };
+    let options = Options::default().with_config(|c| c.intercept.exclude_ports = vec![9090]);
     let daemon = Daemon::start(&sandbox, &[&client], &options)?;
     shunt_tests::iptables::redirect_to_shunt(&sandbox, &client, backend.ipv4, 9090)?;
 
@@ -476,7 +468,7 @@ fn a_connection_redirected_by_iptables_is_proxied_to_its_original_destination() 
         Ok((!closed.is_empty()).then_some(closed))
     })?;
     assert_eq!(closed.len(), 1, "{closed:?}");
-    assert_eq!(closed[0]["original_dst"], v4(&backend, 9090).to_string());
+    assert_eq!(closed[0].original_dst, v4(&backend, 9090));
     Ok(())
 }
 
@@ -491,17 +483,14 @@ fn pods_enroll_and_unenroll_at_runtime() -> anyhow::Result<()> {
 
     let netns = client.netns_path().to_string_lossy().into_owned();
     daemon.ctl(&["enroll", "--name", "client", "--netns", &netns])?;
-    let pods = daemon.ctl_json(&["pods"])?;
-    assert_eq!(pods.as_array().map(Vec::len), Some(1), "{pods}");
-    assert_eq!(pods[0]["name"], "client");
+    let pods: Vec<PodSummary> = daemon.ctl_as(&["pods"])?;
+    assert_eq!(pods.len(), 1, "{pods:?}");
+    assert_eq!(pods[0].name, "client");
     assert!(probe::connect_once(&sandbox, &client, v4(&backend, PORT), &[])?.was_redirected());
 
     daemon.ctl(&["unenroll", "--name", "client"])?;
     assert!(!probe::connect_once(&sandbox, &client, v4(&backend, PORT), &[])?.was_redirected());
-    assert_eq!(
-        daemon.ctl_json(&["pods"])?.as_array().map(Vec::len),
-        Some(0)
-    );
+    assert_eq!(daemon.ctl_as::<Vec<PodSummary>>(&["pods"])?.len(), 0);
     Ok(())
 }
 

@@ -12,12 +12,19 @@ use std::{
 };
 
 use anyhow::Context;
+use shunt::admin::api::RuleSummary;
 use shunt_tests::{
     daemon::{Daemon, Options},
     fixture,
     sandbox::{Pod, Sandbox},
     web,
 };
+
+/// The first fault rule in force (`shunt faults list`).
+fn first_rule(daemon: &Daemon) -> anyhow::Result<RuleSummary> {
+    let rules: Vec<RuleSummary> = daemon.ctl_as(&["faults", "list"])?;
+    rules.into_iter().next().context("no fault rule in force")
+}
 
 /// An unprivileged user and group, and a group that only the admin-group tests use.
 const NOBODY: &str = "65534";
@@ -103,10 +110,7 @@ fn the_admin_socket_is_root_only_by_default() -> anyhow::Result<()> {
 fn the_admin_group_is_admitted_by_primary_or_supplementary_group_and_no_one_else()
 -> anyhow::Result<()> {
     let sandbox = Sandbox::new()?;
-    let options = Options {
-        admin_group: Some(ADMINS.into()),
-        ..Options::default()
-    };
+    let options = Options::default().with_config(|c| c.admin.group = Some(ADMINS.into()));
     let daemon = Daemon::start(&sandbox, &[], &options)?;
     open_socket_dir(&daemon)?;
     let bin = shunt_for_anyone(&sandbox)?;
@@ -387,7 +391,7 @@ fn fault_headers_do_nothing_unless_a_rule_allows_them_and_max_active_faults_caps
 
     // One fault at a time: a stream held by a header delay leaves none for another.
     let options =
-        fixture::service("web", vip, &[web.endpoint]).with_extra_yaml("max_active_faults: 1\n");
+        fixture::service("web", vip, &[web.endpoint]).with_config(|c| c.max_active_faults = 1);
     let daemon = Daemon::start(&web.sandbox, &[&web.client], &options)?;
     daemon.set_faults(rule)?;
     let mut slow = Command::new("curl");
@@ -400,10 +404,10 @@ fn fault_headers_do_nothing_unless_a_rule_allows_them_and_max_active_faults_caps
     .arg(format!("http://{vip}/index.html"));
     let held = web.sandbox.spawn_in_pod(&web.client, slow)?;
     daemon.eventually("the delayed stream holds the only fault slot", || {
-        Ok(daemon.ctl_json(&["faults", "list"])?[0]["delays"].as_u64() == Some(1))
+        Ok(first_rule(&daemon)?.delays == 1)
     })?;
     assert_eq!(status_with(&web, vip, &[abort])?, "200", "capped");
-    assert_eq!(daemon.ctl_json(&["faults", "list"])?[0]["overflow"], 1);
+    assert_eq!(first_rule(&daemon)?.overflow, 1);
     // The slot comes back when the delayed stream ends.
     web.sandbox.kill(held);
     daemon.eventually("the fault slot is free again", || {

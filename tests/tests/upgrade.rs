@@ -9,6 +9,7 @@ use std::{
 };
 
 use anyhow::{Context, bail, ensure};
+use shunt::admin::api::ConnRecord;
 use shunt_tests::{
     daemon::{Daemon, Options},
     fixture::{self, vip},
@@ -21,15 +22,18 @@ const GRPC_PORT: u16 = 50051;
 const TCP_PORT: u16 = 7000;
 
 /// Daemon options with Service `backend` at [`vip`]`(port)` and `intercept.drain_timeout`.
-fn options(port: u16, endpoints: &[SocketAddr], drain_timeout: &str) -> Options {
-    Options {
-        intercept_yaml: format!("  drain_timeout: {drain_timeout}\n"),
-        ..fixture::service("backend", vip(port), endpoints)
-    }
+fn options(port: u16, endpoints: &[SocketAddr], drain_timeout: Duration) -> Options {
+    fixture::service("backend", vip(port), endpoints)
+        .with_config(|c| c.intercept.drain_timeout = drain_timeout)
 }
 
 fn live_conns(daemon: &Daemon) -> anyhow::Result<usize> {
-    Ok(daemon.ctl_json(&["conns"])?.as_array().map_or(0, Vec::len))
+    Ok(daemon.ctl_as::<Vec<ConnRecord>>(&["conns"])?.len())
+}
+
+/// Sockets on the local fast path, as `shunt status` reports them.
+fn fast_path_sockets(daemon: &Daemon) -> anyhow::Result<u64> {
+    Ok(daemon.status()?.local_fast_path_sockets)
 }
 
 #[test]
@@ -38,7 +42,7 @@ fn grpc_load_and_a_server_stream_cross_an_upgrade_without_a_failed_call() -> any
     let mut old = Daemon::start(
         &sandbox,
         &[&client],
-        &options(GRPC_PORT, &endpoints, "120s"),
+        &options(GRPC_PORT, &endpoints, Duration::from_secs(120)),
     )?;
     let old_pid = old.pid()?;
     let health = old.telemetry_addr("health")?;
@@ -90,17 +94,21 @@ fn grpc_load_and_a_server_stream_cross_an_upgrade_without_a_failed_call() -> any
         "{new_log}"
     );
     // The new daemon answers on the admin socket and still intercepts the client.
-    let status = new.ctl_json(&["status"])?;
-    assert_eq!(status["pid"].as_u64(), Some(u64::from(new_pid)));
-    assert_eq!(status["pods"], 1, "{status}");
-    assert_eq!(status["ready"], "ready", "{status}");
+    let status = new.status()?;
+    assert_eq!(status.pid, new_pid);
+    assert_eq!(status.pods, 1, "{status:?}");
+    assert_eq!(status.ready, "ready", "{status:?}");
     Ok(())
 }
 
 #[test]
 fn opaque_connections_carry_on_until_they_close_or_the_drain_timeout() -> anyhow::Result<()> {
     let (sandbox, client, server) = probe::client_and_server(TCP_PORT)?;
-    let mut old = Daemon::start(&sandbox, &[&client], &options(TCP_PORT, &[server], "25s"))?;
+    let mut old = Daemon::start(
+        &sandbox,
+        &[&client],
+        &options(TCP_PORT, &[server], Duration::from_secs(25)),
+    )?;
     let to = vip(TCP_PORT).to_string();
     // 60 bytes, one every 150 ms, then the echo: about 9 s of traffic, well within the
     // drain timeout.
@@ -185,7 +193,11 @@ fn opaque_connections_carry_on_until_they_close_or_the_drain_timeout() -> anyhow
 #[test]
 fn connections_made_during_two_handoffs_in_a_row_are_not_refused() -> anyhow::Result<()> {
     let (sandbox, client, server) = probe::client_and_server(TCP_PORT)?;
-    let mut first = Daemon::start(&sandbox, &[&client], &options(TCP_PORT, &[server], "5s"))?;
+    let mut first = Daemon::start(
+        &sandbox,
+        &[&client],
+        &options(TCP_PORT, &[server], Duration::from_secs(5)),
+    )?;
     let stop = AtomicBool::new(false);
     let batches = AtomicUsize::new(0);
     let mut second = None;
@@ -243,8 +255,8 @@ fn connections_made_during_two_handoffs_in_a_row_are_not_refused() -> anyhow::Re
     assert!(seen.iter().all(probe::Seen::was_redirected));
     // The last daemon accepted some of them, and is the one serving.
     assert!(third.counter("proxy", "accepted")? > 0);
-    let status = third.ctl_json(&["status"])?;
-    assert_eq!(status["pid"].as_u64(), Some(u64::from(third.pid()?)));
+    let status = third.status()?;
+    assert_eq!(status.pid, third.pid()?);
     assert!(!second.is_running());
     Ok(())
 }
@@ -253,7 +265,7 @@ fn connections_made_during_two_handoffs_in_a_row_are_not_refused() -> anyhow::Re
 fn a_successor_that_dies_during_the_handoff_leaves_the_running_daemon_serving() -> anyhow::Result<()>
 {
     let (sandbox, client, server) = probe::client_and_server(TCP_PORT)?;
-    let good = options(TCP_PORT, &[server], "5s");
+    let good = options(TCP_PORT, &[server], Duration::from_secs(5));
     let mut daemon = Daemon::start(&sandbox, &[&client], &good)?;
     let pid = daemon.pid()?;
     // The successor receives the listeners, then fails to set up its programs (no such
@@ -283,9 +295,9 @@ fn a_successor_that_dies_during_the_handoff_leaves_the_running_daemon_serving() 
         },
     )?;
     assert!(daemon.is_running());
-    let status = daemon.ctl_json(&["status"])?;
-    assert_eq!(status["pid"].as_u64(), Some(u64::from(pid)));
-    assert_eq!(status["ready"], "ready", "{status}");
+    let status = daemon.status()?;
+    assert_eq!(status.pid, pid);
+    assert_eq!(status.ready, "ready", "{status:?}");
     let before = daemon.counter("proxy", "accepted")?;
     for s in probe::connect(&sandbox, &client, vip(TCP_PORT), 3)? {
         s.ok()?;
@@ -309,8 +321,8 @@ fn a_successor_that_dies_during_the_handoff_leaves_the_running_daemon_serving() 
 #[test]
 fn the_local_fast_path_survives_an_upgrade() -> anyhow::Result<()> {
     let (sandbox, client, server) = probe::client_and_server(TCP_PORT)?;
-    let mut opts = options(TCP_PORT, &[server], "25s");
-    opts.intercept_yaml.push_str("  local_fast_path: true\n");
+    let mut opts = options(TCP_PORT, &[server], Duration::from_secs(25));
+    opts.config.intercept.local_fast_path = true;
     let mut old = Daemon::start(&sandbox, &[&client], &opts)?;
     let to = vip(TCP_PORT).to_string();
     // 30 bytes, one every 150 ms, then the echo: about 4.5 s, across the handoff.
@@ -333,7 +345,7 @@ fn the_local_fast_path_survives_an_upgrade() -> anyhow::Result<()> {
     fixture::until(
         "the connection on the fast path",
         Duration::from_secs(30),
-        || Ok(old.ctl_json(&["status"])?["local_fast_path_sockets"] == 2),
+        || Ok(fast_path_sockets(&old)? == 2),
     )?;
 
     let new = old.start_successor()?;
@@ -341,8 +353,8 @@ fn the_local_fast_path_survives_an_upgrade() -> anyhow::Result<()> {
         trickle.is_running(&sandbox),
         "the trickle ended before the handoff completed: nothing crossed it"
     );
-    let status = new.ctl_json(&["status"])?;
-    assert_eq!(status["local_fast_path"], "on", "{status}");
+    let status = new.status()?;
+    assert_eq!(status.local_fast_path, "on", "{status:?}");
     let trickled = trickle.finish(&sandbox, Duration::from_secs(60))?;
     assert_eq!(trickled["error"], serde_json::Value::Null, "{trickled}");
     assert_eq!(trickled["end"], "eof", "{trickled}");
@@ -358,7 +370,7 @@ fn the_local_fast_path_survives_an_upgrade() -> anyhow::Result<()> {
     fixture::until(
         "a new connection on the fast path",
         Duration::from_secs(10),
-        || Ok(new.ctl_json(&["status"])?["local_fast_path_sockets"] == 2),
+        || Ok(fast_path_sockets(&new)? == 2),
     )?;
     let seen = held.finish(&sandbox)?;
     assert_eq!(seen.echo.as_deref(), Some("hello"), "{seen:?}");
@@ -366,7 +378,7 @@ fn the_local_fast_path_survives_an_upgrade() -> anyhow::Result<()> {
     fixture::until(
         "the fast path map to empty",
         Duration::from_secs(10),
-        || Ok(new.ctl_json(&["status"])?["local_fast_path_sockets"] == 0),
+        || Ok(fast_path_sockets(&new)? == 0),
     )
 }
 
@@ -377,9 +389,9 @@ fn the_local_fast_path_survives_an_upgrade() -> anyhow::Result<()> {
 #[test]
 fn turning_the_local_fast_path_off_across_an_upgrade() -> anyhow::Result<()> {
     let (sandbox, client, server) = probe::client_and_server(TCP_PORT)?;
-    let off = options(TCP_PORT, &[server], "25s");
+    let off = options(TCP_PORT, &[server], Duration::from_secs(25));
     let mut on = off.clone();
-    on.intercept_yaml.push_str("  local_fast_path: true\n");
+    on.config.intercept.local_fast_path = true;
     let mut old = Daemon::start(&sandbox, &[&client], &on)?;
     let to = vip(TCP_PORT).to_string();
     let trickle = Background::start(
@@ -401,12 +413,12 @@ fn turning_the_local_fast_path_off_across_an_upgrade() -> anyhow::Result<()> {
     fixture::until(
         "the connection on the fast path",
         Duration::from_secs(30),
-        || Ok(old.ctl_json(&["status"])?["local_fast_path_sockets"] == 2),
+        || Ok(fast_path_sockets(&old)? == 2),
     )?;
 
     old.rewrite_config(&[&client], &off)?;
     let new = old.start_successor()?;
-    assert_eq!(new.ctl_json(&["status"])?["local_fast_path"], "off");
+    assert_eq!(new.status()?.local_fast_path, "off");
     let seen = probe::connect(&sandbox, &client, vip(TCP_PORT), 1)?.remove(0);
     seen.ok()?;
     let trickled = trickle.finish(&sandbox, Duration::from_secs(60))?;
@@ -416,13 +428,14 @@ fn turning_the_local_fast_path_off_across_an_upgrade() -> anyhow::Result<()> {
     let closed = new.closed_conns()?;
     let conn = closed.first().context("the new daemon's connection")?;
     assert_eq!(
-        conn["forwarding"], "copy (local fast path; splice)",
-        "{conn}"
+        conn.forwarding.as_deref(),
+        Some("copy (local fast path; splice)"),
+        "{conn:?}"
     );
     // Its sockets never joined: the old daemon's were the only ones.
     fixture::until(
         "the fast path map to empty",
         Duration::from_secs(10),
-        || Ok(new.ctl_json(&["status"])?["local_fast_path_sockets"] == 0),
+        || Ok(fast_path_sockets(&new)? == 0),
     )
 }

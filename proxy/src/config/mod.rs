@@ -43,7 +43,7 @@ pub enum ConfigError {
     },
 }
 
-#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     #[serde(default)]
@@ -271,6 +271,26 @@ impl Default for Kubernetes {
 
 fn default_max_active_faults() -> usize {
     100
+}
+
+/// What an empty file gives: a configuration built in code from the defaults means what
+/// the same one left out of the file does.
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            intercept: Intercept::default(),
+            pods: Vec::new(),
+            admin: Admin::default(),
+            services: Vec::new(),
+            discovery: Discovery::default(),
+            http2: Http2::default(),
+            faults: Vec::new(),
+            max_active_faults: default_max_active_faults(),
+            telemetry: Telemetry::default(),
+            kubernetes: Kubernetes::default(),
+            limits: Limits::default(),
+        }
+    }
 }
 
 /// HTTP/2 keepalive. PINGs more often than every 5 minutes make common gRPC servers close
@@ -878,6 +898,7 @@ mod tests {
         assert_eq!(c.intercept.listen_port, 15001);
         assert_eq!(c.intercept.fail_mode, FailMode::Open);
         assert_eq!(c.admin.socket, PathBuf::from("/run/shunt/admin.sock"));
+        assert_eq!(c, Config::default());
     }
 
     #[test]

@@ -94,9 +94,8 @@ pub fn churn_then_closed_loop(plan: &Plan) -> anyhow::Result<Section> {
     let client = sandbox.add_pod("client")?;
     let backends = grpc::tonic_greeters(&sandbox, 3, PORT)?;
     let options = Options {
-        extra_yaml: fixture::service_yaml("greeter", SocketAddr::new(VIP.into(), PORT), &backends),
         log: Some("info"),
-        ..Options::default()
+        ..fixture::service("greeter", SocketAddr::new(VIP.into(), PORT), &backends)
     };
     let daemon = Daemon::start(&sandbox, &[&client], &options)?;
     let shunt_pid = daemon.pid()?;

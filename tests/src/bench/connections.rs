@@ -47,10 +47,10 @@ pub fn setup_rates(plan: &Plan) -> anyhow::Result<Section> {
         bare.push(rate(&outsider, target)?);
     }
     let options = Options {
-        exclude_ports: vec![IPTABLES_PORT],
         log: Some("info"),
         ..Options::default()
-    };
+    }
+    .with_config(|c| c.intercept.exclude_ports = vec![IPTABLES_PORT]);
     let daemon = Daemon::start(&sandbox, &[&client], &options)?;
     // The mechanism the programs replace: a NAT rule sending the pod's connections to the
     // same in-pod listener, which reads the destination back with SO_ORIGINAL_DST.

@@ -4,7 +4,10 @@
 //! shunt's in-pod socket; with it on, opaque bytes are copied rather than spliced (splice does
 //! not read what the fast path queues), which is part of what is measured.
 
-use std::{net::SocketAddr, process::Command};
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    process::Command,
+};
 
 use anyhow::ensure;
 
@@ -17,11 +20,11 @@ use super::{
 };
 use crate::{
     daemon::{Daemon, Options},
-    probe,
+    fixture, probe,
     sandbox::{Pod, Sandbox},
 };
 
-const VIP: &str = "10.96.0.40";
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 40);
 const GRPC_PORT: u16 = 50051;
 const IPERF_PORT: u16 = 5201;
 
@@ -42,7 +45,7 @@ impl Side {
         for i in 0..3 {
             let pod = sandbox.add_pod(&format!("greeter{i}"))?;
             crate::grpc::tonic_serve(&sandbox, &pod, &format!("greeter-{i}"), GRPC_PORT)?;
-            greeters.push(format!("'{}'", SocketAddr::new(pod.ipv4.into(), GRPC_PORT)));
+            greeters.push(SocketAddr::new(pod.ipv4.into(), GRPC_PORT));
         }
         let iperf = sandbox.add_pod("iperf")?;
         let mut server = Command::new("iperf3");
@@ -53,14 +56,24 @@ impl Side {
         probe::wait_listening(&sandbox, &iperf, IPERF_PORT, pid)?;
         let iperf_endpoint = SocketAddr::new(iperf.ipv4.into(), IPERF_PORT);
         let options = Options {
-            intercept_yaml: format!("  local_fast_path: {fast_path}\n"),
-            extra_yaml: format!(
-                "services:\n  - name: greeter\n    vip: '{VIP}:{GRPC_PORT}'\n    endpoints: [{}]\n  - name: iperf\n    vip: '{VIP}:{IPERF_PORT}'\n    endpoints: ['{iperf_endpoint}']\n",
-                greeters.join(", ")
-            ),
             log: Some("info"),
             ..Options::default()
-        };
+        }
+        .with_config(|c| {
+            c.intercept.local_fast_path = fast_path;
+            c.services = vec![
+                fixture::service_config(
+                    "greeter",
+                    SocketAddr::new(VIP.into(), GRPC_PORT),
+                    &greeters,
+                ),
+                fixture::service_config(
+                    "iperf",
+                    SocketAddr::new(VIP.into(), IPERF_PORT),
+                    &[iperf_endpoint],
+                ),
+            ];
+        });
         Ok(Side {
             name,
             fast_path,
@@ -89,13 +102,13 @@ pub fn on_and_off(plan: &Plan) -> anyhow::Result<Section> {
     let mut daemons = Vec::new();
     for side in &sides {
         let daemon = Daemon::start(&side.sandbox, &[&side.client], &side.options)?;
-        let status = daemon.ctl_json(&["status"])?;
+        let status = daemon.status()?;
         let expected = if side.fast_path { "on" } else { "off" };
         ensure!(
-            status["local_fast_path"] == expected,
+            status.local_fast_path == expected,
             "{}: local_fast_path is {} in shunt status",
             side.name,
-            status["local_fast_path"]
+            status.local_fast_path
         );
         daemons.push(daemon);
     }
@@ -131,7 +144,7 @@ pub fn on_and_off(plan: &Plan) -> anyhow::Result<Section> {
             let sample = passthrough::run(
                 &side.sandbox,
                 &side.client,
-                VIP,
+                &VIP.to_string(),
                 IPERF_PORT,
                 Some(pid),
                 plan,

@@ -8,6 +8,7 @@ use std::{
 };
 
 use anyhow::bail;
+use shunt::{admin::api::Stats, config::Forwarding};
 
 use super::{
     Plan,
@@ -16,6 +17,7 @@ use super::{
 };
 use crate::{
     daemon::{Daemon, Options},
+    fixture,
     sandbox::Sandbox,
 };
 
@@ -39,8 +41,9 @@ pub fn memory_per_connection(plan: &Plan) -> anyhow::Result<Section> {
             column("kib_per_connection", "per connection (KiB)", 2),
         ],
     );
-    for (forwarding, port) in [("splice", 9000), ("copy", 9001)] {
-        println!("  {count} idle connections, {forwarding} forwarding");
+    for (forwarding, port) in [(Forwarding::Splice, 9000), (Forwarding::Copy, 9001)] {
+        let forwarding_name = forwarding.as_str();
+        println!("  {count} idle connections, {forwarding_name} forwarding");
         // A sink per run: it never reads, so it would keep the previous run's sockets.
         let sink = SocketAddr::new(backend.ipv4.into(), port);
         let mut cmd = Command::new(crate::probe_bin());
@@ -51,20 +54,20 @@ pub fn memory_per_connection(plan: &Plan) -> anyhow::Result<Section> {
         // pod needs them all.
         let limit = count + 16;
         let options = Options {
-            intercept_yaml: format!("  forwarding: {forwarding}\n"),
-            extra_yaml: format!(
-                "limits:\n  max_connections: {limit}\n  max_connections_per_pod: {limit}\n"
-            ),
             log: Some("info"),
             ..Options::default()
-        };
+        }
+        .with_config(|c| {
+            c.intercept.forwarding = forwarding;
+            c.limits = fixture::limits(Some(limit as usize), Some(limit as usize));
+        });
         let daemon = Daemon::start(&sandbox, &[&client], &options)?;
         let pid = daemon.pid()?;
         let baseline = rss_kib(pid);
 
         let out = sandbox
             .scratch_dir("idle")?
-            .join(format!("{forwarding}.json"));
+            .join(format!("{forwarding_name}.json"));
         let mut hold = Command::new(crate::probe_bin());
         hold.args([
             "hold",
@@ -88,9 +91,9 @@ pub fn memory_per_connection(plan: &Plan) -> anyhow::Result<Section> {
             }
             if Instant::now() > deadline {
                 bail!(
-                    "only {} of {count} idle connections reached their upstream in 60s; shunt's counters: {}",
+                    "only {} of {count} idle connections reached their upstream in 60s; shunt's counters: {:?}",
                     forwarded()?,
-                    daemon.ctl_json(&["stats"])?["proxy"]
+                    daemon.ctl_as::<Stats>(&["stats"])?.proxy
                 );
             }
             std::thread::sleep(Duration::from_millis(100));
@@ -100,7 +103,7 @@ pub fn memory_per_connection(plan: &Plan) -> anyhow::Result<Section> {
         let loaded = rss_kib(pid);
         sandbox.kill(holder);
         sandbox.kill(sink_pid);
-        let mut row = Row::new(format!("shunt ({forwarding})"));
+        let mut row = Row::new(format!("shunt ({forwarding_name})"));
         row.set("rss_mib", loaded / 1024.0)
             .set("kib_per_connection", (loaded - baseline) / f64::from(count));
         println!(

@@ -1,7 +1,13 @@
 //! TCP passthrough: one iperf3 connection, direct vs shunt (splice, copy and sockmap
 //! forwarding) vs HAProxy `mode tcp`.
 
-use std::{net::SocketAddr, process::Command, time::Duration};
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    process::Command,
+    time::Duration,
+};
+
+use shunt::config::Forwarding;
 
 use anyhow::{Context, ensure};
 
@@ -12,11 +18,11 @@ use super::{
 };
 use crate::{
     daemon::{Daemon, Options},
-    probe,
+    fixture, probe,
     sandbox::{Pod, Sandbox},
 };
 
-const VIP: &str = "10.96.0.20";
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
 const IPERF_PORT: u16 = 5201;
 
 /// One measured run of one target.
@@ -42,15 +48,18 @@ pub fn iperf3(plan: &Plan) -> anyhow::Result<Section> {
     let pid = sandbox.spawn_in_pod(&backend, server)?;
     probe::wait_listening(&sandbox, &backend, IPERF_PORT, pid)?;
     let endpoint = SocketAddr::new(backend.ipv4.into(), IPERF_PORT);
-    let options = |forwarding: &str| Options {
-        intercept_yaml: format!("  forwarding: {forwarding}\n"),
-        extra_yaml: format!(
-            "services:\n  - name: iperf\n    vip: '{VIP}:{IPERF_PORT}'\n    endpoints: ['{endpoint}']\n"
-        ),
-        log: Some("info"),
-        ..Options::default()
+    let options = |forwarding: Forwarding| {
+        Options {
+            log: Some("info"),
+            ..fixture::service(
+                "iperf",
+                SocketAddr::new(VIP.into(), IPERF_PORT),
+                &[endpoint],
+            )
+        }
+        .with_config(|c| c.intercept.forwarding = forwarding)
     };
-    let daemon = Daemon::start(&sandbox, &[&client], &options("splice"))?;
+    let daemon = Daemon::start(&sandbox, &[&client], &options(Forwarding::Splice))?;
     let shunt_pid = daemon.pid()?;
     let haproxy = if plan.peers {
         Some(peers::haproxy_tcp(
@@ -87,9 +96,9 @@ pub fn iperf3(plan: &Plan) -> anyhow::Result<Section> {
                     )
                 }
                 shunt => {
-                    let forwarding = ["splice", "copy", "sockmap"]
+                    let forwarding = [Forwarding::Splice, Forwarding::Copy, Forwarding::Sockmap]
                         .into_iter()
-                        .find(|mode| shunt.contains(mode))
+                        .find(|mode| shunt.contains(mode.as_str()))
                         .context("a shunt target names its forwarding mode")?;
                     daemon.rewrite_config(&[&client], &options(forwarding))?;
                     daemon.ctl(&["reload"])?;

@@ -98,6 +98,5 @@ fn stop_start(
 
 /// The pid of the daemon answering on the admin socket.
 fn answering_pid(daemon: &Daemon<'_>) -> Option<u32> {
-    let status = daemon.ctl_json(&["status"]).ok()?;
-    status["pid"].as_u64().map(|p| p as u32)
+    daemon.status().ok().map(|status| status.pid)
 }

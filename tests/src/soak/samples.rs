@@ -222,10 +222,7 @@ impl Sampler {
         let pid = daemon.pid()?;
         let started = Instant::now();
         loop {
-            let connections = daemon
-                .ctl_json(&["status"])
-                .ok()
-                .and_then(|s| s["connections"].as_u64());
+            let connections = daemon.status().ok().map(|s| s.connections as u64);
             let sample = self.read(pid, sandbox, traffic_started.elapsed().as_secs_f64());
             let drained = Drained {
                 seconds: started.elapsed().as_secs_f64(),

@@ -9,7 +9,7 @@ use std::{
 
 use crate::{
     daemon::{Daemon, Options},
-    grpc, probe,
+    fixture, grpc, probe,
     sandbox::{Pod, Sandbox},
     tls,
 };
@@ -85,31 +85,25 @@ impl SoakSandbox {
 
     /// The daemon's options; with `removed`, the churned greeter is left out of the Service.
     fn options(&self, removed: bool) -> Options {
-        let greeters: Vec<String> = self
+        let greeters: Vec<SocketAddr> = self
             .greeters
             .iter()
             .enumerate()
             .filter(|(i, _)| !(removed && format!("greeter-{i}") == CHURNED))
-            .map(|(_, addr)| format!("'{addr}'"))
+            .map(|(_, addr)| *addr)
             .collect();
-        let service = |name: &str, vip: SocketAddr, endpoints: &str| {
-            format!("  - name: {name}\n    vip: '{vip}'\n    endpoints: [{endpoints}]\n")
-        };
         Options {
-            extra_yaml: format!(
-                "services:\n{}{}{}",
-                service("greeter", Self::grpc_vip(), &greeters.join(", ")),
-                service("tls", Self::tls_vip(), &format!("'{}'", self.tls_endpoint)),
-                service(
-                    "echo",
-                    Self::opaque_vip(),
-                    &format!("'{}'", self.echo_endpoint)
-                ),
-            ),
             // As a production node would log; debug would make the log the biggest cost.
             log: Some("info"),
             ..Options::default()
         }
+        .with_config(|c| {
+            c.services = vec![
+                fixture::service_config("greeter", Self::grpc_vip(), &greeters),
+                fixture::service_config("tls", Self::tls_vip(), &[self.tls_endpoint]),
+                fixture::service_config("echo", Self::opaque_vip(), &[self.echo_endpoint]),
+            ];
+        })
     }
 
     pub fn start_daemon(&self) -> anyhow::Result<Daemon<'_>> {
