@@ -71,6 +71,18 @@ impl<'a> Daemon<'a> {
         pods: &[&Pod],
         options: &Options,
     ) -> anyhow::Result<Daemon<'a>> {
+        let mut daemon = Daemon::configure(sandbox, pods, options)?;
+        daemon.launch()?;
+        Ok(daemon)
+    }
+
+    /// Writes a config enrolling `pods` ([`Daemon::config`]) without starting a process: for
+    /// a daemon run in the test's own process. Its pins are removed when this is dropped.
+    pub fn configure(
+        sandbox: &'a Sandbox,
+        pods: &[&Pod],
+        options: &Options,
+    ) -> anyhow::Result<Daemon<'a>> {
         let dir = sandbox.scratch_dir("daemon")?;
         let pin_dir = PathBuf::from(format!("/sys/fs/bpf/shunt-sandbox-{}", sandbox.id()));
         sandbox.track_pin_dir(pin_dir.clone());
@@ -89,8 +101,6 @@ impl<'a> Daemon<'a> {
         };
         std::fs::write(&daemon.config, daemon.config_text(pods, options)?)
             .context("writing the daemon's config")?;
-        let mut daemon = daemon;
-        daemon.launch()?;
         Ok(daemon)
     }
 
