@@ -13,6 +13,7 @@ use anyhow::{Context, ensure};
 use shunt_tests::{
     daemon::{Daemon, Options},
     fixture::{self, vip},
+    grpc,
     probe::{self, Seen},
     sandbox::{Pod, Sandbox},
     telemetry, tls,
@@ -391,7 +392,7 @@ fn slow_reader(intercept_yaml: &str, forwarding: &str) -> anyhow::Result<()> {
     let client = sandbox.add_pod("client")?;
     let backend = sandbox.add_pod("backend")?;
     let read_file = sandbox.scratch_dir("slow")?.join("read");
-    let mut server = Command::new("python3");
+    let mut server = Command::new(grpc::python());
     server
         .args(["-c", SLOW_READER, &backend.ipv4.to_string()])
         .arg(&read_file);
@@ -402,7 +403,7 @@ fn slow_reader(intercept_yaml: &str, forwarding: &str) -> anyhow::Result<()> {
         ..Options::default()
     };
     let daemon = Daemon::start(&sandbox, &[&client], &options)?;
-    let mut writer = Command::new("python3");
+    let mut writer = Command::new(grpc::python());
     writer.args(["-c", FAST_WRITER, &backend.ipv4.to_string()]);
     let out = sandbox.run_in_pod(&client, writer, Duration::from_secs(30))?;
     ensure!(
