@@ -15,6 +15,17 @@ fn script() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("peers/greeter.py")
 }
 
+/// The Python interpreter the peers run with: that of the virtual environment `cargo xtask
+/// setup` installs grpcio into (`target/venv`), else `python3` from `PATH`.
+pub fn python() -> PathBuf {
+    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/venv/bin/python3");
+    if venv.exists() {
+        venv
+    } else {
+        PathBuf::from("python3")
+    }
+}
+
 /// Starts a greeter in `pod` on `port` that answers with `name`; waits until it listens.
 pub fn serve(sandbox: &Sandbox, pod: &Pod, name: &str, port: u16) -> anyhow::Result<u32> {
     serve_with_events(sandbox, pod, name, port, None)
@@ -28,7 +39,7 @@ pub fn serve_with_events(
     port: u16,
     events: Option<&std::path::Path>,
 ) -> anyhow::Result<u32> {
-    let mut cmd = Command::new("python3");
+    let mut cmd = Command::new(python());
     cmd.arg(script())
         .args(["serve", name, &format!("{}:{port}", pod.ipv4)]);
     if let Some(events) = events {
@@ -159,7 +170,7 @@ pub fn tonic_call(
 
 /// Makes `count` SayHello calls from `pod` to `to` over ONE channel (one TCP connection).
 pub fn call(sandbox: &Sandbox, pod: &Pod, to: SocketAddr, count: usize) -> anyhow::Result<Calls> {
-    let mut cmd = Command::new("python3");
+    let mut cmd = Command::new(python());
     cmd.arg(script())
         .args(["call", &to.to_string(), &count.to_string()]);
     let out = sandbox.run_in_pod(pod, cmd, Duration::from_secs(120))?;
@@ -184,7 +195,7 @@ pub fn call_in_background(
     let out = sandbox
         .scratch_dir("grpc")?
         .join(format!("{method}-{count}.json"));
-    let mut cmd = Command::new("python3");
+    let mut cmd = Command::new(python());
     cmd.arg(script())
         .args(["call", &to.to_string(), &count.to_string(), method])
         .stdout(std::fs::File::create(&out)?);
@@ -243,7 +254,7 @@ pub fn semantics(
     pod: &Pod,
     to: SocketAddr,
 ) -> anyhow::Result<serde_json::Value> {
-    let mut cmd = Command::new("python3");
+    let mut cmd = Command::new(python());
     cmd.arg(script()).args(["semantics", &to.to_string()]);
     let out = sandbox.run_in_pod(pod, cmd, Duration::from_secs(120))?;
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -292,7 +303,7 @@ pub fn steady_in_background(
     let dir = sandbox.scratch_dir("grpc")?;
     let out = dir.join("steady.json");
     let started = dir.join("steady.started");
-    let mut cmd = Command::new("python3");
+    let mut cmd = Command::new(python());
     cmd.arg(script())
         .args([
             "steady",

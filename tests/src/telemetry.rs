@@ -124,7 +124,7 @@ pub fn scrape(addr: SocketAddr) -> anyhow::Result<Scrape> {
 
 /// `promtool check metrics` on `text`: parse errors and lint problems both fail.
 pub fn promtool_check(text: &str) -> anyhow::Result<()> {
-    let mut child = Command::new("promtool")
+    let mut child = Command::new(promtool())
         .args(["check", "metrics"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -146,6 +146,16 @@ pub fn promtool_check(text: &str) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// The `promtool` `cargo xtask setup` unpacks into `target/tools/bin`, else the one in `PATH`.
+fn promtool() -> std::path::PathBuf {
+    let unpacked = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/tools/bin/promtool");
+    if unpacked.exists() {
+        unpacked
+    } else {
+        "promtool".into()
+    }
 }
 
 /// Every line of the access log at `path`, each parsed as JSON.

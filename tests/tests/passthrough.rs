@@ -20,6 +20,7 @@ use shunt::{
 use shunt_tests::{
     daemon::{Daemon, Options},
     fixture::{self, vip},
+    grpc,
     probe::{self, Seen},
     sandbox::{Pod, Sandbox},
     telemetry, tls,
@@ -409,7 +410,7 @@ fn slow_reader(intercept: impl FnOnce(&mut Intercept), forwarding: &str) -> anyh
     let client = sandbox.add_pod("client")?;
     let backend = sandbox.add_pod("backend")?;
     let read_file = sandbox.scratch_dir("slow")?.join("read");
-    let mut server = Command::new("python3");
+    let mut server = Command::new(grpc::python());
     server
         .args(["-c", SLOW_READER, &backend.ipv4.to_string()])
         .arg(&read_file);
@@ -417,7 +418,7 @@ fn slow_reader(intercept: impl FnOnce(&mut Intercept), forwarding: &str) -> anyh
     probe::wait_listening(&sandbox, &backend, 9000, pid)?;
     let options = Options::default().with_config(|c| intercept(&mut c.intercept));
     let daemon = Daemon::start(&sandbox, &[&client], &options)?;
-    let mut writer = Command::new("python3");
+    let mut writer = Command::new(grpc::python());
     writer.args(["-c", FAST_WRITER, &backend.ipv4.to_string()]);
     let out = sandbox.run_in_pod(&client, writer, Duration::from_secs(30))?;
     ensure!(

@@ -55,7 +55,7 @@ enum Task {
     /// Write deploy/crd.yaml, the FaultInjection CustomResourceDefinition, from the Rust types.
     Crd,
     /// Run shunt under mixed traffic, endpoint churn, fault rules and a restart (as root);
-    /// fails on unexpected errors, RSS growth or leaks; writes bench/results/soak.json.
+    /// fails on unexpected errors, RSS growth or leaks; writes target/soak/soak.json.
     Soak {
         /// How long traffic runs, in minutes (fractions allowed).
         #[arg(long, default_value_t = 10.0, conflicts_with = "seconds")]
@@ -63,9 +63,12 @@ enum Task {
         /// How long traffic runs, in seconds (instead of --minutes).
         #[arg(long)]
         seconds: Option<f64>,
+        /// Also copy the report of a passing run to bench/results/soak.json (tracked by git).
+        #[arg(long)]
+        publish: bool,
     },
     /// Measure shunt against the direct path in the sandbox (as root); writes
-    /// bench/results/results.{json,md}.
+    /// target/bench/results.{json,md}.
     Bench {
         /// Fewer and shorter rounds (under 3 minutes).
         #[arg(long)]
@@ -73,6 +76,9 @@ enum Task {
         /// Also install and measure HAProxy and nginx.
         #[arg(long)]
         peers: bool,
+        /// Also copy the results to bench/results/ (tracked by git), which the README quotes.
+        #[arg(long)]
+        publish: bool,
     },
 }
 
@@ -88,18 +94,23 @@ fn main() {
         Task::Demo => setup::run().and_then(|()| demo()),
         Task::Fuzz { seconds, targets } => setup::run().and_then(|()| fuzz(seconds, targets)),
         Task::Crd => setup::run().and_then(|()| crd()),
-        Task::Soak { minutes, seconds } => setup::run()
+        Task::Soak {
+            minutes,
+            seconds,
+            publish,
+        } => setup::run()
             .and_then(|()| {
                 run::require_root("the soak creates network namespaces, a cgroup and BPF programs")
             })
             .and_then(|()| build())
-            .and_then(|()| {
-                let out = workspace_root().join("bench/results");
-                soak(seconds.unwrap_or(minutes * 60.0), &out)
-            }),
-        Task::Bench { quick, peers } => setup::run()
+            .and_then(|()| soak(seconds.unwrap_or(minutes * 60.0), publish)),
+        Task::Bench {
+            quick,
+            peers,
+            publish,
+        } => setup::run()
             .and_then(|()| if peers { setup::peers() } else { Ok(()) })
-            .and_then(|()| bench(quick, peers)),
+            .and_then(|()| bench(quick, peers, publish)),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
@@ -111,15 +122,31 @@ fn main() {
 const FUZZ_SECONDS_IN_TEST: u64 = 60;
 
 fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+    let xtask = Path::new(env!("CARGO_MANIFEST_DIR"));
+    xtask.parent().unwrap_or(xtask).to_owned()
 }
 
 fn release_bin(name: &str) -> PathBuf {
     workspace_root().join("target/release").join(name)
 }
 
+/// Says, before cargo's own progress, how long a build from nothing takes: about 300 crates
+/// in release mode, about 10 minutes on 2 cores. Later builds take seconds.
+fn first_build_note() {
+    if !release_bin("shunt").exists() {
+        println!(
+            "    first build: about 10 minutes on 2 cores (the dependencies, the eBPF object \
+             and shunt, in release mode); later builds take seconds"
+        );
+    }
+}
+
 fn build() -> anyhow::Result<()> {
-    let step = Step::start("building shunt (with its eBPF object) and the test helpers");
+    let step = Step::start(
+        "building shunt (with its eBPF object), the demo, benchmark and soak programs and the \
+         test peers (target/release)",
+    );
+    first_build_note();
     cargo(&[
         "build",
         "--release",
@@ -233,7 +260,8 @@ fn fuzz(seconds: u64, mut targets: Vec<String>) -> anyhow::Result<()> {
 }
 
 fn crd() -> anyhow::Result<()> {
-    let step = Step::start("building shunt");
+    let step = Step::start("building shunt (with its eBPF object)");
+    first_build_note();
     cargo(&["build", "--release", "--locked", "-p", "shunt"])?;
     step.done();
     let out = std::process::Command::new(release_bin("shunt"))
@@ -266,8 +294,26 @@ fn demo() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs the built `shunt-soak` for `seconds` of traffic; its report goes into `out`.
-fn soak(seconds: f64, out: &Path) -> anyhow::Result<()> {
+/// Where runs write what they measured: under `target/`, so running them leaves the checkout
+/// as it was. `--publish` copies a run's files into `bench/results/`, which git tracks.
+const RESULTS: &str = "bench/results";
+
+/// Copies `files` from `from` into [`RESULTS`].
+fn publish_results(from: &Path, files: &[&str]) -> anyhow::Result<()> {
+    let to = workspace_root().join(RESULTS);
+    std::fs::create_dir_all(&to).with_context(|| format!("creating {}", to.display()))?;
+    for file in files {
+        std::fs::copy(from.join(file), to.join(file))
+            .with_context(|| format!("copying {file} into {RESULTS}/"))?;
+        println!("published {RESULTS}/{file}");
+    }
+    Ok(())
+}
+
+/// Runs the built `shunt-soak` for `seconds` of traffic; its report goes to `target/soak/`,
+/// and with `publish` (only if it passed) to `bench/results/` as well.
+fn soak(seconds: f64, publish: bool) -> anyhow::Result<()> {
+    let out = workspace_root().join("target/soak");
     let mut cmd = std::process::Command::new(release_bin("shunt-soak"));
     cmd.env("SHUNT_BIN", release_bin("shunt"))
         .env("SHUNT_PROBE_BIN", release_bin("shunt-probe"))
@@ -275,24 +321,35 @@ fn soak(seconds: f64, out: &Path) -> anyhow::Result<()> {
         .arg("--seconds")
         .arg(seconds.to_string())
         .arg("--out")
-        .arg(out);
-    run::status(&mut cmd)
+        .arg(&out);
+    run::status(&mut cmd)?;
+    if publish {
+        publish_results(&out, &["soak.json"])?;
+    }
+    Ok(())
 }
 
-fn bench(quick: bool, peers: bool) -> anyhow::Result<()> {
+/// Runs the built `shunt-bench`; its results go to `target/bench/`, and with `publish` to
+/// `bench/results/` as well.
+fn bench(quick: bool, peers: bool, publish: bool) -> anyhow::Result<()> {
     run::require_root("the benchmarks create network namespaces, a cgroup and BPF programs")?;
     build()?;
+    let out = workspace_root().join("target/bench");
     let mut cmd = std::process::Command::new(release_bin("shunt-bench"));
     cmd.env("SHUNT_BIN", release_bin("shunt"))
         .env("SHUNT_PROBE_BIN", release_bin("shunt-probe"))
         .env("SHUNT_GREETER_BIN", release_bin("shunt-greeter"))
         .arg("--out")
-        .arg(workspace_root().join("bench/results"));
+        .arg(&out);
     if quick {
         cmd.arg("--quick");
     }
     if peers {
         cmd.arg("--peers");
     }
-    run::status(&mut cmd)
+    run::status(&mut cmd)?;
+    if publish {
+        publish_results(&out, &["results.json", "results.md"])?;
+    }
+    Ok(())
 }

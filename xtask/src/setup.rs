@@ -5,6 +5,11 @@
 //! the same LLVM major as that rustc. The major is read from `/usr/bin/rustc -vV`, so a newer
 //! Debian rustc brings its matching LLVM without a change here. Everything already present is
 //! detected first, so a second run does nothing and takes milliseconds.
+//!
+//! Test peers that are not plain tools stay inside the checkout's `target/`: Python's grpcio
+//! in a virtual environment (`target/venv`), `promtool` unpacked from Debian's package
+//! (`target/tools/bin`). Set-up installs no Python package into the system's Python and
+//! enables no service.
 
 use std::{path::PathBuf, process::Command};
 
@@ -31,8 +36,9 @@ const SANDBOX_PACKAGES: &[&str] = &[
     "nghttp2-client",
     "nghttp2-server",
     "dnsmasq-base",
+    // Debian's Python, and `venv` (with pip) for the virtual environment holding grpcio.
     "python3",
-    "python3-pip",
+    "python3-venv",
     // libFuzzer (C++) is compiled by `libfuzzer-sys` for the fuzz step of the test suite.
     "g++",
     // Clippy of the compiler the kernel programs build with, which lints them.
@@ -40,7 +46,15 @@ const SANDBOX_PACKAGES: &[&str] = &[
 ];
 
 /// Python's grpcio, the independent gRPC implementation the tests talk to.
-const GRPCIO: &str = "grpcio==1.85.3";
+const GRPCIO_VERSION: &str = "1.85.3";
+
+/// The virtual environment holding grpcio, under the workspace root. The tests run its
+/// interpreter (`tests/src/grpc.rs`).
+const VENV: &str = "target/venv";
+
+/// Where `promtool` is unpacked, under the workspace root (`tests/src/telemetry.rs` looks
+/// here first).
+const PROMTOOL: &str = "target/tools/bin/promtool";
 
 const CARGO_FUZZ_VERSION: &str = "0.13.2";
 
@@ -72,41 +86,105 @@ fn setup(test_peers: bool) -> anyhow::Result<()> {
     ensure_bpf_linker(llvm)?;
     if test_peers {
         ensure_grpcio()?;
-        // promtool checks shunt's /metrics in the tests; the package's server stays stopped.
-        apt.ensure_without_services(METRICS_PACKAGES)?;
+        ensure_promtool(&mut apt)?;
     }
     Ok(())
 }
 
-/// `promtool`, which only ships in Debian's Prometheus server package.
-const METRICS_PACKAGES: &[&str] = &["prometheus"];
-
-/// The proxies `cargo xtask bench --peers` compares shunt with.
+/// The proxies `cargo xtask bench --peers` compares shunt with, and their services.
 const PEER_PACKAGES: &[&str] = &["haproxy", "nginx"];
+const PEER_SERVICES: &[&str] = &["haproxy", "nginx"];
 
 /// Installs HAProxy and nginx (the benchmark runs its own instances inside sandbox pods).
 pub fn peers() -> anyhow::Result<()> {
-    Apt::default().ensure_without_services(PEER_PACKAGES)
+    Apt::default().ensure_without_services(PEER_PACKAGES, PEER_SERVICES)
 }
 
+/// grpcio in a virtual environment of Debian's Python under `target/`, so the system's Python
+/// is left as it is (Debian's refuses pip installs outside one, and Debian's own
+/// `python3-grpcio` is years older than the version the tests are written against). Already
+/// there at the right version costs one start of its interpreter, about 50 ms.
 fn ensure_grpcio() -> anyhow::Result<()> {
-    if run::output("python3", &["-c", "import grpc"]).is_some() {
+    let venv = crate::workspace_root().join(VENV);
+    let python = venv.join("bin/python3");
+    let installed = run::output(
+        &python.to_string_lossy(),
+        &[
+            "-c",
+            "import importlib.metadata as m; print(m.version('grpcio'))",
+        ],
+    );
+    if installed.as_deref().map(str::trim) == Some(GRPCIO_VERSION) {
         return Ok(());
     }
-    let step = Step::start("installing Python grpcio (test peer)");
-    let plain = run::status(Command::new("python3").args(["-m", "pip", "install", "-q", GRPCIO]));
-    if plain.is_err() {
-        // Debian's own Python refuses pip installs unless told the system is ours to change.
-        run::status(Command::new("python3").args([
-            "-m",
-            "pip",
-            "install",
-            "-q",
-            "--break-system-packages",
-            GRPCIO,
-        ]))
-        .context("installing grpcio with pip failed")?;
+    let step = Step::start(format!(
+        "installing Python grpcio {GRPCIO_VERSION} (test peer) into {VENV}"
+    ));
+    // `--clear` starts afresh from an environment left broken (e.g. by a Python upgrade).
+    run::status(
+        Command::new("/usr/bin/python3")
+            .args(["-m", "venv", "--clear"])
+            .arg(&venv),
+    )
+    .context("making the virtual environment failed; is python3-venv installed?")?;
+    run::status(
+        Command::new(&python)
+            .args(["-m", "pip", "install", "-q", "--disable-pip-version-check"])
+            .arg(format!("grpcio=={GRPCIO_VERSION}")),
+    )
+    .context("installing grpcio with pip failed")?;
+    step.done();
+    Ok(())
+}
+
+/// `promtool`, which checks shunt's `/metrics` in the tests, ships only in Debian's
+/// `prometheus` package, with the Prometheus server. Installing that package creates a system
+/// user and enables `prometheus.service` (on a machine without systemd running, its SysV
+/// script), so the next boot starts a server nobody asked for. Instead the package is
+/// downloaded (`apt-get download`, no dpkg state changes) and only `promtool`, a binary that
+/// needs nothing but libc, is unpacked from it into `target/tools/bin`: nothing outside the
+/// checkout changes, with or without systemd. A `promtool` already in `PATH` is used as it is.
+fn ensure_promtool(apt: &mut Apt) -> anyhow::Result<()> {
+    let root = crate::workspace_root();
+    let promtool = root.join(PROMTOOL);
+    if promtool.exists() || tool_paths("promtool").iter().any(|p| p.exists()) {
+        return Ok(());
     }
+    run::require_root("downloading Debian's prometheus package for promtool")?;
+    let step = Step::start(format!(
+        "unpacking promtool from Debian's prometheus package into {PROMTOOL}"
+    ));
+    // The package lists may be missing or stale (a fresh container): the download needs them.
+    apt.update()?;
+    let download = root.join("target/tools/download");
+    let _ = std::fs::remove_dir_all(&download);
+    std::fs::create_dir_all(&download)
+        .with_context(|| format!("creating {}", download.display()))?;
+    run::status(
+        Command::new("apt-get")
+            // Root downloads into a directory the `_apt` user cannot write; say so, quietly.
+            .args([
+                "-q",
+                "-o",
+                "APT::Sandbox::User=root",
+                "download",
+                "prometheus",
+            ])
+            .current_dir(&download),
+    )
+    .context("downloading Debian's prometheus package failed")?;
+    let deb = std::fs::read_dir(&download)?
+        .filter_map(|entry| entry.ok())
+        .map(|entry| entry.path())
+        .find(|path| path.extension().is_some_and(|ext| ext == "deb"))
+        .context("apt-get download left no .deb")?;
+    run::status(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&download))
+        .with_context(|| format!("unpacking {}", deb.display()))?;
+    let bin = promtool.parent().context("promtool's directory")?;
+    std::fs::create_dir_all(bin).with_context(|| format!("creating {}", bin.display()))?;
+    std::fs::copy(download.join("usr/bin/promtool"), &promtool)
+        .context("the prometheus package has no usr/bin/promtool")?;
+    let _ = std::fs::remove_dir_all(&download);
     step.done();
     Ok(())
 }
@@ -130,10 +208,7 @@ impl Apt {
         run::require_root(&format!("installing Debian packages {}", missing.join(" ")))?;
         let step = Step::start("installing Debian packages");
         println!("    {}", missing.join(" "));
-        if !self.updated {
-            apt_get(&["update", "-q"])?;
-            self.updated = true;
-        }
+        self.update()?;
         let mut args = vec!["install", "-y", "-q", "--no-install-recommends"];
         args.extend(&missing);
         apt_get(&args)?;
@@ -141,12 +216,28 @@ impl Apt {
         Ok(())
     }
 
-    /// As [`Apt::ensure`], without letting the packages start system-wide services (a
-    /// Prometheus or nginx listening on the node's ports is not what setting up asked for).
-    fn ensure_without_services(&mut self, packages: &[&str]) -> anyhow::Result<()> {
+    /// `apt-get update`, once per run.
+    fn update(&mut self) -> anyhow::Result<()> {
+        if !self.updated {
+            apt_get(&["update", "-q"])?;
+            self.updated = true;
+        }
+        Ok(())
+    }
+
+    /// As [`Apt::ensure`], without letting the packages start `services` or enable them for
+    /// the next boot (an nginx listening on the node's ports is not what setting up asked
+    /// for). `policy-rc.d` keeps them from starting while they are installed, with or without
+    /// systemd running; afterwards a service that was not enabled before is disabled again.
+    fn ensure_without_services(
+        &mut self,
+        packages: &[&str],
+        services: &[&str],
+    ) -> anyhow::Result<()> {
         if packages.iter().all(|p| is_installed(p)) {
             return Ok(());
         }
+        let enabled_before: Vec<bool> = services.iter().map(|s| service_enabled(s)).collect();
         let policy = std::path::Path::new("/usr/sbin/policy-rc.d");
         let guard = !policy.exists();
         if guard {
@@ -164,8 +255,37 @@ impl Apt {
         if guard {
             let _ = std::fs::remove_file(policy);
         }
-        installed
+        installed?;
+        for (service, before) in services.iter().zip(enabled_before) {
+            if !before && service_enabled(service) {
+                disable_service(service)?;
+            }
+        }
+        Ok(())
     }
+}
+
+/// Whether `service` starts at boot. `systemctl is-enabled` reads the unit's links, so it
+/// answers on a machine without systemd running too; without `systemctl` there is no systemd
+/// to start anything.
+fn service_enabled(service: &str) -> bool {
+    Command::new("systemctl")
+        .args(["is-enabled", "--quiet", service])
+        .status()
+        .is_ok_and(|status| status.success())
+}
+
+/// Disables `service` (and stops it, where systemd runs). Without systemd running,
+/// `systemctl disable` edits the links offline, and also disables the package's SysV script.
+fn disable_service(service: &str) -> anyhow::Result<()> {
+    let systemd_running = std::path::Path::new("/run/systemd/system").exists();
+    let mut cmd = Command::new("systemctl");
+    cmd.args(["disable", "--quiet"]);
+    if systemd_running {
+        cmd.arg("--now");
+    }
+    run::status(cmd.arg(service))
+        .with_context(|| format!("disabling {service}.service, which its package enabled"))
 }
 
 fn apt_get(args: &[&str]) -> anyhow::Result<()> {

@@ -874,14 +874,38 @@ impl Config {
 
 /// A deserialization error as `(field, message)`. An error outside any field — a YAML syntax
 /// error, a document that is not a mapping — is reported at `(top level)`, never unnamed.
+///
+/// The YAML parser starts its own message with the path it was at (the field itself, or the
+/// mapping holding an unknown field); that prefix is dropped, so the field is named once. The
+/// line and column stay at the end of the message.
 pub fn field_error<E: std::fmt::Display>(e: serde_path_to_error::Error<E>) -> (String, String) {
     let field = e.path().to_string();
-    let field = if field.is_empty() || field == "." {
-        "(top level)".to_owned()
-    } else {
-        field
-    };
-    (field, e.into_inner().to_string())
+    let message = e.into_inner().to_string();
+    if field.is_empty() || field == "." {
+        return ("(top level)".to_owned(), message);
+    }
+    let message = without_path_prefix(&field, &message).to_owned();
+    (field, message)
+}
+
+/// `message` without a leading `PATH: `, where PATH is `field` or a field holding it (in the
+/// YAML parser's spelling, which writes a list at the top level as `.[0]`).
+fn without_path_prefix<'m>(field: &str, message: &'m str) -> &'m str {
+    let mut path = field;
+    while !path.is_empty() {
+        let dotted = format!(".{path}");
+        let spellings = [path, dotted.as_str()];
+        for spelling in spellings {
+            if let Some(rest) = message
+                .strip_prefix(spelling)
+                .and_then(|rest| rest.strip_prefix(": "))
+            {
+                return rest;
+            }
+        }
+        path = &path[..path.rfind(['.', '[']).unwrap_or(0)];
+    }
+    message
 }
 
 #[cfg(test)]
@@ -918,6 +942,46 @@ mod tests {
         let (field, msg) = err("intercept:\n  listen_prot: 1\n");
         assert_eq!(field, "intercept.listen_prot");
         assert!(msg.contains("listen_prot"), "{msg}");
+    }
+
+    #[test]
+    fn an_error_names_its_field_once_and_gives_the_line() {
+        let (field, message) = err("intercept:\n  listen_port: 99999\n");
+        let error = ConfigError::Invalid {
+            path: PathBuf::from("bad.yaml"),
+            field,
+            message,
+        };
+        assert_eq!(
+            error.to_string(),
+            "bad.yaml: intercept.listen_port: invalid value: integer `99999`, expected u16 \
+             at line 2 column 16"
+        );
+        // The parser names the mapping of an unknown field, or a list at the top level as
+        // `.[0]`: neither is repeated either.
+        assert_eq!(
+            err("pods:\n  - {name: a}\n"),
+            (
+                "pods[0]".to_owned(),
+                "missing field `netns` at line 2 column 5".to_owned()
+            )
+        );
+        let (field, msg) = err("intercept:\n  listen_prot: 1\n");
+        assert_eq!(field, "intercept.listen_prot");
+        assert!(
+            msg.starts_with("unknown field `listen_prot`, expected one of"),
+            "{msg}"
+        );
+        assert!(msg.ends_with(" at line 2 column 3"), "{msg}");
+        assert_eq!(
+            fault::parse_rules("- name: x\n  bogus: 1\n").unwrap_err(),
+            (
+                "[0].bogus".to_owned(),
+                "unknown field `bogus`, expected one of `name`, `match`, `delay`, `abort`, \
+                 `tcp`, `header_control` at line 2 column 3"
+                    .to_owned()
+            )
+        );
     }
 
     #[test]

@@ -19,7 +19,7 @@ struct Cli {
     #[arg(long)]
     only: Option<String>,
     /// Where to write results.json and results.md.
-    #[arg(long, default_value = "bench/results")]
+    #[arg(long, default_value = "target/bench")]
     out: PathBuf,
 }
 

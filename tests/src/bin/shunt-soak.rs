@@ -17,7 +17,7 @@ struct Cli {
     #[arg(long)]
     seconds: Option<f64>,
     /// Where to write soak.json.
-    #[arg(long, default_value = "bench/results")]
+    #[arg(long, default_value = "target/soak")]
     out: PathBuf,
 }
 
