@@ -1,7 +1,8 @@
 //! shunt: an eBPF-accelerated transparent interception proxy for Kubernetes.
 //!
 //! See ARCHITECTURE.md for the data path and how the modules fit together. The library exists
-//! for the `shunt` binary and the fuzz targets (`fuzz/`); it is not a stable API.
+//! for the `shunt` binary, the fuzz targets (`fuzz/`) and the tests crate, which
+//! writes the daemon's configuration and reads the admin API's types; it is not a stable API.
 //!
 //! `unsafe` is denied everywhere but in the `sys` modules (`bpf/sys.rs`, `handoff/sys.rs`,
 //! `inpod/sys.rs`, `proxy/sys.rs`, `telemetry/sys.rs`), which wrap each system call safely.

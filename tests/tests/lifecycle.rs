@@ -92,10 +92,12 @@ fn stopping_the_daemon_ends_its_connections_threads_and_descriptors() -> anyhow:
     let daemon = Daemon::configure(&sandbox, &[&client], &options)?;
     // tokio keeps one socket pair for the life of the process, made when the first signal
     // handler is registered (as the daemon registers SIGTERM): made here, before the count.
-    tokio::runtime::Builder::new_current_thread()
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
-        .build()?
-        .block_on(async { tokio::signal::unix::signal(SignalKind::terminate()) })?;
+        .build()?;
+    let sigterm =
+        runtime.block_on(async { tokio::signal::unix::signal(SignalKind::terminate()) })?;
+    drop((sigterm, runtime));
     let (fds_before, threads_before) = (descriptors(), daemon_threads());
     ensure!(threads_before.is_empty(), "{threads_before:?}");
 
