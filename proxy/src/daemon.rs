@@ -18,7 +18,7 @@ use crate::{
         access::Access,
         server::{self as admin, AdminContext, Command},
     },
-    bpf::{Datapath, DatapathConfig},
+    bpf::{self, Datapath, DatapathConfig},
     config::Config,
     fault::Faults,
     handoff,
@@ -44,8 +44,9 @@ pub struct Prepared {
 /// reduces them for every thread the daemon will ever run.
 pub fn prepare(config_path: &Path, kubernetes: bool) -> anyhow::Result<Prepared> {
     let mut config = Config::load(config_path)?;
-    // Needs CAP_SYS_RESOURCE, which is not kept: limits are the process's, not a thread's.
+    // Need CAP_SYS_RESOURCE, which is not kept: limits are the process's, not a thread's.
     crate::open_files::raise();
+    bpf::raise_memlock_limit();
     config.limits = size_limits(&config.limits);
     privileges::restrict_to(&privileges::Needs::for_config(&config, kubernetes))?;
     Ok(Prepared {
@@ -86,6 +87,8 @@ pub async fn run(prepared: Prepared) -> anyhow::Result<()> {
     let telemetry = Telemetry::start(&config.telemetry, inherited)?;
     let intercept = &config.intercept;
 
+    // From here until the daemon runs, a failure removes the pins this start made.
+    let rollback = bpf::Rollback::begin(&intercept.pin_dir);
     let datapath = Datapath::install(
         &DatapathConfig {
             cgroup: intercept.cgroup.clone(),
@@ -263,6 +266,7 @@ pub async fn run(prepared: Prepared) -> anyhow::Result<()> {
     let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())?;
     let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt())?;
     let mut sighup = tokio::signal::unix::signal(SignalKind::hangup())?;
+    rollback.keep();
     let successor = loop {
         tokio::select! {
             _ = sigterm.recv() => {

@@ -276,6 +276,47 @@ fn a_missing_capability_is_named_and_nothing_is_set_up() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A start that fails after the programs are loaded, attached and pinned (here: Kubernetes
+/// mode with a kubeconfig that is not there) undoes all of it. Fail-closed shows it: programs
+/// left attached with no daemon would refuse the pod's connections.
+#[test]
+fn a_start_that_fails_after_loading_the_programs_leaves_nothing_behind() -> anyhow::Result<()> {
+    let (sandbox, client, server) = shunt_tests::probe::client_and_server(7201)?;
+    let missing = sandbox.scratch_dir("kube")?.join("no-such-kubeconfig");
+    let options = Options {
+        kubernetes: true,
+        ..Default::default()
+    }
+    .with_config(|config| {
+        config.intercept.fail_mode = shunt::config::FailMode::Closed;
+        config.kubernetes.kubeconfig = Some(missing.clone());
+        config.kubernetes.node_name = Some("node-a".into());
+    });
+    let mut daemon = Daemon::configure(&sandbox, &[&client], &options)?;
+    let started = daemon.launch();
+    let log = daemon.log_text();
+    anyhow::ensure!(
+        started.is_err(),
+        "shunt started without its kubeconfig: {log}"
+    );
+    anyhow::ensure!(
+        log.contains("programs attached") && log.contains(&missing.display().to_string()),
+        "it failed after attaching, naming the kubeconfig: {log}"
+    );
+    anyhow::ensure!(log.contains("start-up failed: removed the"), "{log}");
+    anyhow::ensure!(
+        !daemon.pin_dir.exists(),
+        "pins left in {}",
+        daemon.pin_dir.display()
+    );
+    let seen = shunt_tests::probe::connect_once(&sandbox, &client, server, &[])?;
+    anyhow::ensure!(
+        !seen.was_redirected(),
+        "the pod's connection was redirected: {seen:?}"
+    );
+    Ok(())
+}
+
 /// Two web servers: the Service's endpoint, and one that is not part of it.
 struct Web {
     sandbox: Sandbox,

@@ -8,6 +8,7 @@
 
 mod fs;
 mod sockmap;
+mod start;
 #[allow(unsafe_code)]
 mod sys;
 
@@ -32,6 +33,7 @@ use shunt_common::{
 
 pub use fs::cgroup2_mount;
 pub use sockmap::Sockmap;
+pub use start::{Rollback, check_kernel, raise_memlock_limit};
 
 use crate::{config::FailMode, net::to_raw};
 
@@ -63,6 +65,15 @@ pub enum BpfError {
     Program { name: &'static str, message: String },
     #[error("map {name}: {message}")]
     Map { name: &'static str, message: String },
+    #[error(
+        "this kernel ({release}) is too old: shunt needs Linux {minimum} or later, because \
+         {needs}"
+    )]
+    KernelTooOld {
+        release: String,
+        minimum: String,
+        needs: &'static str,
+    },
     #[error("removing pins under {path}: {source}")]
     Unpin {
         path: PathBuf,
@@ -152,6 +163,7 @@ impl Datapath {
         cfg: &DatapathConfig,
         log_level: log::LevelFilter,
     ) -> Result<Datapath, BpfError> {
+        check_kernel()?;
         let pin_err = |path: &Path| {
             let path = path.to_owned();
             move |source| BpfError::BpfFs { path, source }
