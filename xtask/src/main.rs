@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 mod fuzz;
+mod kernels;
 mod layers;
 mod run;
 mod setup;
@@ -80,6 +81,22 @@ enum Task {
         #[arg(long)]
         publish: bool,
     },
+    /// Boot Debian's kernels in qemu and run shunt and some of its sandbox tests under each
+    /// (as root); prints a table kernel × check. Kernels are cached in target/kernels.
+    Kernels {
+        /// Kernel versions, e.g. `6.1` (the newest Debian linux-image-6.1…-amd64 of
+        /// bullseye, bookworm or bookworm-backports); default: 5.10 6.1 6.12.
+        versions: Vec<String>,
+        /// Acceleration: `auto` tries KVM on the first kernel and falls back to TCG.
+        #[arg(long, value_enum, default_value_t = kernels::Accel::Auto)]
+        accel: kernels::Accel,
+        /// Time limit of one machine (boot and checks), in seconds.
+        #[arg(long, default_value_t = 1200)]
+        timeout: u64,
+        /// Time limit of one test inside a machine, in seconds.
+        #[arg(long, default_value_t = 240)]
+        test_timeout: u64,
+    },
 }
 
 fn main() {
@@ -111,6 +128,26 @@ fn main() {
         } => setup::run()
             .and_then(|()| if peers { setup::peers() } else { Ok(()) })
             .and_then(|()| bench(quick, peers, publish)),
+        Task::Kernels {
+            versions,
+            accel,
+            timeout,
+            test_timeout,
+        } => setup::run().and_then(|()| {
+            let versions = match versions.is_empty() {
+                true => kernels::DEFAULT_VERSIONS
+                    .iter()
+                    .map(|v| v.to_string())
+                    .collect(),
+                false => versions,
+            };
+            kernels::run(&kernels::Options {
+                versions,
+                accel,
+                timeout: std::time::Duration::from_secs(timeout),
+                test_timeout: std::time::Duration::from_secs(test_timeout),
+            })
+        }),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -191,12 +191,12 @@ fn ensure_promtool(apt: &mut Apt) -> anyhow::Result<()> {
 
 /// Installs missing Debian packages; refreshes the package lists at most once per run.
 #[derive(Default)]
-struct Apt {
+pub struct Apt {
     updated: bool,
 }
 
 impl Apt {
-    fn ensure(&mut self, packages: &[&str]) -> anyhow::Result<()> {
+    pub fn ensure(&mut self, packages: &[&str]) -> anyhow::Result<()> {
         let missing: Vec<&str> = packages
             .iter()
             .copied()
