@@ -22,8 +22,8 @@
 //!   `@@check NAME ok|FAIL` lines, each check's output as `@@out NAME …` lines.
 //! - **Acceleration**: `/dev/kvm` may be a paravirtualised KVM on which stock kernels hang.
 //!   With `--accel auto`, the first machine boots under KVM and must reach its `/init` within
-//!   [`KVM_PROBE`]; otherwise it is killed and every machine of the run uses TCG (emulation,
-//!   a few minutes per kernel). Every machine is killed at its time limit.
+//!   [`KVM_PROBE`]; otherwise it is killed and every machine of the run uses TCG (emulation:
+//!   tens of seconds per kernel for these checks). Every machine is killed at its time limit.
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
@@ -279,17 +279,13 @@ impl PrivateApt {
         cmd
     }
 
-    /// `apt-get update` of the private lists, unless they are younger than a day.
+    /// `apt-get update` of the private lists, unless the last one was less than a day ago
+    /// (a stamp file: apt gives the lists the archive's times, not the download's).
     fn refresh(&self) -> anyhow::Result<()> {
-        let lists = self.root.join("state/lists");
-        let newest = std::fs::read_dir(&lists)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter(|e| e.file_name().to_string_lossy().ends_with("_Packages"))
-            .filter_map(|e| e.metadata().and_then(|m| m.modified()).ok())
-            .max();
-        let fresh = newest
+        let stamp = self.root.join("state/updated");
+        let fresh = std::fs::metadata(&stamp)
+            .and_then(|m| m.modified())
+            .ok()
             .and_then(|t| SystemTime::now().duration_since(t).ok())
             .is_some_and(|age| age < LISTS_MAX_AGE);
         if fresh {
@@ -301,6 +297,7 @@ impl PrivateApt {
         ));
         run::status(self.command("apt-get").args(["-q", "update"]))
             .context("apt-get update of the kernels' suites failed")?;
+        std::fs::write(&stamp, "").with_context(|| format!("writing {}", stamp.display()))?;
         step.done();
         Ok(())
     }
@@ -698,7 +695,7 @@ fn boot_and_check(
             return Ok(outcome);
         }
         println!(
-            "    KVM did not boot it ({}): this run uses TCG (emulation, minutes per kernel)",
+            "    KVM did not boot it ({}): this run uses TCG (emulation)",
             outcome.ended.as_deref().unwrap_or("no /init")
         );
         *accel = Accel::Tcg;
@@ -823,7 +820,7 @@ fn parse_console(text: &str) -> Outcome {
             output
                 .entry(name.to_owned())
                 .or_default()
-                .push(out.to_owned());
+                .push(strip_ansi(out));
         }
     }
     Outcome {
@@ -835,6 +832,25 @@ fn parse_console(text: &str) -> Outcome {
         ended: None,
         log: PathBuf::new(),
     }
+}
+
+/// `text` without ANSI colour sequences (`ESC [ … m`), as logs written for a terminal have.
+fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // Up to and including the sequence's final letter.
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// Results of one machine, with the last lines of each failed check's output.
@@ -1007,6 +1023,10 @@ mod tests {
         assert_eq!(outcome.results["start"], "FAIL");
         assert_eq!(outcome.results["uninstall"], "ok");
         assert_eq!(outcome.output["start"], ["shunt: refused"]);
+        assert_eq!(
+            strip_ansi("\u{1b}[2mtime\u{1b}[0m \u{1b}[32m INFO\u{1b}[0m x"),
+            "time  INFO x"
+        );
     }
 
     #[test]
