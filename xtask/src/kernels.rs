@@ -15,12 +15,14 @@
 //!   busybox, and the kernel's own modules for virtio-pci, 9p and what the sandbox needs
 //!   (veth, bridge), with their dependencies read from each module's `depends=`. Its `/init`
 //!   loads them, mounts the shared root, proc, sys, devtmpfs, cgroup2 and bpffs under it,
-//!   runs the check script there with `chroot`, and powers the machine off.
+//!   runs the check script there with `chroot`, and powers the machine off. Nothing is
+//!   loaded later: the shared `/lib/modules` is this machine's, not the guest kernel's.
 //! - **The checks** are a shell script under `target/kernels/`: whether `shunt run` starts
 //!   and answers on its admin socket, then tests of `tests/tests/redirect.rs` run one by one
 //!   from their compiled binary. Results come back over the serial console (a file), as
 //!   `@@check NAME ok|FAIL` lines, each check's output as `@@out NAME …` lines.
-//! - **Acceleration**: `/dev/kvm` may be a paravirtualised KVM on which stock kernels hang.
+//! - **Acceleration**: `/dev/kvm` may be a paravirtualised KVM on which stock kernels hang,
+//!   or on which qemu cannot start them at all.
 //!   With `--accel auto`, the first machine boots under KVM and must reach its `/init` within
 //!   [`KVM_PROBE`]; otherwise it is killed and every machine of the run uses TCG (emulation:
 //!   tens of seconds per kernel for these checks). Every machine is killed at its time limit.
@@ -70,7 +72,9 @@ const MODULES: &[&str] = &[
 const KVM_PROBE: Duration = Duration::from_secs(40);
 
 /// The checks, in the order the script runs them: a name for the table and, for tests, the
-/// test of `tests/tests/redirect.rs` it runs (`None`: the script's own start check).
+/// test of `tests/tests/redirect.rs` it runs (`None`: the script's own start check). The
+/// three redirect tests each assert that `getpeername()` in the pod shows the original
+/// destination; the uninstall test, that no program, link or pin is left.
 const CHECKS: &[(&str, Option<&str>)] = &[
     ("start", None),
     (
