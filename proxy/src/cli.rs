@@ -137,6 +137,9 @@ pub enum Command {
     },
     /// The configuration in force, defaults filled in (YAML; JSON with `-o json`).
     Config,
+    /// Whether this kernel runs shunt and which optional features it has, probed by loading
+    /// small test programs (needs root; no daemon needed). Fails below the minimum kernel.
+    Kernel,
     /// Detach and remove every program, link and map shunt pinned, and stop the daemon if one
     /// runs (with --config: the daemon and the pins that configuration names).
     Uninstall {

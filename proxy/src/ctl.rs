@@ -9,9 +9,9 @@ use serde::Serialize;
 use crate::{
     admin::{
         api::{
-            ConnRecord, Done, EnrollRequest, FaultsRequest, FaultsSet, KubernetesStatus, LogFilter,
-            PodSummary, Reloaded, RuleSummary, ServiceSummary, Stats, Status, StreamRecord,
-            Uninstalled,
+            ConnRecord, Done, EnrollRequest, FaultsRequest, FaultsSet, KernelStatus,
+            KubernetesStatus, LogFilter, PodSummary, Reloaded, RuleSummary, ServiceSummary, Stats,
+            Status, StreamRecord, Uninstalled,
         },
         client::{AdminClient, ClientError},
     },
@@ -32,6 +32,10 @@ pub async fn run(
     let client = AdminClient::new(socket);
     match command {
         Command::Run { .. } | Command::Crd => unreachable!("handled by main"),
+        Command::Kernel => {
+            let kernel = KernelStatus::from(&bpf::Kernel::probe()?);
+            print(output, &kernel, || kernel_text(&kernel));
+        }
         Command::Enroll { name, netns } => {
             let netns = std::fs::canonicalize(&netns).unwrap_or(netns);
             let pod: PodSummary = client
@@ -73,7 +77,8 @@ pub async fn run(
                     s.ready,
                     s.access_log,
                     s.log_filter
-                ) + &limits_text(&s)
+                ) + &kernel_text(&s.kernel)
+                    + &limits_text(&s)
                     + &s.kubernetes
                         .as_ref()
                         .map(kubernetes_text)
@@ -222,6 +227,23 @@ fn print<T: Serialize>(output: Output, value: &T, table: impl FnOnce() -> String
 }
 
 /// The connection limits in force and the open-file limit they were sized to.
+/// `kernel: 5.10.0-28-amd64, lacks: local_fast_path (needs Linux 5.15 …)`.
+fn kernel_text(kernel: &KernelStatus) -> String {
+    let missing: Vec<String> = kernel
+        .features
+        .iter()
+        .filter(|f| !f.available)
+        .map(|f| format!("\n  {} (needs {})", f.name, f.needs))
+        .collect();
+    match missing.is_empty() {
+        true => format!(
+            "kernel: {}, every optional feature available\n",
+            kernel.release
+        ),
+        false => format!("kernel: {}, lacks:{}\n", kernel.release, missing.concat()),
+    }
+}
+
 fn limits_text(s: &Status) -> String {
     let open_files = s.open_files.map_or("unknown".into(), |f| {
         format!("soft {}, hard {}", f.soft, f.hard)

@@ -223,6 +223,14 @@ pub async fn run(prepared: Prepared) -> anyhow::Result<()> {
     // Narrow handles, not the proxy: telemetry outlives what it reports on, and must not keep
     // it alive (the proxy holds telemetry).
     let ebpf = datapath.clone();
+    let kernel_features = ebpf
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .kernel
+        .features()
+        .into_iter()
+        .map(|f| (f.name, f.available))
+        .collect();
     let ebpf_counters = move || ebpf.lock().unwrap_or_else(|p| p.into_inner()).counters();
     let enrolled = Arc::downgrade(&enrollments);
     telemetry.serve_metrics(telemetry::Sources {
@@ -232,6 +240,7 @@ pub async fn run(prepared: Prepared) -> anyhow::Result<()> {
         settings,
         ebpf_counters: Box::new(ebpf_counters),
         pods_enrolled: Box::new(move || enrolled.upgrade().map_or(0, |e| e.list().len())),
+        kernel_features,
     });
     let watches = kubernetes.clone();
     telemetry.health().set_ready(move || {

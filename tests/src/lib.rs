@@ -13,6 +13,7 @@ pub mod fixture;
 pub mod grpc;
 pub mod interrupts;
 pub mod iptables;
+pub mod kernel;
 pub mod kube_api;
 pub mod probe;
 pub mod sandbox;

@@ -128,3 +128,45 @@ pub fn enter_on_exec(cmd: &mut Command, netns: Option<File>, procs: CString) {
         });
     }
 }
+
+/// The ids of the programs attached to the cgroup open as `cgroup` at `attach_type`
+/// (`BPF_PROG_QUERY`; up to 64). Asked per attach type, as every kernel answers for the
+/// types it knows; `bpftool cgroup show` asks for every type its own build knows and gives
+/// up on older kernels.
+pub fn cgroup_programs(cgroup: &File, attach_type: u32) -> io::Result<Vec<u32>> {
+    #[repr(C)]
+    struct QueryAttr {
+        target_fd: u32,
+        attach_type: u32,
+        query_flags: u32,
+        attach_flags: u32,
+        prog_ids: u64,
+        prog_cnt: u32,
+        _pad: u32,
+    }
+    const BPF_PROG_QUERY: libc::c_long = 16;
+    let mut ids = [0u32; 64];
+    let mut attr = QueryAttr {
+        target_fd: cgroup.as_raw_fd() as u32,
+        attach_type,
+        query_flags: 0,
+        attach_flags: 0,
+        prog_ids: ids.as_mut_ptr() as u64,
+        prog_cnt: ids.len() as u32,
+        _pad: 0,
+    };
+    // SAFETY: `attr` is a valid BPF_PROG_QUERY attribute whose `prog_ids` points at `ids`,
+    // `prog_cnt` entries long; both outlive the call, and the descriptor is open.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_QUERY,
+            &mut attr as *mut QueryAttr,
+            std::mem::size_of::<QueryAttr>(),
+        )
+    };
+    if ret != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(ids[..attr.prog_cnt as usize].to_vec())
+}

@@ -295,6 +295,9 @@ fn grpc_streaming_deadlines_and_cancellation_pass_through() -> anyhow::Result<()
 /// stream; the client connection's two sockets leave the map when it closes.
 #[test]
 fn local_fast_path_keeps_grpc_calls_balanced_per_stream() -> anyhow::Result<()> {
+    if !shunt_tests::kernel::has("local_fast_path")? {
+        return Ok(());
+    }
     let (sandbox, client, endpoints) = client_and_greeters(3, PORT)?;
     let options = service(&endpoints).with_config(|c| c.intercept.local_fast_path = true);
     let daemon = Daemon::start(&sandbox, &[&client], &options)?;

@@ -225,6 +225,9 @@ fn a_server_that_speaks_first_is_not_delayed(forwarding: &str) -> anyhow::Result
 /// and its record says why.
 #[test]
 fn a_connection_the_kernel_cannot_take_is_spliced() -> anyhow::Result<()> {
+    if !shunt_tests::kernel::has("sockmap_forwarding")? {
+        return Ok(());
+    }
     let setup = setup(1, 8080)?;
     let eps = endpoints(&setup, 8080);
     // The upstream answers late, so the client's FIN is in first.
@@ -770,6 +773,9 @@ macro_rules! per_forwarding_mode {
         mod sockmap {
             $(#[test]
             fn $case() -> anyhow::Result<()> {
+                if !shunt_tests::kernel::has("sockmap_forwarding")? {
+                    return Ok(());
+                }
                 super::$case("sockmap")
             })*
         }
@@ -807,6 +813,9 @@ fn fast_path_sockets_become(daemon: &Daemon, n: u64) -> anyhow::Result<()> {
 /// it when it closes), and the kernel redirected messages.
 #[test]
 fn local_fast_path_carries_an_opaque_connection() -> anyhow::Result<()> {
+    if !shunt_tests::kernel::has("local_fast_path")? {
+        return Ok(());
+    }
     let setup = setup(1, 8080)?;
     let eps = endpoints(&setup, 8080);
     let daemon = Daemon::start(
@@ -857,6 +866,9 @@ fn local_fast_path_carries_an_opaque_connection() -> anyhow::Result<()> {
 
 #[test]
 fn local_fast_path_passes_tls_through() -> anyhow::Result<()> {
+    if !shunt_tests::kernel::has("local_fast_path")? {
+        return Ok(());
+    }
     tls_passes_through(local_fast_path, |daemon, _| {
         assert!(daemon.counter("ebpf", "local_fast_path_redirected")? > 0);
         fast_path_sockets_become(daemon, 0)
@@ -896,6 +908,9 @@ fn local_fast_path_is_off_by_default() -> anyhow::Result<()> {
 #[ignore = "stalls now and then on Linux 6.18 when the machine is busy: the echo of a few MiB \
             through the sk_msg ingress redirect stops until the read times out"]
 fn local_fast_path_carries_a_large_payload() -> anyhow::Result<()> {
+    if !shunt_tests::kernel::has("local_fast_path")? {
+        return Ok(());
+    }
     let setup = setup(1, 8080)?;
     let eps = endpoints(&setup, 8080);
     let daemon = Daemon::start(
@@ -935,5 +950,8 @@ fn local_fast_path_carries_a_large_payload() -> anyhow::Result<()> {
 #[test]
 #[ignore = "the kernel's sk_msg ingress redirect has no flow control: the writer gets ENOMEM"]
 fn local_fast_path_a_slow_reader_holds_the_writer_back() -> anyhow::Result<()> {
+    if !shunt_tests::kernel::has("local_fast_path")? {
+        return Ok(());
+    }
     slow_reader(local_fast_path, "copy (local fast path; splice)")
 }

@@ -320,6 +320,9 @@ fn a_successor_that_dies_during_the_handoff_leaves_the_running_daemon_serving() 
 /// its own `sk_msg` program to that map, and its new connections use the fast path too.
 #[test]
 fn the_local_fast_path_survives_an_upgrade() -> anyhow::Result<()> {
+    if !shunt_tests::kernel::has("local_fast_path")? {
+        return Ok(());
+    }
     let (sandbox, client, server) = probe::client_and_server(TCP_PORT)?;
     let mut opts = options(TCP_PORT, &[server], Duration::from_secs(25));
     opts.config.intercept.local_fast_path = true;
@@ -388,6 +391,9 @@ fn the_local_fast_path_survives_an_upgrade() -> anyhow::Result<()> {
 /// bytes wait where splice cannot read them.
 #[test]
 fn turning_the_local_fast_path_off_across_an_upgrade() -> anyhow::Result<()> {
+    if !shunt_tests::kernel::has("local_fast_path")? {
+        return Ok(());
+    }
     let (sandbox, client, server) = probe::client_and_server(TCP_PORT)?;
     let off = options(TCP_PORT, &[server], Duration::from_secs(25));
     let mut on = off.clone();

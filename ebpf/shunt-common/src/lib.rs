@@ -13,7 +13,10 @@ pub mod maps {
     pub const ENROLLED: &str = "ENROLLED";
     pub const EXCLUDED_CIDRS: &str = "EXCL_CIDRS";
     pub const EXCLUDED_PORTS: &str = "EXCL_PORTS";
-    pub const DST_BY_SOCKET: &str = "DST_BY_SOCK";
+    /// Socket cookie → [`Redirected`](super::Redirected). (Before the netns cookie joined
+    /// the value it was `DST_BY_SOCK`; a new name keeps an upgraded daemon from reading the
+    /// old layout out of a pinned map.)
+    pub const REDIRECTED: &str = "REDIRECTED";
     pub const DST_BY_CLIENT: &str = "DST_BY_CLIENT";
     pub const COUNTERS: &str = "COUNTERS";
     /// Sockets whose incoming bytes the stream verdict redirects (`forwarding: sockmap`).
@@ -26,6 +29,9 @@ pub mod maps {
     /// Both ends of every app ↔ in-pod listener connection (`intercept.local_fast_path`),
     /// keyed by [`LocalTuple`]; the `sk_msg` program is attached to it.
     pub const LOCAL_SOCKS: &str = "LOCAL_SOCKS";
+    /// Socket cookie → netns cookie of the sockets that connected to the probe address
+    /// ([`NETNS_PROBE_PORT`](super::NETNS_PROBE_PORT)). Not pinned: it is the daemon's own.
+    pub const NETNS_PROBES: &str = "NETNS_PROBES";
 
     pub const ENROLLED_CAPACITY: u32 = 4096;
     pub const EXCLUDED_CIDRS_CAPACITY: u32 = 1024;
@@ -38,6 +44,7 @@ pub mod maps {
     /// Sockets on the local fast path (two per connection): past it, connections take the
     /// TCP path.
     pub const LOCAL_SOCKS_CAPACITY: u32 = 65536;
+    pub const NETNS_PROBES_CAPACITY: u32 = 256;
 }
 
 /// Program names (also their ELF section symbols). Kernel program names are limited to 15
@@ -55,6 +62,22 @@ pub mod programs {
     /// The `sk_msg` program of `intercept.local_fast_path`, attached to `LOCAL_SOCKS`.
     pub const LOCAL_FAST_PATH: &str = "shunt_sk_msg";
 }
+
+/// Read-only globals the daemon sets when it loads the programs, from what it found the kernel
+/// can do. The verifier knows their values, so a branch they rule out is never checked: code
+/// calling a helper the kernel lacks loads as long as the kernel cannot reach it.
+pub mod globals {
+    /// `1` where sock_ops programs may call `bpf_get_netns_cookie` (Linux 5.15), which the
+    /// local fast path keys its sockets by.
+    pub const SOCK_OPS_NETNS_COOKIE: &str = "SOCK_OPS_NETNS_COOKIE";
+}
+
+/// A connect to this address and port from a socket of the attached cgroup is refused
+/// (`EPERM`) and its namespace's cookie recorded in `NETNS_PROBES` by socket cookie. Kernels
+/// before 5.14 have no `SO_NETNS_COOKIE`; this is how the daemon learns a pod's cookie there.
+/// No one else connects to port 0.
+pub const NETNS_PROBE_ADDR: [u8; 4] = [127, 0, 0, 1];
+pub const NETNS_PROBE_PORT: u16 = 0;
 
 pub const FAIL_OPEN: u8 = 0;
 pub const FAIL_CLOSED: u8 = 1;
@@ -78,6 +101,15 @@ pub struct InterceptConfig {
 
 /// An address as the kernel stores it: four words in network byte order, IPv4 mapped.
 pub type RawAddr = [u32; 4];
+
+/// A socket `connect()` redirected: where it was going and its network namespace, which
+/// sock_ops needs and cannot ask the kernel for before 5.15.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Redirected {
+    pub dst: OriginalDst,
+    pub netns_cookie: u64,
+}
 
 /// Where a redirected connection was originally going.
 #[repr(C)]
@@ -255,6 +287,7 @@ mod user {
     // SAFETY: all are `repr(C)` plain data with explicit padding fields, valid for any bytes.
     unsafe impl aya::Pod for super::InterceptConfig {}
     unsafe impl aya::Pod for super::OriginalDst {}
+    unsafe impl aya::Pod for super::Redirected {}
     unsafe impl aya::Pod for super::ClientKey {}
     unsafe impl aya::Pod for super::SockmapPeer {}
     unsafe impl aya::Pod for super::LocalTuple {}
@@ -268,6 +301,7 @@ mod tests {
     fn layouts_are_stable() {
         assert_eq!(core::mem::size_of::<InterceptConfig>(), 8);
         assert_eq!(core::mem::size_of::<OriginalDst>(), 24);
+        assert_eq!(core::mem::size_of::<Redirected>(), 32);
         assert_eq!(core::mem::size_of::<ClientKey>(), 32);
         assert_eq!(core::mem::size_of::<SockmapPeer>(), 16);
         assert_eq!(core::mem::size_of::<LocalTuple>(), 48);

@@ -2,10 +2,13 @@
 //!
 //! * `cgroup/connect4`, `cgroup/connect6`: on every TCP `connect()` in the attached cgroup,
 //!   redirect sockets of enrolled network namespaces to shunt's in-pod listener and remember
-//!   the original destination by socket cookie.
+//!   the original destination and the namespace's cookie by socket cookie. `connect4` also
+//!   answers the daemon's namespace probes (see `NETNS_PROBE_PORT`).
 //! * `sock_ops` at `TCP_CONNECT_CB` (inside `connect()`, before the SYN, so it cannot race the
 //!   proxy's `accept()`): copy the original destination to a key the proxy can compute after
 //!   `accept()` — netns cookie + client address and port. At `TCP_CLOSE` it forgets the socket.
+//!   It takes the netns cookie from what `connect` recorded: sock_ops may only ask the kernel
+//!   for it from Linux 5.15 on.
 //! * `cgroup/getpeername4`, `cgroup/getpeername6`: answer with the original destination, so the
 //!   application sees the address it asked for.
 //! * `sk_skb/stream_verdict` on the `SM_SOURCES` sockhash (`forwarding: sockmap`): every skb
@@ -25,10 +28,10 @@ use aya_ebpf::{
     bindings::{
         BPF_F_CURRENT_NETNS, BPF_F_INGRESS, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
-        BPF_SOCK_OPS_TCP_CONNECT_CB, SO_MARK, SOL_SOCKET, bpf_sock_tuple, sk_action,
+        BPF_SOCK_OPS_TCP_CONNECT_CB, bpf_sock_tuple, sk_action,
     },
     helpers::{
-        bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_getsockopt, bpf_sk_lookup_tcp,
+        bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_sk_lookup_tcp,
         bpf_sk_release,
     },
     macros::{cgroup_sock_addr, map, sk_msg, sock_ops, stream_verdict},
@@ -37,8 +40,9 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use shunt_common::{
-    ClientKey, Counter, FAIL_CLOSED, InterceptConfig, LocalTuple, OriginalDst, RawAddr,
-    SockmapPeer, is_v4_mapped, map_v4, maps::*,
+    ClientKey, Counter, FAIL_CLOSED, InterceptConfig, LocalTuple, NETNS_PROBE_ADDR,
+    NETNS_PROBE_PORT, OriginalDst, RawAddr, Redirected, SockmapPeer, is_v4_mapped, map_v4,
+    maps::*,
 };
 
 const AF_INET: u32 = 2;
@@ -63,9 +67,24 @@ static EXCLUDED_CIDRS: LpmTrie<RawAddr, u8> = LpmTrie::pinned(EXCLUDED_CIDRS_CAP
 #[map(name = "EXCL_PORTS")]
 static EXCLUDED_PORTS: HashMap<u16, u8> = HashMap::pinned(EXCLUDED_PORTS_CAPACITY, 0);
 
-/// Socket cookie → original destination; read by sock_ops and getpeername.
-#[map(name = "DST_BY_SOCK")]
-static DST_BY_SOCKET: LruHashMap<u64, OriginalDst> = LruHashMap::pinned(DST_CAPACITY, 0);
+/// Socket cookie → original destination and netns cookie; read by sock_ops and getpeername.
+#[map(name = "REDIRECTED")]
+static REDIRECTED: LruHashMap<u64, Redirected> = LruHashMap::pinned(DST_CAPACITY, 0);
+
+/// Socket cookie → netns cookie of the daemon's namespace probes.
+#[map(name = "NETNS_PROBES")]
+static NETNS_PROBES: LruHashMap<u64, u64> = LruHashMap::with_max_entries(NETNS_PROBES_CAPACITY, 0);
+
+/// `globals::SOCK_OPS_NETNS_COOKIE`, set by the daemon at load time. Read with
+/// `read_volatile` so the compiler keeps the load the verifier resolves.
+#[unsafe(no_mangle)]
+static SOCK_OPS_NETNS_COOKIE: u8 = 1;
+
+#[inline(always)]
+fn sock_ops_has_netns_cookie() -> bool {
+    // SAFETY: a plain read of an initialised static.
+    unsafe { core::ptr::read_volatile(&SOCK_OPS_NETNS_COOKIE) != 0 }
+}
 
 /// Netns cookie + client address/port → original destination; consumed by the proxy.
 #[map(name = "DST_BY_CLIENT")]
@@ -114,6 +133,7 @@ const LOOPBACK6: RawAddr = [0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])];
 fn skip_reason(
     ctx: &SockAddrContext,
     cfg: &InterceptConfig,
+    netns: u64,
     dst: &RawAddr,
     port: u16,
 ) -> Option<Counter> {
@@ -122,24 +142,16 @@ fn skip_reason(
     if sa.type_ != SOCK_STREAM || sa.protocol != IPPROTO_TCP {
         return Some(Counter::SkipNotTcp);
     }
-    // SAFETY: helper valid in cgroup sock_addr programs.
-    let netns = unsafe { bpf_get_netns_cookie(ctx.sock_addr as *mut c_void) };
     // SAFETY: plain read of a hash map value.
     if unsafe { ENROLLED.get(netns) }.is_none() {
         return Some(Counter::SkipNotEnrolled);
     }
-    let mut mark: u32 = 0;
-    // SAFETY: SO_MARK is a 4-byte option; the buffer is on the stack.
-    let got = unsafe {
-        bpf_getsockopt(
-            ctx.sock_addr as *mut c_void,
-            SOL_SOCKET as i32,
-            SO_MARK as i32,
-            &mut mark as *mut u32 as *mut c_void,
-            mem::size_of::<u32>() as i32,
-        )
-    };
-    if got == 0 && cfg.mark != 0 && mark == cfg.mark {
+    // The socket's own field rather than bpf_getsockopt(SO_MARK), which older kernels (5.10)
+    // do not answer.
+    // SAFETY: `sk` of a sock_addr context is the socket doing the call, never null; its
+    // `mark` is read with one 4-byte load, the only width the verifier accepts.
+    let mark = unsafe { core::ptr::read_volatile(&(*sa.__bindgen_anon_1.sk).mark) };
+    if cfg.mark != 0 && mark == cfg.mark {
         return Some(Counter::SkipMarked);
     }
     if is_loopback(dst) {
@@ -200,7 +212,9 @@ fn listener_present(ctx: &SockAddrContext, v4: bool, port: u16) -> bool {
 /// Decide, record and count. Returns whether to rewrite the destination to the listener.
 #[inline(always)]
 fn should_redirect(ctx: &SockAddrContext, cfg: &InterceptConfig, dst: &RawAddr, port: u16) -> bool {
-    if let Some(reason) = skip_reason(ctx, cfg, dst, port) {
+    // SAFETY: helper valid in cgroup sock_addr programs.
+    let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.sock_addr as *mut c_void) };
+    if let Some(reason) = skip_reason(ctx, cfg, netns_cookie, dst, port) {
         count(reason);
         return false;
     }
@@ -211,12 +225,15 @@ fn should_redirect(ctx: &SockAddrContext, cfg: &InterceptConfig, dst: &RawAddr, 
     }
     // SAFETY: helper valid in cgroup sock_addr programs.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr as *mut c_void) };
-    let orig = OriginalDst {
-        addr: *dst,
-        port,
-        _pad: [0; 6],
+    let redirected = Redirected {
+        dst: OriginalDst {
+            addr: *dst,
+            port,
+            _pad: [0; 6],
+        },
+        netns_cookie,
     };
-    if DST_BY_SOCKET.insert(cookie, orig, 0).is_err() {
+    if REDIRECTED.insert(cookie, redirected, 0).is_err() {
         count(Counter::SkipMapFull);
         return false;
     }
@@ -228,16 +245,22 @@ fn should_redirect(ctx: &SockAddrContext, cfg: &InterceptConfig, dst: &RawAddr, 
     true
 }
 
+/// cgroup sock_addr programs: 0 fails the syscall with `EPERM`.
+const DENY: i32 = 0;
+
 #[cgroup_sock_addr(connect4)]
 pub fn shunt_connect4(ctx: SockAddrContext) -> i32 {
-    let Some(cfg) = config() else {
-        count(Counter::SkipUnconfigured);
-        return ALLOW;
-    };
     // SAFETY: the context pointer is valid for the duration of the program.
     let sa = unsafe { &mut *ctx.sock_addr };
     let ip4 = sa.user_ip4;
     let port = u16::from_be(sa.user_port as u16);
+    if port == NETNS_PROBE_PORT && ip4 == u32::from_ne_bytes(NETNS_PROBE_ADDR) {
+        return answer_netns_probe(&ctx);
+    }
+    let Some(cfg) = config() else {
+        count(Counter::SkipUnconfigured);
+        return ALLOW;
+    };
     if should_redirect(&ctx, &cfg, &map_v4(ip4), port) {
         debug!(
             &ctx,
@@ -249,6 +272,21 @@ pub fn shunt_connect4(ctx: SockAddrContext) -> i32 {
         sa.user_port = u32::from(cfg.listen_port.to_be());
     }
     ALLOW
+}
+
+/// Records the socket's namespace for the daemon, which reads it by the socket's cookie, and
+/// refuses the connect so nothing is sent.
+#[inline(always)]
+fn answer_netns_probe(ctx: &SockAddrContext) -> i32 {
+    // SAFETY: helpers valid in cgroup sock_addr programs.
+    let (socket, netns) = unsafe {
+        (
+            bpf_get_socket_cookie(ctx.sock_addr as *mut c_void),
+            bpf_get_netns_cookie(ctx.sock_addr as *mut c_void),
+        )
+    };
+    let _ = NETNS_PROBES.insert(socket, netns, 0);
+    DENY
 }
 
 #[cgroup_sock_addr(connect6)]
@@ -313,7 +351,7 @@ pub fn shunt_sock_ops(ctx: SockOpsContext) -> u32 {
         BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == TCP_CLOSE => {
             // SAFETY: helper valid in sock_ops programs.
             let cookie = unsafe { bpf_get_socket_cookie(ctx.ops as *mut c_void) };
-            let _ = DST_BY_SOCKET.remove(cookie);
+            let _ = REDIRECTED.remove(cookie);
         }
         _ => {}
     }
@@ -325,11 +363,9 @@ fn on_connect(ctx: &SockOpsContext) {
     // SAFETY: helpers valid in sock_ops programs.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.ops as *mut c_void) };
     // SAFETY: plain read of a hash map value.
-    let Some(orig) = (unsafe { DST_BY_SOCKET.get(cookie) }).copied() else {
+    let Some(redirected) = (unsafe { REDIRECTED.get(cookie) }).copied() else {
         return; // not a redirected socket
     };
-    // SAFETY: helper valid in sock_ops programs.
-    let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.ops as *mut c_void) };
     let local = match ctx.family() {
         AF_INET6 => {
             let ip6 = ctx.local_ip6();
@@ -344,12 +380,12 @@ fn on_connect(ctx: &SockOpsContext) {
         _ => return,
     };
     let key = ClientKey {
-        netns_cookie,
+        netns_cookie: redirected.netns_cookie,
         addr: local,
         port: ctx.local_port() as u16,
         _pad: [0; 6],
     };
-    if DST_BY_CLIENT.insert(key, orig, 0).is_err() {
+    if DST_BY_CLIENT.insert(key, redirected.dst, 0).is_err() {
         count(Counter::SkipMapFull);
         return;
     }
@@ -389,6 +425,11 @@ fn remote_port(raw: u32) -> u16 {
 /// on these connections.
 #[inline(always)]
 fn on_established(ctx: &SockOpsContext, passive: bool) {
+    // Before 5.15 the verifier prunes everything below (and the daemon never turns the fast
+    // path on there).
+    if !sock_ops_has_netns_cookie() {
+        return;
+    }
     let Some(cfg) = config() else { return };
     if cfg.local_fast_path == 0 {
         return;
@@ -405,7 +446,7 @@ fn on_established(ctx: &SockOpsContext, passive: bool) {
         // SAFETY: helper valid in sock_ops programs.
         let cookie = unsafe { bpf_get_socket_cookie(ctx.ops as *mut c_void) };
         // SAFETY: plain read of a hash map value.
-        if unsafe { DST_BY_SOCKET.get(cookie) }.is_none() {
+        if unsafe { REDIRECTED.get(cookie) }.is_none() {
             return;
         }
     }
@@ -495,7 +536,7 @@ fn original_for(ctx: &SockAddrContext) -> Option<OriginalDst> {
     // SAFETY: helper valid in cgroup sock_addr programs.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr as *mut c_void) };
     // SAFETY: plain read of a hash map value.
-    unsafe { DST_BY_SOCKET.get(cookie) }.copied()
+    unsafe { REDIRECTED.get(cookie) }.map(|r| r.dst)
 }
 
 #[cgroup_sock_addr(getpeername4)]

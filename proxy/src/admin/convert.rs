@@ -21,6 +21,23 @@ impl From<bpf::Attachment> for api::Attachment {
     }
 }
 
+impl From<&bpf::Kernel> for api::KernelStatus {
+    fn from(kernel: &bpf::Kernel) -> Self {
+        api::KernelStatus {
+            release: kernel.release.clone(),
+            features: kernel
+                .features()
+                .into_iter()
+                .map(|f| api::KernelFeature {
+                    name: f.name.to_owned(),
+                    available: f.available,
+                    needs: f.needs.to_owned(),
+                })
+                .collect(),
+        }
+    }
+}
+
 impl From<config::FailMode> for api::FailMode {
     fn from(mode: config::FailMode) -> Self {
         match mode {

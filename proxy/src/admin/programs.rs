@@ -13,6 +13,7 @@ pub struct ProgramsStatus {
     pub attachment: api::Attachment,
     pub local_fast_path: String,
     pub local_fast_path_sockets: u64,
+    pub kernel: api::KernelStatus,
 }
 
 pub trait Programs: Send + Sync {
@@ -32,6 +33,7 @@ impl Programs for Mutex<Datapath> {
             attachment: datapath.attachment.into(),
             local_fast_path: datapath.local_fast_path.to_string(),
             local_fast_path_sockets: datapath.local_fast_path_sockets(),
+            kernel: (&datapath.kernel).into(),
         }
     }
 

@@ -259,6 +259,7 @@ fn status(ctx: &AdminContext) -> Status {
         fail_mode: running.intercept.fail_mode.into(),
         local_fast_path: programs.local_fast_path,
         local_fast_path_sockets: programs.local_fast_path_sockets,
+        kernel: programs.kernel,
         pods: ctx.enrollments.list().len(),
         connections: ctx.conns.len(),
         services: settings.routes.len() + ctx.discovered.len(),

@@ -7,6 +7,8 @@
 //! and never stacked twice.
 
 mod fs;
+mod kernel;
+mod netns;
 mod sockmap;
 mod start;
 #[allow(unsafe_code)]
@@ -28,14 +30,17 @@ use aya::{
 use ipnet::IpNet;
 use shunt_common::{
     ClientKey, Counter, FAIL_CLOSED, FAIL_OPEN, InterceptConfig, LocalTuple, OriginalDst, RawAddr,
-    SockmapPeer, maps, programs,
+    SockmapPeer, globals, maps, programs,
 };
 
 pub use fs::cgroup2_mount;
+pub use kernel::Kernel;
+pub use netns::{netns_cookie, socket_cookie};
 pub use sockmap::Sockmap;
-pub use start::{Rollback, check_kernel, raise_memlock_limit};
+pub use start::{Rollback, raise_memlock_limit};
 
 use crate::{config::FailMode, net::to_raw};
+use netns::NetnsProbes;
 
 /// The compiled kernel programs, built by `build.rs` from `ebpf/shunt-ebpf`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/shunt.bpf.o"));
@@ -65,20 +70,42 @@ pub enum BpfError {
     Program { name: &'static str, message: String },
     #[error("map {name}: {message}")]
     Map { name: &'static str, message: String },
-    #[error(
-        "this kernel ({release}) is too old: shunt needs Linux {minimum} or later, because \
-         {needs}"
-    )]
+    #[error("this kernel ({release}) lacks {needs}: shunt needs Linux {minimum} or later")]
     KernelTooOld {
         release: String,
         minimum: String,
-        needs: &'static str,
+        needs: String,
     },
+    /// An optional feature this kernel lacks: what it needs.
+    #[error("{0}")]
+    Unavailable(String),
+    #[error(
+        "loading the eBPF object: {0}: the daemon needs CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON \
+         (or CAP_SYS_ADMIN), and on kernels before 5.11 an RLIMIT_MEMLOCK large enough for its \
+         maps (`ulimit -l unlimited`)"
+    )]
+    LoadNotPermitted(aya::EbpfError),
+    #[error("reading the network namespace's cookie (SO_NETNS_COOKIE): {0}")]
+    NetnsCookie(std::io::Error),
     #[error("removing pins under {path}: {source}")]
     Unpin {
         path: PathBuf,
         source: std::io::Error,
     },
+}
+
+/// A failed load, with the likely cause of the errors that come without one.
+fn load_error(e: aya::EbpfError) -> BpfError {
+    let permission = match &e {
+        aya::EbpfError::MapError(aya::maps::MapError::CreateError { io_error, .. }) => {
+            io_error.raw_os_error() == Some(libc::EPERM)
+        }
+        _ => false,
+    };
+    match permission {
+        true => BpfError::LoadNotPermitted(e),
+        false => BpfError::Load(e),
+    }
 }
 
 fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> BpfError {
@@ -152,6 +179,9 @@ pub struct Datapath {
     local_socks: SockHash<MapData, LocalTuple>,
     /// `intercept.local_fast_path` as in force: off, on, or why the kernel refused it.
     pub local_fast_path: LocalFastPath,
+    /// What the kernel offers beyond the minimum.
+    pub kernel: Kernel,
+    netns_probes: NetnsProbes,
     pub cgroup: PathBuf,
     pub pin_dir: PathBuf,
     pub attachment: Attachment,
@@ -163,7 +193,7 @@ impl Datapath {
         cfg: &DatapathConfig,
         log_level: log::LevelFilter,
     ) -> Result<Datapath, BpfError> {
-        check_kernel()?;
+        let kernel = Kernel::probe()?;
         let pin_err = |path: &Path| {
             let path = path.to_owned();
             move |source| BpfError::BpfFs { path, source }
@@ -189,7 +219,13 @@ impl Datapath {
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(cfg.pin_dir.join("maps"))
             .override_global(aya_log::LEVEL, &level, false)
-            .load(OBJECT)?;
+            .override_global(
+                globals::SOCK_OPS_NETNS_COOKIE,
+                &u8::from(kernel.local_fast_path),
+                true,
+            )
+            .load(OBJECT)
+            .map_err(load_error)?;
         start_ebpf_logger(&mut ebpf);
 
         let mut attachment = Attachment::Attached;
@@ -218,15 +254,23 @@ impl Datapath {
                 let _ = sockmap_peers.remove(&cookie);
             }
         }
-        let sockmap = attach_sockmap(&mut ebpf, &cfg.pin_dir, peers_fd)
-            .map(Arc::new)
-            .map_err(|e| {
-                tracing::warn!("forwarding: sockmap is unavailable, splice is used instead: {e}");
-                e.to_string()
-            });
+        let sockmap = match kernel.sockmap_forwarding {
+            true => attach_sockmap(&mut ebpf, &cfg.pin_dir, peers_fd).map(Arc::new),
+            false => Err(BpfError::Unavailable(kernel.sockmap_forwarding_missing())),
+        }
+        .map_err(|e| {
+            tracing::warn!("forwarding: sockmap is unavailable, splice is used instead: {e}");
+            e.to_string()
+        });
 
         let local_socks: SockHash<MapData, LocalTuple> = take_map(&mut ebpf, maps::LOCAL_SOCKS)?;
-        let local_fast_path = if cfg.local_fast_path {
+        let local_fast_path = if cfg.local_fast_path && !kernel.local_fast_path {
+            let why = kernel.local_fast_path_missing();
+            tracing::warn!(
+                "intercept.local_fast_path is off, connections take the TCP path: {why}"
+            );
+            LocalFastPath::Unavailable(why)
+        } else if cfg.local_fast_path {
             match attach_local_fast_path(&mut ebpf, &cfg.pin_dir, &local_socks) {
                 Ok(()) => LocalFastPath::On,
                 Err(e) => {
@@ -241,7 +285,11 @@ impl Datapath {
             LocalFastPath::Off
         };
 
+        let netns_probes =
+            NetnsProbes::new(take_map(&mut ebpf, maps::NETNS_PROBES)?, cgroup.clone());
         let mut datapath = Datapath {
+            kernel,
+            netns_probes,
             enrolled: take_map(&mut ebpf, maps::ENROLLED)?,
             dst_by_client: take_map_data(&mut ebpf, maps::DST_BY_CLIENT)?,
             counters: take_map(&mut ebpf, maps::COUNTERS)?,
@@ -351,6 +399,15 @@ impl Datapath {
         }
     }
 
+    /// The cookie of the network namespace `socket` (an unconnected TCP/IPv4 socket, made
+    /// for this) belongs to, as the programs see it.
+    pub fn netns_cookie(&mut self, socket: &socket2::Socket) -> Result<u64, BpfError> {
+        match self.kernel.netns_cookie_sockopt {
+            true => netns_cookie(socket.as_fd()).map_err(BpfError::NetnsCookie),
+            false => self.netns_probes.cookie_of(socket),
+        }
+    }
+
     pub fn enrolled_cookies(&self) -> Vec<u64> {
         self.enrolled.keys().filter_map(Result::ok).collect()
     }
@@ -366,7 +423,12 @@ impl Datapath {
                 name: maps::DST_BY_CLIENT,
                 message: e.to_string(),
             })?;
-        Ok(OriginalDstTable { fd })
+        // Hash maps answer lookup-and-delete from 5.14 on; older kernels refuse any key
+        // with ENOTSUPP before looking, newer ones say ENOENT for one that is not there.
+        let probe =
+            sys::map_lookup_and_delete::<ClientKey, OriginalDst>(fd.as_fd(), &ClientKey::default());
+        let atomic_take = !matches!(&probe, Err(e) if e.raw_os_error() == Some(ENOTSUPP));
+        Ok(OriginalDstTable { fd, atomic_take })
     }
 
     /// Programs whose pinned link is gone (someone removed the pins): they no longer
@@ -496,16 +558,29 @@ fn attach_sockmap(
     ))
 }
 
+/// The kernel's "operation not supported" (not one of libc's errno values).
+const ENOTSUPP: i32 = 524;
+
 /// The proxy's view of `DST_BY_CLIENT`.
 pub struct OriginalDstTable {
     fd: std::os::fd::OwnedFd,
+    /// The kernel takes an entry in one step (5.14); before, it is read and then deleted,
+    /// which is as good here: each key is one client socket, claimed by one accept.
+    atomic_take: bool,
 }
 
 impl OriginalDstTable {
-    /// Claims the original destination of an accepted connection (read and delete in one step,
-    /// so entries never pile up).
+    /// Claims the original destination of an accepted connection (read and deleted, so
+    /// entries never pile up).
     pub fn take(&self, key: &ClientKey) -> std::io::Result<Option<OriginalDst>> {
-        sys::map_lookup_and_delete(self.fd.as_fd(), key)
+        if self.atomic_take {
+            return sys::map_lookup_and_delete(self.fd.as_fd(), key);
+        }
+        let found = sys::map_lookup(self.fd.as_fd(), key)?;
+        if found.is_some() {
+            sys::map_delete(self.fd.as_fd(), key)?;
+        }
+        Ok(found)
     }
 }
 

@@ -1,41 +1,11 @@
-//! What a start needs of the kernel before it loads anything, and undoing what a start that
-//! failed had pinned: a daemon that cannot start leaves the kernel and bpffs as it found
+//! What a start needs of the process before it loads anything, and undoing what a start
+//! that failed had pinned: a daemon that cannot start leaves the kernel and bpffs as it found
 //! them.
 
 use std::{
     collections::BTreeSet,
     path::{Path, PathBuf},
 };
-
-use super::BpfError;
-
-/// The oldest kernel the programs load on, and what it is that older ones lack.
-const MINIMUM_KERNEL: (u32, u32) = (5, 15);
-const MINIMUM_KERNEL_NEEDS: &str = "the sock_ops and sk_msg programs read the network \
-    namespace's cookie (bpf_get_netns_cookie), which the kernel allows them from 5.15 on";
-
-/// Refuses, in one line naming the missing piece and the minimum, a kernel the programs
-/// cannot load on, before anything is loaded.
-pub fn check_kernel() -> Result<(), BpfError> {
-    let Ok(uname) = nix::sys::utsname::uname() else {
-        return Ok(()); // Unknown: let the load itself say what is missing.
-    };
-    let release = uname.release().to_string_lossy().into_owned();
-    match parse_release(&release) {
-        Some(version) if version < MINIMUM_KERNEL => Err(BpfError::KernelTooOld {
-            release,
-            minimum: format!("{}.{}", MINIMUM_KERNEL.0, MINIMUM_KERNEL.1),
-            needs: MINIMUM_KERNEL_NEEDS,
-        }),
-        _ => Ok(()),
-    }
-}
-
-/// `5.10.0-28-amd64` → (5, 10).
-fn parse_release(release: &str) -> Option<(u32, u32)> {
-    let mut parts = release.split(|c: char| !c.is_ascii_digit());
-    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
-}
 
 /// Kernels before 5.11 charge BPF maps to `RLIMIT_MEMLOCK`, whose usual 64 KiB holds none of
 /// shunt's. Raised while the daemon still has `CAP_SYS_RESOURCE` (it does not keep it);
@@ -124,16 +94,6 @@ fn entries(pin_dir: &Path) -> BTreeSet<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn releases_parse_to_major_and_minor() {
-        assert_eq!(parse_release("5.10.0-28-amd64"), Some((5, 10)));
-        assert_eq!(parse_release("6.18.1"), Some((6, 18)));
-        assert_eq!(parse_release("5.15"), Some((5, 15)));
-        assert_eq!(parse_release("garbage"), None);
-        assert!(parse_release("5.10.0").unwrap() < MINIMUM_KERNEL);
-        assert!(parse_release("6.1.0-9-cloud-amd64").unwrap() >= MINIMUM_KERNEL);
-    }
 
     /// On a plain directory: what was there stays, what was made after goes, deepest first.
     #[test]

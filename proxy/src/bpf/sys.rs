@@ -1,6 +1,7 @@
 //! The `bpf(2)` commands aya does not expose publicly, map element commands on raw
 //! descriptors for the connection tasks (which must not take the datapath's lock), and the
-//! registration of aya-log's reader with tokio. The `unsafe` of `bpf/` lives here only (the
+//! registration of aya-log's reader with tokio, and the socket options that name sockets and
+//! namespaces as the programs see them. The `unsafe` of `bpf/` lives here only (the
 //! crate denies it elsewhere).
 
 use std::{
@@ -169,4 +170,25 @@ pub fn register_logger<T>(
     }
     // The error's message is its cause's, so nothing is lost.
     .map_err(io::Error::from)
+}
+
+/// A `u64` socket option at `SOL_SOCKET`: `SO_COOKIE`, `SO_NETNS_COOKIE`.
+pub fn getsockopt_u64(socket: BorrowedFd<'_>, option: libc::c_int) -> io::Result<u64> {
+    let mut value: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: the descriptor is borrowed, so open for the call; both options write one u64
+    // into `value`, whose size `len` gives.
+    let ret = unsafe {
+        libc::getsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&socket),
+            libc::SOL_SOCKET,
+            option,
+            (&mut value as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if ret != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(value)
 }

@@ -5,8 +5,6 @@
 
 mod netns;
 mod sockets;
-#[allow(unsafe_code)]
-mod sys;
 
 use std::{
     collections::BTreeMap,
@@ -34,12 +32,19 @@ pub type KernelError = Box<dyn std::error::Error + Send + Sync>;
 /// the programs redirect to their pod's listeners. The loaded programs' `ENROLLED` map in the
 /// daemon; a test gives enrollment a stand-in.
 pub trait EnrolledNamespaces: Send + Sync {
+    /// The cookie of the namespace `socket` (an unconnected TCP/IPv4 socket made inside it
+    /// for this) belongs to, as the programs see it.
+    fn netns_cookie(&self, socket: &socket2::Socket) -> Result<u64, KernelError>;
     fn enroll(&self, netns_cookie: u64) -> Result<(), KernelError>;
     fn unenroll(&self, netns_cookie: u64) -> Result<(), KernelError>;
     fn cookies(&self) -> Vec<u64>;
 }
 
 impl EnrolledNamespaces for Mutex<Datapath> {
+    fn netns_cookie(&self, socket: &socket2::Socket) -> Result<u64, KernelError> {
+        Ok(lock(self).netns_cookie(socket)?)
+    }
+
     fn enroll(&self, netns_cookie: u64) -> Result<(), KernelError> {
         Ok(lock(self).enroll(netns_cookie)?)
     }
@@ -75,6 +80,12 @@ pub enum EnrollError {
     },
     #[error("pod {name:?}: {source}")]
     Kernel { name: String, source: KernelError },
+}
+
+/// Why a namespace's cookie could not be learned: the namespace, or the kernel's side.
+enum CookieError {
+    Netns(std::io::Error),
+    Kernel(KernelError),
 }
 
 /// Who enrolled a pod, so the daemon that takes it over knows whether it is still wanted.
@@ -173,7 +184,13 @@ impl Enrollments {
             source,
         };
         let netns = Netns::open(netns_path).map_err(netns_err)?;
-        let netns_cookie = netns.cookie().map_err(netns_err)?;
+        let netns_cookie = self.cookie_of(&netns).map_err(|source| match source {
+            CookieError::Netns(e) => netns_err(e),
+            CookieError::Kernel(source) => EnrollError::Kernel {
+                name: name.to_owned(),
+                source,
+            },
+        })?;
         if let Some(pod) = pods.get_mut(name).filter(|p| p.unclaimed) {
             if pod.netns_cookie == netns_cookie {
                 pod.unclaimed = false;
@@ -199,6 +216,14 @@ impl Enrollments {
         Ok(summary)
     }
 
+    /// The namespace's cookie, the identity the programs know it by.
+    fn cookie_of(&self, netns: &Netns) -> Result<u64, CookieError> {
+        let socket = netns.tcp_socket().map_err(CookieError::Netns)?;
+        self.kernel
+            .netns_cookie(&socket)
+            .map_err(CookieError::Kernel)
+    }
+
     /// Takes over pods a previous daemon handed over, with their listening sockets, and
     /// accepts on them at once. Each stays unclaimed until enrolled again here (from the
     /// configuration, the Kubernetes controller or `shunt enroll`); see
@@ -214,7 +239,8 @@ impl Enrollments {
                     continue;
                 }
             };
-            if netns.cookie().ok() != Some(pod.netns_cookie) || pods.contains_key(&pod.name) {
+            if self.cookie_of(&netns).ok() != Some(pod.netns_cookie) || pods.contains_key(&pod.name)
+            {
                 tracing::info!(pod = pod.name, "not adopted: its network namespace changed");
                 continue;
             }

@@ -59,14 +59,8 @@ impl Netns {
         Ok(result)
     }
 
-    /// The namespace's cookie (`SO_NETNS_COOKIE`), the identity the programs see.
-    pub fn cookie(&self) -> io::Result<u64> {
-        let socket =
-            self.run(|| socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None))??;
-        netns_cookie_of(&socket)
+    /// A TCP/IPv4 socket of this namespace, not yet bound or connected.
+    pub fn tcp_socket(&self) -> io::Result<socket2::Socket> {
+        self.run(|| socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None))?
     }
-}
-
-pub fn netns_cookie_of(socket: &impl AsFd) -> io::Result<u64> {
-    super::sys::netns_cookie(socket.as_fd())
 }

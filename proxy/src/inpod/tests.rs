@@ -31,6 +31,10 @@ struct FakeKernel {
 }
 
 impl EnrolledNamespaces for FakeKernel {
+    fn netns_cookie(&self, socket: &socket2::Socket) -> Result<u64, KernelError> {
+        Ok(crate::bpf::netns_cookie(socket.as_fd())?)
+    }
+
     fn enroll(&self, netns_cookie: u64) -> Result<(), KernelError> {
         if self.refuse.load(Ordering::SeqCst) {
             return Err("map full".into());
@@ -129,9 +133,10 @@ impl TestNetns {
     }
 
     fn cookie(&self) -> u64 {
-        Netns::open(&self.path)
-            .and_then(|n| n.cookie())
-            .expect("netns cookie")
+        let socket = Netns::open(&self.path)
+            .and_then(|n| n.tcp_socket())
+            .expect("a socket in the namespace");
+        crate::bpf::netns_cookie(socket.as_fd()).expect("netns cookie")
     }
 
     /// Connects to a pod's IPv4 listener from inside its namespace.

@@ -46,7 +46,10 @@ use std::{
 
 use tokio::{io::unix::AsyncFd, net::TcpStream, time::Instant};
 
-use crate::{bpf::Sockmap, state::KernelBytes};
+use crate::{
+    bpf::{self, Sockmap},
+    state::KernelBytes,
+};
 
 use super::{
     forward::{Closed, Meters, Side, reset, write_all},
@@ -257,7 +260,10 @@ enum Probe {
 impl Pair {
     async fn join(sockmap: &Arc<Sockmap>, client: TcpStream, upstream: TcpStream) -> Joined {
         let prepared = (|| {
-            let cookies = (sys::cookie(client.as_fd())?, sys::cookie(upstream.as_fd())?);
+            let cookies = (
+                bpf::socket_cookie(client.as_fd())?,
+                bpf::socket_cookie(upstream.as_fd())?,
+            );
             let bases = (
                 sent_or_queued(client.as_fd())?.0,
                 sent_or_queued(upstream.as_fd())?.0,

@@ -1,5 +1,5 @@
 //! The data path's system calls, as small safe wrappers: the non-blocking `recv`/`send`,
-//! `TCP_INFO`, `SIOCOUTQ`, `SO_COOKIE` and epoll set of `forwarding: sockmap` (`sockmap.rs`),
+//! `TCP_INFO`, `SIOCOUTQ` and epoll set of `forwarding: sockmap` (`sockmap.rs`),
 //! and `shutdown(SHUT_WR)` for every forwarding mode. The `unsafe` of `proxy/` lives here
 //! only (the crate denies it elsewhere); each wrapper takes borrowed descriptors, so a call
 //! never outlives the socket it acts on.
@@ -70,27 +70,6 @@ pub fn send_queued(fd: BorrowedFd<'_>) -> io::Result<libc::c_int> {
         return Err(io::Error::last_os_error());
     }
     Ok(queued)
-}
-
-/// The socket's cookie (`SO_COOKIE`), the key of the sockmaps.
-pub fn cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
-    let mut cookie: u64 = 0;
-    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-    // SAFETY: SO_COOKIE writes one u64 into `cookie`, whose size `len` gives; the descriptor
-    // is borrowed, so it is open.
-    let ret = unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_COOKIE,
-            (&mut cookie as *mut u64).cast(),
-            &mut len,
-        )
-    };
-    if ret != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(cookie)
 }
 
 /// An epoll set of its own for one connection's two sockets, asking only for `EPOLLRDHUP`

@@ -32,6 +32,8 @@ pub struct Sources {
     pub ebpf_counters: Box<dyn Fn() -> BTreeMap<&'static str, u64> + Send + Sync>,
     /// How many pods are enrolled.
     pub pods_enrolled: Box<dyn Fn() -> usize + Send + Sync>,
+    /// The kernel's optional features and whether it has each.
+    pub kernel_features: Vec<(&'static str, bool)>,
 }
 
 /// Writes one metric family: a descriptor, then one sample per label set.
@@ -261,6 +263,21 @@ impl NodeCollector {
     }
 
     fn ebpf(&self, encoder: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        family(
+            encoder,
+            "kernel_feature_available",
+            "Optional features by whether this kernel has them (1) or they are off because it lacks them (0); `shunt status` names the kernel each needs.",
+            None,
+            self.sources
+                .kernel_features
+                .iter()
+                .map(|(feature, available)| {
+                    (
+                        [("feature", (*feature).to_owned())],
+                        ConstGauge::new(u64::from(*available)),
+                    )
+                }),
+        )?;
         let counters = (self.sources.ebpf_counters)();
         let get = |name: &str| counters.get(name).copied().unwrap_or(0);
         family(

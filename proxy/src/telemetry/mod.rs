@@ -201,6 +201,7 @@ mod tests {
             settings: settings.clone(),
             ebpf_counters: Box::new(|| BTreeMap::from([("redirected", 7)])),
             pods_enrolled: Box::new(|| 3),
+            kernel_features: vec![("local_fast_path", false)],
         }
     }
 
@@ -230,6 +231,7 @@ mod tests {
             "\nshunt_connections_active 0\n",
             "\nshunt_pods_enrolled 3\n",
             "shunt_ebpf_redirects_total{listener=\"up\"} 7\n",
+            "shunt_kernel_feature_available{feature=\"local_fast_path\"} 0\n",
         ] {
             assert!(text.contains(line), "{line:?} in {text}");
         }

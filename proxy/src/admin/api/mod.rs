@@ -16,7 +16,10 @@ pub use faults::{
     AbortFault, DelayFault, FaultMatch, FaultRule, PathMatch, Percentage, RuleSummary, TcpFault,
 };
 pub use services::{EndpointSummary, ServiceSummary};
-pub use status::{Attachment, FailMode, KubernetesStatus, OpenFiles, Status, WatchStatus};
+pub use status::{
+    Attachment, FailMode, KernelFeature, KernelStatus, KubernetesStatus, OpenFiles, Status,
+    WatchStatus,
+};
 pub use traffic::{ConnRecord, StreamRecord, Verdict};
 
 /// An enrolled pod (`GET /pods`, and the answer to `POST /pods`).

@@ -21,6 +21,9 @@ pub struct Status {
     /// Sockets on the local fast path now (two per open connection).
     #[serde(default)]
     pub local_fast_path_sockets: u64,
+    /// The kernel and which of the optional features it has.
+    #[serde(default)]
+    pub kernel: KernelStatus,
     pub pods: usize,
     pub connections: usize,
     pub services: usize,
@@ -46,6 +49,23 @@ pub struct Status {
     /// Kubernetes mode only: the node and the state of each API watch.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kubernetes: Option<KubernetesStatus>,
+}
+
+/// The kernel the daemon runs on and its optional features.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KernelStatus {
+    /// `uname -r`.
+    pub release: String,
+    pub features: Vec<KernelFeature>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KernelFeature {
+    /// `local_fast_path`, `sockmap_forwarding`, `netns_cookie_sockopt`.
+    pub name: String,
+    pub available: bool,
+    /// The kernel that has it, and what it is.
+    pub needs: String,
 }
 
 /// Whether the links were created now or taken over from a previous daemon.

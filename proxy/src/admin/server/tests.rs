@@ -30,6 +30,14 @@ impl Programs for FakePrograms {
             attachment: api::Attachment::Attached,
             local_fast_path: "off".into(),
             local_fast_path_sockets: 0,
+            kernel: api::KernelStatus {
+                release: "5.10.0-28-amd64".into(),
+                features: vec![api::KernelFeature {
+                    name: "local_fast_path".into(),
+                    available: false,
+                    needs: "Linux 5.15".into(),
+                }],
+            },
         }
     }
 
