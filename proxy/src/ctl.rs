@@ -479,3 +479,34 @@ fn table(rows: &[Vec<String>]) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::admin::api::KernelFeature;
+
+    #[test]
+    fn the_kernel_line_names_what_is_missing_and_what_has_it() {
+        let feature = |name: &str, available| KernelFeature {
+            name: name.into(),
+            available,
+            needs: "Linux 5.15 (x)".into(),
+        };
+        let mut kernel = KernelStatus {
+            release: "5.10.0-28-amd64".into(),
+            features: vec![
+                feature("local_fast_path", false),
+                feature("sockmap_forwarding", true),
+            ],
+        };
+        assert_eq!(
+            kernel_text(&kernel),
+            "kernel: 5.10.0-28-amd64, lacks:\n  local_fast_path (needs Linux 5.15 (x))\n"
+        );
+        kernel.features[0].available = true;
+        assert_eq!(
+            kernel_text(&kernel),
+            "kernel: 5.10.0-28-amd64, every optional feature available\n"
+        );
+    }
+}

@@ -366,6 +366,17 @@ fn check_metrics(
     assert!(sum("process_resident_memory_bytes", &[]) > 0.0);
     assert!(scrape.has("process_cpu_seconds_total"));
     assert!(scrape.has("process_start_time_seconds"));
+    // One gauge per optional feature, agreeing with `shunt kernel`.
+    for feature in &shunt_tests::kernel::status()?.features {
+        assert_eq!(
+            sum(
+                "shunt_kernel_feature_available",
+                &[("feature", feature.name.as_str())]
+            ),
+            f64::from(u8::from(feature.available)),
+            "{feature:?}"
+        );
+    }
     Ok(())
 }
 

@@ -55,6 +55,9 @@ impl Programs for FakePrograms {
 struct Nowhere;
 
 impl EnrolledNamespaces for Nowhere {
+    fn netns_cookie(&self, _: &socket2::Socket) -> Result<u64, KernelError> {
+        Err("no kernel in this test".into())
+    }
     fn enroll(&self, _: u64) -> Result<(), KernelError> {
         Err("no kernel in this test".into())
     }
@@ -171,6 +174,8 @@ async fn status_and_stats_read_each_owner() {
     assert_eq!(status.max_connections, limits.max_connections);
     // No readiness check was installed: the daemon is still starting.
     assert_ne!(status.ready, "ready");
+    assert_eq!(status.kernel.release, "5.10.0-28-amd64");
+    assert!(!status.kernel.features[0].available);
 
     let stats: Stats = get(&h.ctx, "/stats").await;
     assert_eq!(stats.ebpf.get("redirected"), Some(&11));
