@@ -90,12 +90,17 @@ enum Task {
         /// Acceleration: `auto` tries KVM on the first kernel and falls back to TCG.
         #[arg(long, value_enum, default_value_t = kernels::Accel::Auto)]
         accel: kernels::Accel,
-        /// Time limit of one machine (boot and checks), in seconds.
-        #[arg(long, default_value_t = 1200)]
+        /// Time limit of one machine (boot and checks), and of the checks on this machine's
+        /// kernel, in seconds.
+        #[arg(long, default_value_t = kernels::MACHINE_TIMEOUT.as_secs())]
         timeout: u64,
-        /// Time limit of one test inside a machine, in seconds.
-        #[arg(long, default_value_t = 240)]
+        /// Time limit of one test inside a machine, in seconds (checks slow under emulation
+        /// have their own).
+        #[arg(long, default_value_t = kernels::TEST_TIMEOUT.as_secs())]
         test_timeout: u64,
+        /// Skip the row of this machine's own kernel (the checks run on it without a VM).
+        #[arg(long)]
+        no_host: bool,
     },
 }
 
@@ -133,6 +138,7 @@ fn main() {
             accel,
             timeout,
             test_timeout,
+            no_host,
         } => setup::run().and_then(|()| {
             let versions = match versions.is_empty() {
                 true => kernels::DEFAULT_VERSIONS
@@ -146,6 +152,8 @@ fn main() {
                 accel,
                 timeout: std::time::Duration::from_secs(timeout),
                 test_timeout: std::time::Duration::from_secs(test_timeout),
+                host: !no_host,
+                build: true,
             })
         }),
     };
