@@ -403,17 +403,19 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Builds the test binaries of [`TEST_BINARIES`] in release mode and returns them by name.
-/// The workspace is built as `cargo nextest run --release --workspace` builds it (the same
-/// features), so after `cargo xtask test`'s own run this finds them built.
+/// Builds the workspace's tests in release mode exactly as `cargo nextest run --release
+/// --workspace` does, and returns the executables of [`TEST_BINARIES`] by name. Building
+/// fewer targets would resolve the dependencies' features differently (the daemon's own
+/// dev-dependencies would be left out) and build everything a second time; this way, after
+/// `cargo xtask test`'s run, nothing is built.
 fn build_tests() -> anyhow::Result<HashMap<String, PathBuf>> {
     let step = Step::start(format!(
-        "building the tests the checks run (tests/tests/{{{}}}.rs)",
+        "building the tests (as `cargo xtask test` does; the checks run those of \
+         tests/tests/{{{}}}.rs)",
         TEST_BINARIES.join(",")
     ));
     let mut cmd = run::cargo_command();
     cmd.args(["test", "--release", "--locked", "--workspace", "--no-run"])
-        .args(TEST_BINARIES.iter().flat_map(|name| ["--test", name]))
         .arg("--message-format=json-render-diagnostics")
         .stderr(Stdio::inherit());
     let out = cmd
@@ -425,11 +427,12 @@ fn build_tests() -> anyhow::Result<HashMap<String, PathBuf>> {
         .lines()
         .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
     {
-        let name = msg["target"]["name"].as_str().unwrap_or_default();
-        if let (true, Some(executable)) =
-            (TEST_BINARIES.contains(&name), msg["executable"].as_str())
-        {
-            found.insert(name.to_owned(), PathBuf::from(executable));
+        let source = msg["target"]["src_path"].as_str().unwrap_or_default();
+        let ours = TEST_BINARIES
+            .iter()
+            .find(|name| source.ends_with(&format!("/tests/tests/{name}.rs")));
+        if let (Some(name), Some(executable)) = (ours, msg["executable"].as_str()) {
+            found.insert((*name).to_owned(), PathBuf::from(executable));
         }
     }
     for name in TEST_BINARIES {
