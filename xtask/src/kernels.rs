@@ -1,31 +1,44 @@
-//! `cargo xtask kernels [VERSION…]`: shunt's release build and a few of its sandbox tests,
-//! run under Debian's packaged kernels in qemu, one virtual machine per kernel.
+//! `cargo xtask kernels [VERSION…]`: shunt's release build and a set of its sandbox tests,
+//! run under Debian's packaged kernels in qemu, one virtual machine per kernel, and on this
+//! machine's own kernel; a table kernel × check. `cargo xtask test` ends with it.
 //!
 //! The approach:
 //!
 //! - **Kernels** come from Debian's archive, the one this machine's apt sources name, through
 //!   a private apt configuration under `target/kernels/apt` (bullseye, bookworm and
-//!   bookworm-backports; the system's apt configuration is never changed). A VERSION such as
-//!   `6.1` picks the newest `linux-image-6.1…-amd64` in those suites. The `.deb`s are kept in
-//!   `target/kernels/debs` and unpacked once into `target/kernels/<package>/root`.
+//!   bookworm-backports; the system's apt configuration is never changed, though its
+//!   settings such as a proxy apply). A VERSION such as `6.1` picks the newest
+//!   `linux-image-6.1…-amd64` in those suites. The `.deb`s are kept in `target/kernels/debs`
+//!   and unpacked once into `target/kernels/<package>/root`; without network, the lists and
+//!   `.deb`s of an earlier run are used.
 //! - **The root filesystem** of each machine is this machine's own, shared read-only over
-//!   virtio-9p: the binaries under test, `ip`, `bpftool` and the shell run from where they
-//!   are, at the same paths. Only `/tmp` and `/run` are fresh (tmpfs).
+//!   virtio-9p: the binaries under test, the test peers (`openssl`…), `ip`, `bpftool` and the
+//!   shell run from where they are, at the same paths. Only `/tmp` and `/run` are fresh
+//!   (tmpfs).
 //! - **An initramfs** per kernel, written here as a `newc` cpio archive: Debian's static
 //!   busybox, and the kernel's own modules for virtio-pci, 9p and what the sandbox needs
 //!   (veth, bridge), with their dependencies read from each module's `depends=`. Its `/init`
-//!   loads them, mounts the shared root, proc, sys, devtmpfs, cgroup2 and bpffs under it,
-//!   runs the check script there with `chroot`, and powers the machine off. Nothing is
-//!   loaded later: the shared `/lib/modules` is this machine's, not the guest kernel's.
-//! - **The checks** are a shell script under `target/kernels/`: whether `shunt run` starts
-//!   and answers on its admin socket, then tests of `tests/tests/redirect.rs` run one by one
-//!   from their compiled binary. Results come back over the serial console (a file), as
-//!   `@@check NAME ok|FAIL` lines, each check's output as `@@out NAME …` lines.
+//!   loads them, brings up loopback, mounts the shared root, proc, sys, devtmpfs, cgroup2 and
+//!   bpffs under it, runs the check script there with `chroot`, and powers the machine off.
+//!   Nothing is loaded later: the shared `/lib/modules` is this machine's, not the guest
+//!   kernel's. (No check uses iptables, so no netfilter module is loaded.)
+//! - **The checks** ([`CHECKS`]) are a shell script under `target/kernels/`: whether
+//!   `shunt run` starts and answers on its admin socket, then single tests of
+//!   `tests/tests/{redirect,http2,passthrough}.rs` run one by one from their compiled
+//!   binaries, each under its time limit. Results come back over the serial console (a
+//!   file), as `@@check NAME ok|FAIL SECONDS` lines, each check's output as `@@out NAME …`
+//!   lines. The same script runs on this machine for the `host` row, in a process group
+//!   of its own that is killed at the time limit; it leaves no cgroup, pin or daemon.
+//! - **Optional features** (the local fast path, `forwarding: sockmap`): a test whose feature
+//!   the kernel lacks prints `shunt-test: feature unavailable: <feature>: <reason>` and
+//!   passes; its cell shows `off`, the reason is listed under the table, and it is not a
+//!   failure. Any other cell but `ok` is.
 //! - **Acceleration**: `/dev/kvm` may be a paravirtualised KVM on which stock kernels hang,
 //!   or on which qemu cannot start them at all.
 //!   With `--accel auto`, the first machine boots under KVM and must reach its `/init` within
 //!   [`KVM_PROBE`]; otherwise it is killed and every machine of the run uses TCG (emulation:
-//!   tens of seconds per kernel for these checks). Every machine is killed at its time limit.
+//!   about two minutes per kernel for these checks on two cores). Every machine is killed
+//!   at its time limit.
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
@@ -38,10 +51,7 @@ use std::{
 use anyhow::{Context, bail};
 use clap::ValueEnum;
 
-use crate::{
-    run::{self, Step},
-    setup::Apt,
-};
+use crate::run::{self, Step};
 
 /// The kernels run when no VERSION is given: bullseye's, bookworm's and bookworm-backports'.
 pub const DEFAULT_VERSIONS: &[&str] = &["5.10", "6.1", "6.12"];
@@ -68,28 +78,124 @@ const MODULES: &[&str] = &[
     "bridge",
 ];
 
+/// Default time limit of one machine, boot and checks together.
+pub const MACHINE_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// Default time limit of one test inside a machine.
+pub const TEST_TIMEOUT: Duration = Duration::from_secs(240);
+
 /// How long a machine under KVM has to reach its `/init` before KVM is given up.
 const KVM_PROBE: Duration = Duration::from_secs(40);
 
-/// The checks, in the order the script runs them: a name for the table and, for tests, the
-/// test of `tests/tests/redirect.rs` it runs (`None`: the script's own start check). The
-/// three redirect tests each assert that `getpeername()` in the pod shows the original
-/// destination; the uninstall test, that no program, link or pin is left.
-const CHECKS: &[(&str, Option<&str>)] = &[
-    ("start", None),
-    (
+/// The test binaries (`tests/tests/<name>.rs`) the checks run tests of.
+const TEST_BINARIES: &[&str] = &["redirect", "http2", "passthrough"];
+
+/// What a test prints (to stdout, one line) when the kernel lacks the optional feature it
+/// exercises, before returning without failing: `<marker><feature>: <reason>`.
+const UNAVAILABLE: &str = "shunt-test: feature unavailable: ";
+
+/// One column of the matrix.
+struct Check {
+    name: &'static str,
+    /// The test it runs, `(binary, test)`; `None`: the script's own start check.
+    test: Option<(&'static str, &'static str)>,
+    /// An optional feature: a kernel without it shows `off` (with the test's reason), which
+    /// is not a failure.
+    optional: bool,
+    /// Its own time limit, for a check that takes longer under emulation; else
+    /// `--test-timeout`.
+    limit: Option<Duration>,
+}
+
+impl Check {
+    const fn required(name: &'static str, binary: &'static str, test: &'static str) -> Check {
+        Check {
+            name,
+            test: Some((binary, test)),
+            optional: false,
+            limit: None,
+        }
+    }
+
+    const fn optional(name: &'static str, binary: &'static str, test: &'static str) -> Check {
+        Check {
+            optional: true,
+            ..Check::required(name, binary, test)
+        }
+    }
+
+    const fn limit(self, seconds: u64) -> Check {
+        Check {
+            limit: Some(Duration::from_secs(seconds)),
+            ..self
+        }
+    }
+}
+
+/// The checks, in the order the script runs them. The three redirect checks each assert
+/// that `getpeername()` in the pod shows the original destination; `h2-per-stream`, that
+/// a tonic gRPC client's calls on one HTTP/2 connection to a Service VIP are spread evenly over
+/// its endpoints; `tls`, that a TLS handshake through a Service verifies end to end and is
+/// recorded with its SNI; `fail-open`, that with the daemon killed connections go direct,
+/// and a restart takes the pinned programs back; `uninstall`, that no program, link or pin
+/// is left. The optional features: the local fast path (`sk_msg` between a pod's client
+/// and shunt) and `forwarding: sockmap` (`sk_skb` between shunt's two sockets).
+const CHECKS: &[Check] = &[
+    Check {
+        name: "start",
+        test: None,
+        optional: false,
+        limit: None,
+    },
+    Check::required(
         "ipv4+peername",
-        Some("enrolled_pod_is_redirected_and_keeps_its_view_of_the_connection"),
+        "redirect",
+        "enrolled_pod_is_redirected_and_keeps_its_view_of_the_connection",
     ),
-    (
+    Check::required(
         "ipv6+peername",
-        Some("ipv6_and_ipv4_mapped_destinations_are_redirected"),
+        "redirect",
+        "ipv6_and_ipv4_mapped_destinations_are_redirected",
     ),
-    (
+    Check::required(
         "orig-dst",
-        Some("concurrent_pods_each_get_their_own_original_destination"),
+        "redirect",
+        "concurrent_pods_each_get_their_own_original_destination",
     ),
-    ("uninstall", Some("uninstall_leaves_no_program_link_or_pin")),
+    // tonic's client and servers (shunt-greeter): Python's grpcio peers load too slowly
+    // under emulation for the test's wait for their port.
+    Check::required(
+        "h2-per-stream",
+        "http2",
+        "tonic_calls_on_one_channel_are_spread_evenly",
+    )
+    // About a minute under emulation on two cores (3000 calls), seconds elsewhere.
+    .limit(300),
+    Check::required(
+        "tls",
+        "passthrough",
+        "splice::tls_passes_through_untouched_and_is_recorded_with_its_sni",
+    ),
+    Check::required(
+        "fail-open",
+        "redirect",
+        "fail_open_goes_direct_while_down_and_a_restart_takes_back_interception",
+    ),
+    Check::required(
+        "uninstall",
+        "redirect",
+        "uninstall_leaves_no_program_link_or_pin",
+    ),
+    Check::optional(
+        "fast-path",
+        "passthrough",
+        "local_fast_path_carries_an_opaque_connection",
+    ),
+    Check::optional(
+        "sockmap",
+        "passthrough",
+        "sockmap::tls_passes_through_untouched_and_is_recorded_with_its_sni",
+    ),
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -113,29 +219,35 @@ impl Accel {
 pub struct Options {
     pub versions: Vec<String>,
     pub accel: Accel,
-    /// Time limit of one machine, boot and checks together.
+    /// Time limit of one machine, boot and checks together (and of the host's run).
     pub timeout: Duration,
-    /// Time limit of one test inside a machine.
+    /// Time limit of one test inside a machine, for checks without their own.
     pub test_timeout: Duration,
+    /// Also run the checks on this machine's own kernel, without a virtual machine.
+    pub host: bool,
+    /// Build shunt's release binaries first (`cargo xtask test` has just built them).
+    pub build: bool,
 }
 
 /// One kernel, downloaded and unpacked.
 struct Kernel {
     /// What was asked for, e.g. `6.1`.
     version: String,
-    package: String,
     /// `uname -r`, e.g. `6.1.0-50-amd64`.
     release: String,
     vmlinuz: PathBuf,
     dir: PathBuf,
 }
 
-/// What one machine reported.
+/// What one machine (or the host) reported.
 struct Outcome {
-    accel: Accel,
+    /// `kvm`, `tcg` or `host`.
+    how: &'static str,
     elapsed: Duration,
-    /// Check name → `ok`/`FAIL`; checks not reported are missing.
+    /// Check name → `ok`/`FAIL` as the script saw it; checks not reported are missing.
     results: BTreeMap<String, String>,
+    /// Check name → how long it took, in seconds.
+    seconds: HashMap<String, u64>,
     /// Check name → its output lines.
     output: HashMap<String, Vec<String>>,
     /// Whether the kernel ran the initramfs's `/init`.
@@ -145,12 +257,76 @@ struct Outcome {
     log: PathBuf,
 }
 
+/// One line of the table: a kernel and what its machine reported.
+struct Row {
+    /// What was asked for (`6.1`), or `host`.
+    label: String,
+    release: String,
+    outcome: Outcome,
+}
+
+/// A check's cell in the table.
+#[derive(Debug, PartialEq)]
+enum Cell {
+    Ok,
+    /// The test said the kernel lacks its optional feature.
+    Off {
+        feature: String,
+        reason: String,
+    },
+    Fail,
+    /// Not reported: the machine ended first.
+    Missing,
+}
+
+impl Cell {
+    fn of(check: &Check, outcome: &Outcome) -> Cell {
+        let Some(result) = outcome.results.get(check.name) else {
+            return Cell::Missing;
+        };
+        if result != "ok" {
+            return Cell::Fail;
+        }
+        let output = outcome.output.get(check.name).map(Vec::as_slice);
+        match unavailable(output.unwrap_or(&[])) {
+            None => Cell::Ok,
+            Some((feature, reason)) if check.optional => Cell::Off { feature, reason },
+            // A required check cannot be skipped.
+            Some(_) => Cell::Fail,
+        }
+    }
+
+    fn text(&self) -> &'static str {
+        match self {
+            Cell::Ok => "ok",
+            Cell::Off { .. } => "off",
+            Cell::Fail => "FAIL",
+            Cell::Missing => "-",
+        }
+    }
+
+    fn passed(&self) -> bool {
+        matches!(self, Cell::Ok | Cell::Off { .. })
+    }
+}
+
+/// The feature and reason of the first [`UNAVAILABLE`] line in a test's output (which may
+/// start mid-line: with `--nocapture` the harness's `test NAME ... ` precedes it).
+fn unavailable(output: &[String]) -> Option<(String, String)> {
+    output.iter().find_map(|line| {
+        let at = line.find(UNAVAILABLE)?;
+        let rest = line[at + UNAVAILABLE.len()..].trim_end();
+        let (feature, reason) = rest.split_once(": ").unwrap_or((rest, ""));
+        Some((feature.trim().to_owned(), reason.trim().to_owned()))
+    })
+}
+
 pub fn run(options: &Options) -> anyhow::Result<()> {
     run::require_root(
         "the machines share this machine's root filesystem, which only root can read whole",
     )?;
+    let started = Instant::now();
     let dir = crate::workspace_root().join("target/kernels");
-    Apt::default().ensure(&["qemu-system-x86", "xz-utils"])?;
 
     let apt = PrivateApt::new(&dir)?;
     apt.refresh()?;
@@ -166,72 +342,114 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
     let busybox = unpack_busybox(&dir, &busybox_deb)?;
     step.done();
 
-    crate::build()?;
-    let redirect = build_redirect_tests()?;
+    if options.build {
+        crate::build()?;
+    }
+    let tests = build_tests()?;
 
     let script = dir.join("check.sh");
-    std::fs::write(&script, check_script(&redirect, options.test_timeout))
+    std::fs::write(&script, check_script(&tests, options.test_timeout))
         .with_context(|| format!("writing {}", script.display()))?;
 
     let mut accel = match options.accel {
         Accel::Auto if !Path::new("/dev/kvm").exists() => Accel::Tcg,
         other => other,
     };
-    let mut outcomes = Vec::new();
+    let mut rows = Vec::new();
     for kernel in &kernels {
         let step = Step::start(format!("building the initramfs for {}", kernel.release));
         let initramfs = build_initramfs(kernel, &busybox, &script)?;
         step.done();
         let outcome = boot_and_check(kernel, &initramfs, &mut accel, options.timeout)?;
-        print_outcome(kernel, &outcome);
-        outcomes.push(outcome);
+        print_outcome(&kernel.release, &outcome);
+        rows.push(Row {
+            label: kernel.version.clone(),
+            release: kernel.release.clone(),
+            outcome,
+        });
     }
-    print_table(&kernels, &outcomes);
-    let failed = outcomes
+    if options.host {
+        let release = run::output("uname", &["-r"]).unwrap_or_default();
+        let release = release.trim().to_owned();
+        let step = Step::start(format!(
+            "running the checks on this machine's kernel, {release} (time limit {}s)",
+            options.timeout.as_secs()
+        ));
+        let outcome = check_on_host(&dir, &script, options.timeout)?;
+        step.done();
+        print_outcome(&release, &outcome);
+        rows.push(Row {
+            label: "host".to_owned(),
+            release,
+            outcome,
+        });
+    }
+    print_table(&rows);
+    println!(
+        "    {} kernels in {:.0}s",
+        rows.len(),
+        started.elapsed().as_secs_f64()
+    );
+    let failed = rows
         .iter()
-        .flat_map(|o| CHECKS.iter().map(move |(name, _)| o.results.get(*name)))
-        .any(|result| result.map(String::as_str) != Some("ok"));
+        .flat_map(|row| CHECKS.iter().map(|check| Cell::of(check, &row.outcome)))
+        .any(|cell| !cell.passed());
     if failed {
         bail!(
-            "some checks failed or did not run (table above; logs in target/kernels/*/console.log)"
+            "some kernels failed checks or did not run them (table above; logs in \
+             target/kernels/*/console.log)"
         );
     }
     Ok(())
 }
 
-/// Builds `tests/tests/redirect.rs` in release mode and returns its executable.
-fn build_redirect_tests() -> anyhow::Result<PathBuf> {
-    let step = Step::start("building the redirect tests (tests/tests/redirect.rs)");
-    let out = run::cargo_command()
-        .args([
-            "test",
-            "--release",
-            "--locked",
-            "-p",
-            "shunt-tests",
-            "--test",
-            "redirect",
-            "--no-run",
-            "--message-format=json-render-diagnostics",
-        ])
-        .stderr(Stdio::inherit())
+/// Builds the workspace's tests in release mode exactly as `cargo nextest run --release
+/// --workspace` does, and returns the executables of [`TEST_BINARIES`] by name. Building
+/// fewer targets would resolve the dependencies' features differently (the daemon's own
+/// dev-dependencies would be left out) and build everything a second time; this way, after
+/// `cargo xtask test`'s run, nothing is built.
+fn build_tests() -> anyhow::Result<HashMap<String, PathBuf>> {
+    let step = Step::start(format!(
+        "building the tests (as `cargo xtask test` does; the checks run those of \
+         tests/tests/{{{}}}.rs)",
+        TEST_BINARIES.join(",")
+    ));
+    let mut cmd = run::cargo_command();
+    cmd.args(["test", "--release", "--locked", "--workspace", "--no-run"])
+        .arg("--message-format=json-render-diagnostics")
+        .stderr(Stdio::inherit());
+    let out = cmd
         .output()
         .context("could not start `cargo test --no-run`")?;
-    anyhow::ensure!(out.status.success(), "building the redirect tests failed");
-    let executable = String::from_utf8_lossy(&out.stdout)
+    anyhow::ensure!(out.status.success(), "building the tests failed");
+    let mut found = HashMap::new();
+    for msg in String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
-        .filter(|msg| msg["target"]["name"] == "redirect")
-        .find_map(|msg| msg["executable"].as_str().map(PathBuf::from))
-        .context("cargo named no executable for the redirect tests")?;
+    {
+        let source = msg["target"]["src_path"].as_str().unwrap_or_default();
+        let ours = TEST_BINARIES
+            .iter()
+            .find(|name| source.ends_with(&format!("/tests/tests/{name}.rs")));
+        if let (Some(name), Some(executable)) = (ours, msg["executable"].as_str()) {
+            found.insert((*name).to_owned(), PathBuf::from(executable));
+        }
+    }
+    for name in TEST_BINARIES {
+        anyhow::ensure!(
+            found.contains_key(*name),
+            "cargo named no executable for tests/tests/{name}.rs"
+        );
+    }
     step.done();
-    Ok(executable)
+    Ok(found)
 }
 
 /// apt with its own sources, lists and cache under `target/kernels/apt`.
 struct PrivateApt {
     root: PathBuf,
     debs: PathBuf,
+    mirror: String,
 }
 
 impl PrivateApt {
@@ -256,7 +474,7 @@ impl PrivateApt {
             .context("writing the private sources.list")?;
         let debs = dir.join("debs");
         std::fs::create_dir_all(&debs).with_context(|| format!("creating {}", debs.display()))?;
-        Ok(PrivateApt { root, debs })
+        Ok(PrivateApt { root, debs, mirror })
     }
 
     /// The options that make apt use only this configuration and state.
@@ -299,11 +517,34 @@ impl PrivateApt {
             "reading the package lists of {} (private apt state in target/kernels/apt)",
             SUITES.join(", ")
         ));
-        run::status(self.command("apt-get").args(["-q", "update"]))
-            .context("apt-get update of the kernels' suites failed")?;
+        if let Err(e) = run::status(self.command("apt-get").args(["-q", "update"])) {
+            // Lists from an earlier run still name the kernels, whose `.deb`s may be cached.
+            if self.has_lists() {
+                println!("    could not refresh them ({e:#}); using the lists of an earlier run");
+                return Ok(());
+            }
+            return Err(e).context(format!(
+                "could not read the package lists of {} from {}. The kernels come from \
+                 Debian's archive: make it reachable from this machine (the mirror is the \
+                 system's apt sources' Debian archive; apt's proxy settings in \
+                 /etc/apt/apt.conf.d apply), or copy target/kernels/ from a machine that \
+                 fetched them",
+                SUITES.join(", "),
+                self.mirror
+            ));
+        }
         std::fs::write(&stamp, "").with_context(|| format!("writing {}", stamp.display()))?;
         step.done();
         Ok(())
+    }
+
+    /// Whether an earlier `apt-get update` left package lists.
+    fn has_lists(&self) -> bool {
+        std::fs::read_dir(self.root.join("state/lists")).is_ok_and(|entries| {
+            entries
+                .flatten()
+                .any(|e| e.file_name().to_string_lossy().ends_with("_Packages"))
+        })
     }
 
     /// The newest `linux-image-<version>…-amd64` (the signed, generic flavour).
@@ -347,7 +588,13 @@ impl PrivateApt {
                 .args(["-q", "download", package])
                 .current_dir(&self.debs),
         )
-        .with_context(|| format!("downloading {package} failed"))?;
+        .with_context(|| {
+            format!(
+                "downloading {package} from {} failed: make the archive reachable from this \
+                 machine, or copy target/kernels/debs/ from a machine that has the .debs",
+                self.mirror
+            )
+        })?;
         cached(&self.debs).with_context(|| format!("apt-get download left no {package}_*.deb"))
     }
 }
@@ -412,7 +659,6 @@ fn unpack_kernel(dir: &Path, version: &str, package: &str, deb: &Path) -> anyhow
     anyhow::ensure!(vmlinuz.exists(), "{package} has no boot/vmlinuz-{release}");
     Ok(Kernel {
         version: version.to_owned(),
-        package: package.to_owned(),
         release,
         vmlinuz,
         dir: kernel_dir,
@@ -572,6 +818,8 @@ mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 echo "@@init $(uname -r)"
+# Loopback, which the tests' clients of the daemon's telemetry use.
+ip link set lo up
 for module in /modules/*.ko; do
     insmod "$module" || echo "@@warn insmod $module failed"
 done
@@ -587,7 +835,7 @@ if mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=512000,cache=loose host
     mount -t cgroup2 cgroup2 /host/sys/fs/cgroup
     mount -t bpf bpf /host/sys/fs/bpf
     echo "@@root mounted"
-    chroot /host /bin/sh {script}
+    chroot /host /bin/sh {script} /tmp/shunt-kernels
     echo "@@exit $?"
 else
     echo "@@error the 9p root did not mount"
@@ -599,39 +847,47 @@ poweroff -f
     )
 }
 
-/// The checks run inside each machine (the host's `/bin/sh`, in the host's filesystem).
-fn check_script(redirect: &Path, test_timeout: Duration) -> String {
-    let shunt = crate::release_bin("shunt");
-    let probe = crate::release_bin("shunt-probe");
+/// The checks, as a script for the host's `/bin/sh` in the host's filesystem: run inside
+/// each kernel's machine by its `/init`, and on this machine directly. Its argument is a
+/// directory for its files; names it creates in the kernel (cgroup, pins) carry its pid,
+/// and it removes them again.
+fn check_script(tests: &HashMap<String, PathBuf>, test_timeout: Duration) -> String {
     let mut script = format!(
         r#"#!/bin/sh
-# Written by `cargo xtask kernels`; run inside each kernel's machine by its /init.
+# Written by `cargo xtask kernels`: the checks of one kernel, run by each machine's /init
+# (and on the host). $1: a directory for the checks' files.
 set -u
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 export HOME=/tmp
 export SHUNT_BIN={shunt}
 export SHUNT_PROBE_BIN={probe}
-REDIRECT={redirect}
-TEST_TIMEOUT={test_timeout}
+export SHUNT_GREETER_BIN={greeter}
+WORK=${{1:-/tmp/shunt-kernels}}
+mkdir -p "$WORK"
+# cgroup v2: the machines mount it at /sys/fs/cgroup, a host may have it elsewhere.
+CGROUP2=$(awk '$3 == "cgroup2" {{ print $2; exit }}' /proc/mounts)
 
-# report NAME ok|FAIL FILE: the check's output, then its result.
+# report NAME ok|FAIL FILE: the check's output, then its result and its seconds.
 report() {{
     sed "s/^/@@out $1 /" "$3"
-    echo "@@check $1 $2"
+    echo "@@check $1 $2 $(($(date +%s) - began))"
 }}
 
 # Whether `shunt run` starts and answers on its admin socket; removed again with uninstall.
 check_start() {{
-    dir=/tmp/start
-    mkdir -p $dir /sys/fs/cgroup/shunt-kernels
+    began=$(date +%s)
+    dir=$WORK/start
+    cgroup=$CGROUP2/shunt-kernels-$$
+    pins=/sys/fs/bpf/shunt-kernels-$$
+    mkdir -p $dir $cgroup
     cat > $dir/config.yaml <<EOF
 intercept:
-  cgroup: /sys/fs/cgroup/shunt-kernels
-  pin_dir: /sys/fs/bpf/shunt-kernels
+  cgroup: $cgroup
+  pin_dir: $pins
 admin:
   socket: $dir/admin.sock
 EOF
-    SHUNT_LOG=info timeout -s KILL 300 "$SHUNT_BIN" run --config $dir/config.yaml > $dir/log 2>&1 &
+    SHUNT_LOG=info timeout --foreground -s KILL 300 "$SHUNT_BIN" run --config $dir/config.yaml > $dir/log 2>&1 &
     pid=$!
     result=FAIL
     i=0
@@ -650,13 +906,22 @@ EOF
     kill $pid 2>/dev/null
     wait $pid
     echo "shunt run: exit status $?" >> $dir/log
+    if [ -e $pins ]; then
+        echo "uninstall left $pins; removed" >> $dir/log
+        rm -rf $pins
+        result=FAIL
+    fi
+    rmdir $cgroup 2>> $dir/log
     report start $result $dir/log
 }}
 
-# check_test NAME TEST: one test of tests/tests/redirect.rs, alone.
+# check_test NAME TEST-BINARY TEST SECONDS: one test, alone, its output not captured (a test
+# says so on stdout when the kernel lacks its optional feature).
 check_test() {{
-    log=/tmp/$1.log
-    timeout -k 10 $TEST_TIMEOUT "$REDIRECT" --exact "$2" --test-threads=1 > $log 2>&1
+    began=$(date +%s)
+    log=$WORK/$1.log
+    timeout --foreground -k 10 $4 "$2" --exact "$3" --test-threads=1 --nocapture > $log 2>&1
+    [ $? = 124 ] && echo "killed at the check's time limit ($4s)" >> $log
     if grep -q "test result: ok. 1 passed" $log; then result=ok; else result=FAIL; fi
     report "$1" $result $log
 }}
@@ -664,18 +929,91 @@ check_test() {{
 echo "@@kernel $(uname -r)"
 check_start
 "#,
-        shunt = shunt.display(),
-        probe = probe.display(),
-        redirect = redirect.display(),
-        test_timeout = test_timeout.as_secs(),
+        shunt = crate::release_bin("shunt").display(),
+        probe = crate::release_bin("shunt-probe").display(),
+        greeter = crate::release_bin("shunt-greeter").display(),
     );
-    for (name, test) in CHECKS {
-        if let Some(test) = test {
-            let _ = writeln!(script, "check_test {name} {test}");
-        }
+    for check in CHECKS {
+        let Some((binary, test)) = check.test else {
+            continue;
+        };
+        let limit = check.limit.unwrap_or(test_timeout).as_secs();
+        let path = tests.get(binary).map(|p| p.display().to_string());
+        let path = path.unwrap_or_else(|| format!("/missing/{binary}"));
+        let _ = writeln!(script, "check_test {} {path} {test} {limit}", check.name);
     }
     script.push_str("echo @@done\n");
     script
+}
+
+/// Runs the check script on this machine, in its own process group, until it ends or
+/// `timeout`: then the group gets SIGTERM (the tests' sandboxes remove what they made on
+/// it) and, 20 seconds later, SIGKILL.
+fn check_on_host(dir: &Path, script: &Path, timeout: Duration) -> anyhow::Result<Outcome> {
+    use std::os::unix::process::CommandExt as _;
+    let host = dir.join("host");
+    let work = host.join("work");
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
+    let log = host.join("console.log");
+    let out = std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+    let started = Instant::now();
+    let mut child = Command::new("/bin/sh")
+        .arg(script)
+        .arg(&work)
+        .stdin(Stdio::null())
+        .stdout(out.try_clone()?)
+        .stderr(out)
+        .process_group(0)
+        .spawn()
+        .context("starting the check script")?;
+    let group = format!("-{}", child.id());
+    let signal = |name: &str| {
+        let _ = Command::new("kill")
+            .args([&format!("-{name}"), "--", &group])
+            .stderr(Stdio::null())
+            .status();
+    };
+    let mut ended = None;
+    let mut terminated: Option<Instant> = None;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            if terminated.is_none() && !status.success() {
+                ended = Some(format!("the check script exited with {status}"));
+            }
+            break;
+        }
+        match terminated {
+            None if started.elapsed() >= timeout => {
+                signal("TERM");
+                terminated = Some(Instant::now());
+                ended = Some(format!(
+                    "stopped at the time limit ({}s)",
+                    timeout.as_secs()
+                ));
+            }
+            Some(at) if at.elapsed() >= Duration::from_secs(20) => {
+                signal("KILL");
+                let _ = child.wait();
+                break;
+            }
+            _ => {}
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Whatever of the group outlived the script (nothing, when the tests clean up).
+    signal("KILL");
+    let text = String::from_utf8_lossy(&std::fs::read(&log).unwrap_or_default()).into_owned();
+    let mut outcome = parse_console(&text);
+    if ended.is_none() && !text.contains("@@done") {
+        ended = Some("the check script stopped before the checks finished".to_owned());
+    }
+    outcome.how = "host";
+    outcome.elapsed = started.elapsed();
+    outcome.reached_init = true;
+    outcome.ended = ended;
+    outcome.log = log;
+    Ok(outcome)
 }
 
 /// Boots `kernel` and collects its checks. Under `Accel::Auto`, tries KVM and switches
@@ -794,7 +1132,7 @@ fn boot(
                 .to_owned(),
         );
     }
-    outcome.accel = accel;
+    outcome.how = accel.name();
     outcome.elapsed = elapsed;
     outcome.reached_init = reached_init || text.contains("@@init");
     outcome.ended = ended;
@@ -809,6 +1147,7 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 /// Reads the `@@check` and `@@out` lines of a console log.
 fn parse_console(text: &str) -> Outcome {
     let mut results = BTreeMap::new();
+    let mut seconds = HashMap::new();
     let mut output: HashMap<String, Vec<String>> = HashMap::new();
     for line in text.lines() {
         let line = line.trim_end_matches('\r');
@@ -817,6 +1156,9 @@ fn parse_console(text: &str) -> Outcome {
             let mut words = line[at + "@@check ".len()..].split_whitespace();
             if let (Some(name), Some(result)) = (words.next(), words.next()) {
                 results.insert(name.to_owned(), result.to_owned());
+                if let Some(took) = words.next().and_then(|w| w.parse().ok()) {
+                    seconds.insert(name.to_owned(), took);
+                }
             }
         } else if let Some(at) = line.find("@@out ") {
             let rest = &line[at + "@@out ".len()..];
@@ -828,9 +1170,10 @@ fn parse_console(text: &str) -> Outcome {
         }
     }
     Outcome {
-        accel: Accel::Tcg,
+        how: "",
         elapsed: Duration::ZERO,
         results,
+        seconds,
         output,
         reached_init: false,
         ended: None,
@@ -858,62 +1201,83 @@ fn strip_ansi(text: &str) -> String {
 }
 
 /// Results of one machine, with the last lines of each failed check's output.
-fn print_outcome(kernel: &Kernel, outcome: &Outcome) {
+fn print_outcome(release: &str, outcome: &Outcome) {
     if let Some(why) = &outcome.ended {
-        println!("    {}: {why}", kernel.release);
+        println!("    {release}: {why}");
     }
-    for (name, _) in CHECKS {
-        let result = outcome.results.get(*name).map_or("-", String::as_str);
-        println!("    {name}: {result}");
-        if result != "ok" {
-            let lines = outcome.output.get(*name).map(Vec::as_slice).unwrap_or(&[]);
+    for check in CHECKS {
+        let cell = Cell::of(check, outcome);
+        let took = outcome
+            .seconds
+            .get(check.name)
+            .map(|s| format!(" ({s}s)"))
+            .unwrap_or_default();
+        match &cell {
+            Cell::Off { feature, reason } => {
+                println!("    {}: off{took}: {feature}: {reason}", check.name)
+            }
+            _ => println!("    {}: {}{took}", check.name, cell.text()),
+        }
+        if !cell.passed() {
+            let lines = outcome.output.get(check.name).map(Vec::as_slice);
+            let lines = lines.unwrap_or(&[]);
             for line in &lines[lines.len().saturating_sub(12)..] {
                 println!("      | {line}");
             }
         }
     }
-    println!("    console log: {}", outcome.log.display());
+    println!("    log: {}", outcome.log.display());
 }
 
-/// The kernel × check table.
-fn print_table(kernels: &[Kernel], outcomes: &[Outcome]) {
-    let mut header = vec![
-        "kernel".to_owned(),
-        "package".to_owned(),
-        "accel".to_owned(),
-        "time".to_owned(),
-    ];
-    header.extend(CHECKS.iter().map(|(name, _)| (*name).to_owned()));
-    let mut rows = vec![header];
-    for (kernel, outcome) in kernels.iter().zip(outcomes) {
-        let mut row = vec![
-            kernel.version.clone(),
-            kernel.package.clone(),
-            outcome.accel.name().to_owned(),
-            format!("{:.0}s", outcome.elapsed.as_secs_f64()),
+/// The kernel × check table, and under it why optional features were off.
+fn print_table(rows: &[Row]) {
+    let mut header: Vec<String> = ["kernel", "release", "run", "time"]
+        .map(str::to_owned)
+        .to_vec();
+    header.extend(CHECKS.iter().map(|check| check.name.to_owned()));
+    let mut table = vec![header];
+    let mut notes = Vec::new();
+    for row in rows {
+        let mut line = vec![
+            row.label.clone(),
+            row.release.clone(),
+            row.outcome.how.to_owned(),
+            format!("{:.0}s", row.outcome.elapsed.as_secs_f64()),
         ];
-        row.extend(CHECKS.iter().map(|(name, _)| {
-            outcome
-                .results
-                .get(*name)
-                .cloned()
-                .unwrap_or_else(|| "-".to_owned())
-        }));
-        rows.push(row);
+        for check in CHECKS {
+            let cell = Cell::of(check, &row.outcome);
+            line.push(cell.text().to_owned());
+            if let Cell::Off { feature, reason } = cell {
+                notes.push(format!("{} {}: {feature}: {reason}", row.label, check.name));
+            }
+        }
+        table.push(line);
     }
-    let widths: Vec<usize> = (0..rows[0].len())
-        .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
+    let widths: Vec<usize> = (0..table[0].len())
+        .map(|i| table.iter().map(|r| r[i].len()).max().unwrap_or(0))
         .collect();
     println!();
-    for row in &rows {
-        let cells: Vec<String> = row
+    for line in &table {
+        let cells: Vec<String> = line
             .iter()
             .zip(&widths)
             .map(|(cell, width)| format!("{cell:width$}"))
             .collect();
         println!("{}", cells.join("  ").trim_end());
     }
-    println!("(-: not reported, the machine ended first; FAIL: output above)");
+    let optional: Vec<&str> = CHECKS
+        .iter()
+        .filter(|check| check.optional)
+        .map(|check| check.name)
+        .collect();
+    println!(
+        "(optional features: {}; off: the kernel lacks it, not a failure; \
+         -: not reported, the machine ended first; FAIL: output above)",
+        optional.join(", ")
+    );
+    for note in notes {
+        println!("off: {note}");
+    }
 }
 
 /// A `newc` cpio archive, as the kernel unpacks an initramfs.
@@ -1017,6 +1381,28 @@ mod tests {
         let object = b"\x7fELF...\0license=GPL\0depends=9pnet,netfs\0name=9p\0";
         assert_eq!(depends(object), ["9pnet", "netfs"]);
         assert!(depends(b"\0depends=\0name=veth\0").is_empty());
+    }
+
+    #[test]
+    fn an_optional_feature_the_kernel_lacks_is_off_not_failed() {
+        let text = "@@out sockmap test x ... \u{1b}[1mshunt-test: feature unavailable: \
+                    sockmap: needs 5.15\u{1b}[0m\r\n@@check sockmap ok\r\n\
+                    @@out tls shunt-test: feature unavailable: tls: none\r\n@@check tls ok\r\n\
+                    @@check fast-path ok\r\n@@check uninstall FAIL\r\n";
+        let outcome = parse_console(text);
+        let check = |name| CHECKS.iter().find(|c| c.name == name).expect("a check");
+        assert_eq!(
+            Cell::of(check("sockmap"), &outcome),
+            Cell::Off {
+                feature: "sockmap".to_owned(),
+                reason: "needs 5.15".to_owned()
+            }
+        );
+        assert_eq!(Cell::of(check("fast-path"), &outcome), Cell::Ok);
+        // A required check cannot be skipped.
+        assert_eq!(Cell::of(check("tls"), &outcome), Cell::Fail);
+        assert_eq!(Cell::of(check("uninstall"), &outcome), Cell::Fail);
+        assert_eq!(Cell::of(check("start"), &outcome), Cell::Missing);
     }
 
     #[test]

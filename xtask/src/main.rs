@@ -36,10 +36,11 @@ enum Task {
     /// Build `target/release/shunt` (eBPF object embedded) and the test helpers.
     Build,
     /// Run the whole suite: formatting, lints, fuzzing, then unit, sandbox integration and soak
-    /// tests under per-test time limits (as root).
+    /// tests under per-test time limits, then the kernel matrix (`kernels`: Debian's 5.10,
+    /// 6.1 and 6.12 in qemu, and this machine's kernel) (as root).
     Test {
         /// Arguments for `cargo nextest run`, e.g. a test name filter or `-E 'binary(http2)'`;
-        /// with any, fuzzing is skipped.
+        /// with any, fuzzing and the kernel matrix are skipped.
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
@@ -90,12 +91,17 @@ enum Task {
         /// Acceleration: `auto` tries KVM on the first kernel and falls back to TCG.
         #[arg(long, value_enum, default_value_t = kernels::Accel::Auto)]
         accel: kernels::Accel,
-        /// Time limit of one machine (boot and checks), in seconds.
-        #[arg(long, default_value_t = 1200)]
+        /// Time limit of one machine (boot and checks), and of the checks on this machine's
+        /// kernel, in seconds.
+        #[arg(long, default_value_t = kernels::MACHINE_TIMEOUT.as_secs())]
         timeout: u64,
-        /// Time limit of one test inside a machine, in seconds.
-        #[arg(long, default_value_t = 240)]
+        /// Time limit of one test inside a machine, in seconds (checks slow under emulation
+        /// have their own).
+        #[arg(long, default_value_t = kernels::TEST_TIMEOUT.as_secs())]
         test_timeout: u64,
+        /// Skip the row of this machine's own kernel (the checks run on it without a VM).
+        #[arg(long)]
+        no_host: bool,
     },
 }
 
@@ -133,6 +139,7 @@ fn main() {
             accel,
             timeout,
             test_timeout,
+            no_host,
         } => setup::run().and_then(|()| {
             let versions = match versions.is_empty() {
                 true => kernels::DEFAULT_VERSIONS
@@ -146,6 +153,8 @@ fn main() {
                 accel,
                 timeout: std::time::Duration::from_secs(timeout),
                 test_timeout: std::time::Duration::from_secs(test_timeout),
+                host: !no_host,
+                build: true,
             })
         }),
     };
@@ -250,6 +259,22 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
     // The runner's summary is the last word: on failure, only its exit status is added.
     if !status.success() {
         std::process::exit(status.code().unwrap_or(1));
+    }
+
+    // The kernels shunt supports, each in a machine of its own (about 2 minutes each under
+    // emulation), with the binaries built above; its table is then the last word.
+    if extra.is_empty() {
+        kernels::run(&kernels::Options {
+            versions: kernels::DEFAULT_VERSIONS
+                .iter()
+                .map(|v| v.to_string())
+                .collect(),
+            accel: kernels::Accel::Auto,
+            timeout: kernels::MACHINE_TIMEOUT,
+            test_timeout: kernels::TEST_TIMEOUT,
+            host: true,
+            build: false,
+        })?;
     }
     Ok(())
 }

@@ -34,10 +34,27 @@ pub fn cargo(args: &[&str]) -> anyhow::Result<()> {
     status(cargo_command().args(args))
 }
 
+/// Without the variables `cargo run` gave us (`CARGO_PKG_NAME=xtask`, …): build scripts
+/// that watch them (ring's does) would otherwise see them change between `cargo xtask …` and
+/// a plain `cargo …`, and the crates would be rebuilt each time one follows the other.
 pub fn cargo_command() -> Command {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.current_dir(crate::workspace_root());
+    for (key, _) in std::env::vars_os() {
+        let key = key.to_string_lossy();
+        let ours = key.starts_with("CARGO_PKG_")
+            || key.starts_with("CARGO_MANIFEST_")
+            || [
+                "CARGO_CRATE_NAME",
+                "CARGO_BIN_NAME",
+                "CARGO_PRIMARY_PACKAGE",
+            ]
+            .contains(&key.as_ref());
+        if ours {
+            cmd.env_remove(key.as_ref());
+        }
+    }
     cmd
 }
 

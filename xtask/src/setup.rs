@@ -43,6 +43,10 @@ const SANDBOX_PACKAGES: &[&str] = &[
     "g++",
     // Clippy of the compiler the kernel programs build with, which lints them.
     "rust-web-clippy",
+    // The machines of `cargo xtask kernels` (part of the test suite), and `xz` for the
+    // kernels' compressed modules.
+    "qemu-system-x86",
+    "xz-utils",
 ];
 
 /// Python's grpcio, the independent gRPC implementation the tests talk to.
