@@ -30,7 +30,7 @@ pub struct Kernel {
     /// sock_ops and sk_msg programs may call `bpf_get_netns_cookie` (5.15): the local fast
     /// path keys its sockets by it.
     pub local_fast_path: bool,
-    /// A stream verdict runs on a sockmap without a stream parser (5.11):
+    /// A stream verdict runs on a sockmap without a stream parser (5.10):
     /// `forwarding: sockmap` attaches only a verdict.
     pub sockmap_forwarding: bool,
     /// `getsockopt(SO_NETNS_COOKIE)` (5.14). Without it a pod's namespace cookie is learned
@@ -49,7 +49,7 @@ pub struct Feature {
 
 const LOCAL_FAST_PATH_NEEDS: &str =
     "Linux 5.15 (bpf_get_netns_cookie in sock_ops and sk_msg programs)";
-const SOCKMAP_FORWARDING_NEEDS: &str = "Linux 5.11 (a stream verdict without a stream parser)";
+const SOCKMAP_FORWARDING_NEEDS: &str = "Linux 5.10 (a stream verdict without a stream parser)";
 const NETNS_COOKIE_SOCKOPT_NEEDS: &str = "Linux 5.14 (SO_NETNS_COOKIE; without it the daemon \
     learns pods' namespace cookies through its connect4 program, so it must run inside the \
     cgroup the programs are attached to)";
@@ -97,7 +97,7 @@ impl Kernel {
         let has = |program, h| helper(program, h).unwrap_or(true);
         let local_fast_path = has(ProgramType::SockOps, BpfHelper::BPF_FUNC_get_netns_cookie)
             && has(ProgramType::SkMsg, BpfHelper::BPF_FUNC_get_netns_cookie);
-        let sockmap_forwarding = version.is_none_or(|v| v >= Version(5, 11))
+        let sockmap_forwarding = version.is_none_or(|v| v >= Version(5, 10))
             && is_program_supported(ProgramType::SkSkb).unwrap_or(true);
         Ok(Kernel {
             release,
