@@ -30,10 +30,7 @@ use aya_ebpf::{
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
         BPF_SOCK_OPS_TCP_CONNECT_CB, bpf_sock_tuple, sk_action,
     },
-    helpers::{
-        bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_sk_lookup_tcp,
-        bpf_sk_release,
-    },
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_sk_lookup_tcp, bpf_sk_release},
     macros::{cgroup_sock_addr, map, sk_msg, sock_ops, stream_verdict},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash, lpm_trie::Key},
     programs::{SkBuffContext, SkMsgContext, SockAddrContext, SockOpsContext},
@@ -41,8 +38,7 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use shunt_common::{
     ClientKey, Counter, FAIL_CLOSED, InterceptConfig, LocalTuple, NETNS_PROBE_ADDR,
-    NETNS_PROBE_PORT, OriginalDst, RawAddr, Redirected, SockmapPeer, is_v4_mapped, map_v4,
-    maps::*,
+    NETNS_PROBE_PORT, OriginalDst, RawAddr, Redirected, SockmapPeer, is_v4_mapped, map_v4, maps::*,
 };
 
 const AF_INET: u32 = 2;
