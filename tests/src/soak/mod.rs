@@ -210,7 +210,7 @@ pub fn run(plan: &Plan, out_dir: &Path) -> anyhow::Result<Report> {
                 last.fds,
                 show(last.upstream),
                 show(last.dst_by_client),
-                show(last.dst_by_sock),
+                show(last.redirected),
             );
         }
         let to_next_sample = sampler

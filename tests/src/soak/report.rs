@@ -31,7 +31,7 @@ pub struct Report {
     pub rss: Vec<Segment>,
     pub peak_fds: u64,
     pub peak_dst_by_client: Option<u64>,
-    pub peak_dst_by_sock: Option<u64>,
+    pub peak_redirected: Option<u64>,
     pub peak_upstream: Option<u64>,
     /// Each window of short connections, with what shunt held before, at peak and after.
     pub connection_churn: Vec<ChurnWindow>,
@@ -78,7 +78,7 @@ impl Report {
             rss,
             peak_fds: sampler.peak(|s| Some(s.fds)).unwrap_or(0),
             peak_dst_by_client: sampler.peak(|s| s.dst_by_client),
-            peak_dst_by_sock: sampler.peak(|s| s.dst_by_sock),
+            peak_redirected: sampler.peak(|s| s.redirected),
             peak_upstream: sampler.peak(|s| s.upstream),
             connection_churn,
             drained,
@@ -187,11 +187,11 @@ impl Report {
             show(d.upstream)
         );
         println!(
-            "  map entries     DST_BY_CLIENT peak {} → {}, DST_BY_SOCK peak {} → {} after {:.1}s",
+            "  map entries     DST_BY_CLIENT peak {} → {}, REDIRECTED peak {} → {} after {:.1}s",
             show(self.peak_dst_by_client),
             show(d.dst_by_client),
-            show(self.peak_dst_by_sock),
-            show(d.dst_by_sock),
+            show(self.peak_redirected),
+            show(d.redirected),
             d.seconds
         );
         match self.passed {
@@ -306,9 +306,9 @@ fn judge(
     }
     if !drained.maps_empty() {
         failures.push(format!(
-            "original-destination maps not empty after the traffic: DST_BY_CLIENT {}, DST_BY_SOCK {}",
+            "original-destination maps not empty after the traffic: DST_BY_CLIENT {}, REDIRECTED {}",
             show(drained.dst_by_client),
-            show(drained.dst_by_sock)
+            show(drained.redirected)
         ));
     }
     failures

@@ -1,7 +1,7 @@
 //! What the daemon holds, sampled while traffic runs: resident memory (VmRSS), open
 //! descriptors (`/proc/PID/fd`), upstream connections to the greeters (`ss` in the client
 //! pod's namespace) and the entries of the original-destination maps (`DST_BY_CLIENT`,
-//! `DST_BY_SOCK`, read from their pins with bpftool). Each daemon process
+//! `REDIRECTED`, read from their pins with bpftool). Each daemon process
 //! (the restart starts another) is a segment of its own; RSS growth is measured per segment
 //! from the end of its warm-up.
 
@@ -35,7 +35,7 @@ pub struct Sample {
     /// shunt's established connections to the greeters' port (`None`: `ss` failed).
     pub upstream: Option<u64>,
     pub dst_by_client: Option<u64>,
-    pub dst_by_sock: Option<u64>,
+    pub redirected: Option<u64>,
 }
 
 pub struct Sampler {
@@ -74,7 +74,7 @@ pub struct Drained {
     /// shunt's upstream connections to the greeters then (idle pooled ones).
     pub upstream: Option<u64>,
     pub dst_by_client: Option<u64>,
-    pub dst_by_sock: Option<u64>,
+    pub redirected: Option<u64>,
 }
 
 impl Drained {
@@ -83,7 +83,7 @@ impl Drained {
     }
 
     pub fn maps_empty(&self) -> bool {
-        self.dst_by_client == Some(0) && self.dst_by_sock == Some(0)
+        self.dst_by_client == Some(0) && self.redirected == Some(0)
     }
 }
 
@@ -132,7 +132,7 @@ impl Sampler {
             fds: fd_count(pid),
             upstream: established_to_port(&sandbox.sandbox, &sandbox.client, GRPC_PORT).ok(),
             dst_by_client: map_entries(&self.maps.join("DST_BY_CLIENT")),
-            dst_by_sock: map_entries(&self.maps.join("DST_BY_SOCK")),
+            redirected: map_entries(&self.maps.join("REDIRECTED")),
         }
     }
 
@@ -232,7 +232,7 @@ impl Sampler {
                 fd_tolerance: FD_TOLERANCE,
                 upstream: sample.upstream,
                 dst_by_client: sample.dst_by_client,
-                dst_by_sock: sample.dst_by_sock,
+                redirected: sample.redirected,
             };
             let done = connections == Some(0) && drained.fds_ok() && drained.maps_empty();
             if done || started.elapsed() >= DRAIN_TIMEOUT {
