@@ -43,7 +43,31 @@ const MAX_IN_FLIGHT: usize = 2_000;
 type Tally = GrpcInterval;
 
 fn record_status(tally: &mut Tally, call: &str, status: &Status) {
-    tally.error(call, &format!("{:?}", status.code()), status.message());
+    let message = match h2_cause(status) {
+        Some(cause) => format!("{} ({cause})", status.message()),
+        None => status.message().to_owned(),
+    };
+    tally.error(call, &format!("{:?}", status.code()), &message);
+}
+
+/// What the HTTP/2 layer saw, when a call failed there: tonic's message says only "http2
+/// error", and a failure is explained by which peer ended the stream and how.
+fn h2_cause(status: &Status) -> Option<String> {
+    let mut source = std::error::Error::source(status);
+    while let Some(error) = source {
+        if let Some(h2) = error.downcast_ref::<h2::Error>() {
+            let how = match (h2.is_go_away(), h2.is_reset(), h2.is_io()) {
+                (true, _, _) => "GOAWAY",
+                (_, true, _) => "RST_STREAM",
+                (_, _, true) => "I/O",
+                _ => "library",
+            };
+            let by = if h2.is_remote() { "peer" } else { "client" };
+            return Some(format!("{how} {:?} by {by}: {h2}", h2.reason()));
+        }
+        source = error.source();
+    }
+    None
 }
 
 type Shared = Arc<Mutex<Tally>>;
