@@ -119,6 +119,10 @@ pub enum Command {
     /// Services (virtual address → endpoints): per endpoint whether it is in rotation, its
     /// active and total streams and connections, and failed connects.
     Services,
+    /// The kernel path: destinations connect() sends straight to an endpoint (or leaves
+    /// alone) so the proxy never carries their bytes — declared, on an opaque port, or
+    /// learned — and those a fault rule keeps on the proxy.
+    KernelPath,
     /// Re-read the configuration file: Services and detection settings change for new
     /// connections; a configuration with errors is refused and the running one stays.
     Reload,

@@ -9,9 +9,9 @@ use serde::Serialize;
 use crate::{
     admin::{
         api::{
-            ConnRecord, Done, EnrollRequest, FaultsRequest, FaultsSet, KernelStatus,
-            KubernetesStatus, LogFilter, PodSummary, Reloaded, RuleSummary, ServiceSummary, Stats,
-            Status, StreamRecord, Uninstalled,
+            ConnRecord, Done, EnrollRequest, FaultsRequest, FaultsSet, KernelPathSummary,
+            KernelStatus, KubernetesStatus, LogFilter, PodSummary, Reloaded, RuleSummary,
+            ServiceSummary, Stats, Status, StreamRecord, Uninstalled,
         },
         client::{AdminClient, ClientError},
     },
@@ -109,6 +109,10 @@ pub async fn run(
         Command::Services => {
             let services: Vec<ServiceSummary> = client.get("/services").await?;
             print(output, &services, || services_table(&services));
+        }
+        Command::KernelPath => {
+            let summary: KernelPathSummary = client.get("/kernel-path").await?;
+            print(output, &summary, || kernel_path_text(&summary));
         }
         Command::Faults { action } => match action {
             FaultsAction::List => {
@@ -404,6 +408,46 @@ fn faults_table(rules: &[RuleSummary]) -> String {
         ]);
     }
     table(&rows)
+}
+
+fn kernel_path_text(summary: &KernelPathSummary) -> String {
+    let mut text = format!("kernel path: {}", summary.mode);
+    if !summary.ports.is_empty() {
+        let ports: Vec<String> = summary.ports.iter().map(u16::to_string).collect();
+        text.push_str(&format!("; ports {}", ports.join(", ")));
+    }
+    text.push('\n');
+    if let Some(error) = &summary.error {
+        text.push_str(&format!("error: {error}\n"));
+    }
+    let header = [
+        "DESTINATION",
+        "SERVICE",
+        "WHY",
+        "PATH",
+        "ENDPOINTS",
+        "SAMPLED",
+    ];
+    let mut rows = vec![header.map(String::from).to_vec()];
+    for entry in &summary.destinations {
+        let endpoints: Vec<String> = entry.endpoints.iter().map(|e| e.to_string()).collect();
+        rows.push(vec![
+            entry.destination.to_string(),
+            entry.service.clone().unwrap_or_else(|| "-".into()),
+            entry.reason.clone(),
+            entry.path.clone(),
+            match endpoints.is_empty() {
+                true => "-".into(),
+                false => endpoints.join(" "),
+            },
+            match entry.sample_every {
+                0 => "-".into(),
+                n => format!("1 in {n}"),
+            },
+        ]);
+    }
+    text.push_str(&table(&rows));
+    text
 }
 
 fn services_table(services: &[ServiceSummary]) -> String {

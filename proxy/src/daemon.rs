@@ -23,7 +23,9 @@ use crate::{
     fault::Faults,
     handoff,
     inpod::{EnrollmentConfig, Enrollments, Origin},
-    k8s, privileges,
+    k8s,
+    kernel_path::{self, KernelPath, Learner, Recorder},
+    privileges,
     proxy::{Proxy, Settings},
     reload::{Configs, size_limits},
     state::{ConnTable, ProxyCounters, StreamLog},
@@ -89,7 +91,7 @@ pub async fn run(prepared: Prepared) -> anyhow::Result<()> {
 
     // From here until the daemon runs, a failure removes the pins this start made.
     let rollback = bpf::Rollback::begin(&intercept.pin_dir);
-    let datapath = Datapath::install(
+    let mut datapath = Datapath::install(
         &DatapathConfig {
             cgroup: intercept.cgroup.clone(),
             pin_dir: intercept.pin_dir.clone(),
@@ -112,6 +114,9 @@ pub async fn run(prepared: Prepared) -> anyhow::Result<()> {
         "programs attached"
     );
 
+    let (kernel_routes, kernel_events) = datapath
+        .take_kernel_path()
+        .context("the kernel path's maps were taken twice")?;
     let conns = Arc::new(ConnTable::new(telemetry.observer()));
     let counters = Arc::new(ProxyCounters::default());
     let (stop_connections, shutdown) = tokio::sync::watch::channel(false);
@@ -123,6 +128,9 @@ pub async fn run(prepared: Prepared) -> anyhow::Result<()> {
     };
     let workers = Workers::start(workers).context("starting the worker threads")?;
     tracing::info!(workers = workers.count(), "worker threads started");
+    let learner = Arc::new(Learner::new(
+        intercept.kernel_path == crate::config::KernelPathMode::Learned,
+    ));
     let proxy = Arc::new(Proxy {
         workers,
         faults: faults.clone(),
@@ -138,6 +146,7 @@ pub async fn run(prepared: Prepared) -> anyhow::Result<()> {
         settings: settings.clone(),
         discovered: Default::default(),
         admission: Default::default(),
+        learner: learner.clone(),
     });
     let datapath = Arc::new(Mutex::new(datapath));
     let enrollments = Arc::new(Enrollments::new(
@@ -148,6 +157,28 @@ pub async fn run(prepared: Prepared) -> anyhow::Result<()> {
             mark: intercept.mark,
         },
     ));
+
+    let kernel_path = KernelPath::start(
+        kernel_routes,
+        kernel_path::Inputs {
+            settings: settings.clone(),
+            discovered: proxy.discovered.clone(),
+            faults: faults.clone(),
+            learner,
+        },
+    );
+    let pods = Arc::downgrade(&enrollments);
+    tokio::spawn(
+        Recorder {
+            conns: conns.clone(),
+            observer: telemetry.observer(),
+            counters: counters.clone(),
+            settings: settings.clone(),
+            discovered: proxy.discovered.clone(),
+            pods: Box::new(move |cookie| pods.upgrade()?.pod_name(cookie)),
+        }
+        .run(kernel_events),
+    );
 
     // Handed-over listeners accept from here on, alongside the old daemon's copies.
     if let Some(taken) = taken.as_mut() {
@@ -218,6 +249,10 @@ pub async fn run(prepared: Prepared) -> anyhow::Result<()> {
         commands,
         kubernetes: kubernetes.clone(),
         handing_off: handing_off.clone(),
+        kernel_path: {
+            let kernel_path = kernel_path.clone();
+            Arc::new(move || kernel_path.summary())
+        },
     });
     let admin_task = tokio::spawn(admin::serve(admin_listener, admin_access, admin_ctx));
     // Narrow handles, not the proxy: telemetry outlives what it reports on, and must not keep

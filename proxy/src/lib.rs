@@ -21,6 +21,7 @@ pub mod handoff;
 mod http2;
 pub mod inpod;
 pub mod k8s;
+mod kernel_path;
 pub mod logging;
 mod net;
 pub mod open_files;

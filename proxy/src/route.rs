@@ -16,12 +16,17 @@ use std::{
 use arc_swap::ArcSwap;
 use serde::{Deserialize, Serialize};
 
-use crate::{config::ServiceConfig, net::canonical};
+use crate::{
+    config::{ServiceConfig, ServiceProtocol},
+    net::canonical,
+};
 
 /// A virtual address and the endpoints behind it.
 pub struct Service {
     pub name: String,
     pub vip: SocketAddr,
+    /// What its port carries, as declared (`auto`: sniffed).
+    pub protocol: ServiceProtocol,
     /// In rotation. Replaced whole when discovery finds a new set; readers never block.
     endpoints: ArcSwap<Vec<Arc<Endpoint>>>,
     /// Taken out of rotation while streams or connections were still on them; listed until
@@ -146,6 +151,7 @@ impl Service {
         Service {
             name: config.name.clone(),
             vip: canonical(config.vip),
+            protocol: config.protocol,
             endpoints: ArcSwap::from_pointee(
                 config.endpoints.iter().map(|&a| Endpoint::new(a)).collect(),
             ),
@@ -183,6 +189,28 @@ impl Service {
             self.cursor.fetch_add(1, Ordering::Relaxed) % n
         };
         (0..n).map(move |i| endpoints[(start + i) % n].clone())
+    }
+
+    /// The endpoints in rotation now.
+    pub fn in_rotation(&self) -> Arc<Vec<Arc<Endpoint>>> {
+        self.endpoints.load_full()
+    }
+
+    /// The endpoint at `addr`, in rotation or draining.
+    pub fn endpoint(&self, addr: SocketAddr) -> Option<Arc<Endpoint>> {
+        let addr = canonical(addr);
+        let found = self
+            .endpoints
+            .load()
+            .iter()
+            .find(|e| e.addr == addr)
+            .cloned();
+        found.or_else(|| {
+            lock(&self.draining)
+                .iter()
+                .find(|e| e.addr == addr)
+                .cloned()
+        })
     }
 
     /// Replaces the endpoint set (from discovery). Endpoints that stay keep their counters;
@@ -395,6 +423,11 @@ impl DiscoveredServices {
 
     pub fn lookup(&self, dst: SocketAddr) -> Option<Arc<Service>> {
         self.table.load().lookup(dst)
+    }
+
+    /// The Services, in the order they were handed over.
+    pub fn services(&self) -> Vec<Arc<Service>> {
+        self.table.load().in_order.clone()
     }
 
     pub fn summaries(&self) -> Vec<ServiceSummary> {

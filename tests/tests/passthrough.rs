@@ -557,6 +557,7 @@ fn resets_are_passed_on_in_both_directions(forwarding: &str) -> anyhow::Result<(
     forwarded_as(&daemon, forwarding, &client_reset)
 }
 
+/// With the kernel path off (on, they skip the proxy altogether: `tests/kernel_path.rs`).
 #[test]
 fn opaque_ports_are_never_sniffed() -> anyhow::Result<()> {
     let setup = setup(1, 6379)?;
@@ -564,7 +565,9 @@ fn opaque_ports_are_never_sniffed() -> anyhow::Result<()> {
     let daemon = Daemon::start(
         &setup.sandbox,
         &[&setup.client],
-        &with_service(6379, &eps, defaults),
+        &with_service(6379, &eps, |i| {
+            i.kernel_path = shunt::config::KernelPathMode::Off
+        }),
     )?;
     probe::connect_once(&setup.sandbox, &setup.client, vip(6379), &[])?;
     assert_eq!(closed_conns(&daemon, 1)?[0].verdict, Some(Verdict::Skipped));

@@ -32,6 +32,19 @@ pub mod maps {
     /// Socket cookie → netns cookie of the sockets that connected to the probe address
     /// ([`NETNS_PROBE_PORT`](super::NETNS_PROBE_PORT)). Not pinned: it is the daemon's own.
     pub const NETNS_PROBES: &str = "NETNS_PROBES";
+    /// Destination (address + port) → [`KernelRoute`](super::KernelRoute): the
+    /// destinations connect() sends straight to an endpoint (or leaves alone) instead of to
+    /// the proxy, and those it must never (`KERNEL_ROUTE_PROXY`).
+    pub const KERNEL_ROUTES: &str = "KP_ROUTES";
+    /// [`EndpointKey`](super::EndpointKey) → endpoint address: the endpoints of the
+    /// Services in `KP_ROUTES`.
+    pub const KERNEL_ENDPOINTS: &str = "KP_ENDPOINTS";
+    /// Destination port (host order) → 1: destinations on these ports that are not in
+    /// `KP_ROUTES` take the kernel path and are left alone (`opaque_ports`).
+    pub const KERNEL_PORTS: &str = "KP_PORTS";
+    /// Ring buffer of [`KernelPathEvent`](super::KernelPathEvent)s: the kernel path's
+    /// connections as they start and end. Not pinned: each daemon reads its own programs'.
+    pub const KERNEL_EVENTS: &str = "KP_EVENTS";
 
     pub const ENROLLED_CAPACITY: u32 = 4096;
     pub const EXCLUDED_CIDRS_CAPACITY: u32 = 1024;
@@ -45,6 +58,12 @@ pub mod maps {
     /// TCP path.
     pub const LOCAL_SOCKS_CAPACITY: u32 = 65536;
     pub const NETNS_PROBES_CAPACITY: u32 = 256;
+    pub const KERNEL_ROUTES_CAPACITY: u32 = 16384;
+    pub const KERNEL_ENDPOINTS_CAPACITY: u32 = 65536;
+    pub const KERNEL_PORTS_CAPACITY: u32 = 256;
+    /// Bytes of the event ring (a power of two, a multiple of the page size): 1 MiB holds
+    /// about 9,000 events, far more than arrive between two reads.
+    pub const KERNEL_EVENTS_BYTES: u32 = 1 << 20;
 }
 
 /// Program names (also their ELF section symbols). Kernel program names are limited to 15
@@ -111,13 +130,91 @@ pub struct Redirected {
     pub netns_cookie: u64,
 }
 
-/// Where a redirected connection was originally going.
+/// Where a redirected connection was originally going; also a destination as a key of
+/// `KP_ROUTES`, and an endpoint's address.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct OriginalDst {
     pub addr: RawAddr,
     /// Host byte order.
     pub port: u16,
+    /// In `REDIRECTED`: [`VIA_PROXY`] or [`VIA_KERNEL`]. Zero elsewhere.
+    pub via: u8,
+    pub _pad: [u8; 5],
+}
+
+/// `OriginalDst::via` of a socket connect() sent to the in-pod listener (what daemons
+/// before the kernel path wrote: the byte was padding).
+pub const VIA_PROXY: u8 = 0;
+/// `OriginalDst::via` of a socket on the kernel path: connected to an endpoint (or left
+/// alone) by connect(); sock_ops reports it as a [`KernelPathEvent`].
+pub const VIA_KERNEL: u8 = 1;
+
+/// `KernelRoute::flags`: the destination must go through the proxy (a fault rule names
+/// it), even where `KP_PORTS` would send it the kernel path.
+pub const KERNEL_ROUTE_PROXY: u32 = 1;
+
+/// How connect() treats a destination of `KP_ROUTES`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelRoute {
+    /// Which endpoint set of `KP_ENDPOINTS` is the Service's; meaningless when
+    /// `endpoint_count` is 0 (not a Service: the connection goes where it was going).
+    pub endpoints_id: u32,
+    pub endpoint_count: u32,
+    /// One in this many new connections still goes through the proxy, so that a learned
+    /// destination that starts speaking HTTP/2 is noticed; 0: none.
+    pub sample_every: u32,
+    /// [`KERNEL_ROUTE_PROXY`].
+    pub flags: u32,
+    /// Connections seen (for sampling) and endpoints picked (round-robin). Updated without
+    /// atomics, which 5.10 lacks for fetching adds: two CPUs connecting at the same instant
+    /// may pick the same endpoint once.
+    pub seen: u32,
+    pub next: u32,
+}
+
+/// Key of `KP_ENDPOINTS`: the `index`th endpoint of endpoint set `endpoints_id`. The daemon
+/// writes a changed Service's endpoints under a new id and then points its route at it, so
+/// connect() never sees half a set.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct EndpointKey {
+    pub endpoints_id: u32,
+    pub index: u32,
+}
+
+/// `KernelPathEvent::kind`: connect() sent the socket on the kernel path (sock_ops at
+/// `TCP_CONNECT_CB`, before the SYN).
+pub const EVENT_CONNECTING: u8 = 1;
+/// The socket closed (sock_ops state callback, `TCP_CLOSE`).
+pub const EVENT_CLOSED: u8 = 2;
+
+/// TCP states, as sock_ops' state callback reports the one a socket left.
+pub const TCP_SYN_SENT: u8 = 2;
+
+/// One kernel-path connection starting or ending, from sock_ops to the daemon.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelPathEvent {
+    pub socket_cookie: u64,
+    pub netns_cookie: u64,
+    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC).
+    pub time_ns: u64,
+    /// Closed: bytes the socket received, and bytes it sent that the peer acknowledged.
+    pub bytes_received: u64,
+    pub bytes_acked: u64,
+    /// What the application asked for.
+    pub original: OriginalDst,
+    /// What the socket is connected to (the endpoint picked).
+    pub remote: OriginalDst,
+    /// The application's own address and port.
+    pub local: OriginalDst,
+    /// [`EVENT_CONNECTING`] or [`EVENT_CLOSED`].
+    pub kind: u8,
+    /// Closed: the state the socket left for `TCP_CLOSE` ([`TCP_SYN_SENT`]: the connect
+    /// failed).
+    pub old_state: u8,
     pub _pad: [u8; 6],
 }
 
@@ -217,10 +314,21 @@ pub enum Counter {
     LocalFastPathRedirected,
     /// The `sk_msg` program found no peer (not established yet, or gone): TCP took it.
     LocalFastPathNoPeer,
+    /// connect() sent a Service's connection straight to one of its endpoints.
+    KernelPathBalanced,
+    /// connect() let a kernel-path destination that is not a Service go as it was.
+    KernelPathDirect,
+    /// A kernel-path destination's connection sent through the proxy as a sample.
+    KernelPathSampled,
+    /// A kernel-path Service's endpoint was missing or of the other family: the proxy took
+    /// the connection.
+    KernelPathNoEndpoint,
+    /// A kernel-path event was lost (the ring was full).
+    KernelPathEventLost,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 19;
+    pub const COUNT: u32 = 24;
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::Redirected,
         Counter::RedirectedNoListener,
@@ -241,6 +349,11 @@ impl Counter {
         Counter::LocalFastPathJoinFailed,
         Counter::LocalFastPathRedirected,
         Counter::LocalFastPathNoPeer,
+        Counter::KernelPathBalanced,
+        Counter::KernelPathDirect,
+        Counter::KernelPathSampled,
+        Counter::KernelPathNoEndpoint,
+        Counter::KernelPathEventLost,
     ];
 
     /// Stable name, used in the admin API and metrics.
@@ -265,6 +378,11 @@ impl Counter {
             Counter::LocalFastPathJoinFailed => "local_fast_path_join_failed",
             Counter::LocalFastPathRedirected => "local_fast_path_redirected",
             Counter::LocalFastPathNoPeer => "local_fast_path_no_peer",
+            Counter::KernelPathBalanced => "kernel_path_balanced",
+            Counter::KernelPathDirect => "kernel_path_direct",
+            Counter::KernelPathSampled => "kernel_path_sampled",
+            Counter::KernelPathNoEndpoint => "kernel_path_no_endpoint",
+            Counter::KernelPathEventLost => "kernel_path_event_lost",
         }
     }
 }
@@ -291,6 +409,9 @@ mod user {
     unsafe impl aya::Pod for super::ClientKey {}
     unsafe impl aya::Pod for super::SockmapPeer {}
     unsafe impl aya::Pod for super::LocalTuple {}
+    unsafe impl aya::Pod for super::KernelRoute {}
+    unsafe impl aya::Pod for super::EndpointKey {}
+    unsafe impl aya::Pod for super::KernelPathEvent {}
 }
 
 #[cfg(test)]
@@ -305,6 +426,9 @@ mod tests {
         assert_eq!(core::mem::size_of::<ClientKey>(), 32);
         assert_eq!(core::mem::size_of::<SockmapPeer>(), 16);
         assert_eq!(core::mem::size_of::<LocalTuple>(), 48);
+        assert_eq!(core::mem::size_of::<KernelRoute>(), 24);
+        assert_eq!(core::mem::size_of::<EndpointKey>(), 8);
+        assert_eq!(core::mem::size_of::<KernelPathEvent>(), 120);
     }
 
     #[test]

@@ -9,6 +9,11 @@
 //!   `accept()` — netns cookie + client address and port. At `TCP_CLOSE` it forgets the socket.
 //!   It takes the netns cookie from what `connect` recorded: sock_ops may only ask the kernel
 //!   for it from Linux 5.15 on.
+//! * The kernel path: a destination in `KP_ROUTES` (or on a port in `KP_PORTS`) is not sent
+//!   to the listener. connect() rewrites a Service's virtual address to the next of its
+//!   endpoints (`KP_ENDPOINTS`, round-robin) or leaves any other destination alone, and
+//!   records it in `REDIRECTED` as `VIA_KERNEL`; sock_ops then reports the connection to the
+//!   daemon when it starts and when it closes (`KP_EVENTS`), bytes and all.
 //! * `cgroup/getpeername4`, `cgroup/getpeername6`: answer with the original destination, so the
 //!   application sees the address it asked for.
 //! * `sk_skb/stream_verdict` on the `SM_SOURCES` sockhash (`forwarding: sockmap`): every skb
@@ -30,15 +35,20 @@ use aya_ebpf::{
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
         BPF_SOCK_OPS_TCP_CONNECT_CB, bpf_sock_tuple, sk_action,
     },
-    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_sk_lookup_tcp, bpf_sk_release},
+    helpers::{
+        bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_sk_lookup_tcp,
+        bpf_sk_release,
+    },
     macros::{cgroup_sock_addr, map, sk_msg, sock_ops, stream_verdict},
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, SockHash, lpm_trie::Key},
     programs::{SkBuffContext, SkMsgContext, SockAddrContext, SockOpsContext},
 };
 use aya_log_ebpf::debug;
 use shunt_common::{
-    ClientKey, Counter, FAIL_CLOSED, InterceptConfig, LocalTuple, NETNS_PROBE_ADDR,
-    NETNS_PROBE_PORT, OriginalDst, RawAddr, Redirected, SockmapPeer, is_v4_mapped, map_v4, maps::*,
+    ClientKey, Counter, EVENT_CLOSED, EVENT_CONNECTING, EndpointKey, FAIL_CLOSED, InterceptConfig,
+    KERNEL_ROUTE_PROXY, KernelPathEvent, KernelRoute, LocalTuple, NETNS_PROBE_ADDR,
+    NETNS_PROBE_PORT, OriginalDst, RawAddr, Redirected, SockmapPeer, VIA_KERNEL, VIA_PROXY,
+    is_v4_mapped, map_v4, maps::*,
 };
 
 const AF_INET: u32 = 2;
@@ -106,6 +116,26 @@ static SOCKMAP_PEERS: HashMap<u64, SockmapPeer> = HashMap::pinned(SOCKMAP_CAPACI
 /// The kernel drops a socket from it when the socket closes.
 #[map(name = "LOCAL_SOCKS")]
 static LOCAL_SOCKS: SockHash<LocalTuple> = SockHash::pinned(LOCAL_SOCKS_CAPACITY, 0);
+
+/// Destinations on the kernel path, and those that must never be; kept by the daemon.
+/// Not pinned: a daemon starts with none and writes what it knows.
+#[map(name = "KP_ROUTES")]
+static KERNEL_ROUTES: HashMap<OriginalDst, KernelRoute> =
+    HashMap::with_max_entries(KERNEL_ROUTES_CAPACITY, 0);
+
+/// The endpoints of the Services in `KP_ROUTES`.
+#[map(name = "KP_ENDPOINTS")]
+static KERNEL_ENDPOINTS: HashMap<EndpointKey, OriginalDst> =
+    HashMap::with_max_entries(KERNEL_ENDPOINTS_CAPACITY, 0);
+
+/// Destination port (host order) → 1: the kernel path for any destination on it that
+/// `KP_ROUTES` does not name.
+#[map(name = "KP_PORTS")]
+static KERNEL_PORTS: HashMap<u16, u8> = HashMap::with_max_entries(KERNEL_PORTS_CAPACITY, 0);
+
+/// Kernel-path connections starting and ending, for the daemon's records.
+#[map(name = "KP_EVENTS")]
+static KERNEL_EVENTS: RingBuf = RingBuf::with_byte_size(KERNEL_EVENTS_BYTES, 0);
 
 #[inline(always)]
 fn count(counter: Counter) {
@@ -205,40 +235,119 @@ fn listener_present(ctx: &SockAddrContext, v4: bool, port: u16) -> bool {
     true
 }
 
-/// Decide, record and count. Returns whether to rewrite the destination to the listener.
+/// Where connect() sends a connection.
+enum Path {
+    /// Where the application sent it, untouched and unrecorded.
+    Untouched,
+    /// To the in-pod listener.
+    Proxy,
+    /// The kernel path: to this endpoint, or (`None`) where it was going; recorded, so
+    /// getpeername answers with the original destination and sock_ops reports it.
+    Kernel(Option<OriginalDst>),
+}
+
+/// Decide, record and count.
 #[inline(always)]
-fn should_redirect(ctx: &SockAddrContext, cfg: &InterceptConfig, dst: &RawAddr, port: u16) -> bool {
+fn choose_path(
+    ctx: &SockAddrContext,
+    cfg: &InterceptConfig,
+    dst: &RawAddr,
+    port: u16,
+    v4_socket: bool,
+) -> Path {
     // SAFETY: helper valid in cgroup sock_addr programs.
     let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.sock_addr as *mut c_void) };
     if let Some(reason) = skip_reason(ctx, cfg, netns_cookie, dst, port) {
         count(reason);
-        return false;
+        return Path::Untouched;
     }
     let has_listener = listener_present(ctx, is_v4_mapped(dst), cfg.listen_port);
     if !has_listener && cfg.fail_mode != FAIL_CLOSED {
         count(Counter::SkipNoListener);
-        return false;
+        return Path::Untouched;
     }
+    // Only while shunt runs: without it, fail-open and fail-closed mean what they say, and
+    // no endpoint set can go stale.
+    let path = match has_listener {
+        true => kernel_path(dst, port, v4_socket),
+        false => Path::Proxy,
+    };
     // SAFETY: helper valid in cgroup sock_addr programs.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr as *mut c_void) };
     let redirected = Redirected {
         dst: OriginalDst {
             addr: *dst,
             port,
-            _pad: [0; 6],
+            via: match path {
+                Path::Kernel(_) => VIA_KERNEL,
+                _ => VIA_PROXY,
+            },
+            _pad: [0; 5],
         },
         netns_cookie,
     };
     if REDIRECTED.insert(cookie, redirected, 0).is_err() {
         count(Counter::SkipMapFull);
-        return false;
+        return Path::Untouched;
     }
-    count(if has_listener {
-        Counter::Redirected
-    } else {
-        Counter::RedirectedNoListener
-    });
-    true
+    match path {
+        Path::Kernel(Some(_)) => count(Counter::KernelPathBalanced),
+        Path::Kernel(None) => count(Counter::KernelPathDirect),
+        _ if has_listener => count(Counter::Redirected),
+        _ => count(Counter::RedirectedNoListener),
+    }
+    path
+}
+
+/// The kernel path, if the destination takes it: the next endpoint of its Service, or
+/// `None` for a destination that is not a Service. `Path::Proxy` otherwise, and for the
+/// sampled connections of a learned destination.
+#[inline(always)]
+fn kernel_path(dst: &RawAddr, port: u16, v4_socket: bool) -> Path {
+    let key = OriginalDst {
+        addr: *dst,
+        port,
+        via: 0,
+        _pad: [0; 5],
+    };
+    let Some(route) = KERNEL_ROUTES.get_ptr_mut(&key) else {
+        // SAFETY: plain read of a hash map value.
+        return match unsafe { KERNEL_PORTS.get(&port) } {
+            Some(_) => Path::Kernel(None),
+            None => Path::Proxy,
+        };
+    };
+    // SAFETY: a valid map value pointer for the duration of the program.
+    let route: &mut KernelRoute = unsafe { &mut *route };
+    if route.flags & KERNEL_ROUTE_PROXY != 0 {
+        return Path::Proxy;
+    }
+    let seen = route.seen;
+    route.seen = seen.wrapping_add(1);
+    if route.sample_every != 0 && seen % route.sample_every == 0 {
+        count(Counter::KernelPathSampled);
+        return Path::Proxy;
+    }
+    if route.endpoint_count == 0 {
+        return Path::Kernel(None);
+    }
+    let index = route.next % route.endpoint_count;
+    route.next = route.next.wrapping_add(1);
+    let key = EndpointKey {
+        endpoints_id: route.endpoints_id,
+        index,
+    };
+    // SAFETY: plain read of a hash map value.
+    match unsafe { KERNEL_ENDPOINTS.get(&key) } {
+        // An IPv4 socket reaches IPv4 endpoints only.
+        Some(endpoint) if !v4_socket || is_v4_mapped(&endpoint.addr) => {
+            Path::Kernel(Some(*endpoint))
+        }
+        _ => {
+            count(Counter::KernelPathNoEndpoint);
+            Path::Proxy
+        }
+    }
 }
 
 /// cgroup sock_addr programs: 0 fails the syscall with `EPERM`.
@@ -257,15 +366,22 @@ pub fn shunt_connect4(ctx: SockAddrContext) -> i32 {
         count(Counter::SkipUnconfigured);
         return ALLOW;
     };
-    if should_redirect(&ctx, &cfg, &map_v4(ip4), port) {
-        debug!(
-            &ctx,
-            "redirect {:i}:{} to listener",
-            u32::from_be(ip4),
-            port
-        );
-        sa.user_ip4 = LOOPBACK4;
-        sa.user_port = u32::from(cfg.listen_port.to_be());
+    match choose_path(&ctx, &cfg, &map_v4(ip4), port, true) {
+        Path::Proxy => {
+            debug!(
+                &ctx,
+                "redirect {:i}:{} to listener",
+                u32::from_be(ip4),
+                port
+            );
+            sa.user_ip4 = LOOPBACK4;
+            sa.user_port = u32::from(cfg.listen_port.to_be());
+        }
+        Path::Kernel(Some(endpoint)) => {
+            sa.user_ip4 = endpoint.addr[3];
+            sa.user_port = u32::from(endpoint.port.to_be());
+        }
+        Path::Kernel(None) | Path::Untouched => {}
     }
     ALLOW
 }
@@ -300,26 +416,31 @@ pub fn shunt_connect6(ctx: SockAddrContext) -> i32 {
         sa.user_ip6[3],
     ];
     let port = u16::from_be(sa.user_port as u16);
-    if should_redirect(&ctx, &cfg, &ip6, port) {
-        debug!(
-            &ctx,
-            "redirect [{:i}]:{} to listener",
-            words_to_bytes(&ip6),
-            port
-        );
-        // An IPv4-mapped destination travels over IPv4: send it to the IPv4 listener.
-        let target = if is_v4_mapped(&ip6) {
-            map_v4(LOOPBACK4)
-        } else {
-            LOOPBACK6
-        };
-        // The context only accepts 4-byte stores to user_ip6.
-        sa.user_ip6[0] = target[0];
-        sa.user_ip6[1] = target[1];
-        sa.user_ip6[2] = target[2];
-        sa.user_ip6[3] = target[3];
-        sa.user_port = u32::from(cfg.listen_port.to_be());
-    }
+    let (target, target_port) = match choose_path(&ctx, &cfg, &ip6, port, false) {
+        Path::Proxy => {
+            debug!(
+                &ctx,
+                "redirect [{:i}]:{} to listener",
+                words_to_bytes(&ip6),
+                port
+            );
+            // An IPv4-mapped destination travels over IPv4: send it to the IPv4 listener.
+            let target = if is_v4_mapped(&ip6) {
+                map_v4(LOOPBACK4)
+            } else {
+                LOOPBACK6
+            };
+            (target, cfg.listen_port)
+        }
+        Path::Kernel(Some(endpoint)) => (endpoint.addr, endpoint.port),
+        Path::Kernel(None) | Path::Untouched => return ALLOW,
+    };
+    // The context only accepts 4-byte stores to user_ip6.
+    sa.user_ip6[0] = target[0];
+    sa.user_ip6[1] = target[1];
+    sa.user_ip6[2] = target[2];
+    sa.user_ip6[3] = target[3];
+    sa.user_port = u32::from(target_port.to_be());
     ALLOW
 }
 
@@ -347,6 +468,12 @@ pub fn shunt_sock_ops(ctx: SockOpsContext) -> u32 {
         BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == TCP_CLOSE => {
             // SAFETY: helper valid in sock_ops programs.
             let cookie = unsafe { bpf_get_socket_cookie(ctx.ops as *mut c_void) };
+            // SAFETY: plain read of a hash map value.
+            if let Some(redirected) = unsafe { REDIRECTED.get(cookie) }.copied()
+                && redirected.dst.via == VIA_KERNEL
+            {
+                report(&ctx, cookie, &redirected, EVENT_CLOSED, ctx.arg(0) as u8);
+            }
             let _ = REDIRECTED.remove(cookie);
         }
         _ => {}
@@ -362,6 +489,12 @@ fn on_connect(ctx: &SockOpsContext) {
     let Some(redirected) = (unsafe { REDIRECTED.get(cookie) }).copied() else {
         return; // not a redirected socket
     };
+    if redirected.dst.via == VIA_KERNEL {
+        report(ctx, cookie, &redirected, EVENT_CONNECTING, 0);
+        // Its close is reported too.
+        let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+        return;
+    }
     let local = match ctx.family() {
         AF_INET6 => {
             let ip6 = ctx.local_ip6();
@@ -381,7 +514,9 @@ fn on_connect(ctx: &SockOpsContext) {
         port: ctx.local_port() as u16,
         _pad: [0; 6],
     };
-    if DST_BY_CLIENT.insert(key, redirected.dst, 0).is_err() {
+    let mut dst = redirected.dst;
+    dst.via = 0;
+    if DST_BY_CLIENT.insert(key, dst, 0).is_err() {
         count(Counter::SkipMapFull);
         return;
     }
@@ -393,6 +528,53 @@ fn on_connect(ctx: &SockOpsContext) {
         "recorded original destination for client port {}",
         ctx.local_port()
     );
+}
+
+/// Tells the daemon of a kernel-path connection: when it starts (`EVENT_CONNECTING`, at
+/// `TCP_CONNECT_CB`, where the endpoint and the local port are known) and when it closes,
+/// with the bytes each way and the state it closed from (`SYN_SENT`: the connect failed).
+#[inline(always)]
+fn report(ctx: &SockOpsContext, cookie: u64, redirected: &Redirected, kind: u8, old_state: u8) {
+    let family = ctx.family();
+    let (Some(local), Some(remote)) = (
+        mapped(family, ctx.local_ip4(), ctx.local_ip6()),
+        mapped(family, ctx.remote_ip4(), ctx.remote_ip6()),
+    ) else {
+        return;
+    };
+    // SAFETY: the context pointer is valid for the duration of the program.
+    let ops = unsafe { &*ctx.ops };
+    let (bytes_received, bytes_acked) = match kind {
+        EVENT_CLOSED => (ops.bytes_received, ops.bytes_acked),
+        _ => (0, 0),
+    };
+    let event = KernelPathEvent {
+        socket_cookie: cookie,
+        netns_cookie: redirected.netns_cookie,
+        // SAFETY: helper valid in every program type.
+        time_ns: unsafe { bpf_ktime_get_ns() },
+        bytes_received,
+        bytes_acked,
+        original: redirected.dst,
+        remote: OriginalDst {
+            addr: remote,
+            port: remote_port(ctx.remote_port()),
+            via: 0,
+            _pad: [0; 5],
+        },
+        local: OriginalDst {
+            addr: local,
+            port: ctx.local_port() as u16,
+            via: 0,
+            _pad: [0; 5],
+        },
+        kind,
+        old_state,
+        _pad: [0; 6],
+    };
+    if KERNEL_EVENTS.output::<KernelPathEvent>(&event, 0).is_err() {
+        count(Counter::KernelPathEventLost);
+    }
 }
 
 /// An address from a socket context as four words, IPv4 mapped. A dual-stack socket talking
@@ -442,7 +624,7 @@ fn on_established(ctx: &SockOpsContext, passive: bool) {
         // SAFETY: helper valid in sock_ops programs.
         let cookie = unsafe { bpf_get_socket_cookie(ctx.ops as *mut c_void) };
         // SAFETY: plain read of a hash map value.
-        if unsafe { REDIRECTED.get(cookie) }.is_none() {
+        if !unsafe { REDIRECTED.get(cookie) }.is_some_and(|r| r.dst.via == VIA_PROXY) {
             return;
         }
     }

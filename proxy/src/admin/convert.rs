@@ -9,7 +9,7 @@ use super::api;
 use crate::{
     bpf, config,
     config::fault::{AbortFault, DelayFault, FaultMatch, FaultRule, PathMatch, TcpFault},
-    fault, inpod, k8s, open_files, route, state,
+    fault, inpod, k8s, kernel_path, open_files, route, state,
 };
 
 impl From<bpf::Attachment> for api::Attachment {
@@ -93,6 +93,33 @@ impl From<inpod::PodSummary> for api::PodSummary {
     }
 }
 
+impl From<kernel_path::KernelPathSummary> for api::KernelPathSummary {
+    fn from(summary: kernel_path::KernelPathSummary) -> Self {
+        let kernel_path::KernelPathSummary {
+            mode,
+            destinations,
+            ports,
+            error,
+        } = summary;
+        api::KernelPathSummary {
+            mode,
+            destinations: destinations
+                .into_iter()
+                .map(|d| api::KernelPathEntry {
+                    destination: d.destination,
+                    service: d.service,
+                    reason: d.reason,
+                    path: d.path,
+                    endpoints: d.endpoints,
+                    sample_every: d.sample_every,
+                })
+                .collect(),
+            ports,
+            error,
+        }
+    }
+}
+
 impl From<route::ServiceSummary> for api::ServiceSummary {
     fn from(service: route::ServiceSummary) -> Self {
         let route::ServiceSummary {
@@ -142,6 +169,7 @@ impl From<state::Verdict> for api::Verdict {
             state::Verdict::ServerFirst => api::Verdict::ServerFirst,
             state::Verdict::Timeout => api::Verdict::Timeout,
             state::Verdict::Skipped => api::Verdict::Skipped,
+            state::Verdict::KernelPath => api::Verdict::KernelPath,
         }
     }
 }

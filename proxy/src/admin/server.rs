@@ -65,7 +65,12 @@ pub struct AdminContext {
     pub kubernetes: Option<Arc<crate::k8s::Health>>,
     /// Set while a handoff is under way (one at a time); cleared if it fails.
     pub handing_off: Arc<std::sync::atomic::AtomicBool>,
+    /// What the kernel path takes now.
+    pub kernel_path: KernelPathView,
 }
+
+/// The admin server's view of the kernel path.
+pub type KernelPathView = Arc<dyn Fn() -> crate::kernel_path::KernelPathSummary + Send + Sync>;
 
 /// Binds the socket (replacing a stale file left by a dead daemon, never a live one).
 pub async fn bind(path: &Path, access: &Access) -> Result<UnixListener, AdminError> {
@@ -187,6 +192,10 @@ async fn execute(request: AdminRequest, ctx: &AdminContext) -> Reply {
                 &convert::all::<_, api::ServiceSummary>(services),
             )
         }
+        AdminRequest::KernelPath => json(
+            StatusCode::OK,
+            &api::KernelPathSummary::from((ctx.kernel_path)()),
+        ),
         // The configuration's shape is the config file's, not the admin API's own.
         AdminRequest::Config => json(StatusCode::OK, &ctx.configs.in_force()),
         AdminRequest::LogLevel => json(

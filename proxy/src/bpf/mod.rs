@@ -8,6 +8,7 @@
 
 mod fs;
 mod kernel;
+mod kernel_path;
 mod netns;
 mod sockmap;
 mod start;
@@ -24,7 +25,10 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, SockHash, lpm_trie::Key},
+    maps::{
+        Array, HashMap, LpmTrie, Map, MapData, MapInfo, PerCpuArray, RingBuf, SockHash,
+        lpm_trie::Key,
+    },
     programs::{CgroupAttachMode, Program, SockOps, links::FdLink},
 };
 use ipnet::IpNet;
@@ -35,6 +39,7 @@ use shunt_common::{
 
 pub use fs::cgroup2_mount;
 pub use kernel::Kernel;
+pub use kernel_path::{KernelEvents, KernelRouteMaps, WantedRoute};
 pub use netns::{netns_cookie, socket_cookie};
 pub use sockmap::Sockmap;
 pub use start::{Rollback, raise_memlock_limit};
@@ -182,6 +187,8 @@ pub struct Datapath {
     /// What the kernel offers beyond the minimum.
     pub kernel: Kernel,
     netns_probes: NetnsProbes,
+    /// Until the daemon takes them: the kernel path's maps and event ring.
+    kernel_path: Option<(KernelRouteMaps, KernelEvents)>,
     pub cgroup: PathBuf,
     pub pin_dir: PathBuf,
     pub attachment: Attachment,
@@ -215,6 +222,7 @@ impl Datapath {
         if OBJECT.is_empty() {
             return Err(BpfError::NoObject);
         }
+        retire_resized_counters(&cfg.pin_dir.join("maps"));
         let level = log_level_for_ebpf(log_level);
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(cfg.pin_dir.join("maps"))
@@ -287,9 +295,21 @@ impl Datapath {
 
         let netns_probes =
             NetnsProbes::new(take_map(&mut ebpf, maps::NETNS_PROBES)?, cgroup.clone());
+        let kernel_path = (
+            KernelRouteMaps::new(
+                take_map(&mut ebpf, maps::KERNEL_ROUTES)?,
+                take_map(&mut ebpf, maps::KERNEL_ENDPOINTS)?,
+                take_map(&mut ebpf, maps::KERNEL_PORTS)?,
+            ),
+            KernelEvents::new(take_map::<RingBuf<MapData>>(
+                &mut ebpf,
+                maps::KERNEL_EVENTS,
+            )?),
+        );
         let mut datapath = Datapath {
             kernel,
             netns_probes,
+            kernel_path: Some(kernel_path),
             enrolled: take_map(&mut ebpf, maps::ENROLLED)?,
             dst_by_client: take_map_data(&mut ebpf, maps::DST_BY_CLIENT)?,
             counters: take_map(&mut ebpf, maps::COUNTERS)?,
@@ -408,6 +428,12 @@ impl Datapath {
         }
     }
 
+    /// The kernel path's maps and event ring, for the one owner that keeps them (`None` once
+    /// taken).
+    pub fn take_kernel_path(&mut self) -> Option<(KernelRouteMaps, KernelEvents)> {
+        self.kernel_path.take()
+    }
+
     pub fn enrolled_cookies(&self) -> Vec<u64> {
         self.enrolled.keys().filter_map(Result::ok).collect()
     }
@@ -496,6 +522,24 @@ impl std::fmt::Display for LocalFastPath {
             LocalFastPath::On => f.write_str("on"),
             LocalFastPath::Unavailable(why) => write!(f, "unavailable ({why})"),
         }
+    }
+}
+
+/// A pinned `COUNTERS` of another size (a daemon with fewer counters made it) would leave the
+/// new counters uncounted: it is unpinned, and the programs loaded next make a fresh one.
+/// Programs still running keep the old one until they are replaced.
+fn retire_resized_counters(maps_dir: &Path) {
+    let pin = maps_dir.join(maps::COUNTERS);
+    let Ok(info) = MapInfo::from_pin(&pin) else {
+        return;
+    };
+    if info.max_entries() != Counter::COUNT {
+        tracing::info!(
+            "counters map pinned by an earlier version ({} counters, now {}): starting it afresh",
+            info.max_entries(),
+            Counter::COUNT
+        );
+        let _ = std::fs::remove_file(&pin);
     }
 }
 
@@ -765,7 +809,7 @@ fn start_ebpf_logger(ebpf: &mut Ebpf) {
             return;
         }
     };
-    let registered = sys::register_logger(logger);
+    let registered = sys::register_ring(logger);
     let mut logger = match registered {
         Ok(fd) => fd,
         Err(e) => {

@@ -158,19 +158,25 @@ pub fn link_update(link: BorrowedFd<'_>, new_prog: BorrowedFd<'_>) -> io::Result
     bpf(BPF_LINK_UPDATE, &mut attr).map(drop)
 }
 
-/// Registers aya-log's reader with tokio's reactor (readable interest), so the task that
-/// forwards the programs' log records can wait for its ring buffer.
-pub fn register_logger<T>(
-    logger: aya_log::EbpfLogger<T>,
-) -> io::Result<tokio::io::unix::AsyncFd<aya_log::EbpfLogger<T>>> {
-    // SAFETY: the logger owns its ring buffer fd, which stays open and the same for as long as
-    // the AsyncFd owns the logger.
+/// Registers a ring buffer's reader (aya-log's, the kernel path's events) with tokio's
+/// reactor (readable interest), so a task can wait for the programs to write.
+pub fn register_ring<T: std::os::fd::AsRawFd + RingOwner>(
+    reader: T,
+) -> io::Result<tokio::io::unix::AsyncFd<T>> {
+    // SAFETY: the reader owns its ring buffer's fd (`RingOwner`), which stays open and the
+    // same for as long as the AsyncFd owns the reader.
     unsafe {
-        tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+        tokio::io::unix::AsyncFd::register_with_interest(reader, tokio::io::Interest::READABLE)
     }
     // The error's message is its cause's, so nothing is lost.
     .map_err(io::Error::from)
 }
+
+/// A reader that owns the descriptor it reports, for as long as it lives.
+pub trait RingOwner {}
+
+impl<T> RingOwner for aya_log::EbpfLogger<T> {}
+impl RingOwner for super::KernelEvents {}
 
 /// A `u64` socket option at `SOL_SOCKET`: `SO_COOKIE`, `SO_NETNS_COOKIE`.
 pub fn getsockopt_u64(socket: BorrowedFd<'_>, option: libc::c_int) -> io::Result<u64> {
@@ -191,4 +197,14 @@ pub fn getsockopt_u64(socket: BorrowedFd<'_>, option: libc::c_int) -> io::Result
         return Err(io::Error::last_os_error());
     }
     Ok(value)
+}
+
+/// A value of `T` from the front of `bytes` (a ring buffer record, which is only 8-byte
+/// aligned by the kernel's promise, not Rust's); `None` when it is too short.
+pub fn read_record<T: aya::Pod>(bytes: &[u8]) -> Option<T> {
+    if bytes.len() < std::mem::size_of::<T>() {
+        return None;
+    }
+    // SAFETY: `T` is plain data valid for any bytes (`Pod`), and the length is checked.
+    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
 }

@@ -364,6 +364,65 @@ pub struct ServiceConfig {
     /// How often `dns` is resolved again.
     #[serde(default = "default_refresh", with = "humantime_serde")]
     pub refresh: Duration,
+    /// What the Service's port carries: `auto` (sniffed), `http2`, `tls` or `tcp`. `tls`
+    /// and `tcp` take the kernel path (`intercept.kernel_path`).
+    #[serde(default)]
+    pub protocol: ServiceProtocol,
+}
+
+/// What a Service's port carries, as declared in the configuration or by Kubernetes
+/// (`appProtocol`, port names).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ServiceProtocol {
+    /// Sniffed on every connection.
+    #[default]
+    Auto,
+    /// HTTP/2 (gRPC): always through the proxy, balanced per stream.
+    Http2,
+    /// TLS the application starts itself: opaque to shunt.
+    Tls,
+    /// Any other TCP.
+    Tcp,
+}
+
+impl ServiceProtocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ServiceProtocol::Auto => "auto",
+            ServiceProtocol::Http2 => "http2",
+            ServiceProtocol::Tls => "tls",
+            ServiceProtocol::Tcp => "tcp",
+        }
+    }
+
+    /// Declared as a protocol shunt can only pass through.
+    pub fn is_opaque(self) -> bool {
+        matches!(self, ServiceProtocol::Tls | ServiceProtocol::Tcp)
+    }
+}
+
+/// Which connections skip the proxy: connect() sends them straight to an endpoint.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KernelPathMode {
+    /// Every intercepted connection goes through the proxy.
+    Off,
+    /// Services declared `tls` or `tcp`, and destinations on `opaque_ports`.
+    #[default]
+    Declared,
+    /// Those, and destinations shunt has seen carry only TLS or other opaque TCP.
+    Learned,
+}
+
+impl KernelPathMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KernelPathMode::Off => "off",
+            KernelPathMode::Declared => "declared",
+            KernelPathMode::Learned => "learned",
+        }
+    }
 }
 
 fn default_refresh() -> Duration {
@@ -378,6 +437,7 @@ impl Default for ServiceConfig {
             endpoints: Vec::new(),
             dns: None,
             refresh: default_refresh(),
+            protocol: ServiceProtocol::Auto,
         }
     }
 }
@@ -514,8 +574,13 @@ pub struct Intercept {
     /// Longest a silent client is held before its connection is forwarded as opaque TCP.
     #[serde(with = "humantime_serde")]
     pub detect_timeout: Duration,
-    /// Destination ports never sniffed (server-first and binary protocols).
+    /// Destination ports never sniffed (server-first and binary protocols); with
+    /// `kernel_path` on, connections to them skip the proxy.
     pub opaque_ports: Vec<u16>,
+    /// Which connections connect() sends straight to an endpoint, leaving the proxy out of
+    /// their bytes: `off`, `declared` (Services declared `tls`/`tcp`, `opaque_ports`), or
+    /// `learned` (those, and destinations seen carrying only TLS or opaque TCP).
+    pub kernel_path: KernelPathMode,
     /// Upstream connect timeout, per endpoint tried.
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
@@ -548,6 +613,7 @@ impl Default for Intercept {
             pin_dir: PathBuf::from(DEFAULT_PIN_DIR),
             detect_timeout: Duration::from_secs(1),
             opaque_ports: DEFAULT_OPAQUE_PORTS.to_vec(),
+            kernel_path: KernelPathMode::default(),
             connect_timeout: Duration::from_secs(5),
             idle_timeout: Duration::ZERO,
             forwarding: Forwarding::default(),

@@ -95,7 +95,11 @@ pub struct Faults {
     counters: Mutex<HashMap<String, Arc<RuleCounters>>>,
     active: Arc<AtomicUsize>,
     max_active: AtomicUsize,
+    /// Told after every change of the rules in force, before the change returns.
+    on_change: Mutex<Option<ChangeHook>>,
 }
+
+type ChangeHook = Box<dyn Fn() + Send + Sync>;
 
 /// A rule as the admin API lists it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -119,9 +123,16 @@ impl Faults {
             counters: Mutex::default(),
             active: Arc::default(),
             max_active: AtomicUsize::new(max_active),
+            on_change: Mutex::default(),
         };
         faults.rebuild();
         faults
+    }
+
+    /// Has `hook` called after every change of the rules in force (the kernel path keeps
+    /// the destinations rules name off it).
+    pub fn on_change(&self, hook: ChangeHook) {
+        *lock(&self.on_change) = Some(hook);
     }
 
     /// A reload: the config's rules replace the previous config's; admin rules stay.
@@ -236,7 +247,11 @@ impl Faults {
                 spec,
             })
             .collect();
+        drop(counters);
         self.in_force.store(Arc::new(rules));
+        if let Some(hook) = lock(&self.on_change).as_ref() {
+            hook();
+        }
     }
 
     /// The faults for one HTTP/2 stream: the first matching rule decides. `None` when no

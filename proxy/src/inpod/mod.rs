@@ -410,6 +410,14 @@ impl Enrollments {
         lock(&self.pods).values().map(summarize).collect()
     }
 
+    /// The pod enrolled with this network namespace cookie.
+    pub fn pod_name(&self, netns_cookie: u64) -> Option<String> {
+        lock(&self.pods)
+            .values()
+            .find(|p| p.netns_cookie == netns_cookie)
+            .map(|p| p.name.clone())
+    }
+
     /// Closes every listener (the daemon is stopping); kernel enrollments stay, so the fail
     /// mode decides what enrolled pods' connections do while no daemon runs.
     pub fn close_all(&self) {

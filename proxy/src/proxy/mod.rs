@@ -23,10 +23,11 @@ use tokio::{
 
 use crate::{
     bpf::{OriginalDstTable, Sockmap},
-    config::{Config, Forwarding, Limits},
+    config::{Config, Forwarding, KernelPathMode, Limits},
     discovery,
     fault::{self, Faults},
     http2,
+    kernel_path::Learner,
     net::{canonical, from_raw, to_raw},
     route::{DiscoveredServices, Route, Routes},
     state::{ConnGuard, ConnTable, Observer, ProxyCounters, StreamLog, Verdict},
@@ -45,6 +46,8 @@ pub struct Settings {
     pub routes: Routes,
     pub detect_timeout: Duration,
     pub opaque_ports: HashSet<u16>,
+    /// Which destinations connect() sends past the proxy.
+    pub kernel_path: KernelPathMode,
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
     pub forwarding: Forwarding,
@@ -69,6 +72,7 @@ impl Settings {
             routes,
             detect_timeout: intercept.detect_timeout,
             opaque_ports: intercept.opaque_ports.iter().copied().collect(),
+            kernel_path: intercept.kernel_path,
             connect_timeout: intercept.connect_timeout,
             idle_timeout: intercept.idle_timeout,
             forwarding: intercept.forwarding,
@@ -120,6 +124,8 @@ pub struct Proxy {
     pub local_fast_path: bool,
     /// Connections open on the node, against `limits.max_connections`.
     pub admission: Admission,
+    /// Told what each connection was detected as (`intercept.kernel_path: learned`).
+    pub learner: Arc<Learner>,
 }
 
 impl Proxy {
@@ -356,6 +362,7 @@ async fn handle(
         }
     };
     ProxyCounters::inc(counters.verdict(detected.verdict));
+    proxy.learner.observe(original_dst, detected.verdict);
     proxy
         .observer
         .connection_opened(route.service_name(), detected.verdict);

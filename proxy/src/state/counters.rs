@@ -53,6 +53,8 @@ counters! {
     verdict_server_first,
     verdict_timeout,
     verdict_skipped,
+    /// Connections connect() sent past the proxy (reported by sock_ops).
+    verdict_kernel_path,
     /// A Service endpoint refused or timed out and the next one was tried.
     endpoint_failovers,
     /// Resets passed on: from the client to the upstream, and the other way.
@@ -102,6 +104,7 @@ impl ProxyCounters {
             Verdict::ServerFirst => &self.verdict_server_first,
             Verdict::Timeout => &self.verdict_timeout,
             Verdict::Skipped => &self.verdict_skipped,
+            Verdict::KernelPath => &self.verdict_kernel_path,
         }
     }
 }

@@ -21,6 +21,8 @@ pub enum Verdict {
     Timeout,
     /// The destination port is configured as opaque: not sniffed at all.
     Skipped,
+    /// Not through the proxy at all: connect() sent it straight to an endpoint.
+    KernelPath,
 }
 
 impl Verdict {
@@ -32,6 +34,7 @@ impl Verdict {
             Verdict::ServerFirst => "server-first",
             Verdict::Timeout => "timeout",
             Verdict::Skipped => "skipped",
+            Verdict::KernelPath => "kernel-path",
         }
     }
 
@@ -41,9 +44,11 @@ impl Verdict {
         match self {
             Verdict::H2 => "h2",
             Verdict::Tls => "tls",
-            Verdict::Opaque | Verdict::ServerFirst | Verdict::Timeout | Verdict::Skipped => {
-                "opaque"
-            }
+            Verdict::Opaque
+            | Verdict::ServerFirst
+            | Verdict::Timeout
+            | Verdict::Skipped
+            | Verdict::KernelPath => "opaque",
         }
     }
 }

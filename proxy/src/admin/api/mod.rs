@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 pub use faults::{
     AbortFault, DelayFault, FaultMatch, FaultRule, PathMatch, Percentage, RuleSummary, TcpFault,
 };
-pub use services::{EndpointSummary, ServiceSummary};
+pub use services::{EndpointSummary, KernelPathEntry, KernelPathSummary, ServiceSummary};
 pub use status::{
     Attachment, FailMode, KernelFeature, KernelStatus, KubernetesStatus, OpenFiles, Status,
     WatchStatus,
