@@ -24,11 +24,11 @@ use crate::{
     handoff,
     inpod::{EnrollmentConfig, Enrollments, Origin},
     k8s,
-    kernel_path::{self, KernelPath, Learner, Recorder},
+    kernel_path::{self, KernelPath, Recorder},
     privileges,
     proxy::{Proxy, Settings},
     reload::{Configs, size_limits},
-    state::{ConnTable, ProxyCounters, StreamLog},
+    state::{ConnTable, Learner, ProxyCounters, StreamLog},
     telemetry::{self, Telemetry},
     workers::Workers,
 };

@@ -391,7 +391,11 @@ impl DiscoveredServices {
             if by_vip.contains_key(&vip) {
                 continue;
             }
-            let service = match current.by_vip.get(&vip).filter(|s| s.name == config.name) {
+            let known = current
+                .by_vip
+                .get(&vip)
+                .filter(|s| s.name == config.name && s.protocol == config.protocol);
+            let service = match known {
                 Some(known) => {
                     if known.set_endpoints(&config.endpoints) {
                         changes.endpoints_changed += 1;

@@ -800,7 +800,8 @@ fn build_initramfs(kernel: &Kernel, busybox: &Path, script: &Path) -> anyhow::Re
     for (index, (name, object)) in modules.iter().enumerate() {
         cpio.file(&format!("modules/{index:02}-{name}.ko"), 0o644, object);
     }
-    cpio.file("init", 0o755, init_script(script).as_bytes());
+    let workspace = crate::workspace_root();
+    cpio.file("init", 0o755, init_script(script, &workspace).as_bytes());
     let path = kernel.dir.join("initramfs.cpio");
     std::fs::write(&path, cpio.finish()).with_context(|| format!("writing {}", path.display()))?;
     Ok(path)
@@ -808,8 +809,9 @@ fn build_initramfs(kernel: &Kernel, busybox: &Path, script: &Path) -> anyhow::Re
 
 /// The initramfs's `/init`: loads the modules, mounts this machine's root read-only over 9p
 /// with fresh kernel filesystems and tmpfs under it, runs the check script there and powers
-/// off. `@@` lines are read by [`boot_and_check`].
-fn init_script(script: &Path) -> String {
+/// off. `@@` lines are read by [`boot_and_check`]. The workspace (binaries, the script) is
+/// bound back over the fresh `/tmp` and `/run`, where a CI checkout may live.
+fn init_script(script: &Path, workspace: &Path) -> String {
     format!(
         r#"#!/bin/busybox sh
 /bin/busybox --install -s /bin
@@ -830,8 +832,12 @@ if mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=512000,cache=loose host
     mkdir -p /host/dev/pts /host/dev/shm
     mount -t devpts devpts /host/dev/pts
     mount -t tmpfs tmpfs /host/dev/shm
+    mkdir -p /workspace
+    mount -o bind "/host{workspace}" /workspace
     mount -t tmpfs -o mode=1777 tmpfs /host/tmp
     mount -t tmpfs -o mode=755 tmpfs /host/run
+    mkdir -p "/host{workspace}" 2>/dev/null
+    mount -o bind /workspace "/host{workspace}" || echo "@@warn the workspace is not visible"
     mount -t cgroup2 cgroup2 /host/sys/fs/cgroup
     mount -t bpf bpf /host/sys/fs/bpf
     echo "@@root mounted"
@@ -843,7 +849,8 @@ fi
 sync
 poweroff -f
 "#,
-        script = script.display()
+        script = script.display(),
+        workspace = workspace.display(),
     )
 }
 

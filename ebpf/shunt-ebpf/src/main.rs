@@ -310,9 +310,9 @@ fn kernel_path(dst: &RawAddr, port: u16, v4_socket: bool) -> Path {
         via: 0,
         _pad: [0; 5],
     };
-    let Some(route) = KERNEL_ROUTES.get_ptr_mut(&key) else {
+    let Some(route) = KERNEL_ROUTES.get_ptr_mut(key) else {
         // SAFETY: plain read of a hash map value.
-        return match unsafe { KERNEL_PORTS.get(&port) } {
+        return match unsafe { KERNEL_PORTS.get(port) } {
             Some(_) => Path::Kernel(None),
             None => Path::Proxy,
         };
@@ -324,7 +324,7 @@ fn kernel_path(dst: &RawAddr, port: u16, v4_socket: bool) -> Path {
     }
     let seen = route.seen;
     route.seen = seen.wrapping_add(1);
-    if route.sample_every != 0 && seen % route.sample_every == 0 {
+    if route.sample_every != 0 && seen.is_multiple_of(route.sample_every) {
         count(Counter::KernelPathSampled);
         return Path::Proxy;
     }
@@ -338,7 +338,7 @@ fn kernel_path(dst: &RawAddr, port: u16, v4_socket: bool) -> Path {
         index,
     };
     // SAFETY: plain read of a hash map value.
-    match unsafe { KERNEL_ENDPOINTS.get(&key) } {
+    match unsafe { KERNEL_ENDPOINTS.get(key) } {
         // An IPv4 socket reaches IPv4 endpoints only.
         Some(endpoint) if !v4_socket || is_v4_mapped(&endpoint.addr) => {
             Path::Kernel(Some(*endpoint))
@@ -624,7 +624,7 @@ fn on_established(ctx: &SockOpsContext, passive: bool) {
         // SAFETY: helper valid in sock_ops programs.
         let cookie = unsafe { bpf_get_socket_cookie(ctx.ops as *mut c_void) };
         // SAFETY: plain read of a hash map value.
-        if !unsafe { REDIRECTED.get(cookie) }.is_some_and(|r| r.dst.via == VIA_PROXY) {
+        if unsafe { REDIRECTED.get(cookie) }.is_none_or(|r| r.dst.via != VIA_PROXY) {
             return;
         }
     }

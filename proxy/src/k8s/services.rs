@@ -8,6 +8,10 @@
 //! none is, those still `serving` while `terminating` (as kube-proxy does), so a rollout
 //! never leaves a Service with nothing. Headless Services have no virtual address: a
 //! connection to one of their pods' addresses goes to that pod, under the Service's name.
+//!
+//! A port's protocol is declared by its `appProtocol`, else by its name as Istio reads names
+//! (`<protocol>[-<suffix>]`): see [`declared_protocol`]. `tls` and `tcp` take the kernel
+//! path; `http2` never does; anything else is sniffed.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -25,7 +29,10 @@ use super::{
     Health,
     watch::{Watched, settle},
 };
-use crate::{config::ServiceConfig, route::DiscoveredServices};
+use crate::{
+    config::{ServiceConfig, ServiceProtocol},
+    route::DiscoveredServices,
+};
 
 /// The label that ties an EndpointSlice to its Service.
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -68,7 +75,7 @@ pub fn desired_services(
         if cluster_ips.contains(&"None") {
             for port in ports {
                 for addr in headless_addrs(slices, port) {
-                    routes.push(service_config(&name, addr, vec![addr]));
+                    routes.push(service_config(&name, addr, vec![addr], port));
                 }
             }
             continue;
@@ -86,6 +93,7 @@ pub fn desired_services(
                     &name,
                     SocketAddr::new(ip, vip_port),
                     endpoints,
+                    port,
                 ));
             }
         }
@@ -94,13 +102,42 @@ pub fn desired_services(
     routes
 }
 
-fn service_config(name: &str, vip: SocketAddr, endpoints: Vec<SocketAddr>) -> ServiceConfig {
+fn service_config(
+    name: &str,
+    vip: SocketAddr,
+    endpoints: Vec<SocketAddr>,
+    port: &ServicePort,
+) -> ServiceConfig {
     ServiceConfig {
         name: name.to_owned(),
         vip,
         endpoints,
+        protocol: declared_protocol(port),
         ..ServiceConfig::default()
     }
+}
+
+/// What a Service port says it carries: its `appProtocol` (`kubernetes.io/h2c`, `grpc`,
+/// `http2`, `https`, `tls`, `tcp`…), else its name's first part (`grpc-api`, `https`,
+/// `tcp-db`, `mysql`…); `auto` when neither says.
+pub fn declared_protocol(port: &ServicePort) -> ServiceProtocol {
+    let by_name = |name: &str| match name.to_ascii_lowercase().as_str() {
+        "kubernetes.io/h2c" | "h2c" | "http2" | "grpc" => Some(ServiceProtocol::Http2),
+        "https" | "tls" | "kubernetes.io/tls" => Some(ServiceProtocol::Tls),
+        "tcp" | "mysql" | "mongo" | "redis" | "postgres" | "postgresql" => {
+            Some(ServiceProtocol::Tcp)
+        }
+        _ => None,
+    };
+    let from_name = || {
+        let name = port.name.as_deref()?;
+        by_name(name.split('-').next().unwrap_or(name))
+    };
+    port.app_protocol
+        .as_deref()
+        .and_then(by_name)
+        .or_else(from_name)
+        .unwrap_or_default()
 }
 
 fn name_of(name: &Option<String>) -> &str {
@@ -253,6 +290,37 @@ mod tests {
 
     fn addrs(list: &[&str]) -> Vec<SocketAddr> {
         list.iter().map(|a| a.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn app_protocol_then_the_port_name_declare_the_protocol() {
+        let port = |name: Option<&str>, app: Option<&str>| -> ServicePort {
+            serde_json::from_value(json!({"port": 1, "name": name, "appProtocol": app})).unwrap()
+        };
+        let cases = [
+            (Some("grpc"), None, ServiceProtocol::Http2),
+            (Some("grpc-api"), None, ServiceProtocol::Http2),
+            (None, Some("kubernetes.io/h2c"), ServiceProtocol::Http2),
+            (Some("https"), None, ServiceProtocol::Tls),
+            (Some("tcp-db"), None, ServiceProtocol::Tcp),
+            (Some("mysql"), None, ServiceProtocol::Tcp),
+            // appProtocol wins over the name.
+            (
+                Some("https"),
+                Some("kubernetes.io/h2c"),
+                ServiceProtocol::Http2,
+            ),
+            (Some("web"), None, ServiceProtocol::Auto),
+            (None, Some("example.com/custom"), ServiceProtocol::Auto),
+            (None, None, ServiceProtocol::Auto),
+        ];
+        for (name, app, want) in cases {
+            assert_eq!(
+                declared_protocol(&port(name, app)),
+                want,
+                "{name:?} {app:?}"
+            );
+        }
     }
 
     #[test]

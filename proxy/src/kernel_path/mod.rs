@@ -8,7 +8,7 @@
 //! - `declared` — Services declared `tls` or `tcp`, and destinations on `opaque_ports`
 //!   (Services declared `http2` never);
 //! - `learned` — those, and destinations the [`Learner`] saw carry only TLS or opaque TCP,
-//!   with one connection in [`learn::SAMPLE_EVERY`] still sent through the proxy.
+//!   with one connection in [`learned::SAMPLE_EVERY`] still sent through the proxy.
 //!
 //! A destination named by a fault rule (by Service or address), or every destination while
 //! an L4 rule names none, goes through the proxy while the rule exists: fault changes call
@@ -18,7 +18,6 @@
 //! kernel path is a refused connect for the client, as with kube-proxy, and this keeps it to
 //! the first few. Endpoint changes from discovery reach the maps within a second.
 
-pub mod learn;
 mod records;
 
 use std::{
@@ -37,9 +36,9 @@ use crate::{
     fault::Faults,
     proxy::Settings,
     route::{DiscoveredServices, Service},
+    state::{Learner, learned},
 };
 
-pub use learn::Learner;
 pub use records::Recorder;
 
 /// How long an endpoint whose connect failed stays off the kernel path.
@@ -192,7 +191,7 @@ impl KernelPath {
                 }
                 ServiceProtocol::Auto => learned
                     .get(&vip)
-                    .map(|v| (format!("learned: {v}"), learn::SAMPLE_EVERY)),
+                    .map(|v| (format!("learned: {v}"), learned::SAMPLE_EVERY)),
             };
             let kept_by = exceptions.keeping(Some(&service.name), vip);
             let Some((reason, sample_every)) = reason else {
@@ -220,7 +219,7 @@ impl KernelPath {
             let reason = format!("learned: {verdict}");
             match exceptions.keeping(None, destination) {
                 Some(rule) => plan.add_proxy(destination, None, &reason, Some(rule)),
-                None => plan.add(destination, None, reason, Vec::new(), learn::SAMPLE_EVERY),
+                None => plan.add(destination, None, reason, Vec::new(), learned::SAMPLE_EVERY),
             }
         }
         // Addresses a rule names that the port entries would otherwise take.

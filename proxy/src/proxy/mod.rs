@@ -27,10 +27,9 @@ use crate::{
     discovery,
     fault::{self, Faults},
     http2,
-    kernel_path::Learner,
     net::{canonical, from_raw, to_raw},
     route::{DiscoveredServices, Route, Routes},
-    state::{ConnGuard, ConnTable, Observer, ProxyCounters, StreamLog, Verdict},
+    state::{ConnGuard, ConnTable, Learner, Observer, ProxyCounters, StreamLog, Verdict},
     workers::{WorkerId, Workers},
 };
 

@@ -1,9 +1,11 @@
 //! Shared, observable state: live connections (with what detection concluded about each),
-//! recent streams and the proxy's counters. The proxy writes it; the admin API and telemetry
-//! read it, and an [`Observer`] hears of every connection and stream as it ends.
+//! recent streams, the proxy's counters and the destinations learned to carry only opaque
+//! TCP. The proxy writes it; the admin API, telemetry and the kernel path read it, and an
+//! [`Observer`] hears of every connection and stream as it ends.
 
 mod conns;
 mod counters;
+pub mod learned;
 mod protocol;
 mod streams;
 
@@ -11,6 +13,7 @@ use std::{net::SocketAddr, time::Duration};
 
 pub use conns::{ConnGuard, ConnRecord, ConnTable, KernelBytes};
 pub use counters::ProxyCounters;
+pub use learned::Learner;
 pub use protocol::{ClientHello, Verdict};
 pub use streams::{Recording, StreamLog, StreamRecord};
 

@@ -1,9 +1,11 @@
 //! Connection setup: short connections per second (connect, one line each way, close), and
-//! what the attached programs cost processes that are not enrolled.
+//! what the attached programs cost processes that are not enrolled; the kernel path, declared
+//! and learned.
 
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 
 use anyhow::ensure;
+use shunt::config::{KernelPathMode, ServiceProtocol};
 
 use super::{
     Plan,
@@ -11,9 +13,16 @@ use super::{
 };
 use crate::{
     daemon::{Daemon, Options},
-    probe,
+    fixture, probe,
     sandbox::{Pod, Sandbox},
 };
+
+/// A Service declared `tcp` in front of the backend (the kernel path), and one left to
+/// detection (learned, once `intercept.kernel_path: learned`).
+const DECLARED_VIP: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::new(10, 96, 0, 30)), 8080);
+const LEARNED_VIP: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::new(10, 96, 0, 31)), 8080);
 
 /// The port the eBPF redirect leaves alone (`exclude_ports`) so an iptables rule can send it
 /// to the same listener instead.
@@ -46,22 +55,51 @@ pub fn setup_rates(plan: &Plan) -> anyhow::Result<Section> {
     for _ in 0..plan.rounds {
         bare.push(rate(&outsider, target)?);
     }
-    let options = Options {
-        log: Some("info"),
-        ..Options::default()
-    }
-    .with_config(|c| c.intercept.exclude_ports = vec![IPTABLES_PORT]);
-    let daemon = Daemon::start(&sandbox, &[&client], &options)?;
+    let options = |kernel_path: KernelPathMode| {
+        Options {
+            log: Some("info"),
+            ..Options::default()
+        }
+        .with_config(|c| {
+            c.intercept.exclude_ports = vec![IPTABLES_PORT];
+            c.intercept.kernel_path = kernel_path;
+            let mut declared = fixture::service_config("declared", DECLARED_VIP, &[target]);
+            declared.protocol = ServiceProtocol::Tcp;
+            c.services = vec![
+                declared,
+                fixture::service_config("learned", LEARNED_VIP, &[target]),
+            ];
+        })
+    };
+    let daemon = Daemon::start(&sandbox, &[&client], &options(KernelPathMode::Declared))?;
     // The mechanism the programs replace: a NAT rule sending the pod's connections to the
     // same in-pod listener, which reads the destination back with SO_ORIGINAL_DST.
     crate::iptables::redirect_to_shunt(&sandbox, &client, backend.ipv4, IPTABLES_PORT)?;
-    let (mut attached, mut ebpf, mut nat) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut attached, mut ebpf, mut nat, mut kernel) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for round in 1..=plan.rounds {
         println!("  round {round}/{} with programs attached", plan.rounds);
         attached.push(rate(&outsider, target)?);
         ebpf.push(rate(&client, target)?);
         nat.push(rate(&client, iptables_target)?);
+        kernel.push(rate(&client, DECLARED_VIP)?);
     }
+    let balanced = daemon.counter("ebpf", "kernel_path_balanced")?;
+    ensure!(
+        balanced == u64::from(count) * u64::from(plan.rounds),
+        "{balanced} connections took the kernel path, not every one to the declared Service"
+    );
+
+    // Learned: how many connections until a destination moves, and what share is sampled.
+    println!("  learning");
+    daemon.rewrite_config(&[&client], &options(KernelPathMode::Learned))?;
+    daemon.ctl(&["reload"])?;
+    let before = daemon.counter("proxy", "verdict_opaque")?;
+    let sampled_before = daemon.counter("ebpf", "kernel_path_sampled")?;
+    let learned_rate = rate(&client, LEARNED_VIP)?;
+    let through_proxy = daemon.counter("proxy", "verdict_opaque")? - before;
+    let sampled = daemon.counter("ebpf", "kernel_path_sampled")? - sampled_before;
+    let learned_after = through_proxy - sampled;
     let redirected_by_nat = daemon.counter("proxy", "forwarded")?;
     ensure!(
         redirected_by_nat >= u64::from(count) * u64::from(plan.rounds) * 2,
@@ -81,10 +119,15 @@ pub fn setup_rates(plan: &Plan) -> anyhow::Result<Section> {
         ],
     );
     for (name, values) in [
-        ("non-enrolled pod, no programs attached", &bare),
+        ("non-enrolled pod, no programs attached", bare.as_slice()),
         ("non-enrolled pod, programs attached", &attached),
         ("enrolled pod, eBPF redirect → shunt", &ebpf),
         ("iptables REDIRECT → shunt", &nat),
+        ("enrolled pod, kernel path (Service declared tcp)", &kernel),
+        (
+            "enrolled pod, learned (one round)",
+            std::slice::from_ref(&learned_rate),
+        ),
     ] {
         let r = mean(values);
         let mut row = Row::new(name);
@@ -101,5 +144,21 @@ pub fn setup_rates(plan: &Plan) -> anyhow::Result<Section> {
             .notes
             .push(format!("eBPF redirect / iptables REDIRECT: {r:.2}."));
     }
+    if let Some(r) = section.ratio(
+        "connections_per_second",
+        "enrolled pod, kernel path (Service declared tcp)",
+        "non-enrolled pod, programs attached",
+    ) {
+        section.notes.push(format!(
+            "kernel path / non-enrolled pod (programs attached): {r:.2}."
+        ));
+    }
+    section.notes.push(format!(
+        "learned: the destination moved to the kernel path after {learned_after} connections \
+         through the proxy; then {sampled} of the remaining {} were sampled through the proxy \
+         ({:.1} %).",
+        u64::from(count) - learned_after,
+        100.0 * sampled as f64 / (u64::from(count) - learned_after).max(1) as f64
+    ));
     Ok(section)
 }

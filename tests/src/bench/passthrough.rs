@@ -7,7 +7,7 @@ use std::{
     time::Duration,
 };
 
-use shunt::config::Forwarding;
+use shunt::config::{Forwarding, ServiceProtocol};
 
 use anyhow::{Context, ensure};
 
@@ -48,7 +48,8 @@ pub fn iperf3(plan: &Plan) -> anyhow::Result<Section> {
     let pid = sandbox.spawn_in_pod(&backend, server)?;
     probe::wait_listening(&sandbox, &backend, IPERF_PORT, pid)?;
     let endpoint = SocketAddr::new(backend.ipv4.into(), IPERF_PORT);
-    let options = |forwarding: Forwarding| {
+    // `None`: the Service declared `tcp`, so connect() sends it past the proxy.
+    let options = |forwarding: Option<Forwarding>| {
         Options {
             log: Some("info"),
             ..fixture::service(
@@ -57,9 +58,12 @@ pub fn iperf3(plan: &Plan) -> anyhow::Result<Section> {
                 &[endpoint],
             )
         }
-        .with_config(|c| c.intercept.forwarding = forwarding)
+        .with_config(|c| match forwarding {
+            Some(forwarding) => c.intercept.forwarding = forwarding,
+            None => c.services[0].protocol = ServiceProtocol::Tcp,
+        })
     };
-    let daemon = Daemon::start(&sandbox, &[&client], &options(Forwarding::Splice))?;
+    let daemon = Daemon::start(&sandbox, &[&client], &options(Some(Forwarding::Splice)))?;
     let shunt_pid = daemon.pid()?;
     let haproxy = if plan.peers {
         Some(peers::haproxy_tcp(
@@ -77,6 +81,7 @@ pub fn iperf3(plan: &Plan) -> anyhow::Result<Section> {
         ("shunt (splice)", Vec::new()),
         ("shunt (copy)", Vec::new()),
         ("shunt (sockmap)", Vec::new()),
+        ("shunt (kernel path)", Vec::new()),
     ];
     if haproxy.is_some() {
         targets.push(("HAProxy (mode tcp)", Vec::new()));
@@ -98,10 +103,10 @@ pub fn iperf3(plan: &Plan) -> anyhow::Result<Section> {
                 shunt => {
                     let forwarding = [Forwarding::Splice, Forwarding::Copy, Forwarding::Sockmap]
                         .into_iter()
-                        .find(|mode| shunt.contains(mode.as_str()))
-                        .context("a shunt target names its forwarding mode")?;
+                        .find(|mode| shunt.contains(mode.as_str()));
                     daemon.rewrite_config(&[&client], &options(forwarding))?;
                     daemon.ctl(&["reload"])?;
+                    wait_kernel_path(&daemon, forwarding.is_none())?;
                     (&client, VIP.to_string(), IPERF_PORT, Some(shunt_pid))
                 }
             };
@@ -166,6 +171,21 @@ pub fn iperf3(plan: &Plan) -> anyhow::Result<Section> {
             "shunt (sockmap) / shunt (splice): throughput {r:.2}."
         ));
     }
+    let kernel_path = daemon.counter("ebpf", "kernel_path_balanced")?;
+    ensure!(
+        kernel_path >= u64::from(plan.rounds),
+        "shunt (kernel path): only {kernel_path} connections took it"
+    );
+    if let Some(r) = section.ratio("gbit_per_second", "shunt (kernel path)", "direct") {
+        section
+            .notes
+            .push(format!("shunt (kernel path) / direct: throughput {r:.2}."));
+    }
+    if let Some(r) = section.ratio("machine_cpu_s_per_gb", "shunt (kernel path)", "direct") {
+        section.notes.push(format!(
+            "shunt (kernel path) / direct: machine CPU per GB {r:.2}."
+        ));
+    }
     if let Some(r) = section.ratio("gbit_per_second", "shunt (splice)", "HAProxy (mode tcp)") {
         section
             .notes
@@ -181,6 +201,19 @@ pub fn iperf3(plan: &Plan) -> anyhow::Result<Section> {
         section.notes.push(peers::SKIPPED.to_string());
     }
     Ok(section)
+}
+
+/// Waits until a reload has put the Service on the kernel path (`on`) or taken it off: the
+/// daemon brings the kernel's maps up to date within a second of a reload.
+fn wait_kernel_path(daemon: &Daemon, on: bool) -> anyhow::Result<()> {
+    fixture::until(
+        "the kernel path to follow the reload",
+        Duration::from_secs(5),
+        || {
+            let summary: shunt::admin::api::KernelPathSummary = daemon.ctl_as(&["kernel-path"])?;
+            Ok(summary.destinations.iter().any(|d| d.path == "kernel") == on)
+        },
+    )
 }
 
 pub(super) fn run(

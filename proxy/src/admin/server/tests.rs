@@ -133,6 +133,11 @@ fn harness(name: &str) -> Harness {
         commands,
         kubernetes: None,
         handing_off: Arc::default(),
+        kernel_path: Arc::new(|| crate::kernel_path::KernelPathSummary {
+            mode: "declared".into(),
+            ports: vec![6379],
+            ..Default::default()
+        }),
     };
     Harness {
         ctx,

@@ -18,7 +18,8 @@ use std::{
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
-use crate::{net::canonical, state::Verdict};
+use super::Verdict;
+use crate::net::canonical;
 
 /// Connections in a row detected as TLS, opaque or server-first before a destination is
 /// learned.
