@@ -88,7 +88,7 @@ pub const TEST_TIMEOUT: Duration = Duration::from_secs(240);
 const KVM_PROBE: Duration = Duration::from_secs(40);
 
 /// The test binaries (`tests/tests/<name>.rs`) the checks run tests of.
-const TEST_BINARIES: &[&str] = &["redirect", "http2", "passthrough"];
+const TEST_BINARIES: &[&str] = &["redirect", "http2", "passthrough", "kernel_path"];
 
 /// What a test prints (to stdout, one line) when the kernel lacks the optional feature it
 /// exercises, before returning without failing: `<marker><feature>: <reason>`.
@@ -136,7 +136,11 @@ impl Check {
 /// that `getpeername()` in the pod shows the original destination; `h2-per-stream`, that
 /// a tonic gRPC client's calls on one HTTP/2 connection to a Service VIP are spread evenly over
 /// its endpoints; `tls`, that a TLS handshake through a Service verifies end to end and is
-/// recorded with its SNI; `fail-open`, that with the daemon killed connections go direct,
+/// recorded with its SNI; `kernel-path`, that connect() sends a declared Service's
+/// connections straight to its endpoints in turn, getpeername() still names the Service, and
+/// sock_ops reports them with the bytes the proxy would have counted; `kernel-path-tls`, that
+/// TLS to a declared Service verifies with no connection through shunt; `fail-open`, that
+/// with the daemon killed connections go direct,
 /// and a restart takes the pinned programs back; `uninstall`, that no program, link or pin
 /// is left. The optional features: the local fast path (`sk_msg` between a pod's client
 /// and shunt) and `forwarding: sockmap` (`sk_skb` between shunt's two sockets).
@@ -175,6 +179,16 @@ const CHECKS: &[Check] = &[
         "tls",
         "passthrough",
         "splice::tls_passes_through_untouched_and_is_recorded_with_its_sni",
+    ),
+    Check::required(
+        "kernel-path",
+        "kernel_path",
+        "the_kernel_path_is_one_connection_and_records_the_same_bytes_as_the_proxy",
+    ),
+    Check::required(
+        "kernel-path-tls",
+        "kernel_path",
+        "tls_to_a_declared_service_reaches_each_endpoint_in_turn_without_shunt",
     ),
     Check::required(
         "fail-open",

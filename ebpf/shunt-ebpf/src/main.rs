@@ -236,14 +236,42 @@ fn listener_present(ctx: &SockAddrContext, v4: bool, port: u16) -> bool {
 }
 
 /// Where connect() sends a connection.
+#[derive(Clone, Copy, PartialEq, Eq)]
 enum Path {
     /// Where the application sent it, untouched and unrecorded.
     Untouched,
     /// To the in-pod listener.
     Proxy,
-    /// The kernel path: to this endpoint, or (`None`) where it was going; recorded, so
-    /// getpeername answers with the original destination and sock_ops reports it.
-    Kernel(Option<OriginalDst>),
+    /// The kernel path: to an endpoint, or where it was going; recorded, so getpeername
+    /// answers with the original destination and sock_ops reports it.
+    Kernel,
+}
+
+/// A [`Path`] and, on the kernel path, the endpoint to connect to instead. Plain data,
+/// always fully written: verifiers before 6.2 refuse a read of stack the program has not
+/// written, which an enum's unused payload can be.
+#[derive(Clone, Copy)]
+struct Choice {
+    path: Path,
+    /// Rewrite the destination to `endpoint`.
+    rewrite: bool,
+    endpoint: OriginalDst,
+}
+
+impl Choice {
+    #[inline(always)]
+    const fn of(path: Path) -> Choice {
+        Choice {
+            path,
+            rewrite: false,
+            endpoint: OriginalDst {
+                addr: [0; 4],
+                port: 0,
+                via: 0,
+                _pad: [0; 5],
+            },
+        }
+    }
 }
 
 /// Decide, record and count.
@@ -254,23 +282,23 @@ fn choose_path(
     dst: &RawAddr,
     port: u16,
     v4_socket: bool,
-) -> Path {
+) -> Choice {
     // SAFETY: helper valid in cgroup sock_addr programs.
     let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.sock_addr as *mut c_void) };
     if let Some(reason) = skip_reason(ctx, cfg, netns_cookie, dst, port) {
         count(reason);
-        return Path::Untouched;
+        return Choice::of(Path::Untouched);
     }
     let has_listener = listener_present(ctx, is_v4_mapped(dst), cfg.listen_port);
     if !has_listener && cfg.fail_mode != FAIL_CLOSED {
         count(Counter::SkipNoListener);
-        return Path::Untouched;
+        return Choice::of(Path::Untouched);
     }
     // Only while shunt runs: without it, fail-open and fail-closed mean what they say, and
     // no endpoint set can go stale.
-    let path = match has_listener {
+    let choice = match has_listener {
         true => kernel_path(dst, port, v4_socket),
-        false => Path::Proxy,
+        false => Choice::of(Path::Proxy),
     };
     // SAFETY: helper valid in cgroup sock_addr programs.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr as *mut c_void) };
@@ -278,8 +306,8 @@ fn choose_path(
         dst: OriginalDst {
             addr: *dst,
             port,
-            via: match path {
-                Path::Kernel(_) => VIA_KERNEL,
+            via: match choice.path {
+                Path::Kernel => VIA_KERNEL,
                 _ => VIA_PROXY,
             },
             _pad: [0; 5],
@@ -288,22 +316,22 @@ fn choose_path(
     };
     if REDIRECTED.insert(cookie, redirected, 0).is_err() {
         count(Counter::SkipMapFull);
-        return Path::Untouched;
+        return Choice::of(Path::Untouched);
     }
-    match path {
-        Path::Kernel(Some(_)) => count(Counter::KernelPathBalanced),
-        Path::Kernel(None) => count(Counter::KernelPathDirect),
-        _ if has_listener => count(Counter::Redirected),
-        _ => count(Counter::RedirectedNoListener),
-    }
-    path
+    count(match (choice.path, choice.rewrite) {
+        (Path::Kernel, true) => Counter::KernelPathBalanced,
+        (Path::Kernel, false) => Counter::KernelPathDirect,
+        _ if has_listener => Counter::Redirected,
+        _ => Counter::RedirectedNoListener,
+    });
+    choice
 }
 
-/// The kernel path, if the destination takes it: the next endpoint of its Service, or
-/// `None` for a destination that is not a Service. `Path::Proxy` otherwise, and for the
-/// sampled connections of a learned destination.
+/// The kernel path, if the destination takes it: to the next endpoint of its Service, or
+/// where it was going for a destination that is not a Service. `Path::Proxy` otherwise, and
+/// for the sampled connections of a learned destination.
 #[inline(always)]
-fn kernel_path(dst: &RawAddr, port: u16, v4_socket: bool) -> Path {
+fn kernel_path(dst: &RawAddr, port: u16, v4_socket: bool) -> Choice {
     let key = OriginalDst {
         addr: *dst,
         port,
@@ -313,23 +341,23 @@ fn kernel_path(dst: &RawAddr, port: u16, v4_socket: bool) -> Path {
     let Some(route) = KERNEL_ROUTES.get_ptr_mut(key) else {
         // SAFETY: plain read of a hash map value.
         return match unsafe { KERNEL_PORTS.get(port) } {
-            Some(_) => Path::Kernel(None),
-            None => Path::Proxy,
+            Some(_) => Choice::of(Path::Kernel),
+            None => Choice::of(Path::Proxy),
         };
     };
     // SAFETY: a valid map value pointer for the duration of the program.
     let route: &mut KernelRoute = unsafe { &mut *route };
     if route.flags & KERNEL_ROUTE_PROXY != 0 {
-        return Path::Proxy;
+        return Choice::of(Path::Proxy);
     }
     let seen = route.seen;
     route.seen = seen.wrapping_add(1);
     if route.sample_every != 0 && seen.is_multiple_of(route.sample_every) {
         count(Counter::KernelPathSampled);
-        return Path::Proxy;
+        return Choice::of(Path::Proxy);
     }
     if route.endpoint_count == 0 {
-        return Path::Kernel(None);
+        return Choice::of(Path::Kernel);
     }
     let index = route.next % route.endpoint_count;
     route.next = route.next.wrapping_add(1);
@@ -340,12 +368,14 @@ fn kernel_path(dst: &RawAddr, port: u16, v4_socket: bool) -> Path {
     // SAFETY: plain read of a hash map value.
     match unsafe { KERNEL_ENDPOINTS.get(key) } {
         // An IPv4 socket reaches IPv4 endpoints only.
-        Some(endpoint) if !v4_socket || is_v4_mapped(&endpoint.addr) => {
-            Path::Kernel(Some(*endpoint))
-        }
+        Some(endpoint) if !v4_socket || is_v4_mapped(&endpoint.addr) => Choice {
+            path: Path::Kernel,
+            rewrite: true,
+            endpoint: *endpoint,
+        },
         _ => {
             count(Counter::KernelPathNoEndpoint);
-            Path::Proxy
+            Choice::of(Path::Proxy)
         }
     }
 }
@@ -366,7 +396,8 @@ pub fn shunt_connect4(ctx: SockAddrContext) -> i32 {
         count(Counter::SkipUnconfigured);
         return ALLOW;
     };
-    match choose_path(&ctx, &cfg, &map_v4(ip4), port, true) {
+    let choice = choose_path(&ctx, &cfg, &map_v4(ip4), port, true);
+    match choice.path {
         Path::Proxy => {
             debug!(
                 &ctx,
@@ -377,11 +408,11 @@ pub fn shunt_connect4(ctx: SockAddrContext) -> i32 {
             sa.user_ip4 = LOOPBACK4;
             sa.user_port = u32::from(cfg.listen_port.to_be());
         }
-        Path::Kernel(Some(endpoint)) => {
-            sa.user_ip4 = endpoint.addr[3];
-            sa.user_port = u32::from(endpoint.port.to_be());
+        Path::Kernel if choice.rewrite => {
+            sa.user_ip4 = choice.endpoint.addr[3];
+            sa.user_port = u32::from(choice.endpoint.port.to_be());
         }
-        Path::Kernel(None) | Path::Untouched => {}
+        Path::Kernel | Path::Untouched => {}
     }
     ALLOW
 }
@@ -416,7 +447,8 @@ pub fn shunt_connect6(ctx: SockAddrContext) -> i32 {
         sa.user_ip6[3],
     ];
     let port = u16::from_be(sa.user_port as u16);
-    let (target, target_port) = match choose_path(&ctx, &cfg, &ip6, port, false) {
+    let choice = choose_path(&ctx, &cfg, &ip6, port, false);
+    let (target, target_port) = match choice.path {
         Path::Proxy => {
             debug!(
                 &ctx,
@@ -432,8 +464,8 @@ pub fn shunt_connect6(ctx: SockAddrContext) -> i32 {
             };
             (target, cfg.listen_port)
         }
-        Path::Kernel(Some(endpoint)) => (endpoint.addr, endpoint.port),
-        Path::Kernel(None) | Path::Untouched => return ALLOW,
+        Path::Kernel if choice.rewrite => (choice.endpoint.addr, choice.endpoint.port),
+        Path::Kernel | Path::Untouched => return ALLOW,
     };
     // The context only accepts 4-byte stores to user_ip6.
     sa.user_ip6[0] = target[0];
