@@ -168,6 +168,7 @@ pub async fn run(prepared: Prepared) -> anyhow::Result<()> {
         },
     );
     let pods = Arc::downgrade(&enrollments);
+    let failed = Arc::downgrade(&kernel_path);
     tokio::spawn(
         Recorder {
             conns: conns.clone(),
@@ -176,6 +177,11 @@ pub async fn run(prepared: Prepared) -> anyhow::Result<()> {
             settings: settings.clone(),
             discovered: proxy.discovered.clone(),
             pods: Box::new(move |cookie| pods.upgrade()?.pod_name(cookie)),
+            connect_failed: Box::new(move || {
+                if let Some(kernel_path) = failed.upgrade() {
+                    kernel_path.connect_failed();
+                }
+            }),
         }
         .run(kernel_events),
     );

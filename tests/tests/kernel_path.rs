@@ -308,6 +308,56 @@ fn a_learned_tls_destination_takes_the_kernel_path_until_it_speaks_h2c() -> anyh
 }
 
 #[test]
+fn an_endpoint_that_refuses_leaves_the_kernel_path_after_its_first_refusals() -> anyhow::Result<()>
+{
+    let (sandbox, client, mut endpoints) = probes(2, PORT)?;
+    // A third endpoint with nothing listening: the kernel answers its connects with a reset.
+    let refusing = SocketAddr::new(sandbox.add_pod("refusing")?.ipv4.into(), PORT);
+    endpoints.push(refusing);
+    let options = declared(PORT, &endpoints, ServiceProtocol::Tcp, |_| {});
+    let daemon = Daemon::start(&sandbox, &[&client], &options)?;
+
+    // Back to back in one process, as fast as the client can: refused connects are those the
+    // kernel made before shunt read the first refusal's report and rewrote the map.
+    let first = probe::connect(&sandbox, &client, vip(PORT), 60)?;
+    let refused = first.iter().filter(|s| s.error.is_some()).count();
+    eprintln!("refused connects of 60 back to back, one endpoint of 3 refusing: {refused}");
+    ensure!(
+        refused >= 1,
+        "round-robin never picked the refusing endpoint: {first:?}"
+    );
+    for seen in first.iter().filter(|s| s.error.is_none()) {
+        went_straight(seen, vip(PORT))?;
+    }
+    fixture::until(
+        "the refusing endpoint off the kernel path, each refusal counted on it",
+        Duration::from_secs(5),
+        || {
+            let listed = kernel_path(&daemon)?;
+            let entry = listed.destinations.first().context("nothing listed")?;
+            let services: Vec<ServiceSummary> = daemon.ctl_as(&["services"])?;
+            let failed: Vec<(SocketAddr, u64)> = services[0]
+                .endpoints
+                .iter()
+                .filter(|e| e.failed > 0)
+                .map(|e| (e.addr, e.failed))
+                .collect();
+            Ok(entry.endpoints.len() == 2
+                && !entry.endpoints.contains(&refusing)
+                && failed == [(refusing, refused as u64)])
+        },
+    )?;
+
+    // The connects after it all reach a live endpoint, still without the proxy.
+    let second = probe::connect(&sandbox, &client, vip(PORT), 30)?;
+    for seen in &second {
+        went_straight(seen, vip(PORT))?;
+    }
+    assert_eq!(daemon.counter("ebpf", "redirected")?, 0);
+    Ok(())
+}
+
+#[test]
 fn a_killed_daemon_leaves_kernel_path_connections_alone_and_fails_open() -> anyhow::Result<()> {
     let (sandbox, client, endpoints) = probes(1, PORT)?;
     let options = declared(PORT, &endpoints, ServiceProtocol::Tcp, |_| {});

@@ -16,7 +16,9 @@
 //! Service's endpoints are those in rotation, less those whose connects failed in the last
 //! [`FAILED_COOLDOWN`] (on either path) while others remain: a refused endpoint on the
 //! kernel path is a refused connect for the client, as with kube-proxy, and this keeps it to
-//! the first few. Endpoint changes from discovery reach the maps within a second.
+//! the first few — a refused kernel-path connect wakes the reconcile as soon as its report
+//! is read ([`KernelPath::connect_failed`]). Endpoint changes from discovery reach the maps
+//! within a second.
 
 mod records;
 
@@ -29,6 +31,7 @@ use std::{
 
 use arc_swap::ArcSwap;
 use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
 
 use crate::{
     bpf::{KernelRouteMaps, WantedRoute},
@@ -84,6 +87,8 @@ pub struct KernelPathSummary {
 pub struct KernelPath {
     inputs: Inputs,
     state: Mutex<State>,
+    /// Wakes the reconcile loop before its next tick.
+    wake: Arc<Notify>,
 }
 
 struct State {
@@ -104,6 +109,7 @@ impl KernelPath {
                 failures: HashMap::new(),
                 summary: KernelPathSummary::default(),
             }),
+            wake: Arc::new(Notify::new()),
         });
         kernel_path.reconcile();
         let weak = Arc::downgrade(&kernel_path);
@@ -113,8 +119,18 @@ impl KernelPath {
                 kernel_path.reconcile();
             }
         }));
-        tokio::spawn(keep_up(weak, kernel_path.inputs.learner.clone()));
+        tokio::spawn(keep_up(
+            weak,
+            kernel_path.inputs.learner.clone(),
+            kernel_path.wake.clone(),
+        ));
         kernel_path
+    }
+
+    /// A kernel-path connect failed: take its endpoint out now rather than at the next tick.
+    /// Many failures at once make one reconcile.
+    pub fn connect_failed(&self) {
+        self.wake.notify_one();
     }
 
     pub fn summary(&self) -> KernelPathSummary {
@@ -368,11 +384,13 @@ impl Exceptions {
     }
 }
 
-/// Reconciles on every change the learner reports, and every second for discovery.
-async fn keep_up(kernel_path: Weak<KernelPath>, learner: Arc<Learner>) {
+/// Reconciles on every change the learner reports, on every failed kernel-path connect, and
+/// every second for discovery.
+async fn keep_up(kernel_path: Weak<KernelPath>, learner: Arc<Learner>, wake: Arc<Notify>) {
     loop {
         tokio::select! {
             () = learner.changed() => {}
+            () = wake.notified() => {}
             () = tokio::time::sleep(RECONCILE_EVERY) => {}
         }
         let Some(kernel_path) = kernel_path.upgrade() else {
@@ -384,4 +402,45 @@ async fn keep_up(kernel_path: Weak<KernelPath>, learner: Arc<Learner>) {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{config::ServiceConfig, route::Routes};
+
+    #[test]
+    fn an_endpoint_whose_connect_failed_sits_out_the_cooldown_unless_it_is_the_last() {
+        let addrs: Vec<SocketAddr> = ["10.0.0.1:80", "10.0.0.2:80"]
+            .iter()
+            .map(|a| a.parse().unwrap())
+            .collect();
+        let routes = Routes::new(&[ServiceConfig {
+            name: "backend".into(),
+            vip: "10.96.0.1:80".parse().unwrap(),
+            endpoints: addrs.clone(),
+            ..ServiceConfig::default()
+        }]);
+        let service = &routes.services()[0];
+        let mut failures = HashMap::new();
+        let start = Instant::now();
+        assert_eq!(usable_endpoints(service, &mut failures, start), addrs);
+
+        let failing = service.endpoint(addrs[0]).unwrap();
+        failing.failed.fetch_add(1, Ordering::Relaxed);
+        let soon = start + Duration::from_secs(1);
+        assert_eq!(usable_endpoints(service, &mut failures, soon), [addrs[1]]);
+        let later = soon + FAILED_COOLDOWN;
+        assert_eq!(usable_endpoints(service, &mut failures, later), addrs);
+
+        // Every endpoint failing: all of them, rather than none.
+        for addr in &addrs {
+            service
+                .endpoint(*addr)
+                .unwrap()
+                .failed
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        assert_eq!(usable_endpoints(service, &mut failures, later), addrs);
+    }
 }

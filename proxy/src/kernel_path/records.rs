@@ -23,6 +23,9 @@ use crate::{
 /// Names the enrolled pod of a network namespace cookie.
 pub type PodNames = Box<dyn Fn(u64) -> Option<String> + Send + Sync>;
 
+/// Told of each kernel-path connect that failed, so that its endpoint leaves the path.
+pub type OnConnectFailed = Box<dyn Fn() + Send + Sync>;
+
 /// Connections open at once that are tracked; past it (close reports lost), the oldest
 /// half is dropped.
 const OPEN_MAX: usize = 65536;
@@ -35,6 +38,7 @@ pub struct Recorder {
     pub settings: Arc<ArcSwap<Settings>>,
     pub discovered: Arc<DiscoveredServices>,
     pub pods: PodNames,
+    pub connect_failed: OnConnectFailed,
 }
 
 struct Open {
@@ -132,6 +136,7 @@ impl Recorder {
             if let Some(endpoint) = connection.service.as_ref().and_then(|s| s.endpoint(remote)) {
                 endpoint.failed.fetch_add(1, Ordering::Relaxed);
             }
+            (self.connect_failed)();
         } else {
             guard.set_close_reason("closed");
         }
