@@ -64,6 +64,9 @@ pub mod maps {
     /// Bytes of the event ring (a power of two, a multiple of the page size): 1 MiB holds
     /// about 9,000 events, far more than arrive between two reads.
     pub const KERNEL_EVENTS_BYTES: u32 = 1 << 20;
+    /// Unread bytes in the event ring past which a report wakes the daemon at once rather
+    /// than waiting for its next timed read: a quarter of the ring.
+    pub const KERNEL_EVENTS_WAKE_AT: u32 = KERNEL_EVENTS_BYTES / 4;
 }
 
 /// Program names (also their ELF section symbols). Kernel program names are limited to 15

@@ -31,9 +31,10 @@ use core::{ffi::c_void, mem};
 
 use aya_ebpf::{
     bindings::{
-        BPF_F_CURRENT_NETNS, BPF_F_INGRESS, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
-        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
-        BPF_SOCK_OPS_TCP_CONNECT_CB, bpf_sock_tuple, sk_action,
+        BPF_F_CURRENT_NETNS, BPF_F_INGRESS, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP,
+        BPF_RB_NO_WAKEUP, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
+        bpf_sock_tuple, sk_action,
     },
     helpers::{
         bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_sk_lookup_tcp,
@@ -47,8 +48,8 @@ use aya_log_ebpf::debug;
 use shunt_common::{
     ClientKey, Counter, EVENT_CLOSED, EVENT_CONNECTING, EndpointKey, FAIL_CLOSED, InterceptConfig,
     KERNEL_ROUTE_PROXY, KernelPathEvent, KernelRoute, LocalTuple, NETNS_PROBE_ADDR,
-    NETNS_PROBE_PORT, OriginalDst, RawAddr, Redirected, SockmapPeer, VIA_KERNEL, VIA_PROXY,
-    is_v4_mapped, map_v4, maps::*,
+    NETNS_PROBE_PORT, OriginalDst, RawAddr, Redirected, SockmapPeer, TCP_SYN_SENT, VIA_KERNEL,
+    VIA_PROXY, is_v4_mapped, map_v4, maps::*,
 };
 
 const AF_INET: u32 = 2;
@@ -604,7 +605,20 @@ fn report(ctx: &SockOpsContext, cookie: u64, redirected: &Redirected, kind: u8, 
         old_state,
         _pad: [0; 6],
     };
-    if KERNEL_EVENTS.output::<KernelPathEvent>(&event, 0).is_err() {
+    // The daemon drains the ring on a short timer, so a wake-up per report would only cost
+    // the machine a context switch per connection. It is woken at once for a failed connect
+    // (its endpoint must leave the path) and when the ring fills up.
+    let wake = (kind == EVENT_CLOSED && old_state == TCP_SYN_SENT)
+        || KERNEL_EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= KERNEL_EVENTS_WAKE_AT as u64;
+    let flags = if wake {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    };
+    if KERNEL_EVENTS
+        .output::<KernelPathEvent>(&event, flags as u64)
+        .is_err()
+    {
         count(Counter::KernelPathEventLost);
     }
 }

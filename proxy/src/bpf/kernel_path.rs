@@ -150,6 +150,11 @@ impl KernelRouteMaps {
     }
 }
 
+/// How often the event ring is read when the programs have not woken the daemon: reports
+/// wake it only for a failed connect or a filling ring, so that a busy node does not pay a
+/// wake-up per connection.
+pub const DRAIN_EVERY: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// The ring sock_ops reports kernel-path connections into.
 pub struct KernelEvents {
     ring: RingBuf<MapData>,
@@ -165,20 +170,29 @@ impl KernelEvents {
         sys::register_ring(self)
     }
 
-    /// Waits until the programs have reported something, then hands over all of it.
+    /// Waits until the programs wake the daemon (a failed connect, a filling ring) or
+    /// [`DRAIN_EVERY`] has passed, then hands over everything reported.
     pub async fn next_batch(
         ring: &mut tokio::io::unix::AsyncFd<KernelEvents>,
         out: &mut Vec<KernelPathEvent>,
     ) -> std::io::Result<()> {
-        let mut guard = ring.readable_mut().await?;
-        let events = guard.get_inner_mut();
-        while let Some(item) = events.ring.next() {
+        match tokio::time::timeout(DRAIN_EVERY, ring.readable_mut()).await {
+            Ok(guard) => {
+                let mut guard = guard?;
+                guard.get_inner_mut().drain(out);
+                guard.clear_ready();
+            }
+            Err(_elapsed) => ring.get_mut().drain(out),
+        }
+        Ok(())
+    }
+
+    fn drain(&mut self, out: &mut Vec<KernelPathEvent>) {
+        while let Some(item) = self.ring.next() {
             if let Some(event) = sys::read_record::<KernelPathEvent>(&item) {
                 out.push(event);
             }
         }
-        guard.clear_ready();
-        Ok(())
     }
 }
 

@@ -7,9 +7,11 @@ use std::{
     collections::HashMap,
     net::SocketAddr,
     sync::{Arc, atomic::Ordering},
+    time::Duration,
 };
 
 use arc_swap::ArcSwap;
+use nix::time::{ClockId, clock_gettime};
 use shunt_common::{EVENT_CLOSED, EVENT_CONNECTING, KernelPathEvent, OriginalDst, TCP_SYN_SENT};
 
 use crate::{
@@ -106,6 +108,7 @@ impl Recorder {
         let guard = self
             .conns
             .open(&pod, socket_addr(&event.local), original, name);
+        guard.started_ago(age(event));
         guard.set_verdict(Verdict::KernelPath, None);
         guard.set_upstream(remote);
         guard.set_forwarding("kernel path");
@@ -126,6 +129,7 @@ impl Recorder {
 
     fn closed(&self, mut connection: Open, event: &KernelPathEvent) {
         let guard = &mut connection.guard;
+        guard.ended_ago(age(event));
         let (sent, received) = payload_bytes(event);
         guard.bytes_from_client.store(sent, Ordering::Relaxed);
         guard.bytes_to_client.store(received, Ordering::Relaxed);
@@ -184,6 +188,15 @@ fn payload_bytes(event: &KernelPathEvent) -> (u64, u64) {
         .saturating_sub(u64::from(syn_acked) + u64::from(own_fin_acked));
     let received = event.bytes_received.saturating_sub(u64::from(peer_fin));
     (sent, received)
+}
+
+/// How long ago the program reported the event (the ring is read on a timer).
+fn age(event: &KernelPathEvent) -> Duration {
+    // bpf_ktime_get_ns() reads CLOCK_MONOTONIC.
+    let Ok(now) = clock_gettime(ClockId::CLOCK_MONOTONIC) else {
+        return Duration::ZERO;
+    };
+    Duration::from(now).saturating_sub(Duration::from_nanos(event.time_ns))
 }
 
 fn socket_addr(dst: &OriginalDst) -> SocketAddr {

@@ -9,7 +9,7 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
     },
-    time::{Instant, SystemTime},
+    time::{Duration, Instant, SystemTime},
 };
 
 use serde::{Deserialize, Serialize};
@@ -195,6 +195,7 @@ impl ConnTable {
             table: self.clone(),
             id,
             close_reason: None,
+            ended_ago: Duration::ZERO,
             bytes_from_client,
             bytes_to_client,
             kernel_bytes,
@@ -261,6 +262,8 @@ pub struct ConnGuard {
     table: Arc<ConnTable>,
     id: u64,
     close_reason: Option<String>,
+    /// How long before the guard's drop the connection really ended.
+    ended_ago: Duration,
     pub bytes_from_client: Arc<AtomicU64>,
     pub bytes_to_client: Arc<AtomicU64>,
     pub kernel_bytes: Arc<KernelBytes>,
@@ -287,6 +290,20 @@ impl ConnGuard {
         });
     }
 
+    /// The connection started `ago` before it was registered: its start was reported late.
+    pub fn started_ago(&self, ago: Duration) {
+        if let Some(entry) = self.table.lock().live.get_mut(&self.id) {
+            entry.since = entry.since.checked_sub(ago).unwrap_or(entry.since);
+            let started = entry.record.started;
+            entry.record.started = started.checked_sub(ago).unwrap_or(started);
+        }
+    }
+
+    /// The connection ended `ago` before the guard is dropped: its end was reported late.
+    pub fn ended_ago(&mut self, ago: Duration) {
+        self.ended_ago = ago;
+    }
+
     pub fn set_close_reason(&mut self, reason: impl Into<String>) {
         self.close_reason = Some(reason.into());
     }
@@ -309,6 +326,8 @@ impl Drop for ConnGuard {
                 return;
             };
             let mut record = entry.current();
+            let lasted = entry.since.elapsed().saturating_sub(self.ended_ago);
+            record.duration_ms = lasted.as_millis() as u64;
             record.close_reason = Some(self.close_reason.take().unwrap_or_else(|| "closed".into()));
             // Moved from live to closed under one lock: a scrape never sees them twice.
             let total = inner.closed_bytes.entry(byte_key(&record)).or_default();

@@ -9,6 +9,8 @@ use shunt::config::{KernelPathMode, ServiceProtocol};
 
 use super::{
     Plan,
+    grpc::median,
+    process::tree_cpu_seconds,
     report::{Row, Section, column},
 };
 use crate::{
@@ -33,17 +35,32 @@ pub fn setup_rates(plan: &Plan) -> anyhow::Result<Section> {
     let sandbox = Sandbox::new()?;
     let outsider = sandbox.add_pod("outsider")?;
     let client = sandbox.add_pod("client")?;
+    // Enrolled too, but apart: its NAT rule puts conntrack on every packet of its network
+    // namespace, which the client's figures must not pay.
+    let nat_client = sandbox.add_pod("nat-client")?;
     let backend = sandbox.add_pod("backend")?;
     let target = SocketAddr::new(backend.ipv4.into(), 8080);
     let iptables_target = SocketAddr::new(backend.ipv4.into(), IPTABLES_PORT);
-    probe::serve(&sandbox, &backend, target)?;
-    probe::serve(&sandbox, &backend, iptables_target)?;
-    // Short connections leave TIME_WAIT entries behind; a proxied one costs two ports in the
-    // pod (the application's and shunt's upstream socket): stay well inside the port range.
-    let count = plan.seconds * 400;
+    // The servers on the last CPU and the clients on the first, so that every run has the
+    // same placement (the scheduler's choice otherwise moves the figures by ±10 % between
+    // runs); shunt is left to the scheduler.
+    on_cpu(Cpu::Last, || {
+        probe::serve(&sandbox, &backend, target)?;
+        probe::serve(&sandbox, &backend, iptables_target)
+    })?;
+    // Short connections leave TIME_WAIT entries behind, which slow every later connect() in
+    // the pod as it searches for a free port: the later a run, the slower. The client pods
+    // keep none, so that every run starts as the first did.
+    for pod in [&outsider, &client, &nat_client] {
+        let mut sysctl = std::process::Command::new("sysctl");
+        sysctl.args(["-qw", "net.ipv4.tcp_max_tw_buckets=0"]);
+        let out = sandbox.run_in_pod(pod, sysctl, std::time::Duration::from_secs(5))?;
+        ensure!(out.status.success(), "sysctl in pod {} failed", pod.name);
+    }
+    let count = plan.seconds * 800;
     let rate = |pod: &Pod, to: SocketAddr| -> anyhow::Result<f64> {
         let started = std::time::Instant::now();
-        let seen = probe::connect(&sandbox, pod, to, count)?;
+        let seen = on_cpu(Cpu::First, || probe::connect(&sandbox, pod, to, count))?;
         ensure!(
             seen.iter().all(|s| s.error.is_none()),
             "a connection to {to} failed"
@@ -71,28 +88,37 @@ pub fn setup_rates(plan: &Plan) -> anyhow::Result<Section> {
             ];
         })
     };
-    let daemon = Daemon::start(&sandbox, &[&client], &options(KernelPathMode::Declared))?;
+    let enrolled = [&client, &nat_client];
+    let daemon = Daemon::start(&sandbox, &enrolled, &options(KernelPathMode::Declared))?;
     // The mechanism the programs replace: a NAT rule sending the pod's connections to the
     // same in-pod listener, which reads the destination back with SO_ORIGINAL_DST.
-    crate::iptables::redirect_to_shunt(&sandbox, &client, backend.ipv4, IPTABLES_PORT)?;
+    crate::iptables::redirect_to_shunt(&sandbox, &nat_client, backend.ipv4, IPTABLES_PORT)?;
     let (mut attached, mut ebpf, mut nat, mut kernel) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for round in 1..=plan.rounds {
-        println!("  round {round}/{} with programs attached", plan.rounds);
+    let shunt_pid = daemon.pid()?;
+    // shunt's own CPU for the kernel path: recording the connections the programs report.
+    let mut kernel_cpu = 0.0;
+    // Rounds are short (well under a second each): three times the plan's, for a median.
+    let rounds = plan.rounds * 3;
+    for round in 1..=rounds {
+        println!("  round {round}/{rounds} with programs attached");
+        // The two figures compared most closely run back to back.
         attached.push(rate(&outsider, target)?);
-        ebpf.push(rate(&client, target)?);
-        nat.push(rate(&client, iptables_target)?);
+        let cpu_before = tree_cpu_seconds(shunt_pid)?;
         kernel.push(rate(&client, DECLARED_VIP)?);
+        kernel_cpu += tree_cpu_seconds(shunt_pid)? - cpu_before;
+        ebpf.push(rate(&client, target)?);
+        nat.push(rate(&nat_client, iptables_target)?);
     }
     let balanced = daemon.counter("ebpf", "kernel_path_balanced")?;
     ensure!(
-        balanced == u64::from(count) * u64::from(plan.rounds),
+        balanced == u64::from(count) * u64::from(rounds),
         "{balanced} connections took the kernel path, not every one to the declared Service"
     );
 
     // Learned: how many connections until a destination moves, and what share is sampled.
     println!("  learning");
-    daemon.rewrite_config(&[&client], &options(KernelPathMode::Learned))?;
+    daemon.rewrite_config(&enrolled, &options(KernelPathMode::Learned))?;
     daemon.ctl(&["reload"])?;
     let before = daemon.counter("proxy", "verdict_opaque")?;
     let sampled_before = daemon.counter("ebpf", "kernel_path_sampled")?;
@@ -102,7 +128,7 @@ pub fn setup_rates(plan: &Plan) -> anyhow::Result<Section> {
     let learned_after = through_proxy - sampled;
     let redirected_by_nat = daemon.counter("proxy", "forwarded")?;
     ensure!(
-        redirected_by_nat >= u64::from(count) * u64::from(plan.rounds) * 2,
+        redirected_by_nat >= u64::from(count) * u64::from(rounds) * 2,
         "shunt forwarded only {redirected_by_nat} connections: the iptables rule did not reach it"
     );
 
@@ -144,15 +170,23 @@ pub fn setup_rates(plan: &Plan) -> anyhow::Result<Section> {
             .notes
             .push(format!("eBPF redirect / iptables REDIRECT: {r:.2}."));
     }
-    if let Some(r) = section.ratio(
-        "connections_per_second",
-        "enrolled pod, kernel path (Service declared tcp)",
-        "non-enrolled pod, programs attached",
-    ) {
-        section.notes.push(format!(
-            "kernel path / non-enrolled pod (programs attached): {r:.2}."
-        ));
-    }
+    // Rounds are short and the machine's speed drifts between them: each round's own ratio,
+    // the median of them.
+    let paired: Vec<f64> = kernel.iter().zip(&attached).map(|(k, a)| k / a).collect();
+    section.notes.push(format!(
+        "kernel path / non-enrolled pod (programs attached), median of each round's ratio: \
+         {:.2} (rounds: {}).",
+        median(&paired),
+        paired
+            .iter()
+            .map(|r| format!("{r:.2}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    ));
+    section.notes.push(format!(
+        "kernel path: shunt's CPU recording the connections, {:.1} µs per connection.",
+        kernel_cpu * 1e6 / f64::from(count * rounds)
+    ));
     section.notes.push(format!(
         "learned: the destination moved to the kernel path after {learned_after} connections \
          through the proxy; then {sampled} of the remaining {} were sampled through the proxy \
@@ -161,4 +195,35 @@ pub fn setup_rates(plan: &Plan) -> anyhow::Result<Section> {
         100.0 * sampled as f64 / (u64::from(count) - learned_after).max(1) as f64
     ));
     Ok(section)
+}
+
+enum Cpu {
+    First,
+    Last,
+}
+
+/// Runs `f` with this thread (and so the processes it starts) on one CPU, when there are
+/// several; then on all of them again.
+fn on_cpu<T>(cpu: Cpu, f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<T> {
+    use nix::sched::{CpuSet, sched_getaffinity, sched_setaffinity};
+    use nix::unistd::Pid;
+    let all = sched_getaffinity(Pid::from_raw(0))?;
+    let allowed: Vec<usize> = (0..CpuSet::count())
+        .filter(|&i| all.is_set(i).unwrap_or(false))
+        .collect();
+    let (Some(&first), Some(&last)) = (allowed.first(), allowed.last()) else {
+        return f();
+    };
+    if first == last {
+        return f();
+    }
+    let mut one = CpuSet::new();
+    one.set(match cpu {
+        Cpu::First => first,
+        Cpu::Last => last,
+    })?;
+    sched_setaffinity(Pid::from_raw(0), &one)?;
+    let result = f();
+    sched_setaffinity(Pid::from_raw(0), &all)?;
+    result
 }

@@ -12,7 +12,9 @@ use shunt::config::{Forwarding, ServiceProtocol};
 use anyhow::{Context, ensure};
 
 use super::{
-    Plan, peers,
+    Plan,
+    grpc::median,
+    peers,
     process::{machine_busy_seconds, tree_cpu_seconds},
     report::{Row, Section, column},
 };
@@ -76,12 +78,13 @@ pub fn iperf3(plan: &Plan) -> anyhow::Result<Section> {
         None
     };
 
+    // The kernel path runs right after direct, the figure it is compared with.
     let mut targets: Vec<(&str, Vec<Sample>)> = vec![
         ("direct", Vec::new()),
+        ("shunt (kernel path)", Vec::new()),
         ("shunt (splice)", Vec::new()),
         ("shunt (copy)", Vec::new()),
         ("shunt (sockmap)", Vec::new()),
-        ("shunt (kernel path)", Vec::new()),
     ];
     if haproxy.is_some() {
         targets.push(("HAProxy (mode tcp)", Vec::new()));
@@ -176,16 +179,23 @@ pub fn iperf3(plan: &Plan) -> anyhow::Result<Section> {
         kernel_path >= u64::from(plan.rounds),
         "shunt (kernel path): only {kernel_path} connections took it"
     );
-    if let Some(r) = section.ratio("gbit_per_second", "shunt (kernel path)", "direct") {
-        section
-            .notes
-            .push(format!("shunt (kernel path) / direct: throughput {r:.2}."));
-    }
-    if let Some(r) = section.ratio("machine_cpu_s_per_gb", "shunt (kernel path)", "direct") {
-        section.notes.push(format!(
-            "shunt (kernel path) / direct: machine CPU per GB {r:.2}."
-        ));
-    }
+    // The machine's speed drifts between rounds: each round's own ratio, the median of them.
+    let paired = |f: &dyn Fn(&Sample) -> f64| {
+        let ratios: Vec<f64> = targets[1]
+            .1
+            .iter()
+            .zip(&targets[0].1)
+            .map(|(kernel, direct)| f(kernel) / f(direct))
+            .collect();
+        let each: Vec<String> = ratios.iter().map(|r| format!("{r:.2}")).collect();
+        format!("{:.2} (rounds: {})", median(&ratios), each.join(", "))
+    };
+    section.notes.push(format!(
+        "shunt (kernel path) / direct, median of each round's ratio: throughput {}; machine \
+         CPU per GB {}.",
+        paired(&|s| s.bits_per_second),
+        paired(&|s| s.machine_cpu_seconds / s.bytes)
+    ));
     if let Some(r) = section.ratio("gbit_per_second", "shunt (splice)", "HAProxy (mode tcp)") {
         section
             .notes
