@@ -10,7 +10,7 @@ use shunt::config::{KernelPathMode, ServiceProtocol};
 use super::{
     Plan,
     grpc::median,
-    process::tree_cpu_seconds,
+    process::{Cpu, on_cpu, tree_cpu_seconds},
     report::{Row, Section, column},
 };
 use crate::{
@@ -195,35 +195,4 @@ pub fn setup_rates(plan: &Plan) -> anyhow::Result<Section> {
         100.0 * sampled as f64 / (u64::from(count) - learned_after).max(1) as f64
     ));
     Ok(section)
-}
-
-enum Cpu {
-    First,
-    Last,
-}
-
-/// Runs `f` with this thread (and so the processes it starts) on one CPU, when there are
-/// several; then on all of them again.
-fn on_cpu<T>(cpu: Cpu, f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<T> {
-    use nix::sched::{CpuSet, sched_getaffinity, sched_setaffinity};
-    use nix::unistd::Pid;
-    let all = sched_getaffinity(Pid::from_raw(0))?;
-    let allowed: Vec<usize> = (0..CpuSet::count())
-        .filter(|&i| all.is_set(i).unwrap_or(false))
-        .collect();
-    let (Some(&first), Some(&last)) = (allowed.first(), allowed.last()) else {
-        return f();
-    };
-    if first == last {
-        return f();
-    }
-    let mut one = CpuSet::new();
-    one.set(match cpu {
-        Cpu::First => first,
-        Cpu::Last => last,
-    })?;
-    sched_setaffinity(Pid::from_raw(0), &one)?;
-    let result = f();
-    sched_setaffinity(Pid::from_raw(0), &all)?;
-    result
 }
