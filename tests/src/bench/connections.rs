@@ -9,9 +9,8 @@ use shunt::config::{KernelPathMode, ServiceProtocol};
 
 use super::{
     Plan,
-    grpc::median,
     process::{Cpu, on_cpu, tree_cpu_seconds},
-    report::{Row, Section, column},
+    report::{Row, Section, column, median},
 };
 use crate::{
     daemon::{Daemon, Options},

@@ -329,17 +329,6 @@ pub(super) fn mean(values: &[f64]) -> f64 {
     values.iter().sum::<f64>() / values.len().max(1) as f64
 }
 
-/// The median, or NaN when nothing was measured.
-pub(super) fn median(values: &[f64]) -> f64 {
-    let mut sorted = values.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    match sorted.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => sorted[n / 2],
-        n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
-    }
-}
-
 /// "33/33/34": each backend's share of the calls, in percent, in backend-name order.
 fn split(by_backend: &std::collections::BTreeMap<String, u64>) -> String {
     let total: u64 = by_backend.values().sum();

@@ -12,11 +12,9 @@ use shunt::config::{Forwarding, ServiceProtocol};
 use anyhow::{Context, ensure};
 
 use super::{
-    Plan,
-    grpc::median,
-    peers,
+    Plan, peers,
     process::{machine_busy_seconds, tree_cpu_seconds},
-    report::{Row, Section, column},
+    report::{Row, Section, column, median},
 };
 use crate::{
     daemon::{Daemon, Options},
