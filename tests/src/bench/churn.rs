@@ -18,7 +18,7 @@ use std::{
 
 use super::{
     Plan,
-    grpc::{Target, load_allowing_errors},
+    grpc::{LoadShape, Target, load_allowing_errors},
     process::{established_to_port, fd_count, rss_kib, tree_cpu_seconds, tree_peak_rss_mib},
     report::{Row, Section, column},
 };
@@ -279,7 +279,7 @@ fn measure(
         _ => None,
     };
     let before = cpu()?;
-    let closed = load_allowing_errors(sandbox, target, plan, None)?;
+    let closed = load_allowing_errors(sandbox, target, &LoadShape::few_busy(plan.seconds), None)?;
     let after = cpu()?;
     let cpu_per_10k = match (before, after) {
         (Some(b), Some(a)) => Some((a - b) / closed.ok.max(1) as f64 * 10_000.0),

@@ -13,7 +13,7 @@ use anyhow::ensure;
 
 use super::{
     Plan,
-    grpc::{self, Target, mean},
+    grpc::{self, LoadShape, Target, mean},
     passthrough::{self, Sample},
     process::tree_cpu_seconds,
     report::{Row, Section, column},
@@ -132,13 +132,23 @@ pub fn on_and_off(plan: &Plan) -> anyhow::Result<Section> {
                 proxy_pid: Some(pid),
             };
             let before = tree_cpu_seconds(pid)?;
-            let closed = grpc::load(&side.sandbox, &target, plan, None)?;
+            let closed = grpc::load(
+                &side.sandbox,
+                &target,
+                &LoadShape::few_busy(plan.seconds),
+                None,
+            )?;
             let after = tree_cpu_seconds(pid)?;
             tally.rates.push(closed.calls_per_second);
             tally
                 .cpu_per_10k
                 .push((after - before) / closed.ok as f64 * 10_000.0);
-            let open = grpc::load(&side.sandbox, &target, plan, Some(plan.grpc_rate))?;
+            let open = grpc::load(
+                &side.sandbox,
+                &target,
+                &LoadShape::few_busy(plan.seconds),
+                Some(plan.grpc_rate),
+            )?;
             tally.p50.push(open.p50_us);
             tally.p99.push(open.p99_us);
             let sample = passthrough::run(

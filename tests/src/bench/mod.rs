@@ -50,8 +50,9 @@ impl Plan {
 
 type Workload = fn(&Plan) -> anyhow::Result<Section>;
 
-const WORKLOADS: [(&str, Workload); 6] = [
+const WORKLOADS: [(&str, Workload); 7] = [
     ("unary gRPC", grpc::unary),
+    ("many connections (unary gRPC)", grpc::many_connections),
     (
         "connection churn, then closed loop",
         churn::churn_then_closed_loop,

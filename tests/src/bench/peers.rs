@@ -1,6 +1,6 @@
 //! HAProxy and nginx, from Debian's packages, as the proxies shunt is compared with. Each runs
-//! in the client's pod (as shunt's listener does), on loopback, with two threads/workers like
-//! shunt's runtime on this kind of machine.
+//! in its client's pod, on loopback (as shunt's listener does), with as many threads/workers
+//! as the caller asks: the gRPC workloads give each proxy one, pinned alone on one core.
 
 use std::{net::SocketAddr, process::Command};
 
@@ -31,7 +31,8 @@ pub fn available() -> bool {
 pub const SKIPPED: &str =
     "HAProxy and nginx rows skipped: run `cargo xtask bench --peers` to install and measure them.";
 
-fn threads() -> usize {
+/// Threads for a peer that may use the whole machine (the TCP passthrough comparison).
+pub fn all_cores() -> usize {
     std::thread::available_parallelism().map_or(2, usize::from)
 }
 
@@ -41,6 +42,7 @@ pub fn haproxy_grpc(
     pod: &Pod,
     port: u16,
     backends: &[SocketAddr],
+    threads: usize,
 ) -> anyhow::Result<Peer> {
     let servers: String = backends
         .iter()
@@ -48,10 +50,9 @@ pub fn haproxy_grpc(
         .map(|(i, b)| format!("  server b{i} {b} proto h2\n"))
         .collect();
     let config = format!(
-        "global\n  nbthread {}\n  maxconn 9000\ndefaults\n  mode http\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n\
+        "global\n  nbthread {threads}\n  maxconn 9000\ndefaults\n  mode http\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n\
          frontend grpc\n  bind 127.0.0.1:{port} proto h2\n  default_backend backends\n\
-         backend backends\n  balance roundrobin\n{servers}",
-        threads()
+         backend backends\n  balance roundrobin\n{servers}"
     );
     haproxy(sandbox, pod, port, &config)
 }
@@ -67,7 +68,7 @@ pub fn haproxy_tcp(
         "global\n  nbthread {}\n  maxconn 9000\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n\
          frontend tcp\n  bind 127.0.0.1:{port}\n  default_backend backends\n\
          backend backends\n  server b0 {backend}\n",
-        threads()
+        all_cores()
     );
     haproxy(sandbox, pod, port, &config)
 }
@@ -95,6 +96,7 @@ pub fn nginx_grpc(
     pod: &Pod,
     port: u16,
     backends: &[SocketAddr],
+    workers: usize,
 ) -> anyhow::Result<Peer> {
     let dir = sandbox.scratch_dir(&format!("nginx-{port}"))?;
     let servers: String = backends
@@ -103,12 +105,11 @@ pub fn nginx_grpc(
         .collect();
     let d = dir.display();
     let config = format!(
-        "daemon off;\nmaster_process on;\nworker_processes {};\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\
+        "daemon off;\nmaster_process on;\nworker_processes {workers};\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\
          events {{ worker_connections 8192; }}\n\
          http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
          \x20 upstream backends {{\n{servers}    keepalive 64;\n    keepalive_requests 1000000;\n  }}\n\
-         \x20 server {{\n    listen 127.0.0.1:{port} http2;\n    keepalive_requests 1000000;\n    location / {{ grpc_pass grpc://backends; }}\n  }}\n}}\n",
-        threads()
+         \x20 server {{\n    listen 127.0.0.1:{port} http2;\n    keepalive_requests 1000000;\n    location / {{ grpc_pass grpc://backends; }}\n  }}\n}}\n"
     );
     let path = dir.join("nginx.conf");
     std::fs::write(&path, config)?;
