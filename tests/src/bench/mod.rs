@@ -52,7 +52,7 @@ type Workload = fn(&Plan) -> anyhow::Result<Section>;
 
 const WORKLOADS: [(&str, Workload); 7] = [
     ("unary gRPC", grpc::unary),
-    ("many connections (unary gRPC)", grpc::many_connections),
+    ("gRPC over many connections", grpc::many_connections),
     (
         "connection churn, then closed loop",
         churn::churn_then_closed_loop,
