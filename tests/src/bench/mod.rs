@@ -11,6 +11,7 @@ mod passthrough;
 pub mod peers;
 pub mod process;
 pub mod report;
+mod streaming;
 
 pub use process::cpu_seconds;
 
@@ -50,8 +51,9 @@ impl Plan {
 
 type Workload = fn(&Plan) -> anyhow::Result<Section>;
 
-const WORKLOADS: [(&str, Workload); 6] = [
+const WORKLOADS: [(&str, Workload); 7] = [
     ("unary gRPC", grpc::unary),
+    ("streaming gRPC", streaming::streaming),
     (
         "connection churn, then closed loop",
         churn::churn_then_closed_loop,
