@@ -70,7 +70,7 @@ enum Task {
         publish: bool,
     },
     /// Measure shunt against the direct path in the sandbox (as root); writes
-    /// target/bench/results.{json,md}.
+    /// target/bench/results.{json,md} and SVG charts of some sections (*.svg).
     Bench {
         /// Fewer and shorter rounds (under 3 minutes).
         #[arg(long)]
@@ -391,8 +391,8 @@ fn soak(seconds: f64, publish: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs the built `shunt-bench`; its results go to `target/bench/`, and with `publish` to
-/// `bench/results/` as well.
+/// Runs the built `shunt-bench`; its results and charts go to `target/bench/`, and with
+/// `publish` to `bench/results/` as well.
 fn bench(quick: bool, peers: bool, publish: bool) -> anyhow::Result<()> {
     run::require_root("the benchmarks create network namespaces, a cgroup and BPF programs")?;
     build()?;
@@ -411,7 +411,24 @@ fn bench(quick: bool, peers: bool, publish: bool) -> anyhow::Result<()> {
     }
     run::status(&mut cmd)?;
     if publish {
-        publish_results(&out, &["results.json", "results.md"])?;
+        let mut files = vec!["results.json".to_string(), "results.md".to_string()];
+        files.extend(charts(&out)?);
+        let files: Vec<&str> = files.iter().map(String::as_str).collect();
+        publish_results(&out, &files)?;
     }
     Ok(())
+}
+
+/// The charts (`*.svg`) the benchmark left in `dir`: it writes those of the sections it ran
+/// and removes the others, so they match `results.json`.
+fn charts(dir: &Path) -> anyhow::Result<Vec<String>> {
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let name = entry?.file_name();
+        if let Some(name) = name.to_str().filter(|n| n.ends_with(".svg")) {
+            names.push(name.to_owned());
+        }
+    }
+    names.sort();
+    Ok(names)
 }

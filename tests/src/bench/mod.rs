@@ -1,7 +1,9 @@
 //! Benchmarks in the sandbox (`cargo xtask bench`). Every figure is measured in the same run
 //! as the direct path it is compared with, rounds interleaved so drift hits all targets alike;
-//! results are printed as they come and written as JSON and markdown.
+//! results are printed as they come and written as JSON and markdown, with SVG charts of some
+//! of them ([`charts`]).
 
+pub mod charts;
 mod churn;
 mod connections;
 mod fast_path;
@@ -11,6 +13,7 @@ mod passthrough;
 pub mod peers;
 pub mod process;
 pub mod report;
+mod streaming;
 
 pub use process::cpu_seconds;
 
@@ -50,9 +53,10 @@ impl Plan {
 
 type Workload = fn(&Plan) -> anyhow::Result<Section>;
 
-const WORKLOADS: [(&str, Workload); 7] = [
+const WORKLOADS: [(&str, Workload); 8] = [
     ("unary gRPC", grpc::unary),
     ("gRPC over many connections", grpc::many_connections),
+    ("streaming gRPC", streaming::streaming),
     (
         "connection churn, then closed loop",
         churn::churn_then_closed_loop,
@@ -63,8 +67,8 @@ const WORKLOADS: [(&str, Workload); 7] = [
     ("local fast path", fast_path::on_and_off),
 ];
 
-/// Runs every workload, printing progress and each table, then writes `results.json` and
-/// `results.md` into `out_dir`.
+/// Runs every workload, printing progress and each table, then writes `results.json`,
+/// `results.md` and the charts of the sections that ran into `out_dir`.
 pub fn run_all(plan: &Plan, out_dir: &Path) -> anyhow::Result<Results> {
     let mut results = Results {
         date: today(),
@@ -96,6 +100,9 @@ pub fn run_all(plan: &Plan, out_dir: &Path) -> anyhow::Result<Results> {
         json.display(),
         markdown.display()
     );
+    for chart in charts::write_all(&results.sections, out_dir)? {
+        println!("chart written to {}", chart.display());
+    }
     Ok(results)
 }
 

@@ -75,6 +75,10 @@ impl Section {
         }
     }
 
+    pub fn has_column(&self, key: &str) -> bool {
+        self.columns.iter().any(|c| c.key == key)
+    }
+
     pub fn row(&self, target: &str) -> Option<&Row> {
         self.rows.iter().find(|r| r.target == target)
     }

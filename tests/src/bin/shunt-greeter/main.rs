@@ -15,6 +15,17 @@
 //! with `seconds`, `per_second` and the sockets still open at the end (0: they all closed);
 //! `soak --to ADDR --seconds S --rate R --streams N` is the soak's gRPC workload: unary calls at
 //! R/s and N server streams at a time, one JSON line of outcomes per second.
+//!
+//! For the streaming benchmark the server also answers `/helloworld.Greeter/SayHelloMany`
+//! (server streaming: as many replies `N` as the request's `count` asks for, at most
+//! [`MAX_MANY`], back to back) and `/helloworld.Greeter/Chat` (bidirectional: one reply `N`
+//! per request message, as each arrives);
+//! `stream-load --to ADDR --kind server|bidi --connections C --streams M --seconds S
+//! [--messages K]` drives them: C channels × M streams at a time, each stream either asking
+//! for K replies and reading them all (`server`) or making K request→reply round trips, one
+//! message in flight (`bidi`), a new stream as soon as one ends, until S seconds are up;
+//! prints `{"messages", "messages_per_second", "streams", "seconds", "errors",
+//! "first_error"}`.
 
 use std::{
     collections::HashMap,
@@ -29,8 +40,10 @@ use std::{
 mod churn;
 mod load;
 mod soak;
+mod stream_load;
 
 use clap::{Parser, Subcommand};
+use futures::StreamExt as _;
 use http::uri::PathAndQuery;
 use tonic::{Request, Response, Status, body::Body, server::NamedService};
 use tonic_prost::ProstCodec;
@@ -39,6 +52,10 @@ use tonic_prost::ProstCodec;
 struct HelloRequest {
     #[prost(string, tag = "1")]
     name: String,
+    /// How many replies SayHelloMany sends (0 for the other methods, and then not on the
+    /// wire: older clients' requests are unchanged).
+    #[prost(uint32, tag = "2")]
+    count: u32,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -52,6 +69,11 @@ const SAY_HELLO_STREAM: &str = "/helloworld.Greeter/SayHelloStream";
 /// Replies per SayHelloStream call, and the pause before each.
 const STREAM_REPLIES: usize = 10;
 const STREAM_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
+const SAY_HELLO_MANY: &str = "/helloworld.Greeter/SayHelloMany";
+const CHAT: &str = "/helloworld.Greeter/Chat";
+/// The most replies one SayHelloMany call gets, whatever it asks for: a bad request cannot
+/// keep a server busy for ever.
+const MAX_MANY: u32 = 1_000_000;
 
 type GrpcClient = tonic::client::Grpc<tonic::transport::Channel>;
 
@@ -62,6 +84,7 @@ async fn say_hello(grpc: &mut GrpcClient) -> Result<String, Status> {
         .map_err(|e| Status::unavailable(e.to_string()))?;
     let request = Request::new(HelloRequest {
         name: "probe".into(),
+        ..HelloRequest::default()
     });
     let codec = ProstCodec::<HelloRequest, HelloReply>::default();
     let reply = grpc
@@ -98,6 +121,7 @@ enum Cmd {
     Load(load::LoadArgs),
     Churn(churn::ChurnArgs),
     Soak(soak::SoakArgs),
+    StreamLoad(stream_load::StreamLoadArgs),
 }
 
 #[tokio::main]
@@ -113,6 +137,7 @@ async fn main() {
         Cmd::Load(args) => load::run(args).await,
         Cmd::Churn(args) => churn::run(args).await,
         Cmd::Soak(args) => soak::run(args).await,
+        Cmd::StreamLoad(args) => stream_load::run(args).await,
     };
     if let Err(e) = result {
         eprintln!("shunt-greeter: {e:#}");
@@ -207,6 +232,8 @@ impl tower::Service<http::Request<Body>> for Greeter {
             match request.uri().path() {
                 SAY_HELLO => Ok(grpc.unary(SayHello(name), request).await),
                 SAY_HELLO_STREAM => Ok(grpc.server_streaming(SayHelloStream(name), request).await),
+                SAY_HELLO_MANY => Ok(grpc.server_streaming(SayHelloMany(name), request).await),
+                CHAT => Ok(grpc.streaming(Chat(name), request).await),
                 other => Ok(Status::unimplemented(other.to_owned()).into_http()),
             }
         })
@@ -246,6 +273,47 @@ impl tonic::server::ServerStreamingService<HelloRequest> for SayHelloStream {
                 let message = format!("{name} #{i}");
                 Some((Ok(HelloReply { message }), i + 1))
             }
+        });
+        Box::pin(async move { Ok(Response::new(Box::pin(replies) as ReplyStream)) })
+    }
+}
+
+struct SayHelloMany(Arc<str>);
+
+impl tonic::server::ServerStreamingService<HelloRequest> for SayHelloMany {
+    type Response = HelloReply;
+    type ResponseStream = ReplyStream;
+    type Future = BoxFuture<Result<Response<ReplyStream>, Status>>;
+
+    /// The replies are ready at once: the stream runs as fast as the connection (and the
+    /// proxy in between) carries them.
+    fn call(&mut self, request: Request<HelloRequest>) -> Self::Future {
+        let count = request.get_ref().count.min(MAX_MANY);
+        let name = self.0.clone();
+        let replies = futures::stream::iter(0..count).map(move |_| {
+            Ok(HelloReply {
+                message: name.to_string(),
+            })
+        });
+        Box::pin(async move { Ok(Response::new(Box::pin(replies) as ReplyStream)) })
+    }
+}
+
+struct Chat(Arc<str>);
+
+impl tonic::server::StreamingService<HelloRequest> for Chat {
+    type Response = HelloReply;
+    type ResponseStream = ReplyStream;
+    type Future = BoxFuture<Result<Response<ReplyStream>, Status>>;
+
+    /// One reply per request message, sent as soon as it is read; the replies end when the
+    /// requests do (or fail with them).
+    fn call(&mut self, request: Request<tonic::Streaming<HelloRequest>>) -> Self::Future {
+        let name = self.0.clone();
+        let replies = request.into_inner().map(move |request| {
+            request.map(|_| HelloReply {
+                message: name.to_string(),
+            })
         });
         Box::pin(async move { Ok(Response::new(Box::pin(replies) as ReplyStream)) })
     }

@@ -218,6 +218,7 @@ async fn stream(client: &mut GrpcClient, tally: &Shared) -> Result<(), StreamErr
         .map_err(|e| StreamError::Status(Status::unavailable(e.to_string())))?;
     let request = Request::new(HelloRequest {
         name: "soak".into(),
+        ..HelloRequest::default()
     });
     let codec = ProstCodec::<HelloRequest, HelloReply>::default();
     let mut replies = client
