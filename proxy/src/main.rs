@@ -10,6 +10,14 @@ use shunt::{
     ctl, daemon, inpod, k8s, logging,
 };
 
+/// With `--features mimalloc`, mimalloc rather than glibc's malloc: about 15 % less CPU per
+/// call on a saturated HTTP/2 path, for about 10 MiB more resident memory under load and
+/// 17 MiB more after start-up (README, Benchmarks). glibc's is the default: a per-node
+/// daemon's memory counts on every node.
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     logging::init();

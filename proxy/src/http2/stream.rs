@@ -196,6 +196,7 @@ async fn pump(
     meter: Meter<'_>,
     trailer_status: Option<&mut Option<String>>,
 ) -> Result<(), Stop> {
+    let mut first = true;
     loop {
         let chunk = tokio::select! {
             chunk = from.data() => chunk,
@@ -210,7 +211,20 @@ async fn pump(
         match chunk {
             Some(Ok(data)) => {
                 let len = data.len();
-                if let Err(e) = send_within_window(to, data).await {
+                // END_STREAM on this DATA frame and no trailers to come: the last frame
+                // carries the flag, rather than an empty frame after it.
+                let last = from.is_end_stream();
+                // The first chunk goes out at once, with the HEADERS in the same write: a
+                // new upstream stream has no send capacity until its connection opens it,
+                // and waiting for that costs a write and a wake-up per unary call. h2
+                // buffers it; one chunk per stream is what shunt holds anyway.
+                let sent = if first {
+                    to.send_data(data, last)
+                } else {
+                    send_within_window(to, data, last).await
+                };
+                first = false;
+                if let Err(e) = sent {
                     return side.send_failed(&e);
                 }
                 meter
@@ -219,6 +233,9 @@ async fn pump(
                 *meter.stream += len as u64;
                 // Only now may the sender send more: memory stays bounded by the windows.
                 let _ = from.flow_control().release_capacity(len);
+                if last {
+                    return Ok(());
+                }
             }
             Some(Err(e)) => return Err(side.receiver_failed(reason_of(&e))),
             None => break,
@@ -240,8 +257,16 @@ async fn pump(
     }
 }
 
-/// Sends `data` as the receiver's window allows, waiting for WINDOW_UPDATEs as needed.
-async fn send_within_window(to: &mut SendStream<Bytes>, mut data: Bytes) -> Result<(), h2::Error> {
+/// Sends `data` as the receiver's window allows, waiting for WINDOW_UPDATEs as needed; the
+/// last piece carries END_STREAM when `end_of_stream`.
+async fn send_within_window(
+    to: &mut SendStream<Bytes>,
+    mut data: Bytes,
+    end_of_stream: bool,
+) -> Result<(), h2::Error> {
+    if data.is_empty() {
+        return to.send_data(data, end_of_stream);
+    }
     while !data.is_empty() {
         to.reserve_capacity(data.len());
         let available = match poll_fn(|cx| to.poll_capacity(cx)).await {
@@ -252,7 +277,7 @@ async fn send_within_window(to: &mut SendStream<Bytes>, mut data: Bytes) -> Resu
             continue;
         }
         let piece = data.split_to(available.min(data.len()));
-        to.send_data(piece, false)?;
+        to.send_data(piece, end_of_stream && data.is_empty())?;
     }
     Ok(())
 }

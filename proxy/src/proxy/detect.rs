@@ -1,8 +1,13 @@
 //! Deciding what a connection is without ever stalling it.
 //!
-//! The upstream is dialled while the client's first bytes are awaited, so a server that
-//! speaks first (SMTP, MySQL, SSH) has its greeting relayed as soon as it arrives, and a
-//! client that sends nothing is held at most `detect_timeout`. Every byte read here is
+//! Most clients speak first and at once (an HTTP/2 preface, a TLS ClientHello), so the
+//! upstream is dialled only once the client's first bytes are not HTTP/2, or once
+//! [`DIAL_GRACE`] passes without any: an HTTP/2 connection needs no dial of its own (its
+//! streams lease pooled upstream connections), and a new gRPC channel then costs no connect
+//! and close upstream. After the grace the upstream is dialled while the client's bytes
+//! are still awaited, so a server that speaks first (SMTP, MySQL, SSH) has its greeting
+//! relayed as soon as it arrives, and a client that sends nothing is held at most
+//! `detect_timeout`. Every byte read here is
 //! returned in `prefix` and forwarded before anything else; nothing is read from the
 //! upstream (its first bytes are only peeked at), so forwarding relays them untouched.
 
@@ -26,6 +31,11 @@ pub struct Detected {
     pub dialed: Option<Result<Dialed, DialError>>,
 }
 
+/// How long detection waits for the client's first bytes before dialling the upstream.
+/// Clients that speak first send at once; a server that speaks first has its greeting
+/// delayed by at most this, once per connection.
+pub const DIAL_GRACE: Duration = Duration::from_millis(5);
+
 pub async fn detect<D>(
     client: &mut TcpStream,
     mut dial: Pin<&mut D>,
@@ -36,6 +46,9 @@ where
 {
     let deadline = tokio::time::sleep(timeout);
     tokio::pin!(deadline);
+    let grace = tokio::time::sleep(DIAL_GRACE.min(timeout));
+    tokio::pin!(grace);
+    let mut dial_now = false;
     let mut prefix = Vec::new();
     let mut chunk = [0u8; 2048];
     let mut dialed: Option<Result<Dialed, DialError>> = None;
@@ -66,7 +79,7 @@ where
                 }
                 prefix.extend_from_slice(&chunk[..n]);
                 match sniff(&prefix) {
-                    Sniffed::NeedMore if prefix.len() < MAX_SNIFF_BYTES => {}
+                    Sniffed::NeedMore if prefix.len() < MAX_SNIFF_BYTES => dial_now = true,
                     Sniffed::NeedMore | Sniffed::Opaque => break (Verdict::Opaque, None),
                     Sniffed::H2 => break (Verdict::H2, None),
                     Sniffed::Tls(hello) => break (Verdict::Tls, Some(hello)),
@@ -74,7 +87,8 @@ where
             }
             // A failed dial is kept, not acted on: if the client turns out to speak HTTP/2,
             // its streams are routed one by one and each gets a proper UNAVAILABLE.
-            result = &mut dial, if dialed.is_none() => dialed = Some(result),
+            result = &mut dial, if dial_now && dialed.is_none() => dialed = Some(result),
+            () = &mut grace, if !dial_now => dial_now = true,
             // Data, an end or a reset from the server: whatever it is (but an HTTP/2
             // server's SETTINGS), forwarding relays it now; a reset there becomes a reset of
             // the client.
@@ -200,6 +214,24 @@ mod tests {
         let mut upstream = dialed.stream;
         upstream.read_exact(&mut banner).await.unwrap();
         assert_eq!(&banner, b"220 ready\r\n");
+    }
+
+    #[tokio::test]
+    async fn an_http2_client_that_speaks_at_once_costs_no_dial() {
+        let (mut app, mut client) = pair().await;
+        app.write_all(H2_PREFACE).await.unwrap();
+        let dial_started = std::sync::atomic::AtomicBool::new(false);
+        let dial = async {
+            dial_started.store(true, std::sync::atomic::Ordering::SeqCst);
+            Err(DialError::NoEndpoints("greeter".into()))
+        };
+        tokio::pin!(dial);
+        let detected = detect(&mut client, dial, Duration::from_secs(30))
+            .await
+            .unwrap();
+        assert_eq!(detected.verdict, Verdict::H2);
+        assert!(detected.dialed.is_none());
+        assert!(!dial_started.load(std::sync::atomic::Ordering::SeqCst));
     }
 
     #[tokio::test]
@@ -396,8 +428,15 @@ mod tests {
                     app.shutdown().await.unwrap();
                     app
                 });
-                let detected = run(&mut client, Ok(dialed), Duration::from_secs(30)).await.unwrap();
-                let Some(Ok(dialed)) = detected.dialed else { panic!("dial result lost") };
+                // As the proxy does: a dial that detection did not need yet happens now.
+                let dial = std::future::ready(Ok::<_, DialError>(dialed));
+                tokio::pin!(dial);
+                let mut detected = detect(&mut client, dial.as_mut(), Duration::from_secs(30)).await.unwrap();
+                let dialed = match detected.dialed.take() {
+                    Some(result) => result,
+                    None => dial.await,
+                };
+                let Ok(dialed) = dialed else { panic!("dial failed") };
                 let (up, down) = (AtomicU64::new(0), AtomicU64::new(0));
                 let meters = Meters { from_client: &up, to_client: &down };
                 let how = How { mode: Forwarding::Splice, idle_timeout: Duration::ZERO, copy_buffer: 32 << 10 };

@@ -24,7 +24,7 @@ use serde::Deserialize;
 use super::{
     Plan,
     peers::{self, Peer},
-    process::{Cpu, on_cpu, tree_cpu_seconds, tree_peak_rss_mib},
+    process::{Cpu, on_cpu, reset_peak_rss, tree_cpu_seconds, tree_peak_rss_mib},
     report::{Column, Row, Section, column},
 };
 use crate::{
@@ -171,7 +171,8 @@ fn run(plan: &Plan, shape: &Shape) -> anyhow::Result<Section> {
     ];
     let mut notes = vec![
         "Each proxy runs one worker/thread pinned alone on the last core; greeters and load \
-         generators share the other cores. `added` latencies are over the direct path's."
+         generators share the other cores. `added` latencies are over the direct path's. \
+         Peak RSS is the peak under this workload (reset after start-up)."
             .to_string(),
     ];
     let mut running_peers: Vec<Peer> = Vec::new();
@@ -193,6 +194,9 @@ fn run(plan: &Plan, shape: &Shape) -> anyhow::Result<Section> {
         });
     }
 
+    for pid in targets.iter().filter_map(|t| t.proxy_pid) {
+        reset_peak_rss(pid)?;
+    }
     let mut tallies: Vec<Tally> = targets.iter().map(|_| Tally::default()).collect();
     for round in 1..=plan.rounds {
         println!("  round {round}/{}", plan.rounds);

@@ -22,6 +22,17 @@ pub fn tree_peak_rss_mib(pid: u32) -> f64 {
         / 1024.0
 }
 
+/// Forgets the peak resident memory of `pid` and its descendants (`/proc/PID/clear_refs`,
+/// "5"), so that [`tree_peak_rss_mib`] then reports the peak under the load that follows
+/// rather than at start-up (shunt parses the kernel's BTF when it loads its programs).
+pub fn reset_peak_rss(pid: u32) -> anyhow::Result<()> {
+    for p in tree(pid) {
+        std::fs::write(format!("/proc/{p}/clear_refs"), "5")
+            .with_context(|| format!("resetting the peak RSS of process {p}"))?;
+    }
+    Ok(())
+}
+
 /// Current resident memory (VmRSS) of one process, in KiB.
 pub fn rss_kib(pid: u32) -> f64 {
     status_kib(pid, "VmRSS:")

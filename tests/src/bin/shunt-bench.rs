@@ -18,6 +18,9 @@ struct Cli {
     /// Run only the workloads whose name contains this (e.g. `gRPC`, `idle`).
     #[arg(long)]
     only: Option<String>,
+    /// Rounds per workload, overriding the default (3, or 1 with `--quick`).
+    #[arg(long)]
+    rounds: Option<u32>,
     /// Where to write results.json and results.md.
     #[arg(long, default_value = "target/bench")]
     out: PathBuf,
@@ -37,6 +40,9 @@ fn main() {
     }
     let mut plan = Plan::new(cli.quick, cli.peers);
     plan.only = cli.only;
+    if let Some(rounds) = cli.rounds {
+        plan.rounds = rounds.max(1);
+    }
     if let Err(e) = bench::run_all(&plan, &cli.out) {
         eprintln!("error: {e:#}");
         std::process::exit(1);
