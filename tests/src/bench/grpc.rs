@@ -22,14 +22,12 @@ use anyhow::{Context, ensure};
 use serde::Deserialize;
 
 use super::{
-    Plan,
-    peers::{self, Peer},
+    Plan, peers,
     process::{Cpu, on_cpu, reset_peak_rss, tree_cpu_seconds, tree_peak_rss_mib},
     report::{Column, Row, Section, column},
 };
 use crate::{
-    daemon::{Daemon, Options},
-    fixture, grpc,
+    grpc,
     sandbox::{Pod, Sandbox},
 };
 
@@ -147,12 +145,9 @@ fn run(plan: &Plan, shape: &Shape) -> anyhow::Result<Section> {
     let direct = sandbox.add_pod("direct")?;
     let client = sandbox.add_pod("client")?;
     let backends = on_cpu(Cpu::First, || grpc::tonic_greeters(&sandbox, 3, PORT))?;
-    let options = Options {
-        log: Some("info"),
-        ..fixture::service("greeter", SocketAddr::new(VIP.into(), PORT), &backends)
-    }
-    .with_config(|c| c.intercept.workers = 1);
-    let daemon = on_cpu(Cpu::Last, || Daemon::start(&sandbox, &[&client], &options))?;
+    let vip = SocketAddr::new(VIP.into(), PORT);
+    let (daemon, running_peers) =
+        peers::pinned_grpc_proxies(&sandbox, &client, &direct, vip, &backends, plan.peers)?;
     let shunt_pid = daemon.pid()?;
 
     let mut targets = vec![
@@ -165,7 +160,7 @@ fn run(plan: &Plan, shape: &Shape) -> anyhow::Result<Section> {
         Target {
             name: "shunt".into(),
             pod: &client,
-            to: vec![SocketAddr::new(VIP.into(), PORT)],
+            to: vec![vip],
             proxy_pid: Some(shunt_pid),
         },
     ];
@@ -175,14 +170,7 @@ fn run(plan: &Plan, shape: &Shape) -> anyhow::Result<Section> {
          Peak RSS is the peak under this workload (reset after start-up)."
             .to_string(),
     ];
-    let mut running_peers: Vec<Peer> = Vec::new();
-    if plan.peers {
-        on_cpu(Cpu::Last, || {
-            running_peers.push(peers::haproxy_grpc(&sandbox, &direct, 10001, &backends, 1)?);
-            running_peers.push(peers::nginx_grpc(&sandbox, &direct, 10002, &backends, 1)?);
-            Ok(())
-        })?;
-    } else {
+    if !plan.peers {
         notes.push(peers::SKIPPED.to_string());
     }
     for peer in &running_peers {

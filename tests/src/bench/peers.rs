@@ -6,8 +6,10 @@ use std::{net::SocketAddr, process::Command};
 
 use anyhow::Context;
 
+use super::process::{Cpu, on_cpu};
 use crate::{
-    probe,
+    daemon::{Daemon, Options},
+    fixture, probe,
     sandbox::{Pod, Sandbox},
 };
 
@@ -34,6 +36,34 @@ pub const SKIPPED: &str =
 /// Threads for a peer that may use the whole machine (the TCP passthrough comparison).
 pub fn all_cores() -> usize {
     std::thread::available_parallelism().map_or(2, usize::from)
+}
+
+/// shunt (one worker, enrolling `client`) and, with `with_peers`, HAProxy and nginx (one
+/// thread/worker each, in `direct`), all started on the last core alone, in front of
+/// `backends` behind the Service `vip`: the gRPC workloads' proxies, so that each one's
+/// CPU per call is its own.
+pub fn pinned_grpc_proxies<'a>(
+    sandbox: &'a Sandbox,
+    client: &Pod,
+    direct: &Pod,
+    vip: SocketAddr,
+    backends: &[SocketAddr],
+    with_peers: bool,
+) -> anyhow::Result<(Daemon<'a>, Vec<Peer>)> {
+    let options = Options {
+        log: Some("info"),
+        ..fixture::service("greeter", vip, backends)
+    }
+    .with_config(|c| c.intercept.workers = 1);
+    on_cpu(Cpu::Last, || {
+        let daemon = Daemon::start(sandbox, &[client], &options)?;
+        let mut peers = Vec::new();
+        if with_peers {
+            peers.push(haproxy_grpc(sandbox, direct, 10001, backends, 1)?);
+            peers.push(nginx_grpc(sandbox, direct, 10002, backends, 1)?);
+        }
+        Ok((daemon, peers))
+    })
 }
 
 /// HAProxy `mode http`, h2c on both sides, `balance roundrobin` (per request).

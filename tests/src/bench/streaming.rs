@@ -15,14 +15,12 @@ use anyhow::{Context, ensure};
 use serde::Deserialize;
 
 use super::{
-    Plan,
-    peers::{self, Peer},
+    Plan, peers,
     process::{Cpu, on_cpu, tree_cpu_seconds},
     report::{Row, Section, column, median},
 };
 use crate::{
-    daemon::{Daemon, Options},
-    fixture, grpc,
+    grpc,
     sandbox::{Pod, Sandbox},
 };
 
@@ -92,12 +90,9 @@ pub fn streaming(plan: &Plan) -> anyhow::Result<Section> {
     let client = sandbox.add_pod("client")?;
     // As in the unary workloads: each proxy on one thread, alone on the last core.
     let backends = on_cpu(Cpu::First, || grpc::tonic_greeters(&sandbox, 3, PORT))?;
-    let options = Options {
-        log: Some("info"),
-        ..fixture::service("greeter", SocketAddr::new(VIP.into(), PORT), &backends)
-    }
-    .with_config(|c| c.intercept.workers = 1);
-    let daemon = on_cpu(Cpu::Last, || Daemon::start(&sandbox, &[&client], &options))?;
+    let vip = SocketAddr::new(VIP.into(), PORT);
+    let (daemon, running_peers) =
+        peers::pinned_grpc_proxies(&sandbox, &client, &direct, vip, &backends, plan.peers)?;
 
     let mut targets = vec![
         Target {
@@ -109,19 +104,12 @@ pub fn streaming(plan: &Plan) -> anyhow::Result<Section> {
         Target {
             name: "shunt",
             pod: &client,
-            to: SocketAddr::new(VIP.into(), PORT),
+            to: vip,
             proxy_pid: Some(daemon.pid()?),
         },
     ];
     let mut notes = Vec::new();
-    let mut running_peers: Vec<Peer> = Vec::new();
-    if plan.peers {
-        on_cpu(Cpu::Last, || {
-            running_peers.push(peers::haproxy_grpc(&sandbox, &direct, 10001, &backends, 1)?);
-            running_peers.push(peers::nginx_grpc(&sandbox, &direct, 10002, &backends, 1)?);
-            Ok(())
-        })?;
-    } else {
+    if !plan.peers {
         notes.push(peers::SKIPPED.to_string());
     }
     for peer in &running_peers {
