@@ -72,7 +72,7 @@ enum Task {
     /// Measure shunt against the direct path in the sandbox (as root); writes
     /// target/bench/results.{json,md} and SVG charts of some sections (*.svg).
     Bench {
-        /// Fewer and shorter rounds (under 3 minutes).
+        /// One round of each workload, 2 s per measurement.
         #[arg(long)]
         quick: bool,
         /// Also install and measure HAProxy and nginx.

@@ -9,7 +9,7 @@ use shunt_tests::bench::{self, Plan};
 #[derive(Parser)]
 #[command(name = "shunt-bench")]
 struct Cli {
-    /// Fewer and shorter rounds (under 3 minutes).
+    /// One round of each workload, 2 s per measurement.
     #[arg(long)]
     quick: bool,
     /// Also measure HAProxy and nginx (installed from Debian's packages).
