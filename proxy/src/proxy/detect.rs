@@ -20,7 +20,10 @@ use super::{
     forward::reset,
     sniff::{MAX_SNIFF_BYTES, Sniffed, sniff},
 };
-use crate::state::{ClientHello, Verdict};
+use crate::{
+    http2::H2_PREFACE,
+    state::{ClientHello, Verdict},
+};
 
 pub struct Detected {
     pub verdict: Verdict,
@@ -79,7 +82,10 @@ where
                 }
                 prefix.extend_from_slice(&chunk[..n]);
                 match sniff(&prefix) {
-                    Sniffed::NeedMore if prefix.len() < MAX_SNIFF_BYTES => dial_now = true,
+                    // Part of a preface: still no dial before the grace is up.
+                    Sniffed::NeedMore if prefix.len() < MAX_SNIFF_BYTES => {
+                        dial_now |= !H2_PREFACE.starts_with(&prefix);
+                    }
                     Sniffed::NeedMore | Sniffed::Opaque => break (Verdict::Opaque, None),
                     Sniffed::H2 => break (Verdict::H2, None),
                     Sniffed::Tls(hello) => break (Verdict::Tls, Some(hello)),
@@ -154,7 +160,6 @@ mod tests {
     use super::*;
     use crate::{
         config::Forwarding,
-        http2::H2_PREFACE,
         proxy::{
             forward::{How, Meters, forward},
             sniff::tests::client_hello,
