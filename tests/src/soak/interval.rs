@@ -27,11 +27,12 @@ pub struct GrpcInterval {
     pub unary_ok: u64,
     pub streams_ok: u64,
     pub stream_replies: u64,
-    /// Unary calls the client's HTTP/2 connection dropped before sending them (it closed on
-    /// GOAWAY with the request still queued), retried once as gRPC's transparent retry does.
+    /// Unary calls a GOAWAY refused before the server processed them (queued on a closing
+    /// connection, or failed with the peer's graceful GOAWAY), retried once as gRPC's
+    /// transparent retry does.
     #[serde(default)]
     pub unary_unsent_retried: u64,
-    /// Server streams dropped the same way before their request was sent, retried once.
+    /// Server streams refused the same way before the server processed them, retried once.
     #[serde(default)]
     pub stream_unsent_retried: u64,
     /// Unary calls by the backend that answered.

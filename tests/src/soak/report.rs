@@ -101,7 +101,7 @@ impl Report {
             o.ok("stream_replies")
         );
         println!(
-            "  unsent          {} unary calls and {} streams retried: the client's connection closed on GOAWAY before sending them",
+            "  unsent          {} unary calls and {} streams retried: refused by a GOAWAY before the server processed them",
             o.ok("unary_unsent_retried"),
             o.ok("stream_unsent_retried")
         );

@@ -155,14 +155,25 @@ async fn unary(clients: &[GrpcClient], rate: u32, tally: &Shared, deadline: Inst
     while calls.join_next().await.is_some() {}
 }
 
-/// Whether a call failed before any of it was written: hyper cancels the requests still queued
-/// on an HTTP/2 connection that closes after GOAWAY. gRPC libraries retry such calls
-/// transparently (grpc-go, grpc-java); tonic does not, so the workload does, once.
+/// Whether a call failed in a way that proves the server never processed it, so gRPC
+/// libraries retry it transparently (grpc-go, grpc-java); tonic does not, so the workload
+/// does, once. Two such failures follow a server's graceful GOAWAY:
+/// - hyper cancels the requests still queued on a connection that closes after GOAWAY;
+/// - the h2 client fails a request with the peer's GOAWAY (NO_ERROR) when the GOAWAY arrives
+///   between hyper's readiness check and the send (hyperium/hyper#2500), or when the stream is
+///   above the GOAWAY's last stream id, which HTTP/2 (RFC 9113 §6.8) guarantees the server did
+///   not process. A stream the server accepted and then lost ends with a reset or an I/O
+///   error instead, and still counts as a failure.
 fn never_sent(status: &Status) -> bool {
     let mut source = std::error::Error::source(status);
     while let Some(error) = source {
         if let Some(hyper) = error.downcast_ref::<hyper::Error>() {
-            return hyper.is_canceled();
+            if hyper.is_canceled() {
+                return true;
+            }
+        }
+        if let Some(h2) = error.downcast_ref::<h2::Error>() {
+            return h2.is_go_away() && h2.is_remote() && h2.reason() == Some(h2::Reason::NO_ERROR);
         }
         source = error.source();
     }
