@@ -6,7 +6,7 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
     },
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use anyhow::Context;
@@ -120,6 +120,7 @@ pub async fn run(prepared: Prepared) -> anyhow::Result<()> {
     let conns = Arc::new(ConnTable::new(telemetry.observer()));
     let counters = Arc::new(ProxyCounters::default());
     let (stop_connections, shutdown) = tokio::sync::watch::channel(false);
+    let (warmed, warming) = tokio::sync::watch::channel(kubernetes && taken.is_some());
     let faults = Arc::new(Faults::new(config.faults.clone(), config.max_active_faults));
     let settings = Arc::new(ArcSwap::from_pointee(Settings::new(&config)));
     let workers = match intercept.workers {
@@ -147,6 +148,7 @@ pub async fn run(prepared: Prepared) -> anyhow::Result<()> {
         discovered: Default::default(),
         admission: Default::default(),
         learner: learner.clone(),
+        warming,
     });
     let datapath = Arc::new(Mutex::new(datapath));
     let enrollments = Arc::new(Enrollments::new(
@@ -219,6 +221,10 @@ pub async fn run(prepared: Prepared) -> anyhow::Result<()> {
         }
     };
     let kubernetes = controllers.as_ref().map(|c| c.health.clone());
+    if let (Some(health), true) = (&kubernetes, *warmed.borrow()) {
+        warm_up(health).await;
+    }
+    warmed.send_replace(false);
 
     if let (Some(taken), Some((pid, listeners))) = (taken, handed) {
         taken
@@ -382,7 +388,7 @@ pub async fn run(prepared: Prepared) -> anyhow::Result<()> {
     );
     let deadline = Instant::now() + configs.in_force().intercept.drain_timeout;
     while conns.len() > 0 && Instant::now() < deadline {
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
     if conns.len() > 0 {
         tracing::info!(
@@ -419,5 +425,27 @@ fn current_log_level() -> log::LevelFilter {
         LevelFilter::INFO => log::LevelFilter::Info,
         LevelFilter::DEBUG => log::LevelFilter::Debug,
         _ => log::LevelFilter::Trace,
+    }
+}
+
+/// Longest a daemon taking over in Kubernetes mode waits for its first view of the cluster
+/// before its listeners accept anyway (the API server may be away: the old daemon must
+/// still stop).
+const WARM_UP_LIMIT: Duration = Duration::from_secs(30);
+
+/// Waits until every API watch has listed its objects, so the first connection this daemon
+/// accepts already finds its Service: before, a call to a Service address would be sent to
+/// the address itself.
+async fn warm_up(health: &k8s::Health) {
+    let started = Instant::now();
+    match tokio::time::timeout(WARM_UP_LIMIT, health.all_synced()).await {
+        Ok(()) => tracing::info!(
+            after = ?started.elapsed(),
+            "every API watch listed: accepting on the handed-over listeners"
+        ),
+        Err(_) => tracing::warn!(
+            "the API watches have not listed within {WARM_UP_LIMIT:?}: accepting anyway, \
+             Service addresses are dialled as they are until they are known"
+        ),
     }
 }

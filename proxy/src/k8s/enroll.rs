@@ -252,6 +252,8 @@ pub async fn run(client: Client, mut enroller: Enroller, health: Arc<Health>) {
             &enroller.node,
         );
         pending = enroller.reconcile(&desired);
+        namespaces.applied();
+        pods.applied();
         if !pruned {
             // Pods the daemon before this one intercepted and Kubernetes no longer wants,
             // then kernel-side enrollments of an earlier daemon no pod accounts for now.

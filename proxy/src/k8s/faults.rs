@@ -249,6 +249,7 @@ pub async fn run(client: Client, faults: Arc<Faults>, health: Arc<Health>) {
             faults.set_cluster_rules(rules.clone());
             applied = Some(rules);
         }
+        watched.applied();
         retry = false;
         for (object, status) in statuses {
             if current_status(&object).as_ref() == Some(&status) {

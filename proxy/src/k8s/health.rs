@@ -15,6 +15,8 @@ use serde::{Deserialize, Serialize};
 pub struct Health {
     node: String,
     watches: Mutex<BTreeMap<&'static str, WatchState>>,
+    /// Woken when a watch has its first complete list.
+    synced: tokio::sync::Notify,
 }
 
 #[derive(Default)]
@@ -37,7 +39,7 @@ pub struct KubernetesStatus {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct WatchStatus {
     pub resource: String,
-    /// Has had a complete list at least once.
+    /// Has had a complete list at least once, and it is in force.
     pub synced: bool,
     /// The last error while it keeps failing; `None` once it works again.
     pub error: Option<String>,
@@ -49,7 +51,13 @@ impl Health {
         Health {
             node,
             watches: Mutex::default(),
+            synced: tokio::sync::Notify::new(),
         }
+    }
+
+    /// A watch that will be registered: it counts as not synced until it is.
+    pub fn expect(&self, resource: &'static str) {
+        self.lock().entry(resource).or_default();
     }
 
     pub fn register(&self, resource: &'static str, path: &str) {
@@ -77,10 +85,27 @@ impl Health {
         }
     }
 
-    /// The watch has a complete list of its objects.
+    /// The watch's complete list is in force (its controller has acted on it).
     pub fn synced(&self, resource: &'static str) {
         self.ok(resource);
         self.lock().entry(resource).or_default().synced = true;
+        self.synced.notify_waiters();
+    }
+
+    /// Returns once every registered watch has had a complete list in force.
+    pub async fn all_synced(&self) {
+        loop {
+            // Registered before the check, so a list completing in between still wakes it.
+            let notified = self.synced.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let watches = self.lock();
+            if !watches.is_empty() && watches.values().all(|w| w.synced) {
+                return;
+            }
+            drop(watches);
+            notified.await;
+        }
     }
 
     pub fn failed(&self, resource: &'static str, error: String) {

@@ -59,6 +59,12 @@ pub enum K8sError {
     Infer(#[from] kube::config::InferConfigError),
     #[error("creating the API client: {0}")]
     Client(#[from] kube::Error),
+    #[error(
+        "creating the API client: {0} (the configuration names no certificate authority for \
+         the API server, so the system's are used: install CA certificates in \
+         /etc/ssl/certs, or give the kubeconfig certificate-authority-data)"
+    )]
+    NoCertificateAuthority(kube::Error),
     #[error("reading this process's network namespace: {0}")]
     HostNetns(std::io::Error),
 }
@@ -94,6 +100,11 @@ pub async fn start(
             .ok_or(K8sError::NoNodeName)?,
     };
     let health = Arc::new(Health::new(node.clone()));
+    // Known before the controllers' tasks run, so no one sees some watches synced and takes
+    // it for all of them.
+    for resource in WATCHED {
+        health.expect(resource);
+    }
     let client = client(settings, &health).await?;
     let enroller = enroll::Enroller::new(enrollments, node.clone(), settings.proc_root.clone())
         .map_err(K8sError::HostNetns)?;
@@ -105,6 +116,15 @@ pub async fn start(
     tracing::info!(%node, "Kubernetes mode: watching namespaces, pods, Services, EndpointSlices and FaultInjections");
     Ok(Controllers { health, tasks })
 }
+
+/// The resources the controllers watch, as they name their watches.
+const WATCHED: [&str; 5] = [
+    "namespaces",
+    "pods",
+    "services",
+    "endpointslices",
+    "faultinjections",
+];
 
 async fn client(settings: &config::Kubernetes, health: &Arc<Health>) -> Result<Client, K8sError> {
     let config = match &settings.kubeconfig {
@@ -123,9 +143,12 @@ async fn client(settings: &config::Kubernetes, health: &Arc<Health>) -> Result<C
         }
         None => kube::Config::infer().await?,
     };
-    Ok(ClientBuilder::try_from(config)?
-        .with_layer(&HealthLayer(health.clone()))
-        .build())
+    let names_a_ca = config.root_cert.is_some();
+    let builder = ClientBuilder::try_from(config).map_err(|e| match names_a_ca {
+        true => K8sError::Client(e),
+        false => K8sError::NoCertificateAuthority(e),
+    })?;
+    Ok(builder.with_layer(&HealthLayer(health.clone())).build())
 }
 
 /// `shunt crd`: the CustomResourceDefinition of `FaultInjection`, as in `deploy/crd.yaml`.

@@ -240,6 +240,8 @@ pub async fn run(client: Client, discovered: Arc<DiscoveredServices>, health: Ar
         }
         let desired = desired_services(&services.store.state(), &slices.store.state());
         let changes = discovered.replace(&desired);
+        services.applied();
+        slices.applied();
         if changes.any() {
             tracing::info!(
                 addresses = desired.len(),

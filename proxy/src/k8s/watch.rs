@@ -36,6 +36,8 @@ where
     /// Has had a complete list at least once; until then the store is not the cluster's
     /// view and must not be acted on (it would look as if everything had gone).
     pub synced: bool,
+    resource: &'static str,
+    health: Arc<Health>,
 }
 
 impl<K> Watched<K>
@@ -58,15 +60,28 @@ where
             // Nobody here reads them, and they are often most of an object's size.
             .modify(|object| object.managed_fields_mut().clear())
             .reflect(writer)
-            .filter_map(move |event| {
+            .filter_map({
                 let health = health.clone();
-                async move { report(&health, resource, event) }
+                move |event| {
+                    let health = health.clone();
+                    async move { report(&health, resource, event) }
+                }
             })
             .boxed();
         Watched {
             store,
             updates,
             synced: false,
+            resource,
+            health,
+        }
+    }
+
+    /// The controller has acted on the complete list: what it says is in force. Only then
+    /// does the watch count as synced for `/ready`, `shunt status` and a takeover's warm-up.
+    pub fn applied(&self) {
+        if self.synced {
+            self.health.synced(self.resource);
         }
     }
 
@@ -87,7 +102,7 @@ fn report<K>(
 ) -> Option<Update> {
     match event {
         Ok(Event::InitDone) => {
-            health.synced(resource);
+            health.ok(resource);
             Some(Update::Synced)
         }
         Ok(Event::Apply(_) | Event::Delete(_)) => {

@@ -125,6 +125,11 @@ pub struct Proxy {
     pub admission: Admission,
     /// Told what each connection was detected as (`intercept.kernel_path: learned`).
     pub learner: Arc<Learner>,
+    /// `true` while the listeners must not accept yet: a daemon taking over in Kubernetes
+    /// mode waits for its first view of the cluster's Services (as Envoy warms a listener
+    /// before it takes traffic); meanwhile the daemon it takes over from, which accepts on
+    /// the same sockets, serves them.
+    pub warming: tokio::sync::watch::Receiver<bool>,
 }
 
 impl Proxy {
@@ -214,6 +219,8 @@ impl PodContext {
 /// connection is refused and the loop goes on; when `accept()` fails (out of descriptors or
 /// memory) it waits a little and tries again, so it neither spins nor gives up.
 async fn serve(listener: Arc<TcpListener>, pod: Arc<PodContext>, proxy: Arc<Proxy>) {
+    // A closed channel (the daemon gone past its start) means warm.
+    let _ = proxy.warming.clone().wait_for(|warming| !*warming).await;
     let mut backoff = Backoff::default();
     loop {
         match listener.accept().await {
