@@ -2,6 +2,7 @@
 //! any number of daemons can run side by side on one machine.
 
 use std::{
+    collections::BTreeMap,
     ffi::OsStr,
     net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
@@ -17,6 +18,7 @@ use shunt::{
 };
 
 use crate::{
+    container::{self, Manifest, PodmanRun},
     fixture,
     sandbox::{Pod, Sandbox},
 };
@@ -37,6 +39,17 @@ pub struct Options {
     pub access_log: bool,
     /// Attach to this cgroup instead of the sandbox's.
     pub cgroup: Option<PathBuf>,
+    /// Run as the DaemonSet's container (`deploy/daemonset.yaml`) in podman, instead of as
+    /// a process of the host.
+    pub daemonset: Option<AsDaemonSet>,
+}
+
+/// What running as the DaemonSet's container takes besides the manifest.
+#[derive(Debug, Clone)]
+pub struct AsDaemonSet {
+    pub image: String,
+    /// The node the pod is scheduled on (the downward API's `spec.nodeName`).
+    pub node: String,
 }
 
 impl Options {
@@ -62,6 +75,73 @@ pub struct Daemon<'a> {
     owns_pins: bool,
     /// How many daemons took over before this one (names its log).
     generation: u32,
+    /// Set when the daemon runs as the DaemonSet's container.
+    container: Option<InContainer>,
+}
+
+/// A daemon run as the DaemonSet's container: the pod template, and where its volumes are.
+#[derive(Clone)]
+struct InContainer {
+    manifest: std::sync::Arc<Manifest>,
+    image: String,
+    node: String,
+    /// The host directories standing in for the ConfigMap (`config`) and for `/run/shunt`
+    /// (`run`), per sandbox.
+    hosts: BTreeMap<String, PathBuf>,
+    /// The cgroup (below each hierarchy's root) podman makes the container's in: the
+    /// sandbox's, as a node's containers are below the root shunt attaches to.
+    cgroup_parent: String,
+}
+
+/// The DaemonSet's container.
+const CONTAINER: &str = "shunt";
+
+impl InContainer {
+    fn new(sandbox: &Sandbox, daemonset: &AsDaemonSet) -> anyhow::Result<InContainer> {
+        let manifest = Manifest::read("daemonset.yaml")?;
+        let hosts = BTreeMap::from([
+            ("config".to_owned(), sandbox.scratch_dir("etc-shunt")?),
+            ("run".to_owned(), sandbox.scratch_dir("run-shunt")?),
+        ]);
+        let cgroup = sandbox.cgroup();
+        let below_root = cgroup
+            .strip_prefix(crate::sandbox::cgroup2_mount()?)
+            .with_context(|| format!("{} is not below the cgroup v2 root", cgroup.display()))?;
+        Ok(InContainer {
+            manifest: std::sync::Arc::new(manifest),
+            image: daemonset.image.clone(),
+            node: daemonset.node.clone(),
+            hosts,
+            cgroup_parent: format!("/{}", below_root.display()),
+        })
+    }
+
+    fn spec(&self) -> anyhow::Result<&container::ContainerSpec> {
+        self.manifest.container(CONTAINER)
+    }
+
+    /// The host file behind `inside`, a path in the container.
+    fn host_path(&self, inside: &Path) -> anyhow::Result<PathBuf> {
+        self.manifest
+            .host_path(self.spec()?, &self.hosts, inside)
+            .with_context(|| format!("{} is on no volume of the container", inside.display()))
+    }
+
+    fn inside(&self, host: &Path) -> anyhow::Result<PathBuf> {
+        self.manifest.inside_path(self.spec()?, &self.hosts, host)
+    }
+
+    /// The path the container's `--config` argument names.
+    fn config_arg(&self) -> anyhow::Result<PathBuf> {
+        let args = &self.spec()?.args;
+        let at = args
+            .iter()
+            .position(|a| a == "--config")
+            .context("the DaemonSet's container has no --config argument")?;
+        args.get(at + 1)
+            .map(PathBuf::from)
+            .context("--config without a path")
+    }
 }
 
 impl<'a> Daemon<'a> {
@@ -86,10 +166,22 @@ impl<'a> Daemon<'a> {
         let dir = sandbox.scratch_dir("daemon")?;
         let pin_dir = PathBuf::from(format!("/sys/fs/bpf/shunt-sandbox-{}", sandbox.id()));
         sandbox.track_pin_dir(pin_dir.clone());
+        let container = match &options.daemonset {
+            Some(daemonset) => Some(InContainer::new(sandbox, daemonset)?),
+            None => None,
+        };
+        // In a container: the files the ConfigMap and `/run/shunt` volumes hold.
+        let (config, socket) = match &container {
+            Some(c) => (
+                c.host_path(&c.config_arg()?)?,
+                c.host_path(&options.config.admin.socket)?,
+            ),
+            None => (dir.join("config.yaml"), dir.join("admin.sock")),
+        };
         let daemon = Daemon {
             sandbox,
-            config: dir.join("config.yaml"),
-            socket: dir.join("admin.sock"),
+            config,
+            socket,
             pin_dir,
             log: dir.join("shunt.log"),
             access_log: dir.join("access.log"),
@@ -98,6 +190,7 @@ impl<'a> Daemon<'a> {
             pid: None,
             owns_pins: true,
             generation: 0,
+            container,
         };
         std::fs::write(&daemon.config, daemon.config_text(pods, options)?)
             .context("writing the daemon's config")?;
@@ -127,7 +220,34 @@ impl<'a> Daemon<'a> {
         } else {
             AccessLog::Off
         };
+        if let Some(container) = &self.container {
+            // The same files, as the container sees them through its mounts.
+            let inside = |path: &Path| container.inside(path);
+            config.intercept.cgroup = Some(inside(cgroup)?);
+            config.intercept.pin_dir = inside(&self.pin_dir)?;
+            config.admin.socket = inside(&self.socket)?;
+            if let Some(kubeconfig) = &config.kubernetes.kubeconfig {
+                config.kubernetes.kubeconfig = Some(inside(kubeconfig)?);
+            }
+            if let AccessLog::File(path) = &config.telemetry.access_log {
+                config.telemetry.access_log = AccessLog::File(inside(path)?);
+            }
+        }
         fixture::config_yaml(&config)
+    }
+
+    /// Where files the container reads from its config volume go (a kubeconfig, say).
+    pub fn config_dir(&self) -> PathBuf {
+        self.config
+            .parent()
+            .map_or_else(|| PathBuf::from("/"), Path::to_owned)
+    }
+
+    /// The podman container this daemon runs in, if it runs in one.
+    pub fn container_name(&self) -> Option<String> {
+        self.container
+            .as_ref()
+            .map(|_| format!("shunt-{}-{}", self.sandbox.id(), self.generation))
     }
 
     /// Replaces the config file (same pins, socket and cgroup), e.g. before `shunt reload`.
@@ -151,7 +271,17 @@ impl<'a> Daemon<'a> {
     /// one then drains and exits by itself ([`Daemon::wait_exit`]), leaving the pins to the
     /// new one.
     pub fn start_successor(&mut self) -> anyhow::Result<Daemon<'a>> {
+        self.start_successor_from(None)
+    }
+
+    /// [`Daemon::start_successor`] from another image, when this daemon runs in a container:
+    /// a DaemonSet's rolling update.
+    pub fn start_successor_from(&mut self, image: Option<&str>) -> anyhow::Result<Daemon<'a>> {
         let generation = self.generation + 1;
+        let mut container = self.container.clone();
+        if let (Some(container), Some(image)) = (&mut container, image) {
+            container.image = image.to_owned();
+        }
         let mut next = Daemon {
             sandbox: self.sandbox,
             config: self.config.clone(),
@@ -165,6 +295,7 @@ impl<'a> Daemon<'a> {
             // Until it has taken over, the pins stay this one's.
             owns_pins: false,
             generation,
+            container,
         };
         next.launch()?;
         next.owns_pins = true;
@@ -181,7 +312,9 @@ impl<'a> Daemon<'a> {
             Duration::from_secs(15),
             || {
                 // This process answering, not one it is taking over from.
-                let answering = self.status().is_ok_and(|status| status.pid == pid);
+                let answering = self
+                    .status()
+                    .is_ok_and(|status| self.daemon_pid().is_ok_and(|pid| status.pid == pid));
                 if !answering && !self.sandbox.is_running(pid) {
                     return Err(fixture::give_up("shunt exited during start-up"));
                 }
@@ -198,13 +331,27 @@ impl<'a> Daemon<'a> {
             .append(true)
             .open(&self.log)
             .context("opening the daemon's log")?;
-        let mut cmd = Command::new(crate::shunt_bin());
-        cmd.arg("run")
-            .arg("--config")
-            .arg(&self.config)
-            .args(self.kubernetes.then_some("--kubernetes"))
-            .env("SHUNT_LOG", self.log_level)
-            .stdin(Stdio::null())
+        let mut cmd = match (&self.container, self.container_name()) {
+            (Some(container), Some(name)) => container.manifest.podman_run(&PodmanRun {
+                container: CONTAINER,
+                name: &name,
+                image: &container.image,
+                node: &container.node,
+                hosts: &container.hosts,
+                env: &[("SHUNT_LOG", self.log_level)],
+                cgroup_parent: Some(&container.cgroup_parent),
+            })?,
+            _ => {
+                let mut cmd = Command::new(crate::shunt_bin());
+                cmd.arg("run")
+                    .arg("--config")
+                    .arg(&self.config)
+                    .args(self.kubernetes.then_some("--kubernetes"))
+                    .env("SHUNT_LOG", self.log_level);
+                cmd
+            }
+        };
+        cmd.stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
         // In the sandbox cgroup, so its own upstream sockets meet the programs it attached.
@@ -232,10 +379,19 @@ impl<'a> Daemon<'a> {
         let Some(pid) = self.pid.take() else {
             return true;
         };
-        let _ = crate::sys::kill(pid as i32, libc::SIGTERM);
+        match self.container_name() {
+            // As the kubelet stops a pod: SIGTERM to the container's main process.
+            Some(name) => {
+                let _ = container::podman(&["kill", "--signal", "TERM", &name], PODMAN);
+            }
+            None => {
+                let _ = crate::sys::kill(pid as i32, libc::SIGTERM);
+            }
+        }
         // Not exiting in time is an outcome here, not a failure.
         let _ = fixture::until("shunt exits", timeout, || Ok(!self.sandbox.is_running(pid)));
         let exited = !self.sandbox.is_running(pid);
+        self.remove_container();
         self.sandbox.kill(pid);
         exited
     }
@@ -243,7 +399,16 @@ impl<'a> Daemon<'a> {
     /// `kill -9`: no chance to clean up, as after a crash.
     pub fn kill9(&mut self) {
         if let Some(pid) = self.pid.take() {
+            self.remove_container();
             self.sandbox.kill(pid);
+        }
+    }
+
+    /// Kills and removes the container, if the daemon runs in one (`podman run --rm` removes
+    /// it too when it stops by itself).
+    fn remove_container(&self) {
+        if let Some(name) = self.container_name() {
+            let _ = container::podman(&["rm", "--force", "--time", "0", &name], PODMAN);
         }
     }
 
@@ -343,9 +508,17 @@ impl<'a> Daemon<'a> {
         addr.with_context(|| format!("no {which} address in {status:?}"))
     }
 
-    /// The running daemon's process id.
+    /// The running daemon's process id (in a container: as the host sees it).
     pub fn pid(&self) -> anyhow::Result<u32> {
-        self.pid.context("the daemon is not running")
+        self.daemon_pid()
+    }
+
+    fn daemon_pid(&self) -> anyhow::Result<u32> {
+        let pid = self.pid.context("the daemon is not running")?;
+        match self.container_name() {
+            Some(name) => container::host_pid(&name),
+            None => Ok(pid),
+        }
     }
 
     pub fn log_text(&self) -> String {
@@ -363,10 +536,16 @@ impl<'a> Daemon<'a> {
     }
 }
 
+/// Longest a podman command that stops or removes a container may take.
+const PODMAN: Duration = Duration::from_secs(30);
+
 impl Drop for Daemon<'_> {
     fn drop(&mut self) {
         // SIGTERM first: a clean stop is part of what is tested.
         self.terminate(Duration::from_secs(5));
+        if let Some(container) = &self.container {
+            container::remove_v1_cgroups(&container.cgroup_parent);
+        }
         if self.owns_pins && self.pin_dir.exists() {
             let _ = Command::new(crate::shunt_bin())
                 .args(["uninstall", "--pin-dir"])

@@ -4,6 +4,8 @@
 
 use std::sync::OnceLock;
 
+use std::process::Command;
+
 use anyhow::Context;
 use shunt::admin::api::KernelStatus;
 
@@ -44,4 +46,40 @@ pub fn has(feature: &str) -> anyhow::Result<bool> {
         );
     }
     Ok(found.available)
+}
+
+/// Runs `bpftool ARGS…` (its output, whatever the exit status).
+pub fn bpftool(args: &[&str]) -> anyhow::Result<std::process::Output> {
+    Command::new("bpftool")
+        .args(args)
+        .output()
+        .context("running bpftool (cargo xtask setup installs it)")
+}
+
+/// The cgroup attach points shunt's programs use: connect4, connect6, sock_ops,
+/// getpeername4, getpeername6 (`enum bpf_attach_type`).
+const ATTACH_TYPES: [(u32, &str); 5] = [
+    (10, "connect4"),
+    (11, "connect6"),
+    (3, "sock_ops"),
+    (29, "getpeername4"),
+    (30, "getpeername6"),
+];
+
+/// Names of the programs attached to `cgroup` at shunt's attach points, one entry per
+/// attachment.
+pub fn attached_programs(cgroup: &std::path::Path) -> anyhow::Result<Vec<String>> {
+    let cgroup = std::fs::File::open(cgroup)?;
+    let mut names = Vec::new();
+    for (attach_type, hook) in ATTACH_TYPES {
+        let ids = crate::sys::cgroup_programs(&cgroup, attach_type)
+            .with_context(|| format!("querying the {hook} programs of the sandbox's cgroup"))?;
+        for id in ids {
+            let out = bpftool(&["-j", "prog", "show", "id", &id.to_string()])?;
+            let shown: serde_json::Value = serde_json::from_slice(&out.stdout)
+                .with_context(|| format!("bpftool prog show id {id}"))?;
+            names.push(shown["name"].as_str().unwrap_or_default().to_owned());
+        }
+    }
+    Ok(names)
 }

@@ -7,6 +7,7 @@
 //! [`kube_api`] stands in for the Kubernetes API server.
 
 pub mod bench;
+pub mod container;
 pub mod daemon;
 pub mod demo;
 pub mod fixture;

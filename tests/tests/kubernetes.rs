@@ -1,7 +1,8 @@
 //! Kubernetes mode against a mock API server speaking real list/watch JSON
 //! (`shunt_tests::kube_api`), with real enrollment: sandbox pods whose processes sit in
 //! cgroups named the way the kubelet names them, found by shunt through `/proc`, and real
-//! clients whose connections are intercepted (or not). Run as root.
+//! clients whose connections are intercepted (or not). The last tests run the DaemonSet's
+//! pod itself, its image in podman (`shunt_tests::container`). Run as root.
 
 use std::{
     collections::BTreeSet,
@@ -14,11 +15,13 @@ use anyhow::{Context, ensure};
 use serde_json::{Value, json};
 use shunt::admin::api::{ConnRecord, PodSummary, RuleSummary, ServiceSummary};
 use shunt_tests::{
-    daemon::{Daemon, Options},
-    grpc,
+    container::{self, Manifest, PodmanRun},
+    daemon::{AsDaemonSet, Daemon, Options},
+    grpc, kernel,
     kube_api::MockApi,
     probe,
     sandbox::{Pod, Sandbox},
+    telemetry,
 };
 
 const NODE: &str = "node-a";
@@ -521,5 +524,272 @@ fn a_new_daemon_takes_over_the_enrolled_pods_and_the_old_one_waits_for_sigterm()
         "not intercepted once the old daemon drained; new log:\n{}",
         new.log_text()
     );
+    Ok(())
+}
+
+/// The DaemonSet's pod (`deploy/daemonset.yaml`) from `image` in podman, configured by
+/// `deploy/configmap.yaml`, against `api`: its kubeconfig rides in the config volume where a
+/// cluster gives the service account's token.
+fn start_in_podman<'a>(
+    sandbox: &'a Sandbox,
+    api: &MockApi,
+    image: &str,
+) -> anyhow::Result<Daemon<'a>> {
+    container::require_image(image)?;
+    let mut config = container::configmap_config()?;
+    // The directory standing in for the ConfigMap volume (`Daemon` mounts the same one).
+    config.kubernetes.kubeconfig = Some(api.write_kubeconfig(&sandbox.scratch_dir("etc-shunt")?)?);
+    let daemon = Daemon::start(
+        sandbox,
+        &[],
+        &Options {
+            kubernetes: true,
+            config,
+            daemonset: Some(AsDaemonSet {
+                image: image.to_owned(),
+                node: NODE.into(),
+            }),
+            ..Options::default()
+        },
+    )?;
+    daemon.eventually("every watch synced", || connected(&daemon))?;
+    Ok(daemon)
+}
+
+/// A greeter server: tonic's or grpcio's (`grpc::tonic_serve`, `grpc::serve`).
+type Serve = fn(&Sandbox, &Pod, &str, u16) -> anyhow::Result<u32>;
+
+/// Three greeters behind Service `greeter`, all ready, and an enrolled client pod in a
+/// labelled namespace; the Service's virtual address.
+fn three_greeters(
+    sandbox: &Sandbox,
+    api: &MockApi,
+    client: &Pod,
+    backends: [&Pod; 3],
+    serve: Serve,
+) -> anyhow::Result<SocketAddr> {
+    for b in backends {
+        serve(sandbox, b, &b.name, 50051)?;
+    }
+    let vip = vip(sandbox, 50051);
+    api.apply(namespace(true))?;
+    api.apply(KubePod::new(sandbox, client, Driver::Systemd)?.object())?;
+    api.apply(service("greeter", vip))?;
+    api.apply(slice("greeter", 50051, &backends.map(ready)))?;
+    Ok(vip)
+}
+
+fn served(daemon: &Daemon, vip: SocketAddr, backends: [&Pod; 3]) -> anyhow::Result<()> {
+    daemon.eventually("the client enrolled", || {
+        Ok(enrolled(daemon)?.contains("demo/client"))
+    })?;
+    daemon.eventually("the Service's three endpoints known", || {
+        Ok(endpoints(daemon, vip)? == addrs(&backends, 50051))
+    })
+}
+
+#[test]
+fn the_daemonset_pod_in_podman_serves_probes_cli_and_stops_and_uninstalls_as_promised()
+-> anyhow::Result<()> {
+    let manifest = Manifest::read("daemonset.yaml")?;
+    let image = container::shunt_image();
+    let sandbox = Sandbox::new()?;
+    let api = MockApi::start()?;
+    let client = sandbox.add_pod("client")?;
+    let (b1, b2, b3) = (
+        sandbox.add_pod("b1")?,
+        sandbox.add_pod("b2")?,
+        sandbox.add_pod("b3")?,
+    );
+    let vip = three_greeters(&sandbox, &api, &client, [&b1, &b2, &b3], grpc::tonic_serve)?;
+    let mut daemon = start_in_podman(&sandbox, &api, &image)?;
+    let name = daemon.container_name().context("not in a container")?;
+    served(&daemon, vip, [&b1, &b2, &b3])?;
+
+    // Per-stream balancing: one connection, its calls spread evenly.
+    let calls = grpc::tonic_call(&sandbox, &client, vip, 30)?;
+    calls.check_even(30, 3, 0.35)?;
+
+    // A FaultInjection resource in force.
+    let abort = json!({"match": {"service": "greeter"},
+                       "abort": {"grpc_status": "UNAVAILABLE", "percentage": 100}});
+    api.apply(fault("abort-all", abort))?;
+    api.wait_for("FaultInjection", NS, "abort-all", WAIT, |o| {
+        o["status"]["state"] == "Accepted"
+    })?;
+    let calls = grpc::tonic_call(&sandbox, &client, vip, 5)?;
+    ensure!(
+        calls.ok == 0 && calls.errors.get("Unavailable") == Some(&5),
+        "{calls:?}"
+    );
+    ensure!(api.delete("FaultInjection", NS, "abort-all"));
+    daemon.eventually("no rule left", || Ok(rule_names(&daemon)?.is_empty()))?;
+
+    // The kubelet's probes, as the manifest writes them.
+    let shunt = manifest.container("shunt")?;
+    let health = daemon.telemetry_addr("health")?;
+    for (what, probe) in [
+        ("readiness", &shunt.readiness_probe),
+        ("liveness", &shunt.liveness_probe),
+    ] {
+        let path = &probe
+            .as_ref()
+            .with_context(|| format!("no {what} probe"))?
+            .http_get
+            .path;
+        let (code, body) = telemetry::http_get(health, path, "*/*")?;
+        ensure!(
+            (200..400).contains(&code),
+            "{what} probe {path}: {code} {body}"
+        );
+    }
+
+    // `kubectl exec … shunt status`: the CLI in the image finds the daemon by itself.
+    let out = container::podman(&["exec", &name, "shunt", "status"], WAIT)?;
+    let printed = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success(),
+        "podman exec {name} shunt status: {}{printed}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ensure!(
+        printed.contains(&format!("(pid {})", daemon.pid()?)),
+        "{printed}"
+    );
+
+    // Deleting the pod: SIGTERM, then the grace period. The daemon drains and exits; its
+    // programs stay attached and pinned on the host for the next one.
+    let grace = manifest.grace();
+    ensure!(
+        daemon.terminate(grace),
+        "still running {grace:?} after SIGTERM; its log:\n{}",
+        daemon.log_text()
+    );
+    let log = daemon.log_text();
+    ensure!(!log.contains("panicked"), "{log}");
+    ensure!(
+        kernel::attached_programs(sandbox.cgroup())?.len() == 5,
+        "the programs did not stay attached: {:?}",
+        kernel::attached_programs(sandbox.cgroup())
+    );
+    ensure!(
+        std::fs::read_dir(&daemon.pin_dir)?.next().is_some(),
+        "no pins on the host's bpffs under {}",
+        daemon.pin_dir.display()
+    );
+
+    // The uninstall DaemonSet's container, with the same ConfigMap: nothing of shunt left.
+    let uninstall = Manifest::read("uninstall/daemonset.yaml")?;
+    let hosts = std::collections::BTreeMap::from([("config".to_owned(), daemon.config_dir())]);
+    let mut run = uninstall.podman_run(&PodmanRun {
+        container: "uninstall",
+        name: &format!("shunt-uninstall-{}", sandbox.id()),
+        image: &image,
+        node: NODE,
+        hosts: &hosts,
+        env: &[],
+        cgroup_parent: None,
+    })?;
+    let child = run
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .context("starting podman")?;
+    let out = shunt_tests::sandbox::wait_with_timeout(child, Duration::from_secs(60))?;
+    ensure!(
+        out.status.success(),
+        "the uninstall container failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ensure!(
+        kernel::attached_programs(sandbox.cgroup())?.is_empty(),
+        "still attached after uninstall: {:?}",
+        kernel::attached_programs(sandbox.cgroup())
+    );
+    ensure!(
+        !daemon.pin_dir.exists(),
+        "uninstall left {}",
+        daemon.pin_dir.display()
+    );
+    Ok(())
+}
+
+#[test]
+fn a_rolling_update_of_the_daemonset_in_podman_fails_no_call() -> anyhow::Result<()> {
+    // The manifest's update surges: the new pod starts while the old one runs, the old one
+    // is deleted once the new one is ready. That is what the handoff needs (the old daemon
+    // hands its listeners over); delete-then-create would leave the node without shunt.
+    let manifest = Manifest::read("daemonset.yaml")?;
+    let rolling = manifest
+        .update_strategy
+        .as_ref()
+        .map(|s| (s["type"].clone(), s["rollingUpdate"].clone()));
+    ensure!(
+        rolling
+            .as_ref()
+            .is_some_and(|(kind, update)| kind == "RollingUpdate"
+                && update["maxSurge"] == 1
+                && update["maxUnavailable"] == 0),
+        "{rolling:?}"
+    );
+    let image = container::shunt_image();
+    let next = container::derived_image(&image, "next")?;
+
+    let sandbox = Sandbox::new()?;
+    let api = MockApi::start()?;
+    let client = sandbox.add_pod("client")?;
+    let (b1, b2, b3) = (
+        sandbox.add_pod("b1")?,
+        sandbox.add_pod("b2")?,
+        sandbox.add_pod("b3")?,
+    );
+    // grpcio's greeters: they serve the steady load's stream.
+    let vip = three_greeters(&sandbox, &api, &client, [&b1, &b2, &b3], grpc::serve)?;
+    let mut old = start_in_podman(&sandbox, &api, &image)?;
+    served(&old, vip, [&b1, &b2, &b3])?;
+
+    // grpcio: unary calls back to back, a new connection every tenth, for as long as a
+    // server stream of 100 messages, one every 150 ms, lasts: it outlasts the update.
+    let load = grpc::steady_in_background(&sandbox, &client, vip, 100, 150)?;
+    old.eventually("calls through the first pod", || {
+        Ok(old.counter("proxy", "h2_streams")? >= 50)
+    })?;
+
+    let new = old.start_successor_from(Some(&next))?;
+    ensure!(
+        container::inspect(
+            &new.container_name().context("no container")?,
+            "{{.ImageName}}"
+        )?
+        .contains(&next),
+        "the new pod does not run {next}"
+    );
+    new.eventually("every watch synced", || connected(&new))?;
+    // Ready: the DaemonSet controller deletes the old pod only now.
+    let health = new.telemetry_addr("health")?;
+    new.eventually("the new pod ready", || {
+        Ok(telemetry::http_get(health, "/ready", "*/*")?.0 == 200)
+    })?;
+    old.eventually("the old pod drained", || {
+        Ok(old.log_text().contains("waiting for SIGTERM"))
+    })?;
+    ensure!(
+        old.terminate(manifest.grace()),
+        "the old pod outlived its grace period"
+    );
+
+    let steady = load.finish(&sandbox, Duration::from_secs(120))?;
+    ensure!(
+        steady.errors.is_empty(),
+        "{} of {} calls failed across the update: {steady:?}\nthe new pod's log:\n{}",
+        steady.calls - steady.ok,
+        steady.calls,
+        new.log_text()
+    );
+    ensure!(steady.drip.error.is_none(), "{steady:?}");
+    ensure!(steady.drip.received == 100, "{steady:?}");
+    ensure!(steady.by_backend.len() == 3, "{steady:?}");
+    ensure!(new.counter("proxy", "h2_streams")? > 0);
     Ok(())
 }

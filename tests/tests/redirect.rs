@@ -13,7 +13,7 @@ use ipnet::IpNet;
 use shunt::{admin::api::PodSummary, config::FailMode};
 use shunt_tests::{
     daemon::{Daemon, Options},
-    fixture, probe,
+    fixture, kernel, probe,
     sandbox::{Pod, Sandbox},
 };
 
@@ -39,41 +39,6 @@ fn delta(
         .map(|(s, n)| daemon.counter(s, n))
         .collect::<anyhow::Result<_>>()?;
     Ok(after.iter().zip(&before).map(|(a, b)| a - b).collect())
-}
-
-fn bpftool(args: &[&str]) -> anyhow::Result<std::process::Output> {
-    Command::new("bpftool")
-        .args(args)
-        .output()
-        .context("running bpftool (cargo xtask setup installs it)")
-}
-
-/// The cgroup attach points shunt's programs use: connect4, connect6, sock_ops,
-/// getpeername4, getpeername6 (`enum bpf_attach_type`).
-const ATTACH_TYPES: [(u32, &str); 5] = [
-    (10, "connect4"),
-    (11, "connect6"),
-    (3, "sock_ops"),
-    (29, "getpeername4"),
-    (30, "getpeername6"),
-];
-
-/// Names of the programs attached to a cgroup at shunt's attach points, one entry per
-/// attachment.
-fn attached_programs(sandbox: &Sandbox) -> anyhow::Result<Vec<String>> {
-    let cgroup = std::fs::File::open(sandbox.cgroup())?;
-    let mut names = Vec::new();
-    for (attach_type, hook) in ATTACH_TYPES {
-        let ids = shunt_tests::sys::cgroup_programs(&cgroup, attach_type)
-            .with_context(|| format!("querying the {hook} programs of the sandbox's cgroup"))?;
-        for id in ids {
-            let out = bpftool(&["-j", "prog", "show", "id", &id.to_string()])?;
-            let shown: serde_json::Value = serde_json::from_slice(&out.stdout)
-                .with_context(|| format!("bpftool prog show id {id}"))?;
-            names.push(shown["name"].as_str().unwrap_or_default().to_owned());
-        }
-    }
-    Ok(names)
 }
 
 #[test]
@@ -298,7 +263,7 @@ fn fail_open_goes_direct_while_down_and_a_restart_takes_back_interception() -> a
     assert_eq!(daemon.counter("ebpf", "skip_no_listener")?, 1);
     assert_eq!(daemon.counter("ebpf", "redirected")?, 2);
     // Taking over replaced the programs in place: each is attached once.
-    let mut attached = attached_programs(&sandbox)?;
+    let mut attached = kernel::attached_programs(sandbox.cgroup())?;
     attached.sort();
     assert_eq!(
         attached,
@@ -365,7 +330,7 @@ fn uninstall_removes_everything(options: &Options, extra_programs: usize) -> any
         {
             let pin = entry?.path();
             let object = &kind[..kind.len() - 1];
-            let out = bpftool(&["-j", object, "show", "pinned", &pin.to_string_lossy()])?;
+            let out = kernel::bpftool(&["-j", object, "show", "pinned", &pin.to_string_lossy()])?;
             let shown: serde_json::Value = serde_json::from_slice(&out.stdout)?;
             let id = shown["id"]
                 .as_u64()
@@ -386,7 +351,7 @@ fn uninstall_removes_everything(options: &Options, extra_programs: usize) -> any
         5 + usize::from(verdict) + extra_programs + 5 + 11,
         "programs, links, maps: {ids:?}"
     );
-    assert_eq!(attached_programs(&sandbox)?.len(), 5);
+    assert_eq!(kernel::attached_programs(sandbox.cgroup())?.len(), 5);
 
     daemon.ctl(&["uninstall"])?;
     daemon.wait_exit(Duration::from_secs(10))?;
@@ -395,11 +360,11 @@ fn uninstall_removes_everything(options: &Options, extra_programs: usize) -> any
         "{} still exists",
         daemon.pin_dir.display()
     );
-    assert!(attached_programs(&sandbox)?.is_empty());
+    assert!(kernel::attached_programs(sandbox.cgroup())?.is_empty());
     // With the pins and the daemon gone, the kernel frees every object.
     fixture::until("every object freed", Duration::from_secs(5), || {
         for &(object, id) in &ids {
-            let out = bpftool(&[object, "show", "id", &id.to_string()])?;
+            let out = kernel::bpftool(&[object, "show", "id", &id.to_string()])?;
             ensure!(!out.status.success(), "{object} {id} still exists");
         }
         Ok(true)
