@@ -99,11 +99,13 @@ impl Health {
             let notified = self.synced.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let watches = self.lock();
-            if !watches.is_empty() && watches.values().all(|w| w.synced) {
+            let all = {
+                let watches = self.lock();
+                !watches.is_empty() && watches.values().all(|w| w.synced)
+            };
+            if all {
                 return;
             }
-            drop(watches);
             notified.await;
         }
     }

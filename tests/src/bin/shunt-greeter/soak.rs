@@ -167,10 +167,11 @@ async fn unary(clients: &[GrpcClient], rate: u32, tally: &Shared, deadline: Inst
 fn never_sent(status: &Status) -> bool {
     let mut source = std::error::Error::source(status);
     while let Some(error) = source {
-        if let Some(hyper) = error.downcast_ref::<hyper::Error>() {
-            if hyper.is_canceled() {
-                return true;
-            }
+        if error
+            .downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_canceled)
+        {
+            return true;
         }
         if let Some(h2) = error.downcast_ref::<h2::Error>() {
             return h2.is_go_away() && h2.is_remote() && h2.reason() == Some(h2::Reason::NO_ERROR);
