@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 mod fuzz;
+mod image;
 mod kernels;
 mod layers;
 mod run;
@@ -51,6 +52,17 @@ enum Task {
         seconds: u64,
         /// Targets to run (default: all of fuzz/fuzz_targets).
         targets: Vec<String>,
+    },
+    /// Build the container images `localhost/shunt:TAG` and `localhost/shunt-greeter:TAG` with
+    /// podman (deploy/Dockerfile), from a local Debian base made by mmdebstrap: no registry.
+    Image {
+        /// Put this checkout's release binaries in the images (built first if stale, on this
+        /// machine) instead of compiling them inside the build: seconds instead of minutes.
+        #[arg(long)]
+        prebuilt: bool,
+        /// The images' tag [default: the workspace version; `dev` with --prebuilt].
+        #[arg(long)]
+        tag: Option<String>,
     },
     /// Run the local sandbox demo: pods as network namespaces, traffic through shunt.
     Demo,
@@ -114,6 +126,15 @@ fn main() {
         },
         Task::Build => setup::run().and_then(|()| build()),
         Task::Test { args } => setup::run().and_then(|()| test(&args)),
+        Task::Image { prebuilt, tag } => {
+            let options = image::Options { prebuilt, tag };
+            match prebuilt {
+                true => setup::toolchain()
+                    .and_then(|()| build_image_binaries())
+                    .and_then(|()| image::build(&options)),
+                false => image::build(&options),
+            }
+        }
         Task::Demo => setup::run().and_then(|()| demo()),
         Task::Fuzz { seconds, targets } => setup::run().and_then(|()| fuzz(seconds, targets)),
         Task::Crd => setup::run().and_then(|()| crd()),
@@ -207,6 +228,28 @@ fn build() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The two binaries the container images hold, in `target/release` (`image --prebuilt`). The
+/// same packages as [`build`], so neither undoes the other's work.
+fn build_image_binaries() -> anyhow::Result<()> {
+    let step = Step::start("building shunt and shunt-greeter (target/release)");
+    first_build_note();
+    cargo(&[
+        "build",
+        "--release",
+        "--locked",
+        "-p",
+        "shunt",
+        "--bin",
+        "shunt",
+        "-p",
+        "shunt-tests",
+        "--bin",
+        "shunt-greeter",
+    ])?;
+    step.done();
+    Ok(())
+}
+
 fn test(extra: &[String]) -> anyhow::Result<()> {
     run::require_root("the integration tests create network namespaces, cgroups and BPF programs")?;
     let step = Step::start("checking formatting");
@@ -220,6 +263,14 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
     step.done();
 
     build()?;
+
+    // The images of the container tests, from the binaries just built (seconds).
+    let images = image::Options {
+        prebuilt: true,
+        tag: None,
+    };
+    image::build(&images)?;
+    let images = image::names(&images);
 
     let step = Step::start("linting (clippy, warnings are errors)");
     cargo(&[
@@ -254,7 +305,9 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
     cmd.args(&args)
         .env("SHUNT_BIN", release_bin("shunt"))
         .env("SHUNT_PROBE_BIN", release_bin("shunt-probe"))
-        .env("SHUNT_GREETER_BIN", release_bin("shunt-greeter"));
+        .env("SHUNT_GREETER_BIN", release_bin("shunt-greeter"))
+        .env("SHUNT_IMAGE", &images[0])
+        .env("SHUNT_GREETER_IMAGE", &images[1]);
     let status = cmd.status().context("could not start `cargo nextest`")?;
     // The runner's summary is the last word: on failure, only its exit status is added.
     if !status.success() {

@@ -49,6 +49,30 @@ const SANDBOX_PACKAGES: &[&str] = &[
     "xz-utils",
 ];
 
+/// What `cargo xtask image` builds shunt's container images with, and the container tests
+/// run them with: podman and buildah, `runc` (podman's default `crun` refuses this kind of
+/// machine's hybrid cgroup layout), `mmdebstrap` for the local Debian base image, and what
+/// podman only recommends but `podman run` needs here: a network stack and an init.
+const CONTAINER_PACKAGES: &[&str] = &[
+    "podman",
+    "buildah",
+    "runc",
+    "mmdebstrap",
+    "netavark",
+    "aardvark-dns",
+    "catatonit",
+];
+
+/// The units Debian's podman package enables: an API socket, a daily `podman auto-update`
+/// (which pulls images), restarts at boot. Setting up asked for none of them.
+const CONTAINER_SERVICES: &[&str] = &[
+    "podman.socket",
+    "podman.service",
+    "podman-restart.service",
+    "podman-auto-update.timer",
+    "podman-auto-update.service",
+];
+
 /// Python's grpcio, the independent gRPC implementation the tests talk to.
 const GRPCIO_VERSION: &str = "1.85.3";
 
@@ -89,10 +113,17 @@ fn setup(test_peers: bool) -> anyhow::Result<()> {
 
     ensure_bpf_linker(llvm)?;
     if test_peers {
+        containers(&mut apt)?;
         ensure_grpcio()?;
         ensure_promtool(&mut apt)?;
     }
     Ok(())
+}
+
+/// Installs what building and running container images needs (`cargo xtask image`), leaving
+/// podman's units disabled.
+pub fn containers(apt: &mut Apt) -> anyhow::Result<()> {
+    apt.ensure_without_services(CONTAINER_PACKAGES, CONTAINER_SERVICES)
 }
 
 /// The proxies `cargo xtask bench --peers` compares shunt with, and their services.
@@ -288,8 +319,12 @@ fn disable_service(service: &str) -> anyhow::Result<()> {
     if systemd_running {
         cmd.arg("--now");
     }
+    let unit = match service.contains('.') {
+        true => service.to_owned(),
+        false => format!("{service}.service"),
+    };
     run::status(cmd.arg(service))
-        .with_context(|| format!("disabling {service}.service, which its package enabled"))
+        .with_context(|| format!("disabling {unit}, which its package enabled"))
 }
 
 fn apt_get(args: &[&str]) -> anyhow::Result<()> {
