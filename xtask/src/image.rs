@@ -8,7 +8,7 @@
 //! (deploy/example's).
 //!
 //! By default the binaries are compiled inside a build of the Dockerfile's `binaries` stage
-//! (about 20 minutes on 2 cores from nothing; cache mounts keep the crates and `target/` for
+//! (about 15 minutes on 2 cores from nothing; cache mounts keep the crates and `target/` for
 //! the next), tagged `localhost/shunt-binaries:TAG`, and both images take them from that
 //! image. With `--prebuilt` they are this checkout's `target/release` binaries instead,
 //! stripped into `target/images/prebuilt`, which is all the build is given of them: seconds,
@@ -137,7 +137,7 @@ fn compile(root: &Path, image: &str) -> anyhow::Result<String> {
         "compiling shunt and shunt-greeter inside a build ({image})"
     ));
     println!(
-        "    from nothing: about 20 minutes on 2 cores (Debian's compiler, bpf-linker, then \
+        "    from nothing: about 15 minutes on 2 cores (Debian's compiler, bpf-linker, then \
          shunt in release mode); later builds reuse the cached crates and target/"
     );
     let mut cmd = podman_build(root);
