@@ -147,9 +147,19 @@ async fn main() {
 
 async fn serve(name: String, listen: SocketAddr) -> anyhow::Result<()> {
     let greeter = Greeter { name: name.into() };
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    // As PID 1 of a container nothing stops it but a handler: without one, deleting a pod
+    // waits the whole grace period for SIGKILL. On SIGTERM or SIGINT: GOAWAY, in-flight
+    // calls finish, then exit.
+    let stopped = async move {
+        tokio::select! {
+            _ = terminate.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+    };
     tonic::transport::Server::builder()
         .add_service(greeter)
-        .serve(listen)
+        .serve_with_shutdown(listen, stopped)
         .await?;
     Ok(())
 }
