@@ -559,32 +559,45 @@ fn start_in_podman<'a>(
 /// A greeter server: tonic's or grpcio's (`grpc::tonic_serve`, `grpc::serve`).
 type Serve = fn(&Sandbox, &Pod, &str, u16) -> anyhow::Result<u32>;
 
+/// A client pod and three greeters behind Service `greeter` at `vip`.
+struct Greeters {
+    client: Pod,
+    backends: [Pod; 3],
+    vip: SocketAddr,
+}
+
 /// Three greeters behind Service `greeter`, all ready, and an enrolled client pod in a
-/// labelled namespace; the Service's virtual address.
-fn three_greeters(
-    sandbox: &Sandbox,
-    api: &MockApi,
-    client: &Pod,
-    backends: [&Pod; 3],
-    serve: Serve,
-) -> anyhow::Result<SocketAddr> {
-    for b in backends {
+/// labelled namespace.
+fn three_greeters(sandbox: &Sandbox, api: &MockApi, serve: Serve) -> anyhow::Result<Greeters> {
+    let client = sandbox.add_pod("client")?;
+    let backends = [
+        sandbox.add_pod("b1")?,
+        sandbox.add_pod("b2")?,
+        sandbox.add_pod("b3")?,
+    ];
+    for b in &backends {
         serve(sandbox, b, &b.name, 50051)?;
     }
     let vip = vip(sandbox, 50051);
     api.apply(namespace(true))?;
-    api.apply(KubePod::new(sandbox, client, Driver::Systemd)?.object())?;
+    api.apply(KubePod::new(sandbox, &client, Driver::Systemd)?.object())?;
     api.apply(service("greeter", vip))?;
-    api.apply(slice("greeter", 50051, &backends.map(ready)))?;
-    Ok(vip)
+    api.apply(slice("greeter", 50051, &backends.each_ref().map(ready)))?;
+    Ok(Greeters {
+        client,
+        backends,
+        vip,
+    })
 }
 
-fn served(daemon: &Daemon, vip: SocketAddr, backends: [&Pod; 3]) -> anyhow::Result<()> {
+/// Waits until `daemon` has enrolled the client and knows the three endpoints.
+fn served(daemon: &Daemon, greeters: &Greeters) -> anyhow::Result<()> {
     daemon.eventually("the client enrolled", || {
         Ok(enrolled(daemon)?.contains("demo/client"))
     })?;
+    let wanted = addrs(&greeters.backends.each_ref(), 50051);
     daemon.eventually("the Service's three endpoints known", || {
-        Ok(endpoints(daemon, vip)? == addrs(&backends, 50051))
+        Ok(endpoints(daemon, greeters.vip)? == wanted)
     })
 }
 
@@ -595,19 +608,14 @@ fn the_daemonset_pod_in_podman_serves_probes_cli_and_stops_and_uninstalls_as_pro
     let image = container::shunt_image();
     let sandbox = Sandbox::new()?;
     let api = MockApi::start()?;
-    let client = sandbox.add_pod("client")?;
-    let (b1, b2, b3) = (
-        sandbox.add_pod("b1")?,
-        sandbox.add_pod("b2")?,
-        sandbox.add_pod("b3")?,
-    );
-    let vip = three_greeters(&sandbox, &api, &client, [&b1, &b2, &b3], grpc::tonic_serve)?;
+    let greeters = three_greeters(&sandbox, &api, grpc::tonic_serve)?;
+    let (client, vip) = (&greeters.client, greeters.vip);
     let mut daemon = start_in_podman(&sandbox, &api, &image)?;
     let name = daemon.container_name().context("not in a container")?;
-    served(&daemon, vip, [&b1, &b2, &b3])?;
+    served(&daemon, &greeters)?;
 
     // Per-stream balancing: one connection, its calls spread evenly.
-    let calls = grpc::tonic_call(&sandbox, &client, vip, 30)?;
+    let calls = grpc::tonic_call(&sandbox, client, vip, 30)?;
     calls.check_even(30, 3, 0.35)?;
 
     // A FaultInjection resource in force.
@@ -617,7 +625,7 @@ fn the_daemonset_pod_in_podman_serves_probes_cli_and_stops_and_uninstalls_as_pro
     api.wait_for("FaultInjection", NS, "abort-all", WAIT, |o| {
         o["status"]["state"] == "Accepted"
     })?;
-    let calls = grpc::tonic_call(&sandbox, &client, vip, 5)?;
+    let calls = grpc::tonic_call(&sandbox, client, vip, 5)?;
     ensure!(
         calls.ok == 0 && calls.errors.get("Unavailable") == Some(&5),
         "{calls:?}"
@@ -738,20 +746,15 @@ fn a_rolling_update_of_the_daemonset_in_podman_fails_no_call() -> anyhow::Result
 
     let sandbox = Sandbox::new()?;
     let api = MockApi::start()?;
-    let client = sandbox.add_pod("client")?;
-    let (b1, b2, b3) = (
-        sandbox.add_pod("b1")?,
-        sandbox.add_pod("b2")?,
-        sandbox.add_pod("b3")?,
-    );
     // grpcio's greeters: they serve the steady load's stream.
-    let vip = three_greeters(&sandbox, &api, &client, [&b1, &b2, &b3], grpc::serve)?;
+    let greeters = three_greeters(&sandbox, &api, grpc::serve)?;
+    let (client, vip) = (&greeters.client, greeters.vip);
     let mut old = start_in_podman(&sandbox, &api, &image)?;
-    served(&old, vip, [&b1, &b2, &b3])?;
+    served(&old, &greeters)?;
 
     // grpcio: unary calls back to back, a new connection every tenth, for as long as a
     // server stream of 100 messages, one every 150 ms, lasts: it outlasts the update.
-    let load = grpc::steady_in_background(&sandbox, &client, vip, 100, 150)?;
+    let load = grpc::steady_in_background(&sandbox, client, vip, 100, 150)?;
     old.eventually("calls through the first pod", || {
         Ok(old.counter("proxy", "h2_streams")? >= 50)
     })?;
