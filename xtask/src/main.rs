@@ -130,7 +130,7 @@ fn main() {
             let options = image::Options { prebuilt, tag };
             match prebuilt {
                 true => setup::toolchain()
-                    .and_then(|()| build_image_binaries())
+                    .and_then(|()| build())
                     .and_then(|()| image::build(&options)),
                 false => image::build(&options),
             }
@@ -223,28 +223,6 @@ fn build() -> anyhow::Result<()> {
         "-p",
         "shunt-tests",
         "--bins",
-    ])?;
-    step.done();
-    Ok(())
-}
-
-/// The two binaries the container images hold, in `target/release` (`image --prebuilt`). The
-/// same packages as [`build`], so neither undoes the other's work.
-fn build_image_binaries() -> anyhow::Result<()> {
-    let step = Step::start("building shunt and shunt-greeter (target/release)");
-    first_build_note();
-    cargo(&[
-        "build",
-        "--release",
-        "--locked",
-        "-p",
-        "shunt",
-        "--bin",
-        "shunt",
-        "-p",
-        "shunt-tests",
-        "--bin",
-        "shunt-greeter",
     ])?;
     step.done();
     Ok(())
